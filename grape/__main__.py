@@ -1,0 +1,5 @@
+import sys
+
+from grape.cli import main
+
+sys.exit(main())

@@ -1,0 +1,14 @@
+"""Model-side user errors; all derive from solvers.errors.UserError so the CLI treats them alike."""
+
+from solvers.errors import InfeasibleError, PlanError, ScoresError, UserError
+
+
+class ArchitectureError(UserError):
+    """The model's architecture is not supported, or breaks a family rule (e.g. DeepSeek groups)."""
+
+
+class DataError(UserError):
+    """Calibration or evaluation data that cannot be read or is too short."""
+
+
+__all__ = ["UserError", "ScoresError", "PlanError", "InfeasibleError", "ArchitectureError", "DataError"]

@@ -1,0 +1,289 @@
+"""The scores file: what calibration measured, in a form any solver can read without torch.
+
+Format (version 1): a numpy ``.npz`` archive (``allow_pickle=False``) holding
+
+* ``__meta__``: a JSON string with ``format="grape.scores"``, ``version``, ``model``
+  (:class:`ModelIdentity` fields), ``tokens`` (calibration tokens seen), ``calibration``
+  (free-form settings: data, seq_len, samples, seed, dtype) and ``created_by``;
+* per MoE layer ``l`` (the *decoder-layer* index), arrays named ``layer{l}/<name>``:
+
+  ========================  =========  ====================================================
+  name                      shape      meaning (sums run over calibration tokens routed to e)
+  ========================  =========  ====================================================
+  ``count``                 (N,)       tokens routed to expert e
+  ``gate_sum``              (N,)       sum of the gate weight the model applied, g_e(x)
+  ``norm_sum``              (N,)       sum of ||f_e(x)||_2 (expert output before gating)
+  ``gate_norm_sum``         (N,)       sum of g_e(x) * ||f_e(x)||_2
+  ``gate_norm_sq_sum``      (N,)       sum of (g_e(x) * ||f_e(x)||_2)^2
+  ``norm_max``              (N,)       max of ||f_e(x)||_2
+  ``expert_bytes``          (N,)       bytes of expert e's parameters (int64)
+  ``output_energy``         ()         mean over tokens of ||y(x)||^2, y the MoE block output
+  ``similarity/<kind>``     (N, N)     optional; symmetric, e.g. ``cka``, ``cosine``, ``router``
+  ``cost_curve``            (N+1,)     optional; entry n = block output error keeping n experts
+  ========================  =========  ====================================================
+
+All statistics are float64. ``grape synth`` writes the same format from synthetic numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from solvers._io import atomic_open
+from solvers.errors import ScoresError
+
+FORMAT = "grape.scores"
+VERSION = 1
+STAT_NAMES = ("count", "gate_sum", "norm_sum", "gate_norm_sum", "gate_norm_sq_sum", "norm_max")
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Enough about a model to refuse scores that were measured on a different one."""
+
+    model_type: str
+    num_hidden_layers: int
+    experts_per_layer: dict[int, int]  # decoder-layer index -> routed experts
+    top_k: dict[int, int]  # decoder-layer index -> experts per token
+    fingerprint: str = ""  # hash of the router weights; "" for synthetic scores
+    name_or_path: str = ""
+    n_group: int | None = None  # DeepSeek-V3 routing groups
+    topk_group: int | None = None
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return sorted(self.experts_per_layer)
+
+    def to_json(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["experts_per_layer"] = {str(k): v for k, v in self.experts_per_layer.items()}
+        out["top_k"] = {str(k): v for k, v in self.top_k.items()}
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ModelIdentity":
+        data = dict(data)
+        data["experts_per_layer"] = {int(k): int(v) for k, v in data["experts_per_layer"].items()}
+        data["top_k"] = {int(k): int(v) for k, v in data["top_k"].items()}
+        return cls(**data)
+
+    def check_matches(self, other: "ModelIdentity", what: str = "scores") -> None:
+        """Raise a ScoresError naming the first difference between two identities."""
+        for name in ("model_type", "experts_per_layer", "fingerprint"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if name == "fingerprint" and (not mine or not theirs):
+                continue
+            if mine != theirs:
+                raise ScoresError(
+                    f"{what} were measured on a different model: {name} is {mine!r} in the "
+                    f"{what} but {theirs!r} in the model. Re-run `grape calibrate` on this model."
+                )
+
+
+@dataclass
+class LayerScores:
+    """Everything measured for one MoE layer."""
+
+    layer: int
+    stats: dict[str, np.ndarray]  # STAT_NAMES -> (N,)
+    expert_bytes: np.ndarray  # (N,) int64
+    output_energy: float = 1.0
+    similarity: dict[str, np.ndarray] = field(default_factory=dict)  # kind -> (N, N)
+    cost_curve: np.ndarray | None = None  # (N+1,)
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.expert_bytes.shape[0])
+
+
+# Per-expert criteria. Each takes (stats, tokens) and returns a float64 (N,) array >= 0.
+def _safe_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.divide(a, b, out=np.zeros_like(a, dtype=np.float64), where=b > 0)
+
+
+CRITERIA = {
+    # share of tokens routed to the expert
+    "frequency": lambda s, t: s["count"] / max(t, 1),
+    # gate weight per token (REAP's "gate-weighted frequency")
+    "gate_mass": lambda s, t: s["gate_sum"] / max(t, 1),
+    # expert activation norm per token (EAN)
+    "ean": lambda s, t: s["norm_sum"] / max(t, 1),
+    # REAP saliency: mean of g*||f|| over the tokens routed to the expert
+    "reap": lambda s, t: _safe_div(s["gate_norm_sum"], s["count"]),
+    # g*||f|| per calibration token: the expected output norm the expert contributes, which
+    # bounds the per-token error of dropping it. Unlike `reap` it is comparable across layers.
+    "reap_mass": lambda s, t: s["gate_norm_sum"] / max(t, 1),
+    # mean activation norm (MAN) and mean squared gated activation norm (MSAN)
+    "man": lambda s, t: _safe_div(s["norm_sum"], s["count"]),
+    "msan": lambda s, t: _safe_div(s["gate_norm_sq_sum"], s["count"]),
+    "max_norm": lambda s, t: np.asarray(s["norm_max"], dtype=np.float64),
+}
+
+# How a layer's scores are rescaled before they meet other layers' in one global problem.
+NORMALIZATIONS = {
+    # raw values: right when the criterion is already per-token and in output units
+    "none": lambda v, layer: v,
+    # divide by the RMS of the layer's MoE output, so each layer's scores are relative to
+    # how much that layer writes into the residual stream
+    "layer_energy": lambda v, layer: v / np.sqrt(max(layer.output_energy, 1e-30)),
+    # each layer's scores sum to 1: every layer is worth the same in total
+    "layer_sum": lambda v, layer: v / max(float(v.sum()), 1e-30),
+    # each layer's largest score is 1
+    "layer_max": lambda v, layer: v / max(float(v.max()), 1e-30),
+}
+
+
+@dataclass
+class Scores:
+    """Calibration output: per-layer statistics plus the identity of the measured model."""
+
+    model: ModelIdentity
+    layers: dict[int, LayerScores]
+    tokens: int
+    calibration: dict = field(default_factory=dict)
+    created_by: str = "grape"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- derived quantities -------------------------------------------------------------
+    def importance(self, criterion: str = "reap_mass", normalize: str = "none") -> dict[int, np.ndarray]:
+        """Per-layer importance arrays (float64, >= 0) from a named criterion and normalisation."""
+        if criterion not in CRITERIA:
+            raise ScoresError(f"unknown criterion {criterion!r}; choose one of {sorted(CRITERIA)}")
+        if normalize not in NORMALIZATIONS:
+            raise ScoresError(
+                f"unknown normalisation {normalize!r}; choose one of {sorted(NORMALIZATIONS)}"
+            )
+        out = {}
+        for idx, layer in sorted(self.layers.items()):
+            value = np.asarray(CRITERIA[criterion](layer.stats, self.tokens), dtype=np.float64)
+            out[idx] = NORMALIZATIONS[normalize](value, layer)
+        return out
+
+    def similarity(self, kind: str) -> dict[int, np.ndarray]:
+        missing = [i for i, layer in self.layers.items() if kind not in layer.similarity]
+        if missing:
+            have = sorted({k for layer in self.layers.values() for k in layer.similarity})
+            raise ScoresError(
+                f"similarity {kind!r} is missing for layers {missing[:5]}; this scores file has "
+                f"{have or 'no similarity'}. Re-run calibration with that similarity enabled."
+            )
+        return {i: layer.similarity[kind] for i, layer in sorted(self.layers.items())}
+
+    def fingerprint(self) -> str:
+        """A short hash of the statistics, recorded in plans for provenance."""
+        digest = hashlib.sha256(json.dumps(self.model.to_json(), sort_keys=True).encode())
+        for idx, layer in sorted(self.layers.items()):
+            for name in STAT_NAMES:
+                digest.update(np.ascontiguousarray(layer.stats[name], dtype=np.float64).tobytes())
+        return digest.hexdigest()[:16]
+
+    # -- validation ---------------------------------------------------------------------
+    def validate(self) -> None:
+        if sorted(self.layers) != self.model.moe_layers:
+            raise ScoresError(
+                f"scores cover layers {sorted(self.layers)} but the model identity lists MoE "
+                f"layers {self.model.moe_layers}"
+            )
+        for idx, layer in self.layers.items():
+            n = self.model.experts_per_layer[idx]
+            for name in STAT_NAMES:
+                if name not in layer.stats:
+                    raise ScoresError(f"layer {idx}: statistic {name!r} is missing")
+                arr = np.asarray(layer.stats[name])
+                if arr.shape != (n,):
+                    raise ScoresError(f"layer {idx}: {name} has shape {arr.shape}, expected ({n},)")
+                if not np.all(np.isfinite(arr)):
+                    bad = np.flatnonzero(~np.isfinite(arr))[:5].tolist()
+                    raise ScoresError(
+                        f"layer {idx}: statistic {name!r} has NaN/inf for experts {bad}; "
+                        "calibration overflowed or saw no tokens. Re-run calibration in a wider "
+                        "dtype (float32) or with more data."
+                    )
+                if np.any(arr < 0):
+                    raise ScoresError(f"layer {idx}: statistic {name!r} has negative values")
+            if layer.expert_bytes.shape != (n,):
+                raise ScoresError(f"layer {idx}: expert_bytes has shape {layer.expert_bytes.shape}")
+            for kind, sim in layer.similarity.items():
+                if sim.shape != (n, n) or not np.all(np.isfinite(sim)):
+                    raise ScoresError(
+                        f"layer {idx}: similarity {kind!r} must be a finite ({n}, {n}) matrix"
+                    )
+            if layer.cost_curve is not None and layer.cost_curve.shape != (n + 1,):
+                raise ScoresError(f"layer {idx}: cost_curve must have shape ({n + 1},)")
+
+    # -- file round trip ----------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        arrays: dict[str, np.ndarray] = {}
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": self.model.to_json(),
+            "tokens": int(self.tokens),
+            "calibration": self.calibration,
+            "created_by": self.created_by,
+        }
+        arrays["__meta__"] = np.array(json.dumps(meta))
+        for idx, layer in sorted(self.layers.items()):
+            prefix = f"layer{idx}/"
+            for name in STAT_NAMES:
+                arrays[prefix + name] = np.asarray(layer.stats[name], dtype=np.float64)
+            arrays[prefix + "expert_bytes"] = np.asarray(layer.expert_bytes, dtype=np.int64)
+            arrays[prefix + "output_energy"] = np.array(float(layer.output_energy))
+            for kind, sim in layer.similarity.items():
+                arrays[prefix + f"similarity/{kind}"] = np.asarray(sim, dtype=np.float64)
+            if layer.cost_curve is not None:
+                arrays[prefix + "cost_curve"] = np.asarray(layer.cost_curve, dtype=np.float64)
+        with atomic_open(path, "wb") as handle:
+            np.savez_compressed(handle, **arrays)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Scores":
+        if not os.path.exists(path):
+            raise ScoresError(f"scores file {str(path)!r} does not exist")
+        try:
+            archive = np.load(path, allow_pickle=False)
+            meta = json.loads(str(archive["__meta__"]))
+        except Exception as exc:  # noqa: BLE001 - any parse failure means "not a scores file"
+            raise ScoresError(
+                f"{str(path)!r} is not a GRAPE scores file ({exc}); create one with "
+                "`grape calibrate` or `grape synth`"
+            ) from exc
+        if meta.get("format") != FORMAT:
+            raise ScoresError(f"{str(path)!r} is not a GRAPE scores file (format {meta.get('format')!r})")
+        if meta.get("version", 0) > VERSION:
+            raise ScoresError(
+                f"{str(path)!r} has scores format version {meta['version']}; this GRAPE reads up "
+                f"to {VERSION}. Upgrade GRAPE."
+            )
+        model = ModelIdentity.from_json(meta["model"])
+        layers = {}
+        for idx in model.moe_layers:
+            prefix = f"layer{idx}/"
+            sims = {
+                key[len(prefix + "similarity/"):]: archive[key]
+                for key in archive.files
+                if key.startswith(prefix + "similarity/")
+            }
+            layers[idx] = LayerScores(
+                layer=idx,
+                stats={name: archive[prefix + name] for name in STAT_NAMES},
+                expert_bytes=archive[prefix + "expert_bytes"],
+                output_energy=float(archive[prefix + "output_energy"]),
+                similarity=sims,
+                cost_curve=archive[prefix + "cost_curve"] if prefix + "cost_curve" in archive.files else None,
+            )
+        return cls(
+            model=model,
+            layers=layers,
+            tokens=meta["tokens"],
+            calibration=meta.get("calibration", {}),
+            created_by=meta.get("created_by", ""),
+        )
