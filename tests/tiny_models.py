@@ -46,6 +46,16 @@ _CONFIGS = {
                                               routed_scaling_factor=1.5,
                                               rope_parameters={"rope_type": "default",
                                                                "rope_theta": 10000.0}),
+    # not in FAMILIES (DeepSeek-V2 shares the V3 adapter): softmax router, group-limited by the
+    # group maximum; 8 experts in 2 groups, 1 group per token
+    "deepseek_v2": lambda: T.DeepseekV2Config(**{**_COMMON, "num_key_value_heads": 4},
+                                              intermediate_size=48, moe_intermediate_size=16,
+                                              n_routed_experts=8, n_shared_experts=1,
+                                              num_experts_per_tok=2, n_group=2, topk_group=1,
+                                              topk_method="group_limited_greedy",
+                                              first_k_dense_replace=1, q_lora_rank=None,
+                                              kv_lora_rank=16, qk_rope_head_dim=4,
+                                              qk_nope_head_dim=4, v_head_dim=8, head_dim=4),
     "gpt_oss": lambda: T.GptOssConfig(**_COMMON, intermediate_size=24, num_local_experts=8,
                                       num_experts_per_tok=2, head_dim=8, sliding_window=16,
                                       layer_types=["sliding_attention", "full_attention",

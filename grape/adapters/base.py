@@ -15,11 +15,18 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from grape.errors import ArchitectureError
 from solvers.scores import ModelIdentity
 
 _REGISTRY: dict[str, type["MoEAdapter"]] = {}
+
+# config.json keys GRAPE writes for a pruned model (see docs/checkpoints.md): per-layer expert
+# counts and top_k when layers differ, and experts a router is masked from (method "mask")
+PER_LAYER_EXPERTS_KEY = "grape_experts_per_layer"
+PER_LAYER_TOP_K_KEY = "grape_top_k_per_layer"
+MASKED_EXPERTS_KEY = "grape_masked_experts"
 
 
 def register_adapter(cls: type["MoEAdapter"]) -> type["MoEAdapter"]:
@@ -48,6 +55,10 @@ def get_adapter(model: nn.Module) -> "MoEAdapter":
 
 class MoEAdapter(ABC):
     model_types: ClassVar[tuple[str, ...]] = ()
+    # attribute of the MoE block holding the router (written into remote-code checkpoints)
+    router_attr: ClassVar[str] = "gate"
+    # config keys carrying the routed-expert count; checkpoints write all of them
+    expert_count_keys: ClassVar[tuple[str, ...]] = ("num_experts", "num_local_experts")
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -77,6 +88,20 @@ class MoEAdapter(ABC):
     def route(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The routing the model really applies: (top_k_index [T,k], top_k_weights [T,k])."""
 
+    def route_masked(self, layer: int, hidden: torch.Tensor, removed: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The routing the model would apply with experts `removed` masked out: they are never
+        chosen (or chosen with weight 0 when fewer than top_k remain) and the other weights are
+        renormalised exactly as the model renormalises. Used for calibration's layer cost curves.
+
+        Default: `route` with every [..., E]-wide router linear output, and every sum with a
+        per-expert router tensor (a selection bias such as `e_score_correction_bias`), forced
+        to -inf at the removed columns. Routing groups keep their original membership. Override
+        where a family's router computes its scores another way."""
+        if not removed:
+            return self.route(layer, hidden)
+        with _MaskRouterColumns(self.router(layer), self.num_experts(layer), removed):
+            return self.route(layer, hidden)
+
     @abstractmethod
     def expert_forward(self, layer: int, hidden: torch.Tensor, expert: int) -> torch.Tensor:
         """Expert `expert`'s output f_e(x) for every row of `hidden`, before gate weighting."""
@@ -105,6 +130,64 @@ class MoEAdapter(ABC):
         """For each kept expert k, replace its weights by the `weights`-weighted average of
         experts [k, *groups[k]] (in place; removal of the merged-away experts is separate)."""
 
+    def masked_experts(self) -> dict[int, list[int]]:
+        """Layer -> experts its router is masked from selecting (`mask_experts`); {} if none."""
+        return {}
+
+    # -- checkpoints ----------------------------------------------------------------------
+    @abstractmethod
+    def sync_config(self) -> None:
+        """Write the current per-layer expert counts / top_k / masks into model.config (the
+        stock keys when all layers agree, plus the PER_LAYER_* / MASKED_EXPERTS_KEY keys)."""
+
+    @abstractmethod
+    def shrink_to_config(self) -> None:
+        """On a freshly constructed model (possibly on the meta device), shrink each layer to
+        the per-layer counts in the config so a non-uniform checkpoint's weights fit."""
+
+    @abstractmethod
+    def mask_from_config(self) -> None:
+        """Re-install the router masks the config lists (MASKED_EXPERTS_KEY)."""
+
+    def expert_weight_cosine(self, layer: int) -> torch.Tensor:
+        """[E, E] cosine similarity of the experts' flattened parameters, for weight-similarity
+        fallbacks (e.g. `merge` without a merge map). Families without it cannot do that."""
+        raise ArchitectureError(f"{type(self).__name__} does not expose expert weight similarity")
+
+    def check_kept(self, kept: dict[int, list[int]]) -> None:
+        """Raise ArchitectureError if the experts kept per layer (original numbering) break a
+        family rule that depends on which experts are kept, not only how many (DeepSeek groups
+        must stay balanced). Default: the count rules only."""
+        self.check_plan_counts({layer: len(v) for layer, v in kept.items()})
+
     def check_plan_counts(self, kept_counts: dict[int, int]) -> None:
         """Raise ArchitectureError if per-layer kept counts break a family rule (e.g. DeepSeek
         routing groups, or fewer experts than top_k where the family cannot shrink top_k)."""
+
+
+class _MaskRouterColumns(TorchFunctionMode):
+    """While active, the removed experts' router scores are -inf: in the output of any E-wide
+    linear projection (the router logits, bias included) and of any sum with one of the router's
+    own per-expert tensors (a selection-only bias such as DeepSeek's e_score_correction_bias)."""
+
+    _ADDS = (torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__)
+
+    def __init__(self, router: nn.Module, num_experts: int, removed: list[int]):
+        super().__init__()
+        self.num_experts = int(num_experts)
+        self.removed = sorted({int(e) for e in removed})
+        own = list(router.parameters(recurse=False)) + list(router.buffers(recurse=False))
+        self.expert_tensors = {id(t) for t in own if t.dim() == 1 and t.shape[0] == self.num_experts}
+
+    def _masks(self, func, args) -> bool:
+        if func is nn.functional.linear:
+            return True
+        return func in self._ADDS and any(id(a) in self.expert_tensors for a in args)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if (self._masks(func, args) and isinstance(out, torch.Tensor) and out.is_floating_point()
+                and out.dim() >= 1 and out.shape[-1] == self.num_experts):
+            index = torch.tensor(self.removed, dtype=torch.long, device=out.device)
+            out = out.index_fill(-1, index, float("-inf"))
+        return out

@@ -1,0 +1,14 @@
+"""GPT-OSS: router `mlp.router` with a bias (top-k on raw logits, softmax over the k chosen),
+experts with biases and a transposed, interleaved gate/up layout: `gate_up_proj [E, H, 2I]`
+(gate = even columns, up = odd), `down_proj [E, I, H]`. The fused base handles both through
+the experts module's own `is_transposed` / `has_bias` flags and `_apply_gate`."""
+
+from grape.adapters.base import register_adapter
+from grape.adapters.fused import FusedMoEAdapter
+
+
+@register_adapter
+class GptOssAdapter(FusedMoEAdapter):
+    model_types = ("gpt_oss",)
+    router_attr = "router"
+    expert_count_keys = ("num_local_experts", "num_experts")

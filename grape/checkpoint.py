@@ -1,0 +1,226 @@
+"""Save a pruned model so that it reloads exactly, and load it back.
+
+    save_pruned(model, "out/", plan=plan, tokenizer=tok, provenance={...})
+    model = load_pruned("out/")
+
+Layout of the output directory (see docs/checkpoints.md):
+
+* ``config.json`` + ``model.safetensors`` (+ ``generation_config.json``): a standard
+  transformers checkpoint. Every layer keeping the same number of experts: the stock config
+  keys hold it, and vanilla ``AutoModelForCausalLM.from_pretrained`` (and vLLM) load it.
+  Different counts per layer: ``grape_experts_per_layer`` / ``grape_top_k_per_layer`` list
+  them, ``auto_map`` points at ``modeling_grape_pruned.py`` (a small subclass that shrinks
+  each layer after ``__init__``), so ``from_pretrained(path, trust_remote_code=True)`` works,
+  and ``load_pruned(path)`` works without remote code;
+* ``grape_plan.json``: the plan that was applied; ``grape_provenance.json``: source model,
+  scores fingerprint, objective, solver, budget, method, versions;
+* tokenizer files when a tokenizer is given.
+
+The directory is written in a temporary sibling and renamed into place, so a crash never
+leaves a half-written checkpoint under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import grape
+from grape.adapters import get_adapter
+from grape.adapters.base import MASKED_EXPERTS_KEY, PER_LAYER_EXPERTS_KEY
+from grape.apply import APPLIED_METHOD_ATTR, APPLIED_PLAN_ATTR
+from grape.errors import UserError
+from solvers._io import atomic_write_text
+from solvers.plan import Plan
+
+PLAN_FILE = "grape_plan.json"
+PROVENANCE_FILE = "grape_provenance.json"
+MODELING_FILE = "modeling_grape_pruned.py"
+REMOTE_CLASS = "GrapePrunedForCausalLM"
+
+
+class CheckpointError(UserError):
+    """A directory that is not a loadable GRAPE / transformers checkpoint."""
+
+
+# -- saving ---------------------------------------------------------------------------------
+def save_pruned(
+    model: nn.Module,
+    path: str | os.PathLike,
+    plan: Plan | None = None,
+    tokenizer: Any = None,
+    provenance: dict | None = None,
+) -> Path:
+    """Write `model` (already pruned with apply_plan) to directory `path`; returns the path.
+
+    `plan` defaults to the plan apply_plan recorded on the model. `provenance` entries are
+    merged over the ones derived from the plan (source model, scores fingerprint, objective,
+    solver, budget). An existing `path` is replaced.
+    """
+    adapter = get_adapter(model)
+    plan = plan if plan is not None else getattr(model, APPLIED_PLAN_ATTR, None)
+    adapter.sync_config()
+    config = model.config
+    non_uniform = bool(getattr(config, PER_LAYER_EXPERTS_KEY, None))
+    # a masked model keeps every expert; only GRAPE or the remote-code class re-applies the mask
+    needs_remote_code = non_uniform or bool(getattr(config, MASKED_EXPERTS_KEY, None))
+    base_architecture = _stock_class_name(model)
+
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    saved_auto_map = getattr(config, "auto_map", None)
+    try:
+        if needs_remote_code:
+            config.auto_map = {**(saved_auto_map or {}), "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{REMOTE_CLASS}"}
+        elif saved_auto_map and "AutoModelForCausalLM" in saved_auto_map:
+            config.auto_map = {k: v for k, v in saved_auto_map.items() if k != "AutoModelForCausalLM"} or None
+        model.save_pretrained(tmp)
+        _finish_config(tmp / "config.json", adapter, base_architecture)
+        if needs_remote_code:
+            _write_modeling_file(tmp / MODELING_FILE, base_architecture, adapter)
+        if plan is not None:
+            plan.save(tmp / PLAN_FILE)
+        record = _provenance(model, plan, non_uniform, needs_remote_code) | dict(provenance or {})
+        atomic_write_text(tmp / PROVENANCE_FILE, json.dumps(record, indent=2, default=str) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if saved_auto_map is None:
+            with contextlib.suppress(AttributeError):
+                delattr(config, "auto_map")
+        else:
+            config.auto_map = saved_auto_map
+    return final
+
+
+def _stock_class_name(model: nn.Module) -> str:
+    """The transformers class the model is (or derives from, e.g. after a remote-code load)."""
+    import transformers
+
+    for cls in type(model).__mro__:
+        if getattr(transformers, cls.__name__, None) is cls:
+            return cls.__name__
+    raise CheckpointError(f"{type(model).__name__} is not a transformers model class; cannot save it")
+
+
+def _finish_config(config_path: Path, adapter, base_architecture: str) -> None:
+    """Write every key a family (or a server such as vLLM) may read the expert count from, and
+    the stock class name (save_pretrained writes the class it was called on)."""
+    data = json.loads(config_path.read_text())
+    data["architectures"] = [base_architecture]
+    count = getattr(adapter.config, adapter.expert_count_keys[0])
+    for key in adapter.expert_count_keys:
+        data[key] = count
+    if data.get("auto_map") is None:
+        data.pop("auto_map", None)
+    atomic_write_text(config_path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _write_modeling_file(target: Path, base_architecture: str, adapter) -> None:
+    template = resources.files("grape").joinpath("templates", MODELING_FILE).read_text()
+    text = template.replace("__GRAPE_BASE_ARCHITECTURE__", base_architecture).replace(
+        "__GRAPE_ROUTER_ATTR__", adapter.router_attr
+    )
+    atomic_write_text(target, text)
+
+
+def _provenance(model: nn.Module, plan: Plan | None, non_uniform: bool, remote_code: bool) -> dict:
+    import transformers
+
+    plan_provenance = dict(plan.provenance) if plan is not None else {}
+    source = (plan.model.get("name_or_path") if plan is not None and plan.model else None) or str(
+        getattr(model.config, "_name_or_path", "") or ""
+    )
+    return {
+        "source_model": source,
+        "scores_fingerprint": plan_provenance.get("scores_fingerprint"),
+        "objective": plan_provenance.get("objective"),
+        "solver": plan.solver if plan is not None else None,
+        "budget": plan_provenance.get("budget"),
+        "method": getattr(model, APPLIED_METHOD_ATTR, None),
+        "experts_per_layer": {str(k): v for k, v in get_adapter(model).identity().experts_per_layer.items()},
+        "uniform": not non_uniform,
+        "needs_remote_code": remote_code,
+        "objective_value": None if plan is None or plan.objective != plan.objective else plan.objective,
+        "plan_status": plan.status if plan is not None else None,
+        "plan_provenance": plan_provenance,
+        "grape_version": grape.__version__,
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+    }
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    if not final.is_dir():
+        raise CheckpointError(f"{str(final)!r} exists and is not a directory; choose another output path")
+    # os.replace cannot swap non-empty directories: move the old one aside first
+    old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+    os.replace(final, old / final.name)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# -- loading --------------------------------------------------------------------------------
+_PRUNED_CLASSES: dict[type, type] = {}
+
+
+def pruned_class(base: type) -> type:
+    """A subclass of the stock `base` class that shrinks each MoE layer after __init__ to the
+    per-layer counts in its config (no remote code: GRAPE's adapter does the shrinking)."""
+    if base not in _PRUNED_CLASSES:
+
+        def __init__(self, config, *args, **kwargs):
+            base.__init__(self, config, *args, **kwargs)
+            get_adapter(self).shrink_to_config()
+
+        _PRUNED_CLASSES[base] = type(f"GrapePruned{base.__name__}", (base,), {"__init__": __init__})
+    return _PRUNED_CLASSES[base]
+
+
+def load_pruned(path: str | os.PathLike, **from_pretrained_kwargs) -> nn.Module:
+    """Load a checkpoint written by save_pruned (uniform or not) with stock transformers
+    classes and no remote code. Extra keyword arguments go to `from_pretrained` (dtype,
+    device_map, ...). Returns the model in eval mode."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{str(path)!r} has no config.json; it is not a saved checkpoint")
+    config = AutoConfig.from_pretrained(path)
+    try:
+        base = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError as exc:
+        raise CheckpointError(
+            f"{str(path)!r}: model type {config.model_type!r} has no causal-LM class in this transformers"
+        ) from exc
+    model = pruned_class(base).from_pretrained(path, config=config, **from_pretrained_kwargs)
+    # the subclass only shapes the layers at construction; afterwards the model is the stock class
+    model.__class__ = base
+    get_adapter(model).mask_from_config()
+    plan_file = path / PLAN_FILE
+    if plan_file.is_file():
+        setattr(model, APPLIED_PLAN_ATTR, Plan.load(plan_file))
+    return model.eval()
+
+
+def load_provenance(path: str | os.PathLike) -> dict:
+    target = Path(path) / PROVENANCE_FILE
+    return json.loads(target.read_text()) if target.is_file() else {}
