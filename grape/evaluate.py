@@ -1,0 +1,498 @@
+"""Evaluate a (pruned) MoE language model: mean NLL and perplexity per domain on held-out text,
+plus lm-evaluation-harness tasks run in-process and offline.
+
+    from grape.evaluate import EvalConfig, evaluate, load_documents
+    docs = load_documents(["benchmarks/zoo/heldout/prose.test.jsonl", "code=my_file.py"])
+    result = evaluate(model, tokenizer, docs, EvalConfig(seq_len=256, tasks=("local",)))
+    print(result.to_markdown(baseline=unpruned_result))
+
+Protocol (docs/evaluation.md): each domain's documents are tokenised in order, joined with the
+EOS token into one stream, cut into windows of `seq_len` inputs that overlap by one token (so
+every token after the first is predicted exactly once and no context crosses a window), and
+scored by next-token cross entropy in float32. `max_tokens_per_domain` caps the predicted
+tokens per domain by taking the first documents. Everything is deterministic.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from grape.errors import DataError, UserError
+
+RESULT_FORMAT = "grape-eval"
+RESULT_VERSION = 1
+LOCAL_TASKS = "local"  # in EvalConfig.tasks: build multiple-choice tasks from the eval documents
+DEFAULT_HELDOUT_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "zoo" / "heldout"
+_IGNORE = -100
+
+Documents = dict[str, list[str]]  # domain -> documents, in a fixed order
+
+
+# -- configuration ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How to evaluate. Perplexity fields first, then lm-eval task fields."""
+
+    seq_len: int = 256  # model inputs per window
+    max_tokens_per_domain: int | None = 65_536  # predicted tokens per domain; None = all
+    batch_size: int = 8  # windows per forward pass (also lm-eval's batch size)
+    eos_between_documents: bool = True  # join documents with EOS, as in training-time packing
+    perplexity: bool = True  # False: lm-eval tasks only
+    tasks: tuple[str, ...] = ()  # lm-eval task/group/tag names; "local" = built from the documents
+    task_paths: tuple[str, ...] = ()  # extra lm-eval include paths holding the user's YAML tasks
+    local_task_kinds: tuple[str, ...] = ("scramble", "nextline", "cloze")
+    local_task_examples: int = 100  # examples per domain and kind
+    local_task_dir: str | None = None  # where local tasks are written; None = a temporary dir
+    task_limit: int | None = None  # lm-eval `limit`: examples per task (quick checks only)
+    num_fewshot: int | None = None
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        # tuples, so a config built from lists (JSON, argparse) stays hashable and comparable
+        for name in ("tasks", "task_paths", "local_task_kinds"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        checks = {
+            "seq_len": self.seq_len >= 2,
+            "batch_size": self.batch_size >= 1,
+            "max_tokens_per_domain": self.max_tokens_per_domain is None
+            or self.max_tokens_per_domain >= 1,
+            "local_task_examples": self.local_task_examples >= 1,
+            "task_limit": self.task_limit is None or self.task_limit >= 1,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise UserError(f"EvalConfig.{name}={getattr(self, name)!r} is out of range; "
+                                f"use a positive value (seq_len >= 2).")
+        if not self.perplexity and not self.tasks:
+            raise UserError("nothing to evaluate: perplexity is off and no lm-eval tasks were "
+                            "given; pass tasks (e.g. 'local') or turn perplexity on.")
+
+
+# -- results ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DomainNLL:
+    """Mean next-token NLL of one domain. `tokens` counts predicted tokens."""
+
+    domain: str
+    nll: float  # nats per token
+    tokens: int
+    windows: int
+    documents: int
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll)
+
+
+@dataclass(frozen=True)
+class TaskScore:
+    """One lm-eval task (or group): its numeric metrics, e.g. {"acc": .., "acc_norm": ..}."""
+
+    name: str
+    metrics: dict[str, float]
+    samples: int | None = None
+
+    @property
+    def acc(self) -> float | None:
+        return self.metrics.get("acc")
+
+    @property
+    def acc_norm(self) -> float | None:
+        return self.metrics.get("acc_norm")
+
+
+@dataclass
+class EvalResult:
+    model: str
+    config: EvalConfig
+    domains: dict[str, DomainNLL] = field(default_factory=dict)
+    tasks: dict[str, TaskScore] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def mean_nll(self) -> float:
+        """Mean over domains: every domain counts the same, whatever its size."""
+        return sum(d.nll for d in self.domains.values()) / len(self.domains)
+
+    @property
+    def weighted_nll(self) -> float:
+        """Token-weighted mean: total NLL over all predicted tokens."""
+        total = sum(d.tokens for d in self.domains.values())
+        return sum(d.nll * d.tokens for d in self.domains.values()) / total
+
+    @property
+    def tokens(self) -> int:
+        return sum(d.tokens for d in self.domains.values())
+
+    def nll_increase(self, baseline: EvalResult) -> dict[str, float]:
+        """NLL of this model minus the baseline's (usually the unpruned model), per shared
+        domain, plus "mean" and "weighted" over those domains."""
+        shared = [d for d in self.domains if d in baseline.domains]
+        if not shared:
+            raise DataError(f"baseline result for {baseline.model!r} shares no domain with "
+                            f"{sorted(self.domains)}; evaluate both on the same data.")
+        out = {d: self.domains[d].nll - baseline.domains[d].nll for d in shared}
+        out["mean"] = sum(out[d] for d in shared) / len(shared)
+        weights = [self.domains[d].tokens for d in shared]
+        out["weighted"] = sum(out[d] * w for d, w in zip(shared, weights)) / sum(weights)
+        return out
+
+    # -- serialisation ---------------------------------------------------------------------
+    def to_dict(self, baseline: EvalResult | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "format": RESULT_FORMAT,
+            "version": RESULT_VERSION,
+            "model": self.model,
+            "config": asdict(self.config),
+            "perplexity": None,
+            "tasks": {name: {"metrics": t.metrics, "samples": t.samples}
+                      for name, t in self.tasks.items()},
+            "seconds": self.seconds,
+        }
+        if self.domains:
+            out["perplexity"] = {
+                "domains": {d: {"nll": r.nll, "ppl": r.ppl, "tokens": r.tokens,
+                                "windows": r.windows, "documents": r.documents}
+                            for d, r in self.domains.items()},
+                "mean_nll": self.mean_nll,
+                "mean_ppl": math.exp(self.mean_nll),
+                "weighted_nll": self.weighted_nll,
+                "weighted_ppl": math.exp(self.weighted_nll),
+                "tokens": self.tokens,
+            }
+            if baseline is not None and baseline.domains:
+                out["perplexity"]["baseline_model"] = baseline.model
+                out["perplexity"]["nll_increase"] = self.nll_increase(baseline)
+        return out
+
+    def to_json(self, baseline: EvalResult | None = None) -> str:
+        return json.dumps(self.to_dict(baseline), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>") -> EvalResult:
+        if not isinstance(data, Mapping) or data.get("format") != RESULT_FORMAT:
+            raise DataError(f"{source} is not a grape eval result (no \"format\": "
+                            f"\"{RESULT_FORMAT}\"); pass the eval.json written by `grape eval`.")
+        ppl = data.get("perplexity") or {}
+        domains = {d: DomainNLL(d, float(r["nll"]), int(r["tokens"]), int(r["windows"]),
+                                int(r["documents"]))
+                   for d, r in ppl.get("domains", {}).items()}
+        tasks = {n: TaskScore(n, {k: float(v) for k, v in t["metrics"].items()}, t.get("samples"))
+                 for n, t in data.get("tasks", {}).items()}
+        known = EvalConfig.__dataclass_fields__
+        config = EvalConfig(**{k: v for k, v in data.get("config", {}).items() if k in known})
+        return cls(str(data.get("model", "")), config, domains, tasks,
+                   dict(data.get("seconds", {})))
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> EvalResult:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise DataError(f"eval result {path} does not exist; run `grape eval --out DIR` "
+                            "first and pass DIR/eval.json.") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DataError(f"cannot read eval result {path}: {exc}") from None
+        return cls.from_dict(data, source=str(path))
+
+    def to_markdown(self, baseline: EvalResult | None = None) -> str:
+        lines = [f"# Evaluation of `{self.model}`", ""]
+        if self.domains:
+            c = self.config
+            cap = "all" if c.max_tokens_per_domain is None else f"{c.max_tokens_per_domain:,}"
+            lines += [(f"Held-out NLL (nats/token), windows of {c.seq_len} tokens, "
+                      f"at most {cap} predicted tokens per domain."), ""]
+            increase = self.nll_increase(baseline) if baseline and baseline.domains else None
+            head = "| domain | documents | tokens | NLL | perplexity |"
+            rule = "|---|---:|---:|---:|---:|"
+            if increase is not None:
+                head += " NLL increase |"
+                rule += "---:|"
+            lines += [head, rule]
+            rows = [(d, str(r.documents), f"{r.tokens:,}", r.nll, d)
+                    for d, r in self.domains.items()]
+            rows.append(("**mean over domains**", "", "", self.mean_nll, "mean"))
+            rows.append(("**token-weighted**", "", f"{self.tokens:,}", self.weighted_nll,
+                         "weighted"))
+            for name, docs, toks, nll, key in rows:
+                row = f"| {name} | {docs} | {toks} | {nll:.4f} | {math.exp(nll):.2f} |"
+                if increase is not None:
+                    row += f" {increase[key]:+.4f} |" if key in increase else " |"
+                lines.append(row)
+            if increase is not None:
+                lines += ["", f"NLL increase is against `{baseline.model}`."]
+            lines.append("")
+        if self.tasks:
+            lines += ["## lm-eval tasks", "", "| task | samples | acc | acc_norm |",
+                      "|---|---:|---:|---:|"]
+            def fmt(v: float | None) -> str:
+                return "" if v is None else f"{v:.4f}"
+
+            for name, t in self.tasks.items():
+                samples = "" if t.samples is None else str(t.samples)
+                lines.append(f"| {name} | {samples} | {fmt(t.acc)} | {fmt(t.acc_norm)} |")
+            lines.append("")
+        return "\n".join(lines)
+
+
+# -- data ------------------------------------------------------------------------------------
+
+
+def default_heldout_files(split: str = "test", root: str | os.PathLike | None = None) -> list[Path]:
+    """The test bed's committed held-out files, benchmarks/zoo/heldout/{domain}.{split}.jsonl."""
+    root = Path(root) if root is not None else DEFAULT_HELDOUT_DIR
+    files = sorted(root.glob(f"*.{split}.jsonl"))
+    if not files:
+        raise DataError(f"no held-out files {root}/*.{split}.jsonl; build them with "
+                        "`python benchmarks/zoo/build_corpus.py` or pass evaluation files "
+                        "(--data) explicitly.")
+    return files
+
+
+def load_documents(sources: Mapping[str, Sequence[str]] | str | os.PathLike
+                   | Sequence[str | os.PathLike]) -> Documents:
+    """Documents grouped by domain, from any of:
+
+    - a dict domain -> list of texts (returned as a copy);
+    - JSONL files, one document a line with a "text" field and an optional "domain" field
+      (default: the file name up to its first dot, so prose.test.jsonl -> "prose");
+    - plain-text files, one document each, domain from the file name;
+    - "DOMAIN=PATH" to set the domain of a file explicitly;
+    - directories: every *.jsonl and *.txt file inside, sorted.
+    Empty documents are dropped; the order of files and lines is kept.
+    """
+    if isinstance(sources, Mapping):
+        docs = {str(d): [t for t in texts if isinstance(t, str) and t.strip()]
+                for d, texts in sources.items()}
+        return _check_documents({d: t for d, t in docs.items() if t}, "the given documents")
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    docs: Documents = {}
+    for spec in sources:
+        domain, path = _split_spec(spec)
+        for file in _expand(path):
+            for doc_domain, text in _read_file(file, domain):
+                docs.setdefault(doc_domain, []).append(text)
+    names = ", ".join(str(s) for s in sources)
+    return _check_documents(docs, names or "no files")
+
+
+def _split_spec(spec: str | os.PathLike) -> tuple[str | None, Path]:
+    text = os.fspath(spec)
+    if "=" in text and not Path(text).exists():
+        domain, _, path = text.partition("=")
+        if domain and path:
+            return domain, Path(path)
+    return None, Path(text)
+
+
+def _expand(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".txt") and p.is_file())
+        if not files:
+            raise DataError(f"evaluation data directory {path} holds no *.jsonl or *.txt files.")
+        return files
+    if not path.is_file():
+        raise DataError(f"evaluation data file {path} does not exist; pass JSONL files with "
+                        "\"text\" (and \"domain\") fields, plain-text files, or DOMAIN=PATH.")
+    return [path]
+
+
+def _read_file(path: Path, domain: str | None) -> list[tuple[str, str]]:
+    default_domain = domain or path.name.split(".")[0]
+    try:
+        content = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read evaluation data file {path}: {exc}") from None
+    if path.suffix != ".jsonl":
+        return [(default_domain, content)] if content.strip() else []
+    out = []
+    # split on \n only: str.splitlines would also cut at U+2028 etc. inside JSON strings
+    for number, line in enumerate(content.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{number} is not valid JSON ({exc.msg}); every line of a "
+                            "JSONL file must be one object like {\"text\": ..., \"domain\": ...}."
+                            ) from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise DataError(f"{path}:{number} has no string \"text\" field; every line must be "
+                            "an object like {\"text\": ..., \"domain\": ...}.")
+        if record["text"].strip():
+            out.append((domain or str(record.get("domain") or default_domain), record["text"]))
+    return out
+
+
+def _check_documents(docs: Documents, where: str) -> Documents:
+    if not docs:
+        raise DataError(f"no non-empty documents in {where}; evaluation needs held-out text.")
+    return docs
+
+
+# -- perplexity ------------------------------------------------------------------------------
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where inputs must go: the embedding's device (right for device_map-sharded models)."""
+    return model.get_input_embeddings().weight.device
+
+
+def token_stream(tokenizer, documents: Sequence[str], max_tokens: int | None,
+                 eos_between_documents: bool = True, chunk: int = 32) -> tuple[list[int], int]:
+    """One domain's documents as a single token stream: [EOS] doc1 [EOS] doc2 [EOS] ...
+
+    The leading EOS gives the first document a context, so all its tokens are predicted.
+    Stops tokenising once `max_tokens + 1` tokens are there. Returns (stream, documents used).
+    (verbose=False: documents longer than model_max_length are fine here, they get windowed.)
+    """
+    eos = tokenizer.eos_token_id if eos_between_documents else None
+    stream: list[int] = [] if eos is None else [eos]
+    need = None if max_tokens is None else max_tokens + 1
+    used = 0
+    for start in range(0, len(documents), chunk):
+        batch = list(documents[start:start + chunk])
+        for ids in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]:
+            stream += ids + ([] if eos is None else [eos])
+            used += 1
+            if need is not None and len(stream) >= need:
+                return stream[:need], used
+    return stream, used
+
+
+def pack_windows(stream: Sequence[int], seq_len: int) -> list[list[int]]:
+    """Windows of up to seq_len + 1 tokens with stride seq_len: a window's inputs are all but its
+    last token and its labels all but its first, so each token after the first is predicted
+    once. The last window may be shorter; a lone leftover token is dropped (nothing to predict)."""
+    return [list(stream[i:i + seq_len + 1]) for i in range(0, max(len(stream) - 1, 0), seq_len)]
+
+
+@torch.inference_mode()
+def window_nll(model: torch.nn.Module, windows: Sequence[Sequence[int]], pad_id: int,
+               device: torch.device) -> tuple[float, int]:
+    """Summed next-token NLL (nats, float32 softmax) and predicted-token count of a batch of
+    windows, right-padded; padded positions are masked out of attention and of the loss."""
+    width = max(len(w) for w in windows) - 1
+    ids = torch.full((len(windows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(windows), width), _IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(windows), width), dtype=torch.long)
+    for row, window in enumerate(windows):
+        n = len(window) - 1
+        ids[row, :n] = torch.tensor(window[:-1])
+        labels[row, :n] = torch.tensor(window[1:])
+        mask[row, :n] = 1
+    ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    labels = labels.to(logits.device)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=_IGNORE,
+                           reduction="sum")
+    return float(loss.double()), int((labels != _IGNORE).sum())
+
+
+def domain_nll(model: torch.nn.Module, tokenizer, docs: Documents, config: EvalConfig
+               ) -> dict[str, DomainNLL]:
+    """Mean NLL per domain; one progress bar over all windows of all domains."""
+    device = input_device(model)
+    pad_id = _pad_id(tokenizer)
+    packed = {}
+    for domain, texts in docs.items():
+        stream, used = token_stream(tokenizer, texts, config.max_tokens_per_domain,
+                                    config.eos_between_documents)
+        windows = pack_windows(stream, config.seq_len)
+        if not windows:
+            raise DataError(f"domain {domain!r} has fewer than 2 tokens of text; give it longer "
+                            "documents or leave it out.")
+        packed[domain] = (windows, used)
+    was_training = model.training
+    model.eval()
+    results = {}
+    try:
+        bar = tqdm(total=sum(len(w) for w, _ in packed.values()), unit="window",
+                   desc="perplexity", disable=not config.progress)
+        with bar:
+            for domain, (windows, used) in packed.items():
+                bar.set_postfix_str(domain)
+                total, count = 0.0, 0
+                for start in range(0, len(windows), config.batch_size):
+                    batch = windows[start:start + config.batch_size]
+                    loss, n = window_nll(model, batch, pad_id, device)
+                    total, count = total + loss, count + n
+                    bar.update(len(batch))
+                results[domain] = DomainNLL(domain, total / count, count, len(windows), used)
+    finally:
+        model.train(was_training)
+    return results
+
+
+def _pad_id(tokenizer) -> int:
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return int(token_id)
+    return 0  # padded positions are masked and ignored, so any valid id will do
+
+
+def _check_seq_len(model: torch.nn.Module, seq_len: int) -> None:
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and seq_len > limit:
+        raise UserError(f"seq_len {seq_len} exceeds the model's max_position_embeddings "
+                        f"({limit}); use a window of at most {limit} tokens (--seq-len).")
+
+
+# -- the verb --------------------------------------------------------------------------------
+
+
+def evaluate(model: torch.nn.Module, tokenizer, data: Mapping[str, Sequence[str]] | str
+             | os.PathLike | Sequence[str | os.PathLike] | None = None,
+             config: EvalConfig | None = None, name: str | None = None) -> EvalResult:
+    """Evaluate `model` (an HF causal LM, possibly device_map-sharded) with `tokenizer` on `data`
+    (anything load_documents takes; None = the test bed's held-out test split)."""
+    config = config or EvalConfig()
+    docs = load_documents(default_heldout_files() if data is None else data)
+    name = name or str(getattr(getattr(model, "config", None), "_name_or_path", "") or
+                       type(model).__name__)
+    result = EvalResult(model=name, config=config)
+    if config.perplexity:
+        _check_seq_len(model, config.seq_len)
+        start = time.perf_counter()
+        result.domains = domain_nll(model, tokenizer, docs, config)
+        result.seconds["perplexity"] = time.perf_counter() - start
+    if config.tasks:
+        from grape.lmeval_tasks import run_tasks  # lm_eval is optional and slow to import
+
+        start = time.perf_counter()
+        result.tasks = run_tasks(model, tokenizer, docs, config)
+        result.seconds["tasks"] = time.perf_counter() - start
+    return result
+
+
+__all__ = [
+    "LOCAL_TASKS",
+    "DomainNLL",
+    "EvalConfig",
+    "EvalResult",
+    "TaskScore",
+    "default_heldout_files",
+    "domain_nll",
+    "evaluate",
+    "load_documents",
+    "pack_windows",
+    "token_stream",
+]
