@@ -1,0 +1,130 @@
+"""Build the zoo's corpus from local text: English prose (Python docs, reST), Python (stdlib), C
+(/usr/include). Split by document, deterministically (hash of the path), and write
+
+  benchmarks/zoo/data/{domain}.{split}.jsonl       full splits (git-ignored, rebuildable)
+  benchmarks/zoo/heldout/{domain}.{split}.jsonl    small committed copies of validation/test
+  benchmarks/zoo/heldout/calibration.jsonl         small committed mixed-domain train sample
+
+Every JSONL line is one document: {"text", "domain", "source"}.
+
+    python benchmarks/zoo/build_corpus.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+ZOO = Path(__file__).resolve().parent
+sys.path.insert(0, str(ZOO.parents[1]))
+from solvers._io import atomic_open  # noqa: E402
+
+DOMAINS = ("prose", "python", "c")
+SPLITS = ("train", "validation", "test")
+PROSE_ROOT = Path("/usr/share/doc/python3.11/html/_sources")
+C_ROOT = Path("/usr/include")
+MAX_DOC_CHARS = 200_000  # skip generated giants (unicode tables, huge enum headers)
+HELDOUT_DOC_CHARS = 6_000  # committed copies keep each document's head: more documents, same size
+HELDOUT_BYTES = 140_000
+CALIBRATION_BYTES = 350_000
+PY_SKIP = {"test", "tests", "idle_test", "site-packages", "__pycache__", "lib2to3", "turtledemo"}
+
+
+def _fraction(key: str) -> float:
+    """A stable number in [0, 1) from a string: the split and the order never depend on the OS."""
+    return int(hashlib.sha256(key.encode()).hexdigest()[:12], 16) / 16**12
+
+
+def split_of(source: str, held_out: float = 0.05) -> str:
+    u = _fraction("split:" + source)
+    if u < held_out:
+        return "validation"
+    if u < 2 * held_out:
+        return "test"
+    return "train"
+
+
+def prose_files() -> list[Path]:
+    return sorted(PROSE_ROOT.rglob("*.txt"))
+
+
+def python_files() -> list[Path]:
+    root = Path(os.path.dirname(os.__file__))
+    return sorted(p for p in root.rglob("*.py")
+                  if not (set(p.relative_to(root).parts[:-1]) & PY_SKIP)
+                  and not p.name.startswith("test_"))
+
+
+def c_files() -> list[Path]:
+    return sorted(p for p in C_ROOT.rglob("*.h") if p.is_file() and not p.is_symlink())
+
+
+SOURCES = {"prose": prose_files, "python": python_files, "c": c_files}
+
+
+def read_documents(domain: str) -> list[dict]:
+    docs = []
+    for path in SOURCES[domain]():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        text = text.replace("\r\n", "\n").strip()
+        if 200 <= len(text) <= MAX_DOC_CHARS:
+            docs.append({"text": text, "domain": domain, "source": str(path)})
+    # deterministic shuffle: the order of documents (and so any cap) depends only on paths
+    docs.sort(key=lambda d: _fraction("order:" + d["source"]))
+    return docs
+
+
+def _cap(docs: list[dict], max_bytes: int, head_chars: int | None = None) -> list[dict]:
+    out, total = [], 0
+    for doc in docs:
+        text = doc["text"]
+        if head_chars is not None and len(text) > head_chars:
+            text = text[:text.rfind("\n", 0, head_chars) if "\n" in text[:head_chars] else head_chars]
+        size = len(text.encode()) + 100
+        if total + size > max_bytes:
+            continue
+        out.append({**doc, "text": text})
+        total += size
+    return out
+
+
+def write_jsonl(path: Path, docs: list[dict]) -> None:
+    with atomic_open(path, "w") as handle:
+        for doc in docs:
+            handle.write(json.dumps(doc, ensure_ascii=False) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train-mb", type=float, default=8.0, help="cap on each domain's train text")
+    parser.add_argument("--out", type=Path, default=ZOO / "data")
+    parser.add_argument("--heldout", type=Path, default=ZOO / "heldout")
+    args = parser.parse_args(argv)
+
+    calibration = []
+    for domain in DOMAINS:
+        docs = read_documents(domain)
+        by_split = {s: [d for d in docs if split_of(d["source"]) == s] for s in SPLITS}
+        by_split["train"] = _cap(by_split["train"], int(args.train_mb * 1e6))
+        for split, split_docs in by_split.items():
+            write_jsonl(args.out / f"{domain}.{split}.jsonl", split_docs)
+            mb = sum(len(d["text"].encode()) for d in split_docs) / 1e6
+            print(f"{domain:7s} {split:10s} {len(split_docs):6d} docs {mb:7.2f} MB")
+        for split in ("validation", "test"):
+            write_jsonl(args.heldout / f"{domain}.{split}.jsonl",
+                        _cap(by_split[split], HELDOUT_BYTES, HELDOUT_DOC_CHARS))
+        calibration += _cap(by_split["train"], CALIBRATION_BYTES // len(DOMAINS), HELDOUT_DOC_CHARS)
+    calibration.sort(key=lambda d: _fraction("calib:" + d["source"]))
+    write_jsonl(args.heldout / "calibration.jsonl", calibration)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

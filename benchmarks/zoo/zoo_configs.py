@@ -1,0 +1,67 @@
+"""The zoo's model configurations: one entry per model, HF transformers classes only.
+
+Sizes are chosen so bf16 weights stay under 15 MB (about 7 M parameters with the 4096-token
+vocabulary and tied embeddings)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import transformers as T
+
+VOCAB = 4096
+SEQ_LEN = 256
+_COMMON = dict(vocab_size=VOCAB, max_position_embeddings=SEQ_LEN, tie_word_embeddings=True,
+               eos_token_id=0, bos_token_id=1, pad_token_id=2, rms_norm_eps=1e-6,
+               output_router_logits=False, use_cache=True)
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    name: str
+    make_config: Callable[[], T.PretrainedConfig]
+    router_score: str  # "softmax" or "sigmoid": how the load-balancing loss reads router logits
+    description: str
+
+
+def _qwen3moe_32x4() -> T.PretrainedConfig:
+    return T.Qwen3MoeConfig(**_COMMON, hidden_size=192, num_hidden_layers=6, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=48, intermediate_size=512,
+                            moe_intermediate_size=48, num_experts=32, num_experts_per_tok=4,
+                            norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                            router_aux_loss_coef=0.01, rope_parameters={"rope_type": "default",
+                                                                        "rope_theta": 10000.0})
+
+
+def _deepseekv3_16x2g() -> T.PretrainedConfig:
+    # 16 routed experts in 4 groups, each token picks 2 groups then 2 experts; 1 small shared
+    # expert; the first layer is dense (as in DeepSeek-V3).
+    return T.DeepseekV3Config(**_COMMON, hidden_size=192, num_hidden_layers=6, num_attention_heads=4,
+                              num_key_value_heads=4, intermediate_size=576, moe_intermediate_size=96,
+                              n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=2,
+                              n_group=4, topk_group=2, first_k_dense_replace=1, norm_topk_prob=True,
+                              routed_scaling_factor=1.0, q_lora_rank=None, kv_lora_rank=64,
+                              qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=48, head_dim=16,
+                              rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+
+
+def _mixtral_8x2() -> T.PretrainedConfig:
+    return T.MixtralConfig(**_COMMON, hidden_size=192, num_hidden_layers=6, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=48, intermediate_size=192,
+                           num_local_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.01,
+                           sliding_window=None, rope_parameters={"rope_type": "default",
+                                                                 "rope_theta": 10000.0})
+
+
+ZOO = {
+    m.name: m for m in (
+        ZooModel("qwen3moe-32x4", _qwen3moe_32x4, "softmax",
+                 "Qwen3-MoE style: 32 fine-grained experts, top-4, no shared expert (embedded default)"),
+        ZooModel("deepseekv3-16x2g", _deepseekv3_16x2g, "sigmoid",
+                 "DeepSeek-V3 style: 16 routed experts top-2 with group routing (4 groups, 2 picked), "
+                 "1 shared expert, dense first layer"),
+        ZooModel("mixtral-8x2", _mixtral_8x2, "softmax",
+                 "Mixtral style: 8 large experts, top-2, no shared expert"),
+    )
+}
