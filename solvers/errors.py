@@ -18,3 +18,8 @@ class PlanError(UserError):
 
 class InfeasibleError(UserError):
     """No plan satisfies the budget and constraints; the message names the conflict with numbers."""
+
+
+class SolverError(UserError):
+    """The chosen solver cannot handle this problem (e.g. a constraint it does not support) or
+    found no plan within its time limit; the message names another solver or setting to use."""

@@ -1,0 +1,78 @@
+"""The independent plan checker: re-verifies a plan against its problem from scratch.
+
+It uses only the plan file's contents, each constraint's ``check`` method and each objective
+term's ``layer_values``; no solver, model or curve code. Every solver's plan passes through it
+before :func:`solvers.solve.solve` returns, and ``grape solve`` can re-check a saved plan.
+"""
+
+from __future__ import annotations
+
+import math
+
+from solvers.errors import PlanError
+from solvers.plan import STATUSES, Plan
+
+
+def check_plan(plan: Plan, problem, rel_tol: float = 1e-6) -> list[str]:
+    """Every way `plan` breaks `problem`, in words ([] when it is valid)."""
+    out: list[str] = []
+    indices = problem.layer_indices
+    if sorted(plan.kept) != indices:
+        out.append(
+            f"plan covers layers {sorted(plan.kept)[:8]}..., the problem has {indices[:8]}..."
+        )
+        return out
+    for layer in problem.layers:
+        kept, removed = plan.kept[layer.index], plan.removed[layer.index]
+        if sorted(kept + removed) != list(range(layer.num_experts)):
+            out.append(
+                f"layer {layer.index}: kept and removed experts do not partition 0..{layer.num_experts - 1}"
+            )
+    if out:
+        return out
+    for c in problem.all_constraints:
+        out.extend(c.check(plan, problem))
+    if plan.status not in STATUSES:
+        out.append(f"status {plan.status!r} is not one of {STATUSES}")
+    value = problem.objective.value(plan, problem)
+    scale = max(1.0, abs(value))
+    if (
+        not (isinstance(plan.objective, float) and math.isfinite(plan.objective))
+        or abs(plan.objective - value) > rel_tol * scale
+    ):
+        out.append(f"objective {plan.objective!r} does not match the recomputed {value!r}")
+    if plan.bound is not None and plan.bound > value + rel_tol * scale:
+        out.append(f"lower bound {plan.bound!r} exceeds the plan's objective {value!r}")
+    if (
+        plan.status == "optimal"
+        and plan.bound is not None
+        and plan.gap is not None
+        and plan.gap > 1e-4
+    ):
+        out.append(f"status optimal but gap {plan.gap}")
+    for layer_index, mapping in plan.merge_map.items():
+        if layer_index not in plan.kept:
+            out.append(f"merge map names layer {layer_index}, which the plan does not have")
+            continue
+        kept, removed = set(plan.kept[layer_index]), set(plan.removed[layer_index])
+        if not kept:  # nothing left to merge into
+            if mapping:
+                out.append(f"layer {layer_index}: keeps no expert but has a merge map")
+            continue
+        if set(mapping) != removed:
+            out.append(f"layer {layer_index}: the merge map must map exactly the removed experts")
+        bad = {a: b for a, b in mapping.items() if b not in kept}
+        if bad:
+            out.append(
+                f"layer {layer_index}: merge map targets {sorted(set(bad.values()))[:5]} are not kept"
+            )
+    return out
+
+
+def assert_valid(plan: Plan, problem) -> None:
+    problems = check_plan(plan, problem)
+    if problems:
+        shown = "; ".join(problems[:5]) + (
+            f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        )
+        raise PlanError(f"plan from solver {plan.solver!r} breaks the problem: {shown}")

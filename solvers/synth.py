@@ -1,0 +1,183 @@
+"""Synthetic scores shaped like real calibration output, for every real model shape.
+
+The numbers are invented but follow what calibration on real MoE models shows:
+
+* heavy-tailed routing: per-layer expert frequencies are a softmax of Gaussian logits, so a few
+  experts take many tokens and a few are almost dead; deeper layers are more skewed;
+* depth trends: expert output norms and the MoE block's output energy grow with depth;
+* block-structured similarity: experts fall into clusters of near-duplicates (high CKA inside
+  a cluster), on top of a layer-wide baseline that rises with depth, plus symmetric noise;
+* cost curves: the block-output error of keeping the n most important experts, a convex
+  decreasing curve in n that is zero when every expert is kept.
+
+Everything is seeded; the result is a :class:`solvers.scores.Scores`, so ``save`` writes the very
+same file format calibration writes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from solvers.errors import UserError
+from solvers.scores import LayerScores, ModelIdentity, Scores
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The routed-expert shape of a real model (reference facts, section 4)."""
+
+    name: str
+    model_type: str
+    num_hidden_layers: int
+    first_moe_layer: int  # earlier decoder layers are dense
+    experts: int
+    top_k: int
+    shared: int
+    hidden: int
+    expert_intermediate: int
+    n_group: int | None = None
+    topk_group: int | None = None
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return list(range(self.first_moe_layer, self.num_hidden_layers))
+
+    @property
+    def expert_bytes(self) -> int:
+        """bf16 bytes of one routed expert: gate, up and down projections."""
+        return 3 * self.hidden * self.expert_intermediate * 2
+
+    @property
+    def total_experts(self) -> int:
+        return len(self.moe_layers) * self.experts
+
+
+SHAPES: dict[str, ModelShape] = {
+    s.name: s
+    for s in (
+        ModelShape("mixtral-8x7b", "mixtral", 32, 0, 8, 2, 0, 4096, 14336),
+        ModelShape("mixtral-8x22b", "mixtral", 56, 0, 8, 2, 0, 6144, 16384),
+        ModelShape("deepseek-moe-16b", "deepseek", 28, 1, 64, 6, 2, 2048, 1408),
+        ModelShape("qwen1.5-moe-a2.7b", "qwen2_moe", 24, 0, 60, 4, 1, 2048, 1408),
+        ModelShape("olmoe-1b-7b", "olmoe", 16, 0, 64, 8, 0, 2048, 1024),
+        ModelShape("gpt-oss-20b", "gpt_oss", 24, 0, 32, 4, 0, 2880, 2880),
+        ModelShape("gpt-oss-120b", "gpt_oss", 36, 0, 128, 4, 0, 2880, 2880),
+        ModelShape("qwen3-30b-a3b", "qwen3_moe", 48, 0, 128, 8, 0, 2048, 768),
+        ModelShape("qwen3-235b-a22b", "qwen3_moe", 94, 0, 128, 8, 0, 4096, 1536),
+        ModelShape("qwen3-coder-480b", "qwen3_moe", 62, 0, 160, 8, 0, 6144, 2560),
+        ModelShape("deepseek-v3", "deepseek_v3", 61, 3, 256, 8, 1, 7168, 2048, 8, 4),
+        ModelShape("kimi-k2", "kimi_k2", 61, 1, 384, 8, 1, 7168, 2048, 1, 1),
+    )
+}
+
+
+def get_shape(name: str) -> ModelShape:
+    key = name.lower()
+    if key not in SHAPES:
+        raise UserError(f"unknown model shape {name!r}; choose one of {', '.join(SHAPES)}")
+    return SHAPES[key]
+
+
+def custom_shape(layers: int, experts: int, top_k: int = 2, name: str = "custom") -> ModelShape:
+    """A small shape for tests: `layers` MoE layers of `experts` experts each."""
+    return ModelShape(name, "synthetic", layers, 0, experts, top_k, 0, 64, 32)
+
+
+def _similarity(rng: np.random.Generator, n: int, depth: float) -> np.ndarray:
+    """Block-structured symmetric similarity in [0, 1] with a unit diagonal."""
+    clusters = max(2, n // 4)
+    # uneven cluster sizes: a few big families of near-duplicates, many singletons
+    weights = rng.dirichlet(np.full(clusters, 0.7))
+    label = rng.choice(clusters, size=n, p=weights)
+    base = 0.15 + 0.3 * depth + 0.05 * np.sin(7.0 * depth)
+    strength = rng.uniform(0.5, 1.0, size=clusters)
+    same = label[:, None] == label[None, :]
+    sim = base + 0.45 * same * np.sqrt(np.outer(strength[label], strength[label]))
+    noise = rng.normal(0.0, 0.05, size=(n, n))
+    sim = np.clip(sim + (noise + noise.T) / 2.0, 0.0, 1.0)
+    np.fill_diagonal(sim, 1.0)
+    return sim
+
+
+def _layer(
+    rng: np.random.Generator,
+    shape: ModelShape,
+    layer: int,
+    depth: float,
+    tokens: int,
+    with_similarity: bool,
+    with_cost_curve: bool,
+) -> LayerScores:
+    n, k = shape.experts, shape.top_k
+    skew = 0.8 + 0.7 * depth  # later layers route more unevenly
+    logits = rng.normal(0.0, skew, size=n)
+    share = np.exp(logits - logits.max())
+    share = share / share.sum() * k  # each token visits k experts
+    count = np.floor(tokens * share)
+    gate = np.clip(rng.lognormal(np.log(1.0 / k), 0.3, size=n), 1e-3, 1.0)
+    norm = (1.0 + 3.0 * depth**2) * rng.lognormal(0.0, 0.4, size=n)
+    spread = rng.uniform(0.1, 0.5, size=n)  # per-expert coefficient of variation of g*||f||
+    stats = {
+        "count": count,
+        "gate_sum": count * gate,
+        "norm_sum": count * norm,
+        "gate_norm_sum": count * gate * norm,
+        "gate_norm_sq_sum": count * (gate * norm) ** 2 * (1.0 + spread**2),
+        "norm_max": norm * (2.0 + rng.lognormal(0.0, 0.3, size=n)),
+    }
+    energy = float((stats["gate_norm_sum"].sum() / tokens) ** 2 * rng.uniform(0.6, 0.9))
+    sims = {"cka": _similarity(rng, n, depth)} if with_similarity else {}
+    curve = None
+    if with_cost_curve:
+        # error of keeping the n heaviest experts: the removed output mass, made convex
+        mass = np.sort(stats["gate_norm_sum"])[::-1]
+        removed_share = 1.0 - np.concatenate([[0.0], np.cumsum(mass)]) / max(mass.sum(), 1e-30)
+        curve = energy * np.clip(removed_share, 0.0, 1.0) ** 1.3
+        curve[-1] = 0.0
+    per_expert = shape.expert_bytes
+    if shape.model_type == "gpt_oss":  # biases of gate_up and down
+        per_expert += (2 * shape.expert_intermediate + shape.hidden) * 2
+    return LayerScores(
+        layer=layer,
+        stats=stats,
+        expert_bytes=np.full(n, per_expert, dtype=np.int64),
+        output_energy=energy,
+        similarity=sims,
+        cost_curve=curve,
+    )
+
+
+def synth_scores(
+    shape: str | ModelShape,
+    seed: int = 0,
+    tokens: int = 1 << 21,
+    similarity: bool = True,
+    cost_curve: bool = True,
+) -> Scores:
+    """Synthetic scores of a real model shape (a name from :data:`SHAPES`, or a ModelShape)."""
+    shape = get_shape(shape) if isinstance(shape, str) else shape
+    rng = np.random.default_rng(seed)
+    layers = {}
+    moe = shape.moe_layers
+    for pos, layer in enumerate(moe):
+        depth = pos / max(len(moe) - 1, 1)
+        layers[layer] = _layer(rng, shape, layer, depth, tokens, similarity, cost_curve)
+    ident = ModelIdentity(
+        model_type=shape.model_type,
+        num_hidden_layers=shape.num_hidden_layers,
+        experts_per_layer={layer: shape.experts for layer in moe},
+        top_k={layer: shape.top_k for layer in moe},
+        fingerprint="",
+        name_or_path=f"synthetic:{shape.name}",
+        n_group=shape.n_group,
+        topk_group=shape.topk_group,
+    )
+    return Scores(
+        model=ident,
+        layers=layers,
+        tokens=tokens,
+        calibration={"synthetic": True, "shape": shape.name, "seed": seed},
+        created_by="grape synth",
+    )
