@@ -1,0 +1,285 @@
+"""The Python API: one verb per stage, each a thin typed wrapper over the module that does the work.
+
+    import grape
+
+    model = grape.load("path/to/moe")                                    # any supported MoE checkpoint
+    tok = grape.load_tokenizer("path/to/moe")
+    scores = grape.calibrate(model, ["corpus/"], grape.CalibrationConfig(samples=256, seq_len=1024),
+                             tokenizer=tok)                              # -> Scores (save: scores.save)
+    problem = grape.build_problem(scores, grape.SolveConfig(budget=0.25, objective="redundancy"))
+    plan = grape.solve(problem, grape.SolveConfig(solver="exact"))      # -> Plan (plan.save)
+    grape.apply(model, plan, grape.ApplyConfig("remove"))               # in place
+    grape.save(model, "pruned/", plan=plan, tokenizer=tok)
+    result = grape.evaluate(grape.load("pruned/"), tok, None, grape.EvalConfig(max_tokens_per_domain=8192))
+
+Every function takes its inputs as arguments and returns its output; nothing is cached in
+module state. Paths are accepted where an artifact is expected (a scores file, a plan file, a
+checkpoint directory). The command line (`grape <verb>`) calls these same modules.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from solvers.errors import UserError
+
+if TYPE_CHECKING:  # pragma: no cover - only for annotations; the imports below are lazy
+    import torch
+    from torch import nn
+
+    from grape.apply import ApplyConfig
+    from grape.calibrate import CalibrationConfig
+    from grape.data import CalibrationData
+    from grape.evaluate import EvalConfig, EvalResult
+    from solvers.plan import Plan
+    from solvers.problem import Problem
+    from solvers.scores import Scores
+
+
+class BudgetError(UserError):
+    """A budget outside what the model can give: below 0, all experts, a fraction above 1."""
+
+
+# -- configuration --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SolveConfig:
+    """How to turn scores into a plan: the problem (budget, objective, constraints, how importance
+    and similarity are read from the scores) and the solver.
+
+    budget: a fraction of the routed experts to remove (0.25), an expert count (64), or a byte
+        target ``"free:40GB"`` / ``"keep:100GiB"``.
+    objective: ``additive`` | ``redundancy`` | ``coverage`` | ``curves``, or a weighted sum such
+        as ``"redundancy+0.5*additive"`` (docs/solvers.md).
+    solver: a name from ``solvers.registry.SOLVERS`` (``exact``, ``greedy``, ``uniform``, ...).
+    constraints: extra ``solvers.constraints.Constraint`` objects (Uniform(), EntropyGuard(0.1),
+        MaxRemovedFraction(0.5), MultipleOf(4), MemoryCap(...), MustKeep(...), ...).
+    min_kept: per-layer floor: ``"top_k"`` (the router's k, the default), an int, or None.
+    """
+
+    budget: str | float | int = 0.25
+    objective: str = "additive"
+    solver: str = "exact"
+    time_limit: float = 60.0
+    criterion: str = "reap_mass"
+    normalize: str = "none"
+    similarity: str | None = "auto"
+    similarity_top_m: int | None = None
+    coverage_candidates: int | None = None  # coverage integer program: candidates per expert
+    min_kept: int | str | None = "top_k"
+    routing_groups: bool | str = "auto"  # DeepSeek-V3 group rules; "auto": when n_group > 1
+    constraints: tuple = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "constraints", tuple(self.constraints))
+        if not self.time_limit > 0:
+            raise UserError(f"SolveConfig.time_limit={self.time_limit!r} must be positive (seconds)")
+
+    def to_json(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "constraints"}
+        out["budget"] = str(self.budget)
+        out["constraints"] = [c.to_json() for c in self.constraints]
+        return out
+
+
+# -- artifacts from paths -------------------------------------------------------------------
+def load_scores(scores: Scores | str | os.PathLike) -> Scores:
+    """A Scores object, or the scores file at a path."""
+    from solvers.scores import Scores
+
+    return scores if isinstance(scores, Scores) else Scores.load(scores)
+
+
+def load_plan(plan: Plan | str | os.PathLike) -> Plan:
+    """A Plan object, or the plan file at a path."""
+    from solvers.plan import Plan
+
+    return plan if isinstance(plan, Plan) else Plan.load(plan)
+
+
+def load(path: str | os.PathLike, **from_pretrained_kwargs) -> nn.Module:
+    """Load a model directory: a stock MoE checkpoint or one GRAPE pruned (per-layer expert
+    counts included), in eval mode, without remote code. Keyword arguments go to
+    ``from_pretrained`` (``dtype``, ``device_map``, ...)."""
+    from grape.checkpoint import load_pruned
+
+    _check_model_dir(path)
+    return load_pruned(path, **from_pretrained_kwargs)
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer saved in a model (or tokenizer) directory."""
+    from grape.commands.eval import load_tokenizer as _load
+
+    return _load(Path(path))
+
+
+def _check_model_dir(path: str | os.PathLike) -> None:
+    from grape.commands.eval import check_model_dir
+
+    check_model_dir(Path(path))
+
+
+# -- the verbs ------------------------------------------------------------------------------
+def calibrate(
+    model: nn.Module | str | os.PathLike,
+    data: CalibrationData | torch.Tensor | Sequence[Any] | str | os.PathLike,
+    config: CalibrationConfig | None = None,
+    *,
+    tokenizer: Any = None,
+) -> Scores:
+    """Measure `model` on calibration `data` and return its Scores.
+
+    `data` is a ``CalibrationData``, a 2-D tensor of input ids, or raw sources (text / JSONL
+    files, directories, a ``datasets.Dataset``, a list of strings), which are packed into
+    ``config.samples`` sequences of ``config.seq_len`` tokens with `tokenizer` (default: the one
+    in the model directory when `model` is a path)."""
+    import torch
+
+    from grape.calibrate import CalibrationConfig
+    from grape.calibrate import calibrate as _calibrate
+    from grape.data import CalibrationData, load_calibration_data
+
+    config = config or CalibrationConfig()
+    config.validate()
+    model_path = None
+    if isinstance(model, (str, os.PathLike)):
+        model_path = Path(model)
+        if tokenizer is None and not isinstance(data, (CalibrationData, torch.Tensor)):
+            tokenizer = load_tokenizer(model_path)
+        from grape.commands.calibrate import load_model
+
+        model = load_model(model_path)  # float32 on CPU; all GPUs and the checkpoint's dtype otherwise
+    if not isinstance(data, (CalibrationData, torch.Tensor)):
+        if tokenizer is None:
+            raise UserError("calibrate: raw text data needs a tokenizer; pass tokenizer=... or "
+                            "pre-packed CalibrationData / input ids")
+        data = load_calibration_data(data, tokenizer, seq_len=config.seq_len, samples=config.samples,
+                                     seed=config.seed, text_field=config.text_field,
+                                     progress=config.progress)
+    scores = _calibrate(model, data, config)
+    if model_path is not None:
+        scores.calibration["model_path"] = str(model_path.resolve())
+    return scores
+
+
+def check_budget(budget: str | float, total_experts: int) -> None:
+    """Raise BudgetError when `budget` asks for a removal outside 0 .. total_experts - 1 (byte
+    budgets are checked against the sizes by the solver's feasibility check)."""
+    text = str(budget).strip()
+    if ":" in text:
+        return
+    try:
+        number = float(text)
+    except ValueError:
+        raise BudgetError(f"budget {text!r} is not a fraction (0.25), an expert count (64), "
+                          "free:SIZE or keep:SIZE") from None
+    if not math.isfinite(number) or number < 0:
+        raise BudgetError(f"budget {text!r} is out of range: give a fraction in [0, 1) or a "
+                          f"count of experts to remove (0 .. {total_experts - 1})")
+    if number < 1 or (number == 1 and "." in text):
+        if number >= 1:
+            raise BudgetError(f"budget {text!r} would remove every expert; give a fraction below 1 "
+                              "(e.g. 0.25) or a count of experts to remove")
+        return
+    if number != int(number):
+        raise BudgetError(f"budget {text!r} is out of range: a fraction must lie in [0, 1) and an "
+                          "expert count must be a whole number")
+    if int(number) >= total_experts:
+        raise BudgetError(f"budget {text!r} removes {int(number)} experts, but the model has only "
+                          f"{total_experts} routed experts; remove at most {total_experts - 1}, "
+                          "or give a fraction such as 0.25")
+
+
+def build_problem(scores: Scores | str | os.PathLike, config: SolveConfig | None = None,
+                  **overrides) -> Problem:
+    """The allocation problem for `scores` (a Scores object or a scores file) under `config`;
+    keyword arguments override config fields (``build_problem(scores, budget=0.5)``)."""
+    from solvers.objectives import parse_objective
+    from solvers.problem import build_problem as _build
+
+    config = replace(config or SolveConfig(), **overrides)
+    scores = load_scores(scores)
+    check_budget(config.budget, sum(scores.model.experts_per_layer.values()))
+    objective = parse_objective(config.objective)
+    if config.coverage_candidates is not None:
+        for _, term in objective.terms:
+            if hasattr(term, "candidates"):
+                term.candidates = int(config.coverage_candidates)
+    return _build(
+        scores,
+        budget=str(config.budget),
+        objective=objective,
+        constraints=list(config.constraints),
+        criterion=config.criterion,
+        normalize=config.normalize,
+        similarity=config.similarity,
+        similarity_top_m=config.similarity_top_m,
+        min_kept=config.min_kept,
+        routing_groups=config.routing_groups,
+    )
+
+
+def solve(problem: Problem | Scores | str | os.PathLike, config: SolveConfig | None = None,
+          **overrides) -> Plan:
+    """A checked Plan for `problem`; given scores (or a scores file) it builds the problem from
+    `config` first. The solver and time limit come from `config`."""
+    from solvers.problem import Problem
+    from solvers.solve import solve as _solve
+
+    config = replace(config or SolveConfig(), **overrides)
+    if not isinstance(problem, Problem):
+        problem = build_problem(problem, config)
+    return _solve(problem, solver=config.solver, time_limit=config.time_limit)
+
+
+def apply(model: nn.Module, plan: Plan | str | os.PathLike,
+          config: ApplyConfig | str = "remove", merge_weights: Any = None) -> nn.Module:
+    """Apply `plan` to `model` in place (remove / merge / mask) and return it. `merge_weights`
+    (a Scores object or {layer: weights}) weights a merge; with an ApplyConfig it is its field."""
+    from grape.apply import ApplyConfig, apply_plan
+
+    if not isinstance(config, ApplyConfig):
+        config = ApplyConfig(config, merge_weights=load_scores(merge_weights)
+                             if isinstance(merge_weights, (str, os.PathLike)) else merge_weights)
+    return apply_plan(model, load_plan(plan), config)
+
+
+def save(model: nn.Module, path: str | os.PathLike, *, plan: Plan | None = None,
+         tokenizer: Any = None, provenance: Mapping[str, Any] | None = None) -> Path:
+    """Write a pruned model as a checkpoint directory that `load` (and transformers) reload."""
+    from grape.checkpoint import save_pruned
+
+    return save_pruned(model, path, plan=plan, tokenizer=tokenizer,
+                       provenance=dict(provenance) if provenance else None)
+
+
+def evaluate(model: nn.Module, tokenizer: Any,
+             data: Mapping[str, Sequence[str]] | str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+             config: EvalConfig | None = None, *, name: str | None = None) -> EvalResult:
+    """Held-out NLL per domain (and lm-eval tasks if `config.tasks`); `data` None = the test
+    bed's held-out test split."""
+    from grape.evaluate import evaluate as _evaluate
+
+    return _evaluate(model, tokenizer, data, config, name=name)
+
+
+__all__ = [
+    "BudgetError",
+    "SolveConfig",
+    "apply",
+    "build_problem",
+    "calibrate",
+    "check_budget",
+    "evaluate",
+    "load",
+    "load_plan",
+    "load_scores",
+    "load_tokenizer",
+    "save",
+    "solve",
+]
