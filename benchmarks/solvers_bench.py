@@ -98,8 +98,12 @@ def _short_method(method: str) -> str:
     parts = []
     if method.startswith("heuristic per-layer curves"):
         parts.append("heuristic curves")
-    if "convex relaxation bound" in method:
+    if "convex relaxation bound skipped" in method:
+        parts.append("QP relaxation skipped (too slow)")
+    elif "convex relaxation bound" in method:
         parts.append("QP-relaxation bound")
+    if "LP tangents" in method:
+        parts.append("LP-tangent bound")
     if "expert-level program" in method:
         parts.append("expert-level IP")
     return " + ".join(parts) or method[:40]

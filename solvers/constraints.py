@@ -908,6 +908,7 @@ def _explain_bounds(problem: "Problem", side: str) -> str:
 
     e.g. 'per-layer minimum 8 x 58 layers' or 'per-layer minimum 8 x 57 layers + must-keep 12 in layer 3'.
     """
+    allowed = problem.allowed_counts()
     groups: dict[tuple[str, int], list[int]] = {}
     for p, layer in enumerate(problem.layers):
         best_value, best_label = (
@@ -919,7 +920,18 @@ def _explain_bounds(problem: "Problem", side: str) -> str:
                 continue
             if (side == "lo" and value > best_value) or (side == "hi" and value < best_value):
                 best_value, best_label = value, _bound_label(c, problem, p, side)
-        groups.setdefault((best_label, best_value), []).append(layer.index)
+        ok = np.flatnonzero(allowed[p])
+        actual = int(ok.min() if side == "lo" else ok.max()) if ok.size else best_value
+        label = best_label
+        if actual != best_value:  # several constraints together (e.g. a minimum and a multiple)
+            others = [
+                c.describe(problem)
+                for c in problem.all_constraints
+                if c.count_allowed(problem, p) is not None or c.layer_rule(problem, p) is not None
+            ]
+            verb = "raised" if side == "lo" else "lowered"
+            label += f" {best_value} {verb} by {' and '.join(others)} to"
+        groups.setdefault((label, actual), []).append(layer.index)
     parts = []
     for (label, value), layers in sorted(groups.items(), key=lambda kv: -len(kv[1])):
         if len(layers) == 1:

@@ -110,6 +110,11 @@ class ExactSolver(Solver):
             return self._exact_curves(problem, curves)
         return self._heuristic_curves(problem, curves)
 
+    def _mip_fits(self, problem) -> bool:
+        """About 2,500 variables per second of limit: Qwen3-30B's coverage program (110k) fits a
+        60 s limit, Qwen3-235B's (216k) and Kimi-K2's (415k) do not (HiGHS would overrun)."""
+        return expert_program_size(problem) <= 2500 * self.time_limit
+
     def _mip_seconds(self) -> float:
         """HiGHS overruns its limit while loading and in the root LP of large programs: keep a margin."""
         return max(1.0, 0.8 * self.remaining() - 2.0)
@@ -136,7 +141,9 @@ class ExactSolver(Solver):
         names = problem.objective.names
         qp = "redundancy" in names and qp_seconds(problem) <= 0.7 * self.time_limit
         follow_up = qp or "coverage" in names
-        search_until = self.start + (0.3 if follow_up else 0.6) * self.time_limit
+        search_until = self.start + (0.2 if follow_up else 0.6) * self.time_limit
+        # the expert-level coverage program only pays off where HiGHS can finish its root LP
+        mip = "coverage" in names and _pairs_ok(problem) and self._mip_fits(problem)
         counts, _ = solve_counts(
             problem, [c.value for c in curves], max(self.remaining(), MIN_COUNT_SECONDS)
         )
@@ -158,7 +165,7 @@ class ExactSolver(Solver):
         value = sum(c.value[c.at(int(n))] for c, n in zip(curves, counts))
         if "coverage" in names:  # LP tangents near the chosen counts first, until the gap closes
             self._tighten_coverage_bounds(
-                problem, curves, counts, value, self.start + 0.6 * self.time_limit
+                problem, curves, counts, value, self.start + (0.6 if mip else 0.8) * self.time_limit
             )
         _, lb = solve_counts(
             problem, [c.bound for c in curves], max(self.remaining(), MIN_COUNT_SECONDS)
@@ -180,12 +187,7 @@ class ExactSolver(Solver):
                     f"; convex relaxation bound skipped (needs about {qp_seconds(problem):.0f} s, "
                     f"{self.remaining():.0f} s left)"
                 )
-        if (
-            "coverage" in names
-            and _pairs_ok(problem)
-            and not _close(value, bound)
-            and self.remaining() > 1.0
-        ):
+        if mip and not _close(value, bound) and self.remaining() > 1.0:
             masks, value, bound, status = self._improve_with_expert_program(
                 problem, masks, value, bound, info
             )
@@ -202,6 +204,7 @@ class ExactSolver(Solver):
             if term.name != "coverage":
                 continue
             best = {p: term.lower_bounds(layer) for p, layer in enumerate(problem.layers)}
+            rules = problem.layer_rules()
             for offset in (0, 1, -1, 2, -2, 4, -4, 8, -8, 16, -16):
                 for p, (layer, curve) in enumerate(zip(problem.layers, curves)):
                     n0 = int(counts[p]) + offset
@@ -209,7 +212,7 @@ class ExactSolver(Solver):
                         continue
                     if time.perf_counter() > until:
                         return
-                    raised = np.maximum(best[p], term.lp_lower_bounds(layer, [n0]))
+                    raised = np.maximum(best[p], term.lp_lower_bounds(layer, [n0], rules[p]))
                     # the bound is a weighted sum of term bounds: add only what this term gained
                     curve.bound = curve.bound + weight * (raised - best[p])[curve.counts]
                     best[p] = raised

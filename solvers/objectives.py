@@ -324,20 +324,22 @@ class Coverage(Term):
             r.size,
         )
 
-    def lp_lower_bounds(self, layer, at) -> np.ndarray:
+    def lp_lower_bounds(self, layer, at, rule=None) -> np.ndarray:
         """Per-count lower bounds (N+1,) from the layer's own facility-location LP, solved at the
-        kept counts `at`. The LP value is convex in the count, so each solve gives a tangent line
-        (value + dual of the count row times the distance) that lies below it at every count."""
+        kept counts `at`, obeying the layer's rule (must-keep/remove as bounds, equal counts per
+        routing group as rows). The LP value is convex in the count, so each solve gives a
+        tangent line (value + d value / d count times the distance) below it at every count."""
         from scipy.optimize import linprog
 
         e, k, cost_a, cost_u = self._assignment(layer)
-        n = cost_u.size
-        na = e.size
-        # variables: x (n), a (na), u (n)
+        n, na = cost_u.size, e.size
+        # variables: x (n), a (na), u (n); rows: assignment (n), then the count rows
+        groups = np.zeros(n, int) if rule is None or rule.groups is None else rule.groups
+        g = int(groups.max()) + 1
         cost = np.concatenate([np.zeros(n), cost_a, cost_u])
-        rows = np.concatenate([e, np.arange(n), np.full(n, n)])
+        rows = np.concatenate([e, np.arange(n), n + groups])
         cols = np.concatenate([n + np.arange(na), n + na + np.arange(n), np.arange(n)])
-        a_eq = sp.csr_matrix((np.ones(rows.size), (rows, cols)), shape=(n + 1, 2 * n + na))
+        a_eq = sp.csr_matrix((np.ones(rows.size), (rows, cols)), shape=(n + g, 2 * n + na))
         r = np.arange(na)
         a_ub = sp.csr_matrix(
             (
@@ -346,6 +348,10 @@ class Coverage(Term):
             ),
             shape=(na, 2 * n + na),
         )
+        lo = np.zeros(2 * n + na)
+        hi = np.ones(2 * n + na)
+        if rule is not None:
+            lo[:n], hi[:n] = rule.keep, ~rule.remove
         counts = np.arange(n + 1)
         out = np.full(n + 1, -np.inf)
         for n0 in sorted(set(int(a) for a in at)):
@@ -354,13 +360,13 @@ class Coverage(Term):
                 A_ub=a_ub,
                 b_ub=np.zeros(na),
                 A_eq=a_eq,
-                b_eq=np.concatenate([np.ones(n), [n0]]),
-                bounds=(0.0, 1.0),
+                b_eq=np.concatenate([np.ones(n), np.full(g, n0 / g)]),
+                bounds=np.stack([lo, hi], axis=1),
                 method="highs",
             )
             if res.status == 0:
-                slope = float(res.eqlin.marginals[-1])
-                # interior point round-off: step back a hair so the line stays below the LP
+                slope = float(res.eqlin.marginals[n:].sum()) / g  # every count row moves by 1/g
+                # solver round-off: step back a hair so the line stays below the LP
                 out = np.maximum(
                     out, res.fun + slope * (counts - n0) - 1e-9 * max(1.0, abs(res.fun))
                 )

@@ -166,6 +166,17 @@ def test_infeasible_messages_name_the_constraints():
         r"but the budget keeps 578",
     ):
         solve(_flat_problem(remove=2, constraints=[MultipleOf(4)]), "exact")
+    combined = Problem(
+        [Layer(i, np.ones(8), np.ones(8), 2) for i in range(2)],
+        Budget("remove", 12),
+        parse_objective("additive"),
+        [MinKept(3), MultipleOf(2)],
+    )
+    with pytest.raises(
+        InfeasibleError,
+        match=r"per-layer minimum 3 raised by .*multiple of 2.* to 4 x 2 layers = 8 kept",
+    ):
+        solve(combined, "dp")
     small = Problem(
         [Layer(layer, np.ones(8), np.ones(8), 2) for layer in range(3)],
         Budget("remove", 2),

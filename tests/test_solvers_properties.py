@@ -281,13 +281,17 @@ def test_lower_bounds_and_order_curves_against_enumeration(seed, objective):
     if problem.objective.order_exact:
         assert np.allclose(order_curve(problem, 0, counts).value, truth.value)
     for _, term in problem.objective.terms:
-        if term.name == "coverage":  # LP tangents, with few candidates so the fallback is used too
+        if term.name == "coverage":  # LP tangents: few candidates (fallback used), layer rules
             term.candidates = int(rng.integers(1, n + 1))
-            tangents = term.lp_lower_bounds(layer, rng.integers(0, n + 1, size=2))
-            exact_cov = enumerate_curve(
-                Problem([layer], Budget("remove", 1), parse_objective("coverage")), 0, counts
+            rules = [MustKeep({0: [int(rng.integers(n))]})] if rng.random() < 0.5 else []
+            if n % 2 == 0 and rng.random() < 0.5:
+                rules.append(RoutingGroups(2, 1))
+            ruled = Problem([layer], Budget("remove", 1), parse_objective("coverage"), rules)
+            tangents = term.lp_lower_bounds(
+                layer, rng.integers(0, n + 1, size=2), ruled.layer_rules()[0]
             )
-            assert np.all(tangents <= exact_cov.value + 1e-9 * np.maximum(1, exact_cov.value))
+            truth_cov = enumerate_curve(ruled, 0, counts).value  # inf where the rules allow no set
+            assert np.all(tangents <= truth_cov + 1e-9 * np.maximum(1, np.abs(truth_cov)))
 
 
 @settings(max_examples=10, **SETTINGS)

@@ -26,7 +26,7 @@ import torch
 ZOO_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(ZOO_DIR))
 sys.path.insert(0, str(ZOO_DIR.parents[1]))
-from zoo_configs import SEQ_LEN, ZOO  # noqa: E402
+from zoo_configs import SEQ_LEN, ZOO
 
 DOMAINS = ("prose", "python", "c")
 
@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup", type=int, default=50)
-    parser.add_argument("--aux-coef", type=float, default=0.01, help="load-balancing loss weight")
+    parser.add_argument("--aux-coef", type=float, default=None,
+                        help="load-balancing loss weight (default: the model's, see zoo_configs.py)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save-every-min", type=float, default=10.0)
@@ -165,9 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     spec = ZOO[args.name]
+    if args.aux_coef is None:
+        args.aux_coef = spec.aux_coef
     args.log_dir.mkdir(parents=True, exist_ok=True)
-    logf = open(args.log_dir / f"{args.name}.log", "a")
-    log(logf, f"== {args.name}: {spec.description}; budget {args.minutes} min")
+    logf = open(args.log_dir / f"{args.name}.log", "a")  # noqa: SIM115 - closed at the end of main
+    log(logf, f"== {args.name}: {spec.description}; budget {args.minutes} min; aux {args.aux_coef}")
 
     tokenizer = T.AutoTokenizer.from_pretrained(str(ZOO_DIR / "tokenizer"))
     streams = {d: train_tokens(tokenizer, args.data, d) for d in DOMAINS}

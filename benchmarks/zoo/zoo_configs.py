@@ -5,16 +5,16 @@ vocabulary and tied embeddings)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import transformers as T
 
 VOCAB = 4096
 SEQ_LEN = 256
-_COMMON = dict(vocab_size=VOCAB, max_position_embeddings=SEQ_LEN, tie_word_embeddings=True,
-               eos_token_id=0, bos_token_id=1, pad_token_id=2, rms_norm_eps=1e-6,
-               output_router_logits=False, use_cache=True)
+_COMMON = {"vocab_size": VOCAB, "max_position_embeddings": SEQ_LEN, "tie_word_embeddings": True,
+               "eos_token_id": 0, "bos_token_id": 1, "pad_token_id": 2, "rms_norm_eps": 1e-6,
+               "output_router_logits": False, "use_cache": True}
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,7 @@ class ZooModel:
     make_config: Callable[[], T.PretrainedConfig]
     router_score: str  # "softmax" or "sigmoid": how the load-balancing loss reads router logits
     description: str
+    aux_coef: float = 0.01  # load-balancing loss weight used by train.py unless --aux-coef is given
 
 
 def _qwen3moe_32x4() -> T.PretrainedConfig:
@@ -46,6 +47,22 @@ def _deepseekv3_16x2g() -> T.PretrainedConfig:
                               rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
 
 
+def _deepseekv3_16x4g() -> T.PretrainedConfig:
+    # The second DeepSeek-V3 model, after `deepseekv3-16x2g` failed the sensitivity acceptance
+    # (the shared expert and dense first layer carry most of the work): every layer is MoE and
+    # each token uses 4 routed experts (2 groups of 4 picked, then 4 experts), so the routed
+    # experts carry more of the output than the one shared expert. Its balancing loss is 10x
+    # weaker (0.001): with 0.01 the first model's usage was almost perfectly flat (H 0.99), so
+    # "least-used" meant nothing; DeepSeek-V3 itself uses only a tiny auxiliary loss.
+    return T.DeepseekV3Config(**_COMMON, hidden_size=192, num_hidden_layers=6, num_attention_heads=4,
+                              num_key_value_heads=4, intermediate_size=576, moe_intermediate_size=96,
+                              n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4,
+                              n_group=4, topk_group=2, first_k_dense_replace=0, norm_topk_prob=True,
+                              routed_scaling_factor=1.0, q_lora_rank=None, kv_lora_rank=64,
+                              qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=48, head_dim=16,
+                              rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+
+
 def _mixtral_8x2() -> T.PretrainedConfig:
     return T.MixtralConfig(**_COMMON, hidden_size=192, num_hidden_layers=6, num_attention_heads=4,
                            num_key_value_heads=2, head_dim=48, intermediate_size=192,
@@ -61,6 +78,9 @@ ZOO = {
         ZooModel("deepseekv3-16x2g", _deepseekv3_16x2g, "sigmoid",
                  "DeepSeek-V3 style: 16 routed experts top-2 with group routing (4 groups, 2 picked), "
                  "1 shared expert, dense first layer"),
+        ZooModel("deepseekv3-16x4g", _deepseekv3_16x4g, "sigmoid",
+                 "DeepSeek-V3 style: 16 routed experts top-4 with group routing (4 groups, 2 picked), "
+                 "1 shared expert, every layer MoE, weak balancing loss (0.001)", aux_coef=0.001),
         ZooModel("mixtral-8x2", _mixtral_8x2, "softmax",
                  "Mixtral style: 8 large experts, top-2, no shared expert"),
     )

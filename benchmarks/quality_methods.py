@@ -1,0 +1,368 @@
+"""The method table of the quality benchmark, and the loop that runs it on one model.
+
+A :class:`Method` is a named way to go from calibration scores to a pruned model: how the
+allocation problem is built (objective, importance criterion, cross-layer normalisation,
+constraints), which solver picks the experts, and how the plan is applied (``remove`` or
+``merge``). Variants that differ only in how they are applied share one plan.
+
+:func:`run_table` solves every method at every budget, applies each plan to a fresh copy of the
+unpruned model and hands it to an evaluation callback; the result is one :class:`Row` per
+(method, budget). It knows nothing about the zoo or the held-out files, so the smoke test runs it
+on a tiny random model in seconds.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from grape.api import SolveConfig, apply, build_problem
+from solvers.constraints import EntropyGuard
+from solvers.errors import UserError
+from solvers.plan import Plan
+from solvers.problem import Problem
+from solvers.scores import Scores
+from solvers.solve import solve
+
+# GRAPE's entropy guard: gamma is not given in the paper; 0.1 is the project's documented default
+ENTROPY_GAMMA = 0.1
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the method table."""
+
+    name: str
+    family: str  # "uniform" (same count per layer) | "global" (counts chosen across layers)
+    solver: str
+    objective: str = "additive"
+    criterion: str = "reap_mass"
+    normalize: str = "none"
+    entropy_gamma: float | None = None
+    apply: str = "remove"  # remove | merge
+    # "calibration": the cost curves in the scores file (block-output error); "measured": the
+    # end-to-end NLL increase of each layer pruned alone (measure_layer_curves)
+    curves: str = "calibration"
+    about: str = ""
+
+    @property
+    def plan_key(self) -> tuple:
+        """Methods with the same key share one plan (e.g. a remove and a merge variant)."""
+        return (self.solver, self.objective, self.criterion, self.normalize, self.entropy_gamma,
+                self.curves)
+
+    def solve_config(self, budget: float, time_limit: float) -> SolveConfig:
+        constraints = () if self.entropy_gamma is None else (EntropyGuard(self.entropy_gamma),)
+        return SolveConfig(budget=budget, objective=self.objective, solver=self.solver,
+                           time_limit=time_limit, criterion=self.criterion,
+                           normalize=self.normalize, constraints=constraints)
+
+    def describe(self) -> str:
+        parts = [f"solver `{self.solver}`", f"objective `{self.objective}`"]
+        if self.objective in ("additive", "coverage") or self.solver in ("ranking", "uniform"):
+            parts.append(f"importance `{self.criterion}`"
+                         + ("" if self.normalize == "none" else f" / `{self.normalize}`"))
+        if self.objective == "curves":
+            parts.append("curves: " + ("measured NLL per layer, experts in `reap` order"
+                                       if self.curves == "measured" else
+                                       "block-output error from calibration"))
+        if self.entropy_gamma is not None:
+            parts.append(f"entropy guard gamma {self.entropy_gamma:g}")
+        parts.append(f"apply `{self.apply}`")
+        return ", ".join(parts)
+
+
+def _merge(method: Method, about: str) -> Method:
+    return Method(**{**asdict(method), "name": method.name + "+merge", "apply": "merge",
+                     "about": about})
+
+
+UNIFORM_FREQUENCY = Method("uniform-frequency", "uniform", "uniform", criterion="frequency",
+                           about="same count per layer, drop the least-routed experts")
+UNIFORM_REAP = Method("uniform-reap", "uniform", "uniform", criterion="reap",
+                      about="REAP's protocol: same count per layer, rank by REAP saliency")
+GLOBAL_RANKING = Method("global-ranking", "global", "ranking",
+                        about="drop the globally least important experts (reap_mass)")
+GRAPE_ALG1 = Method("grape-alg1", "global", "grape", objective="redundancy",
+                    entropy_gamma=ENTROPY_GAMMA,
+                    about="GRAPE Algorithm 1 on CKA similarity, entropy freeze")
+EXACT_ADDITIVE = Method("exact-additive", "global", "exact",
+                        about="integer program: least removed reap_mass")
+EXACT_REDUNDANCY = Method("exact-redundancy", "global", "exact", objective="redundancy",
+                          entropy_gamma=ENTROPY_GAMMA,
+                          about="integer program: GRAPE Eq. 4-5 (least kept CKA) + entropy guard")
+EXACT_COVERAGE = Method("exact-coverage", "global", "exact", objective="coverage",
+                        about="integer program: removed reap_mass not covered by a similar kept expert")
+EXACT_CURVES = Method("exact-curves", "global", "exact", objective="curves",
+                      about="integer program over measured per-layer output-error curves")
+RELAXATION = Method("relaxation", "global", "relaxation", objective="redundancy",
+                    entropy_gamma=ENTROPY_GAMMA,
+                    about="convex relaxation of the redundancy program, rounded")
+
+# the comparison the issue asks for, in table order
+METHODS: tuple[Method, ...] = (
+    UNIFORM_FREQUENCY,
+    UNIFORM_REAP,
+    _merge(UNIFORM_REAP, "REAP's plan, each removed expert merged into its nearest kept expert "
+           "(weight cosine), frequency-weighted"),
+    GLOBAL_RANKING,
+    GRAPE_ALG1,
+    _merge(GRAPE_ALG1, "Algorithm 1's clusters merged, frequency-weighted"),
+    EXACT_ADDITIVE,
+    EXACT_REDUNDANCY,
+    EXACT_COVERAGE,
+    _merge(EXACT_COVERAGE, "coverage plan, each removed expert merged into the kept expert "
+           "covering it"),
+    EXACT_CURVES,
+    RELAXATION,
+)
+
+# improvement experiments: why (or whether) global allocation beats uniform REAP
+PROBES: tuple[Method, ...] = (
+    Method("global-ranking-reap", "global", "ranking", criterion="reap",
+           about="global ranking on raw REAP (a per-routed-token mean: not comparable across layers)"),
+    Method("global-ranking-frequency", "global", "ranking", criterion="frequency",
+           about="global ranking on routing frequency"),
+    Method("global-ranking-energy", "global", "ranking", normalize="layer_energy",
+           about="global ranking on reap_mass divided by the RMS of the layer's MoE output"),
+    Method("exact-additive-guarded", "global", "exact", entropy_gamma=0.01,
+           about="least removed reap_mass with a tight entropy guard (gamma 0.01)"),
+    Method("uniform-reap-mass", "uniform", "uniform",
+           about="same count per layer, rank by reap_mass (separates criterion from allocation)"),
+    Method("exact-measured", "global", "exact", objective="curves", criterion="reap",
+           curves="measured",
+           about="integer program over measured per-layer NLL curves (validation split), "
+                 "REAP's order within each layer"),
+)
+
+# a few methods rerun with single-domain calibration data
+CALIBRATION_DOMAIN_METHODS: tuple[Method, ...] = (
+    UNIFORM_FREQUENCY, UNIFORM_REAP, GLOBAL_RANKING, EXACT_COVERAGE, EXACT_CURVES,
+)
+
+
+def methods_by_name(names: Sequence[str]) -> list[Method]:
+    table = {m.name: m for m in (*METHODS, *PROBES)}
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise KeyError(f"unknown method(s) {unknown}; choose from {sorted(table)}")
+    return [table[n] for n in names]
+
+
+# -- running ------------------------------------------------------------------------------------
+@dataclass
+class Row:
+    """One pruned model: which method, what it kept, how long the solve took, what it scored."""
+
+    model: str
+    calibration: str
+    budget: float
+    method: str
+    family: str
+    apply: str
+    solver: str
+    status: str
+    removed: int
+    kept: dict[int, int]  # decoder layer -> experts kept
+    solve_seconds: float
+    objective: float | None
+    nll: dict[str, float]  # domain -> nats/token
+    nll_increase: dict[str, float]  # domain -> against the unpruned model, plus "mean"
+    tasks: dict[str, float] = field(default_factory=dict)  # lm-eval task -> acc
+    eval_seconds: float = 0.0
+    windows: dict[str, list[float]] = field(default_factory=dict)  # domain -> per-window NLL
+
+    @property
+    def mean_increase(self) -> float:
+        return self.nll_increase["mean"]
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["kept"] = {str(k): v for k, v in self.kept.items()}
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict) -> Row:
+        data = dict(data)
+        data["kept"] = {int(k): int(v) for k, v in data["kept"].items()}
+        return cls(**data)
+
+
+def _split(result) -> tuple[dict[str, float], dict[str, list[float]]]:
+    return result if isinstance(result, tuple) else (result, {})
+
+
+def paired_difference(a: Row, b: Row) -> tuple[float, float | None]:
+    """Mean NLL increase of `a` minus `b`, and its standard error from the per-window
+    differences (same windows for both; None without per-window values)."""
+    diff = a.mean_increase - b.mean_increase
+    domains = [d for d in a.windows if d in b.windows and len(a.windows[d]) == len(b.windows[d])]
+    if not domains or len(domains) != len(a.nll):
+        return diff, None
+    var = 0.0
+    for d in domains:
+        w = np.asarray(a.windows[d]) - np.asarray(b.windows[d])
+        if w.size < 2:
+            return diff, None
+        var += float(w.var(ddof=1)) / w.size
+    return diff, math.sqrt(var) / len(domains)
+
+
+def nll_increase(nll: dict[str, float], baseline: dict[str, float]) -> dict[str, float]:
+    out = {d: nll[d] - baseline[d] for d in baseline}
+    out["mean"] = sum(out.values()) / len(out)
+    return out
+
+
+LayerCurves = dict[int, np.ndarray]  # decoder layer -> (N+1,) cost of keeping n experts
+
+
+def plan_for(method: Method, scores: Scores, budget: float, time_limit: float,
+             measured: LayerCurves | None = None) -> Plan:
+    """Build the method's problem from the scores and solve it (the plan's `seconds` is the
+    solve time; problem building is a few milliseconds)."""
+    config = method.solve_config(budget, time_limit)
+    problem = build_problem(scores, config)
+    if method.curves == "measured":
+        if measured is None:
+            raise ValueError(f"{method.name} needs measured layer curves (measure_layer_curves)")
+        layers = [dataclasses.replace(layer, cost_curve=measured[layer.index])
+                  for layer in problem.layers]
+        problem = Problem(layers, problem.budget, problem.objective, problem.constraints,
+                          problem.model, {**problem.provenance, "cost_curve": "measured NLL"})
+    return solve(problem, solver=method.solver, time_limit=time_limit)
+
+
+def measure_layer_curves(
+    base, scores: Scores, evaluate: Evaluate, baseline_nll: dict[str, float],
+    fractions: Sequence[float] = (0.25, 0.5, 0.75), time_limit: float = 30.0,
+    log: Callable[[str], None] = print,
+) -> tuple[LayerCurves, list[dict]]:
+    """Each MoE layer pruned alone to each fraction (uniform REAP's experts in that layer) and
+    evaluated end to end. Returns per-layer curves of the mean NLL increase against the kept
+    count (:func:`interpolate_curve`) and the measurements themselves."""
+    points: dict[int, dict[int, float]] = {}
+    records = []
+    for fraction in fractions:
+        try:
+            plan = plan_for(UNIFORM_REAP, scores, fraction, time_limit)
+        except UserError as exc:  # e.g. routing groups forbid that many removals
+            log(f"  no single-layer measurement at {fraction:.0%}: {exc}")
+            continue
+        for layer in plan.layers:
+            if not plan.removed[layer]:
+                continue
+            single = single_layer_plan(plan, layer)
+            model = pruned_copy(base, single, UNIFORM_REAP, scores)
+            increase = nll_increase(_split(evaluate(model))[0], baseline_nll)["mean"]
+            del model
+            kept = len(plan.kept[layer])
+            points.setdefault(layer, {})[kept] = increase
+            records.append({"layer": layer, "fraction": fraction, "kept": kept,
+                            "removed": plan.removed[layer], "nll_increase": increase})
+            log(f"  layer {layer} alone keeps {kept}: mean dNLL {increase:+.4f}")
+    curves = {}
+    for layer, n in scores.model.experts_per_layer.items():
+        measured = {n: 0.0, **points.get(layer, {})}
+        curves[layer] = interpolate_curve(measured, n)
+    return curves, records
+
+
+def interpolate_curve(points: dict[int, float], n: int) -> np.ndarray:
+    """(n+1,) values through `points` (kept count -> cost): linear in between, made
+    non-increasing in the kept count (keeping more never costs more). Counts below the smallest
+    measured one are not extrapolated: they get a prohibitive price (twice the largest measured
+    cost plus one nat), so the solver goes there only when the budget forces it."""
+    xs = np.array(sorted(points), dtype=float)
+    ys = np.array([points[int(x)] for x in xs])
+    grid = np.arange(n + 1, dtype=float)
+    curve = np.interp(grid, xs, ys)
+    curve[grid < xs[0]] = 2.0 * max(float(ys.max()), 0.0) + 1.0
+    return np.maximum.accumulate(curve[::-1])[::-1]
+
+
+def single_layer_plan(plan: Plan, layer: int) -> Plan:
+    """`plan` restricted to one layer: every other layer keeps all its experts."""
+    return Plan(kept={l: plan.kept[l] if l == layer else sorted(plan.kept[l] + plan.removed[l])
+                      for l in plan.layers},
+                removed={l: plan.removed[l] if l == layer else [] for l in plan.layers},
+                solver="single-layer")
+
+
+def pruned_copy(base, plan: Plan, method: Method, scores: Scores):
+    """A deep copy of the unpruned model with the plan applied (merges are frequency-weighted)."""
+    model = copy.deepcopy(base)
+    quiet = logging.getLogger("grape.apply")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # the nearest-expert fallback warning is the intended merge
+    try:
+        apply(model, plan, method.apply, merge_weights=scores if method.apply == "merge" else None)
+    finally:
+        quiet.setLevel(level)
+    return model
+
+
+# model -> {domain: nll}, or ({domain: nll}, {domain: [per-window nll]}) for paired errors
+Evaluate = Callable[[object], dict[str, float] | tuple[dict[str, float], dict[str, list[float]]]]
+EvaluateTasks = Callable[[object], dict[str, float]]  # model -> {task: acc}
+
+
+def run_table(
+    base,
+    scores: Scores,
+    budgets: Sequence[float],
+    methods: Sequence[Method],
+    evaluate: Evaluate,
+    baseline_nll: dict[str, float],
+    *,
+    model_name: str = "model",
+    calibration: str = "mixed",
+    time_limit: float = 30.0,
+    measured: LayerCurves | None = None,
+    evaluate_tasks: EvaluateTasks | None = None,
+    tasks_for: Callable[[Method, float], bool] = lambda method, budget: False,
+    log: Callable[[str], None] = print,
+) -> list[Row]:
+    """Every method at every budget: solve, apply to a copy of `base`, evaluate."""
+    rows = []
+    for budget in budgets:
+        plans: dict[tuple, Plan] = {}
+        for method in methods:
+            if method.plan_key not in plans:
+                try:
+                    plans[method.plan_key] = plan_for(method, scores, budget, time_limit,
+                                                      measured)
+                except UserError as exc:  # the budget is out of this model's reach
+                    plans[method.plan_key] = None
+                    log(f"  {model_name} {budget:.0%} {method.name}: no plan ({exc})")
+            plan = plans[method.plan_key]
+            if plan is None:
+                continue
+            start = time.perf_counter()
+            model = pruned_copy(base, plan, method, scores)
+            nll, windows = _split(evaluate(model))
+            tasks = {}
+            if evaluate_tasks is not None and tasks_for(method, budget):
+                tasks = evaluate_tasks(model)
+            del model
+            row = Row(
+                model=model_name, calibration=calibration, budget=float(budget),
+                method=method.name, family=method.family, apply=method.apply,
+                solver=plan.solver, status=plan.status, removed=plan.num_removed,
+                kept=plan.kept_counts(), solve_seconds=plan.seconds,
+                objective=None if math.isnan(plan.objective) else plan.objective,
+                nll=nll, nll_increase=nll_increase(nll, baseline_nll), tasks=tasks,
+                eval_seconds=time.perf_counter() - start, windows=windows,
+            )
+            rows.append(row)
+            log(f"  {model_name} [{calibration}] {budget:.0%} {method.name:<26} "
+                f"mean dNLL {row.mean_increase:+.4f}  kept {list(row.kept.values())}  "
+                f"solve {row.solve_seconds:.2f}s")
+    return rows

@@ -1,0 +1,187 @@
+"""The quality benchmark's method table (benchmarks/quality_methods.py) on a tiny random model:
+every method solves, keeps the right number of experts, is applied as it says, and gives one
+result row per (method, budget); the report renders every row. Seconds on CPU."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import quality
+from quality_methods import (
+    CALIBRATION_DOMAIN_METHODS,
+    METHODS,
+    PROBES,
+    Row,
+    interpolate_curve,
+    measure_layer_curves,
+    methods_by_name,
+    paired_difference,
+    run_table,
+)
+from tiny_models import make_tiny
+
+from grape.calibrate import CalibrationConfig, calibrate
+
+BUDGETS = (0.25, 0.5)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = make_tiny("qwen3_moe")  # 3 MoE layers x 8 experts, top-2
+    g = torch.Generator().manual_seed(1)
+    calib = torch.randint(0, 128, (8, 24), generator=g)
+    config = CalibrationConfig(samples=8, seq_len=24, subsample=48, batch_size=4, progress=False)
+    scores = calibrate(model, calib, config)
+    held_out = {"a": torch.randint(0, 128, (2, 20), generator=g),
+                "b": torch.randint(0, 128, (2, 20), generator=g)}
+    return model, scores, held_out
+
+
+def nll_of(held_out):
+    @torch.no_grad()
+    def evaluate(model):
+        out, windows = {}, {}
+        for domain, ids in held_out.items():
+            logits = model(input_ids=ids).logits[:, :-1]
+            loss = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+            out[domain] = float(loss.mean())
+            windows[domain] = loss.mean(dim=1).tolist()
+        return out, windows
+
+    return evaluate
+
+
+@pytest.fixture(scope="module")
+def rows(tiny):
+    model, scores, held_out = tiny
+    evaluate = nll_of(held_out)
+    baseline, _ = evaluate(model)
+    task_calls = []
+
+    def tasks(m):
+        task_calls.append(1)
+        return {"toy_task": 0.5}
+
+    measured, records = measure_layer_curves(model, scores, evaluate, baseline, time_limit=10,
+                                             log=lambda msg: None)
+    assert sorted(measured) == [0, 1, 2] and len(records) == 3 * 3  # layers x fractions
+    out = run_table(model, scores, BUDGETS, [*METHODS, *PROBES], evaluate, baseline,
+                    model_name="tiny", time_limit=10, measured=measured, evaluate_tasks=tasks,
+                    tasks_for=lambda method, budget: method.name == "uniform-reap" and budget == 0.5,
+                    log=lambda msg: None)
+    return out, baseline, task_calls
+
+
+def test_every_method_and_budget_gives_one_row(rows):
+    out, _, _ = rows
+    names = [m.name for m in (*METHODS, *PROBES)]
+    assert [(r.method, r.budget) for r in out] == [(n, b) for b in BUDGETS for n in names]
+
+
+def test_every_plan_removes_the_budget_and_respects_the_router_floor(rows, tiny):
+    out, _, _ = rows
+    total = sum(tiny[1].model.experts_per_layer.values())  # 24
+    for r in out:
+        removed = round(r.budget * total)
+        assert r.removed == removed, r.method
+        assert sum(r.kept.values()) == total - removed, r.method
+        assert min(r.kept.values()) >= 2, r.method  # top_k of the tiny model
+        if r.family == "uniform":
+            assert max(r.kept.values()) - min(r.kept.values()) <= 1, r.method
+        assert r.solve_seconds >= 0 and r.status in ("optimal", "feasible", "time_limit")
+
+
+def test_rows_carry_finite_nll_increases_against_the_baseline(rows):
+    out, baseline, _ = rows
+    for r in out:
+        assert set(r.nll) == set(baseline)
+        for d in baseline:
+            assert math.isclose(r.nll_increase[d], r.nll[d] - baseline[d], abs_tol=1e-12)
+        assert math.isfinite(r.mean_increase)
+    # pruning half the experts of a random model changes its outputs
+    assert any(abs(r.mean_increase) > 1e-4 for r in out if r.budget == 0.5)
+
+
+def test_merge_variants_share_the_plan_but_change_the_weights(rows):
+    out, _, _ = rows
+    by = {(r.method, r.budget): r for r in out}
+    merged = [m for m in METHODS if m.apply == "merge"]
+    assert {m.name for m in merged} == {"uniform-reap+merge", "grape-alg1+merge",
+                                        "exact-coverage+merge"}
+    for m in merged:
+        for b in BUDGETS:
+            plain, merge = by[(m.name.replace("+merge", ""), b)], by[(m.name, b)]
+            assert merge.apply == "merge" and plain.apply == "remove"
+            assert merge.kept == plain.kept
+            assert merge.nll != plain.nll, f"{m.name} at {b}: merging changed nothing"
+
+
+def test_lm_eval_runs_only_where_asked(rows):
+    out, _, calls = rows
+    assert len(calls) == 1
+    assert [(r.method, r.budget) for r in out if r.tasks] == [("uniform-reap", 0.5)]
+
+
+def test_report_renders_every_row_and_states_a_verdict(rows, tmp_path):
+    out, baseline, _ = rows
+    model = {"name": "tiny", "model_type": "qwen3_moe",
+             "experts_per_layer": {"0": 8, "1": 8, "2": 8}, "top_k": {"0": 2, "1": 2, "2": 2},
+             "n_group": None, "baseline_nll": baseline, "baseline_tasks": {},
+             "rows": [r.to_json() for r in out], "sensitivity": []}
+    assert [Row.from_json(r) for r in model["rows"]] == out
+    data = {"command": "test", "date": "today", "machine": "cpu", "seconds": 1.0,
+            "settings": {"budgets": list(BUDGETS)}, "settings_text": [("mode", "test")],
+            "models": [model]}
+    text = quality.render_markdown(data)
+    for m in (*METHODS, *PROBES):
+        assert f"`{m.name}`" in text
+    table_rows = [line for line in text.splitlines() if line.startswith("| ") and "| `" in line
+                  and line.split("|")[1].strip().isdigit()]
+    assert len(table_rows) == len(out)
+    verdict = quality.verdicts(model, BUDGETS)
+    assert len(verdict) == 2 and all("uniform REAP" in v for v in verdict)
+    written = quality.plot(model, list(BUDGETS), tmp_path)
+    assert all(p.exists() and p.stat().st_size > 1000 for p in written)
+
+
+def test_method_names_are_unique_and_calibration_methods_are_in_the_table():
+    names = [m.name for m in (*METHODS, *PROBES)]
+    assert len(names) == len(set(names))
+    assert {m.name for m in CALIBRATION_DOMAIN_METHODS} <= set(names)
+    with pytest.raises(KeyError):
+        methods_by_name(["no-such-method"])
+
+
+def test_measured_curves_interpolate_and_never_rise_with_more_experts():
+    curve = interpolate_curve({8: 0.0, 6: 0.1, 4: 0.5, 3: 0.4}, 8)
+    assert curve.shape == (9,)
+    assert curve[8] == 0.0 and math.isclose(curve[6], 0.1) and math.isclose(curve[5], 0.3)
+    assert curve[3] == curve[4] == 0.5  # the dip at 3 is lifted: fewer experts never cost less
+    assert all(curve[n] >= curve[n + 1] for n in range(8))
+    assert curve[2] == curve[0] == 2.0  # below the last measured count: prohibitive, not a guess
+
+
+def test_paired_difference_uses_the_per_window_differences(rows):
+    out, _, _ = rows
+    a, b = out[0], out[1]
+    diff, se = paired_difference(a, b)
+    assert math.isclose(diff, a.mean_increase - b.mean_increase)
+    assert se is not None and se >= 0
+    assert paired_difference(a, a) == (0.0, 0.0)
+    # shifting every window of one domain by a constant moves the mean, not the error
+    shifted = Row.from_json({**a.to_json(), "windows": {d: [v + (0.3 if d == "a" else 0.0)
+                                                             for v in w]
+                                                         for d, w in a.windows.items()},
+                             "nll_increase": {**a.nll_increase,
+                                              "mean": a.mean_increase + 0.15}})
+    d2, se2 = paired_difference(shifted, a)
+    assert math.isclose(d2, 0.15) and math.isclose(se2, 0.0, abs_tol=1e-9)
