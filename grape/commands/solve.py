@@ -94,6 +94,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--solver",
         default="exact",
         choices=["exact", "greedy", "ranking", "grape", "marginal", "relaxation", "uniform", "dp"],
+        help="exact: OR-Tools optimum or bound+gap; greedy: the objective's greedy (ranking, "
+        "GRAPE Algorithm 1, marginal gain); relaxation: CVXPY bound + rounding; uniform: same "
+        "count per layer; dp: exact DP for layer curves (see docs/solvers.md)",
     )
     how.add_argument(
         "--time-limit",
