@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from tiny_models import make_tiny
+from tiny_models import make_tiny, make_tiny_tokenizer
 
 PROSE = [
     "The quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun.",
@@ -39,18 +39,7 @@ class Workspace:
 
 
 def make_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator(PROSE + CODE, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>")
+    return make_tiny_tokenizer(PROSE + CODE, vocab_size=300)
 
 
 def _save(model, tokenizer, path: Path) -> Path:

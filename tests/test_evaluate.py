@@ -24,7 +24,7 @@ from grape.evaluate import (
 )
 from grape.lmeval_tasks import LOCAL_TAG, build_local_tasks, run_lm_eval
 from solvers.errors import UserError
-from tests.tiny_models import make_tiny
+from tests.tiny_models import make_tiny, make_tiny_tokenizer
 
 PROSE = [
     ("The river ran past the old mill.\nChildren played on its banks every summer.\n"
@@ -47,18 +47,7 @@ DOCS = {"prose": PROSE, "code": CODE}
 @pytest.fixture(scope="module")
 def tokenizer():
     """A tiny byte-level BPE trained on the test documents, wrapped like the zoo's."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator(PROSE + CODE, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>")
+    return make_tiny_tokenizer(PROSE + CODE, vocab_size=400)
 
 
 def tiny(family: str, tokenizer, **overrides):

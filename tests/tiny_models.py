@@ -88,3 +88,19 @@ def make_tiny(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
 def tiny_input_ids(batch: int = 2, seq: int = 12, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, _COMMON["vocab_size"], (batch, seq), generator=g)
+
+
+def make_tiny_tokenizer(texts: list[str], vocab_size: int = 300):
+    """A tiny byte-level BPE trained on `texts`, wrapped like the zoo's (<pad>, <s>, </s>)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>")
