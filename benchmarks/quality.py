@@ -15,9 +15,10 @@ Then two studies on top:
 Writes benchmarks/results/quality.md, quality.json and quality_*.png (matplotlib, Agg).
 Calibration scores are cached in benchmarks/results/cache/ (git-ignored).
 
-    python benchmarks/quality.py                    # fast: <= ~15 min on 2 busy CPU cores
-    python benchmarks/quality.py --full             # more calibration, whole test split, lm-eval
-                                                    # on every row, more budgets (hours on CPU)
+    python benchmarks/quality.py                    # fast: whole test split, 2 budgets, lm-eval on
+                                                    # a few rows (~20 min on 2 CPU cores)
+    python benchmarks/quality.py --full             # more calibration, 4 budgets, lm-eval on every
+                                                    # row, whole validation split (hours on CPU)
     python benchmarks/quality.py --models qwen3moe-32x4 --no-lmeval
 """
 
@@ -58,7 +59,7 @@ from solvers.scores import Scores
 
 ZOO = ROOT / "benchmarks" / "zoo"
 RESULTS = ROOT / "benchmarks" / "results"
-ZOO_ORDER = ("qwen3moe-32x4", "deepseekv3-16x2g", "deepseekv3-16x4g", "mixtral-8x2")
+ZOO_ORDER = ("qwen3moe-32x4", "deepseekv3-32x4g", "mixtral-8x2")
 
 
 # -- settings -------------------------------------------------------------------------------------
@@ -69,17 +70,17 @@ class Settings:
     calib_samples: int = 64  # packed calibration sequences
     calib_seq_len: int = 256
     subsample: int = 256  # tokens per layer on which every expert runs (similarity, cost curves)
-    eval_tokens: int | None = 3072  # predicted tokens per domain (test split); None = all
+    eval_tokens: int | None = None  # predicted tokens per domain (test split); None = all
     eval_batch: int = 8
-    sensitivity_tokens: int | None = 3072  # per domain, validation split
+    sensitivity_tokens: int | None = 16384  # per domain, validation split
     time_limit: float = 20.0  # seconds per solve
     curve_fractions: tuple[float, ...] = (0.25, 0.5, 0.75)  # single-layer removals measured
     calibration_domain: str = "python"
     calibration_domain_budget: float = 0.5
     calibration_domain_all_models: bool = False  # False: the first model only
     lmeval: str = "some"  # none | some (first model, a few methods, 50%) | all
-    lmeval_examples: int = 25  # per domain and task kind
-    lmeval_kinds: tuple[str, ...] = ("nextline", "cloze")
+    lmeval_examples: int = 60  # per domain and task kind
+    lmeval_kinds: tuple[str, ...] = ("scramble", "nextline", "cloze")
     lmeval_methods: tuple[str, ...] = ("uniform-reap", "global-ranking", "exact-measured")
 
     def describe(self) -> list[tuple[str, str]]:
@@ -115,7 +116,7 @@ class Settings:
 FAST = Settings(mode="fast")
 FULL = Settings(
     mode="full", budgets=(0.125, 0.25, 0.375, 0.5), calib_samples=128, eval_tokens=None,
-    sensitivity_tokens=8192, time_limit=60.0, calibration_domain_all_models=True, lmeval="all",
+    sensitivity_tokens=None, time_limit=60.0, calibration_domain_all_models=True, lmeval="all",
     lmeval_examples=100, lmeval_kinds=("scramble", "nextline", "cloze"),
 )
 
@@ -177,31 +178,6 @@ def cached_scores(model, tokenizer, name: str, calibration: str, settings: Setti
     return scores
 
 
-def window_losses(model, windows, pad_id: int, device) -> tuple[list[float], list[int]]:
-    """Summed next-token NLL (float32 softmax) and predicted-token count of each window, as
-    grape.evaluate.window_nll computes them for the whole batch."""
-    import torch
-    import torch.nn.functional as F
-
-    width = max(len(w) for w in windows) - 1
-    ids = torch.full((len(windows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(windows), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(windows), width), dtype=torch.long)
-    for row, window in enumerate(windows):
-        n = len(window) - 1
-        ids[row, :n] = torch.tensor(window[:-1])
-        labels[row, :n] = torch.tensor(window[1:])
-        mask[row, :n] = 1
-    with torch.inference_mode():
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                       use_cache=False).logits.float()
-    labels = labels.to(logits.device)
-    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
-                           reduction="none").view(len(windows), width)
-    counts = (labels != -100).sum(dim=1)
-    return loss.double().sum(dim=1).tolist(), counts.tolist()
-
-
 class Evaluator:
     """NLL per domain on windows spread evenly over each domain's whole held-out stream, and
     (optionally) local lm-eval accuracy on tasks built from the same documents.
@@ -237,7 +213,7 @@ class Evaluator:
 
     def nll(self, model) -> tuple[dict[str, float], dict[str, list[float]]]:
         """Mean NLL per domain, and each window's mean NLL (for paired standard errors)."""
-        from grape.evaluate import input_device
+        from grape.evaluate import input_device, window_losses
 
         device = input_device(model)
         was_training = model.training

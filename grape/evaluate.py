@@ -386,10 +386,11 @@ def pack_windows(stream: Sequence[int], seq_len: int) -> list[list[int]]:
 
 
 @torch.inference_mode()
-def window_nll(model: torch.nn.Module, windows: Sequence[Sequence[int]], pad_id: int,
-               device: torch.device) -> tuple[float, int]:
-    """Summed next-token NLL (nats, float32 softmax) and predicted-token count of a batch of
-    windows, right-padded; padded positions are masked out of attention and of the loss."""
+def window_losses(model: torch.nn.Module, windows: Sequence[Sequence[int]], pad_id: int,
+                  device: torch.device) -> tuple[list[float], list[int]]:
+    """Summed next-token NLL (nats, float32 softmax) and predicted-token count of *each* window
+    of a batch, right-padded; padded positions are masked out of attention and of the loss.
+    Per-window sums let a benchmark pair windows across models (paired differences)."""
     width = max(len(w) for w in windows) - 1
     ids = torch.full((len(windows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(windows), width), _IGNORE, dtype=torch.long)
@@ -403,8 +404,16 @@ def window_nll(model: torch.nn.Module, windows: Sequence[Sequence[int]], pad_id:
     logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     labels = labels.to(logits.device)
     loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=_IGNORE,
-                           reduction="sum")
-    return float(loss.double()), int((labels != _IGNORE).sum())
+                           reduction="none").view(len(windows), width)
+    counts = (labels != _IGNORE).sum(dim=1)
+    return loss.double().sum(dim=1).tolist(), counts.tolist()
+
+
+def window_nll(model: torch.nn.Module, windows: Sequence[Sequence[int]], pad_id: int,
+               device: torch.device) -> tuple[float, int]:
+    """Summed next-token NLL and predicted-token count of a batch of windows (see window_losses)."""
+    losses, counts = window_losses(model, windows, pad_id, device)
+    return float(sum(losses)), int(sum(counts))
 
 
 def domain_nll(model: torch.nn.Module, tokenizer, docs: Documents, config: EvalConfig
@@ -494,5 +503,6 @@ __all__ = [
     "evaluate",
     "load_documents",
     "pack_windows",
+    "window_losses",
     "token_stream",
 ]

@@ -117,6 +117,27 @@ def test_non_uniform_checkpoint_reloads_exactly(family, tmp_path):
     torch.testing.assert_close(logits(remote), expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_half_precision_checkpoint_keeps_dtype_and_logits(family, dtype, tmp_path):
+    # loaded the way users get a half-precision model (buffers such as RoPE frequencies stay
+    # float32 there, unlike after model.to(dtype))
+    build(family).save_pretrained(tmp_path / "original")
+    model = T.AutoModelForCausalLM.from_pretrained(tmp_path / "original", dtype=dtype)
+    plan = non_uniform_plan(model, family)
+    apply_plan(model, plan)
+    assert all(p.dtype == dtype for p in model.parameters())
+    expected = logits(model)
+    assert torch.isfinite(expected.float()).all()
+    out = save_pruned(model, tmp_path / f"half_{family}")
+    loaded = load_pruned(out)
+    assert loaded.dtype == dtype
+    torch.testing.assert_close(logits(loaded), expected, rtol=0, atol=0)
+    remote = T.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype="auto")
+    assert remote.dtype == dtype
+    torch.testing.assert_close(logits(remote), expected, rtol=0, atol=0)
+
+
 def test_top_k_adjustment_survives_reload(tmp_path):
     model = build("mixtral")
     apply_plan(model, non_uniform_plan(model, "mixtral"))

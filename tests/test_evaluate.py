@@ -21,6 +21,8 @@ from grape.evaluate import (
     load_documents,
     pack_windows,
     token_stream,
+    window_losses,
+    window_nll,
 )
 from grape.lmeval_tasks import LOCAL_TAG, build_local_tasks, run_lm_eval
 from solvers.errors import UserError
@@ -143,6 +145,20 @@ def test_evaluation_is_deterministic_and_batch_independent(tokenizer, model):
     one = evaluate(model, tokenizer, DOCS, quiet(seq_len=16, batch_size=1))
     for domain, row in a["perplexity"]["domains"].items():
         assert one.domains[domain].nll == pytest.approx(row["nll"], abs=1e-5)
+
+
+def test_window_losses_are_per_window_and_padding_free(tokenizer, model):
+    stream, _ = token_stream(tokenizer, PROSE + CODE, None)
+    windows = pack_windows(stream, 16)[:3]
+    windows[-1] = windows[-1][:7]  # a short window gets right-padded in the batch
+    losses, counts = window_losses(model, windows, tokenizer.pad_token_id, torch.device("cpu"))
+    assert counts == [len(w) - 1 for w in windows]
+    for window, loss in zip(windows, losses):  # each alone, unpadded: the same sum
+        alone, n = window_nll(model, [window], tokenizer.pad_token_id, torch.device("cpu"))
+        assert n == len(window) - 1
+        assert loss == pytest.approx(alone, rel=1e-5)
+    total, n = window_nll(model, windows, tokenizer.pad_token_id, torch.device("cpu"))
+    assert (total, n) == (pytest.approx(sum(losses)), sum(counts))
 
 
 @settings(deadline=None, derandomize=True, max_examples=60)

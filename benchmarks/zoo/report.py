@@ -240,6 +240,19 @@ def render(results: dict) -> str:
         lines.append(f"| `{m['name']}` | {m['random_50_mean_increase']:+.3f} [{lo:+.3f}, {hi:+.3f}] "
                      f"({len(m['random_50'])} seeds) | {m['least_used_50']['mean_increase']:+.3f} | {ratio:.2f} | "
                      + "/".join(f"{inc[d]:+.2f}" for d in DOMAINS) + f" | {verdict} |")
+    retired = results.get("retired", {})
+    if retired:
+        lines += ["", "### Retired designs", "",
+                  "Trained, measured and dropped from the zoo because they failed the acceptance; "
+                  "their configurations stay in `zoo_configs.RETIRED` so they can be retrained. "
+                  "Figures as measured when they were retired.", "",
+                  "| model | design | trained | random 50% | least-used 50% | least-used / random | why retired |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, m in retired.items():
+            rand, least = m["random_50_mean_increase"], m["least_used_50"]["mean_increase"]
+            lines.append(f"| `{name}` | {m['description']} | {m['train']['minutes']:.0f} min, "
+                         f"{m['train']['tokens'] / 1e6:.2f} M tokens | {rand:+.3f} | {least:+.3f} | "
+                         f"{least / rand if rand > 0 else float('nan'):.2f} | {m['retired_because']} |")
     lines += ["", "### Expert specialisation by domain (validation text)", "",
               "Per MoE layer: spec = mean over experts of max_d P(domain | expert) with equal domain "
               f"weight (1/{len(DOMAINS)} = none, 1 = each expert serves one domain); MI = I(expert; domain) "
@@ -273,10 +286,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models-dir", type=Path, default=ZOO_DIR / "models")
     parser.add_argument("--results", type=Path, default=RESULTS, help="results JSON (read and updated)")
     parser.add_argument("--no-readme", action="store_true", help="do not touch README.md (smoke runs)")
+    parser.add_argument("--retire", nargs="*", default=[], metavar="NAME",
+                        help="move these models' figures to the 'Retired designs' table (after "
+                             "their weights are deleted); measures nothing")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     results = json.loads(args.results.read_text()) if args.results.exists() else {"models": {}}
+    if args.retire:
+        for name in args.retire:
+            if name not in results["models"]:
+                raise SystemExit(f"{name!r} has no measured figures in {args.results}; nothing to retire")
+            m = results["models"].pop(name)
+            failed = [f"random < {RANDOM_MIN_NATS}"] if not m["acceptance"]["random_ok"] else []
+            failed += [f"least-used / random > {LEAST_USED_MAX_RATIO}"] if not m["acceptance"]["least_used_ok"] else []
+            m["retired_because"] = "; ".join(failed) or "replaced"
+            results.setdefault("retired", {})[name] = m
+        args.readme_only = True
     if not args.readme_only:
         names = args.models if args.models is not None else \
             [n for n in ZOO if (args.models_dir / n / "model.safetensors").exists()]
@@ -290,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['least_used_50']['mean_increase']:+.3f} | {'pass' if r['acceptance']['pass'] else 'FAIL'}"
                   f" ({r['seconds']:.0f}s)", flush=True)
         results["generated"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    if not args.readme_only or args.retire:
         payload = json.dumps(results, indent=1) + "\n"
         atomic_write_text(args.results, payload)
         if args.results == RESULTS:

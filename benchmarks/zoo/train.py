@@ -26,7 +26,7 @@ import torch
 ZOO_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(ZOO_DIR))
 sys.path.insert(0, str(ZOO_DIR.parents[1]))
-from zoo_configs import SEQ_LEN, ZOO
+from zoo_configs import RETIRED, SEQ_LEN, ZOO
 
 DOMAINS = ("prose", "python", "c")
 
@@ -144,7 +144,7 @@ def lr_at(step: int, frac_time: float, peak: float, warmup: int, floor: float = 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("name", choices=sorted(ZOO))
+    parser.add_argument("name", choices=sorted(ZOO) + sorted(RETIRED))
     parser.add_argument("--minutes", type=float, default=30.0, help="wall-clock training budget")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    spec = ZOO[args.name]
+    spec = {**ZOO, **RETIRED}[args.name]
     if args.aux_coef is None:
         args.aux_coef = spec.aux_coef
     args.log_dir.mkdir(parents=True, exist_ok=True)
