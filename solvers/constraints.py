@@ -173,6 +173,14 @@ def _counts(plan: "Plan", problem: "Problem") -> np.ndarray:
     return np.array([len(plan.kept.get(layer.index, [])) for layer in problem.layers])
 
 
+class CountConstraint(Constraint):
+    """A constraint on the kept count of each layer alone: a plan is checked through
+    ``count_violations`` on its counts, so a subclass writes the rule once."""
+
+    def check(self, plan: "Plan", problem: "Problem") -> list[str]:
+        return self.count_violations(problem, _counts(plan, problem))
+
+
 # -- the budget ---------------------------------------------------------------------------------
 @register_constraint
 @dataclass(frozen=True)
@@ -316,7 +324,7 @@ class Budget(Constraint):
 # -- per-layer count constraints ---------------------------------------------------------------
 @register_constraint
 @dataclass(frozen=True)
-class MinKept(Constraint):
+class MinKept(CountConstraint):
     """Keep at least ``count`` experts in every layer (None: the layer's top_k, which the router needs)."""
 
     count: int | None = None
@@ -343,13 +351,11 @@ class MinKept(Constraint):
             if counts[p] < self.minimum(problem, p)
         ]
 
-    def check(self, plan, problem):
-        return self.count_violations(problem, _counts(plan, problem))
 
 
 @register_constraint
 @dataclass(frozen=True)
-class MaxRemovedFraction(Constraint):
+class MaxRemovedFraction(CountConstraint):
     """Remove at most ``fraction`` of the experts of any one layer (floor(fraction * N))."""
 
     fraction: float
@@ -383,13 +389,11 @@ class MaxRemovedFraction(Constraint):
                 )
         return out
 
-    def check(self, plan, problem):
-        return self.count_violations(problem, _counts(plan, problem))
 
 
 @register_constraint
 @dataclass(frozen=True)
-class MultipleOf(Constraint):
+class MultipleOf(CountConstraint):
     """Every layer keeps a multiple of ``g`` experts (kernel tiles, expert-parallel sharding)."""
 
     g: int
@@ -415,8 +419,6 @@ class MultipleOf(Constraint):
             if counts[p] % self.g
         ]
 
-    def check(self, plan, problem):
-        return self.count_violations(problem, _counts(plan, problem))
 
 
 @register_constraint
@@ -573,7 +575,7 @@ class MustRemove(_ExpertList):
 # -- global constraints ------------------------------------------------------------------------
 @register_constraint
 @dataclass(frozen=True)
-class Uniform(Constraint):
+class Uniform(CountConstraint):
     """Every layer keeps the same count: the checkpoint loads in vanilla transformers and vLLM."""
 
     name: ClassVar[str] = "uniform"
@@ -597,8 +599,6 @@ class Uniform(Constraint):
             return [f"uniform: kept counts differ across layers ({min(counts)} to {max(counts)})"]
         return []
 
-    def check(self, plan, problem):
-        return self.count_violations(problem, _counts(plan, problem))
 
     def precheck(self, problem, lo, hi):
         allowed = problem.allowed_counts()
@@ -624,7 +624,7 @@ class Uniform(Constraint):
 
 @register_constraint
 @dataclass(frozen=True)
-class EntropyGuard(Constraint):
+class EntropyGuard(CountConstraint):
     """GRAPE's safeguard: the entropy of the kept-count allocation p_l = n_l / K stays at least
     E_b = (1 - gamma) log L, i.e. sum_l n_l log n_l <= K (log K - E_b)."""
 
@@ -699,8 +699,6 @@ class EntropyGuard(Constraint):
             ]
         return []
 
-    def check(self, plan, problem):
-        return self.count_violations(problem, _counts(plan, problem))
 
     def precheck(self, problem, lo, hi):
         k = problem.budget.kept_total(problem)
