@@ -45,6 +45,7 @@ from solvers.plan import Plan
 PLAN_FILE = "grape_plan.json"
 PROVENANCE_FILE = "grape_provenance.json"
 MODELING_FILE = "modeling_grape_pruned.py"
+AUX_FILE = "grape_moe_aux.py"
 REMOTE_CLASS = "GrapePrunedForCausalLM"
 
 
@@ -136,6 +137,9 @@ def _write_modeling_file(target: Path, base_architecture: str, adapter) -> None:
         "__GRAPE_ROUTER_ATTR__", adapter.router_attr
     )
     atomic_write_text(target, text)
+    # the remote-code class imports the per-layer load-balancing loss from a sibling file
+    aux = resources.files("grape").joinpath("templates", AUX_FILE).read_text()
+    atomic_write_text(target.parent / AUX_FILE, aux)
 
 
 def _provenance(model: nn.Module, plan: Plan | None, non_uniform: bool, remote_code: bool) -> dict:
@@ -214,7 +218,9 @@ def load_pruned(path: str | os.PathLike, **from_pretrained_kwargs) -> nn.Module:
     model = pruned_class(base).from_pretrained(path, config=config, **from_pretrained_kwargs)
     # the subclass only shapes the layers at construction; afterwards the model is the stock class
     model.__class__ = base
-    get_adapter(model).mask_from_config()
+    adapter = get_adapter(model)
+    adapter.mask_from_config()
+    adapter.sync_runtime()
     plan_file = path / PLAN_FILE
     if plan_file.is_file():
         setattr(model, APPLIED_PLAN_ATTR, Plan.load(plan_file))

@@ -140,6 +140,10 @@ class MoEAdapter(ABC):
         """Write the current per-layer expert counts / top_k / masks into model.config (the
         stock keys when all layers agree, plus the PER_LAYER_* / MASKED_EXPERTS_KEY keys)."""
 
+    def sync_runtime(self) -> None:
+        """Make model-level state that transformers caches at construction (e.g. the expert
+        count the load-balancing loss reads) agree with the current layers. Default: nothing."""
+
     @abstractmethod
     def shrink_to_config(self) -> None:
         """On a freshly constructed model (possibly on the meta device), shrink each layer to

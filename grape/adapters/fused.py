@@ -24,6 +24,7 @@ from grape.adapters.base import (
     MoEAdapter,
 )
 from grape.errors import ArchitectureError
+from grape.templates.grape_moe_aux import install_uneven_aux_loss
 from solvers.scores import ModelIdentity
 
 
@@ -270,6 +271,22 @@ class FusedMoEAdapter(MoEAdapter):
                 setattr(self.config, key, value)
             elif hasattr(self.config, key):
                 delattr(self.config, key)
+        self.sync_runtime()
+
+    def sync_runtime(self) -> None:
+        """Make the causal-LM wrapper agree with its layers: the stock load-balancing loss reads
+        `num_experts` / `num_experts_per_tok` cached on the wrapper at construction, and cannot
+        handle layers of different sizes at all, so those get a per-layer loss instead
+        (templates/grape_moe_aux.py)."""
+        layers = sorted(self.moe_blocks())
+        counts = {self.num_experts(layer) for layer in layers}
+        top_ks = {int(self.router(layer).top_k) for layer in layers}
+        if hasattr(self.model, "num_experts"):
+            self.model.num_experts = max(counts)
+        if hasattr(self.model, "num_experts_per_tok"):
+            self.model.num_experts_per_tok = max(top_ks)
+        if len(counts) > 1 or len(top_ks) > 1:
+            install_uneven_aux_loss(self.model, self.router_attr)
 
     @torch.no_grad()
     def shrink_to_config(self) -> None:

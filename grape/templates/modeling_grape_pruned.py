@@ -13,6 +13,8 @@ import torch
 import transformers
 from torch import nn
 
+from .grape_moe_aux import install_uneven_aux_loss
+
 # filled in by GRAPE when the checkpoint is written
 BASE_ARCHITECTURE = "__GRAPE_BASE_ARCHITECTURE__"
 ROUTER_ATTR = "__GRAPE_ROUTER_ATTR__"
@@ -56,6 +58,8 @@ class GrapePrunedForCausalLM(_Base):
             router._grape_keep = keep
             router._grape_top_k = min(int(router.top_k), len(keep))
             router.forward = types.MethodType(_masked_router_forward, router)
+        if counts or top_ks:  # layers of different sizes: the stock balancing loss cannot cope
+            install_uneven_aux_loss(self, ROUTER_ATTR)
 
 
 def _masked_router_forward(self, hidden_states, *args, **kwargs):
