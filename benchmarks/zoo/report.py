@@ -250,9 +250,10 @@ def render(results: dict) -> str:
     retired = results.get("retired", {})
     if retired:
         lines += ["", "### Retired designs", "",
-                  "Trained, measured and dropped from the zoo because they failed the acceptance; "
-                  "their configurations stay in `zoo_configs.RETIRED` so they can be retrained. "
-                  "Figures as measured when they were retired.", "",
+                  "Trained, measured and dropped from the zoo: they failed the acceptance, or a "
+                  "design that passes more clearly replaced them. Retired configurations stay in "
+                  "`zoo_configs.RETIRED` (earlier training settings of a kept design: `train.py "
+                  "--aux-coef`). Figures as measured when they were retired.", "",
                   "| model | design | trained | random 50% | least-used 50% | least-used / random | why retired |",
                   "|---|---|---|---|---|---|---|"]
         for name, m in retired.items():
