@@ -141,6 +141,18 @@ class Constraint:
         """bool (N+1,) of allowed kept counts beyond the bounds, or None."""
         return None
 
+    def restrict_counts(self, problem: "Problem", p: int, allowed: np.ndarray) -> np.ndarray:
+        """`allowed` (bool (N+1,) over kept counts of layer p) with this constraint's bounds
+        and allowed counts applied, in place."""
+        bounds = self.count_bounds(problem, p)
+        if bounds is not None:
+            allowed[: bounds[0]] = False
+            allowed[bounds[1] + 1 :] = False
+        extra = self.count_allowed(problem, p)
+        if extra is not None:
+            allowed &= extra
+        return allowed
+
     def layer_rule(self, problem: "Problem", p: int) -> LayerRule | None:
         return None
 
@@ -940,14 +952,7 @@ def _explain_bounds(problem: "Problem", side: str) -> str:
 
 
 def _single_bound(c: Constraint, problem, p, side) -> int | None:
-    allowed = np.ones(problem.layers[p].num_experts + 1, bool)
-    bounds = c.count_bounds(problem, p)
-    if bounds is not None:
-        allowed[: bounds[0]] = False
-        allowed[bounds[1] + 1 :] = False
-    extra = c.count_allowed(problem, p)
-    if extra is not None:
-        allowed &= extra
+    allowed = c.restrict_counts(problem, p, np.ones(problem.layers[p].num_experts + 1, bool))
     rule = c.layer_rule(problem, p)
     if rule is not None:
         allowed &= rule.feasible_counts()

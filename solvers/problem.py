@@ -144,13 +144,7 @@ class Problem:
             for p, (layer, rule) in enumerate(zip(self.layers, self.layer_rules())):
                 ok = rule.feasible_counts()
                 for c in self.all_constraints:
-                    bounds = c.count_bounds(self, p)
-                    if bounds is not None:
-                        ok[: bounds[0]] = False
-                        ok[bounds[1] + 1 :] = False
-                    extra = c.count_allowed(self, p)
-                    if extra is not None:
-                        ok &= extra
+                    c.restrict_counts(self, p, ok)
                 out.append(ok)
             self.__dict__["_allowed"] = out
         return self.__dict__["_allowed"]

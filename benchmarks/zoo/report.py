@@ -201,6 +201,19 @@ def measure(name: str, max_tokens: int, seeds: list[int], models_dir: Path = ZOO
 
 
 # -- README (pure formatting from the JSON) ---------------------------------------------------
+def acceptance_failures(m: dict) -> list[str]:
+    """Which acceptance criteria a measured model fails, as short phrases ([] = pass)."""
+    failed = [f"random < {RANDOM_MIN_NATS}"] if not m["acceptance"]["random_ok"] else []
+    if not m["acceptance"]["least_used_ok"]:
+        failed.append(f"least-used / random > {LEAST_USED_MAX_RATIO}")
+    return failed
+
+
+def active_models(results: dict) -> list[dict]:
+    """Measured models of the current zoo, in zoo order."""
+    return [results["models"][n] for n in ZOO if n in results.get("models", {})]
+
+
 def sensitivity_table(models: list[dict]) -> list[str]:
     """The acceptance table (issue 5): random vs least-used 50% removal, one row per model."""
     lines = [("Mean over domains of the test-split NLL increase (nats/token) against the unpruned model. "
@@ -213,11 +226,7 @@ def sensitivity_table(models: list[dict]) -> list[str]:
         inc = m["least_used_50"]["increase"]
         ratio = m["least_used_50"]["mean_increase"] / m["random_50_mean_increase"] \
             if m["random_50_mean_increase"] > 0 else float("nan")
-        failed = []
-        if not m["acceptance"]["random_ok"]:
-            failed.append(f"random < {RANDOM_MIN_NATS}")
-        if not m["acceptance"]["least_used_ok"]:
-            failed.append(f"least-used / random > {LEAST_USED_MAX_RATIO}")
+        failed = acceptance_failures(m)
         verdict = "pass" if not failed else "FAIL (" + "; ".join(failed) + ")"
         lines.append(f"| `{m['name']}` | {m['random_50_mean_increase']:+.3f} [{lo:+.3f}, {hi:+.3f}] "
                      f"({len(m['random_50'])} seeds) | {m['least_used_50']['mean_increase']:+.3f} | {ratio:.2f} | "
@@ -226,7 +235,7 @@ def sensitivity_table(models: list[dict]) -> list[str]:
 
 
 def render(results: dict) -> str:
-    models = [results["models"][n] for n in ZOO if n in results.get("models", {})]
+    models = active_models(results)
     if not models:
         return "_No zoo model has been measured yet: run `python benchmarks/zoo/report.py`._\n"
     lines = [f"Measured by `benchmarks/zoo/report.py` at {results.get('generated', '?')}.", "",
@@ -278,7 +287,7 @@ def render(results: dict) -> str:
 
 def results_markdown(results: dict) -> str:
     """benchmarks/results/zoo.md: the acceptance table, marked for benchmarks/update_readme.py."""
-    models = [results["models"][n] for n in ZOO if n in results.get("models", {})]
+    models = active_models(results)
     return "\n".join([
         "# Zoo test-bed sensitivity", "",
         f"Written by `python benchmarks/zoo/report.py` at {results.get('generated', '?')}; the "
@@ -316,9 +325,7 @@ def main(argv: list[str] | None = None) -> int:
             if name not in results["models"]:
                 raise SystemExit(f"{name!r} has no measured figures in {args.results}; nothing to retire")
             m = results["models"].pop(name)
-            failed = [f"random < {RANDOM_MIN_NATS}"] if not m["acceptance"]["random_ok"] else []
-            failed += [f"least-used / random > {LEAST_USED_MAX_RATIO}"] if not m["acceptance"]["least_used_ok"] else []
-            m["retired_because"] = "; ".join(failed) or "replaced"
+            m["retired_because"] = "; ".join(acceptance_failures(m)) or "replaced"
             results.setdefault("retired", {})[name] = m
         args.readme_only = True
     if not args.readme_only:
