@@ -127,34 +127,33 @@ def _check_model_dir(path: str | os.PathLike) -> None:
 # -- the verbs ------------------------------------------------------------------------------
 def calibrate(
     model: nn.Module | str | os.PathLike,
-    data: CalibrationData | torch.Tensor | Sequence[Any] | str | os.PathLike,
+    data: CalibrationData | torch.Tensor | Mapping[str, Any] | Sequence[Any] | str | os.PathLike,
     config: CalibrationConfig | None = None,
     *,
     tokenizer: Any = None,
 ) -> Scores:
     """Measure `model` on calibration `data` and return its Scores.
 
-    `data` is a ``CalibrationData``, a 2-D tensor of input ids, or raw sources (text / JSONL
-    files, directories, a ``datasets.Dataset``, a list of strings), which are packed into
-    ``config.samples`` sequences of ``config.seq_len`` tokens with `tokenizer` (default: the one
-    in the model directory when `model` is a path)."""
-    import torch
-
-    from grape.calibrate import CalibrationConfig
+    `data` is a ``CalibrationData``, a 2-D tensor of input ids, a tokenizer's padded output
+    (``tok(texts, padding=True, return_tensors="pt")``; padded positions are not counted), or
+    raw sources (text / JSONL files, directories, a ``datasets.Dataset``, a list of strings),
+    which are packed into ``config.samples`` sequences of ``config.seq_len`` tokens with
+    `tokenizer` (default: the one in the model directory when `model` is a path)."""
+    from grape.calibrate import CalibrationConfig, is_tokenized
     from grape.calibrate import calibrate as _calibrate
-    from grape.data import CalibrationData, load_calibration_data
+    from grape.data import load_calibration_data
 
     config = config or CalibrationConfig()
     config.validate()
     model_path = None
     if isinstance(model, (str, os.PathLike)):
         model_path = Path(model)
-        if tokenizer is None and not isinstance(data, (CalibrationData, torch.Tensor)):
+        if tokenizer is None and not is_tokenized(data):
             tokenizer = load_tokenizer(model_path)
         from grape.commands.calibrate import load_model
 
         model = load_model(model_path)  # float32 on CPU; all GPUs and the checkpoint's dtype otherwise
-    if not isinstance(data, (CalibrationData, torch.Tensor)):
+    if not is_tokenized(data):
         if tokenizer is None:
             raise UserError("calibrate: raw text data needs a tokenizer; pass tokenizer=... or "
                             "pre-packed CalibrationData / input ids")
@@ -178,7 +177,10 @@ def check_budget(budget: str | float, total_experts: int) -> None:
     except ValueError:
         raise BudgetError(f"budget {text!r} is not a fraction (0.25), an expert count (64), "
                           "free:SIZE or keep:SIZE") from None
-    if not math.isfinite(number) or number < 0:
+    if not math.isfinite(number):
+        raise BudgetError(f"budget {text!r} is not a finite number; give a fraction in [0, 1) or a "
+                          f"count of experts to remove (0 .. {total_experts - 1})")
+    if number < 0:
         raise BudgetError(f"budget {text!r} is out of range: give a fraction in [0, 1) or a "
                           f"count of experts to remove (0 .. {total_experts - 1})")
     if number < 1 or (number == 1 and "." in text):

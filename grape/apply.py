@@ -51,10 +51,13 @@ class ApplyConfig:
     method: ``remove`` | ``merge`` | ``mask``.
     merge_weights: for ``merge``, the weight of each expert in the average: a Scores object
         (its token counts are used) or ``{layer: [w_0, ..., w_{N-1}]}``. None: equal weights.
+    allow_lower_top_k: accept a plan that keeps fewer experts than top_k in some layer, whose
+        top_k then drops to the kept count (a different routing); refused by default.
     """
 
     method: str = "remove"
     merge_weights: MergeWeights | None = None
+    allow_lower_top_k: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -70,7 +73,7 @@ def apply_plan(
     """Apply `plan` to `model` in place and return it (see the module docstring)."""
     config = method if isinstance(method, ApplyConfig) else ApplyConfig(method, merge_weights)
     adapter = get_adapter(model)
-    validate_plan(adapter, plan)
+    validate_plan(adapter, plan, allow_lower_top_k=config.allow_lower_top_k)
     METHODS[config.method](adapter, plan, config)
     setattr(model, APPLIED_PLAN_ATTR, plan)
     setattr(model, APPLIED_METHOD_ATTR, config.method)
@@ -78,7 +81,7 @@ def apply_plan(
 
 
 # -- validation -----------------------------------------------------------------------------
-def validate_plan(adapter: MoEAdapter, plan: Plan) -> None:
+def validate_plan(adapter: MoEAdapter, plan: Plan, allow_lower_top_k: bool = False) -> None:
     """Raise PlanError / ArchitectureError if `plan` cannot apply to the adapter's model."""
     identity = adapter.identity()
     moe_layers = identity.moe_layers
@@ -100,7 +103,21 @@ def validate_plan(adapter: MoEAdapter, plan: Plan) -> None:
             raise PlanError(f"layer {layer}: the plan keeps no expert; every MoE layer needs at least one")
     if plan.model:
         _check_plan_identity(plan.model, identity)
+    if not allow_lower_top_k:
+        check_top_k(plan, identity.top_k)
     adapter.check_kept(plan.kept)
+
+
+def check_top_k(plan: Plan, top_k: dict[int, int]) -> None:
+    """Refuse a plan that would silently lower a layer's top_k (see ApplyConfig)."""
+    below = plan.below_top_k(top_k)
+    if below:
+        layer, (kept, k) = next(iter(sorted(below.items())))
+        raise PlanError(
+            f"the plan keeps fewer experts than top_k in {len(below)} layer(s) (layer {layer}: "
+            f"{kept} kept, top_k {k}); applying it would lower top_k there to the kept count. "
+            "Pass --allow-lower-top-k (ApplyConfig(allow_lower_top_k=True)) to accept that, or "
+            "re-solve with --min-kept top_k")
 
 
 def _check_plan_identity(recorded: dict, identity: ModelIdentity) -> None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -245,15 +245,73 @@ def _input_device(model: nn.Module) -> torch.device:
     return torch.device("cpu") if weight.device.type == "meta" else weight.device
 
 
-def _as_input_ids(data: CalibrationData | torch.Tensor) -> tuple[torch.Tensor, dict]:
-    if isinstance(data, CalibrationData):
-        return data.input_ids, dict(data.provenance)
-    if isinstance(data, torch.Tensor) and data.dim() == 2 and not data.is_floating_point():
-        return data, {"sources": ["input_ids tensor"]}
-    raise DataError(
-        f"calibration data must be a CalibrationData (grape.data.load_calibration_data) "
-        f"or a 2-D integer tensor of input ids, got {type(data).__name__}"
+def is_tokenized(data) -> bool:
+    """True for data `calibrate` takes as it is (no packing): CalibrationData, an input-ids
+    tensor, or a tokenizer's output (a mapping / BatchEncoding holding `input_ids`)."""
+    return isinstance(data, (CalibrationData, torch.Tensor)) or (
+        isinstance(data, Mapping) and "input_ids" in data
     )
+
+
+def _int_matrix(value, name: str) -> torch.Tensor:
+    try:  # a tokenizer without return_tensors gives lists of lists
+        tensor = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+    except (TypeError, ValueError) as exc:
+        raise DataError(
+            f"calibration {name} must be a 2-D integer tensor (tokenize with padding=True, "
+            f"return_tensors='pt'): {exc}"
+        ) from None
+    if tensor.dim() != 2 or tensor.is_floating_point() or tensor.is_complex():
+        raise DataError(
+            f"calibration {name} must be a 2-D integer tensor (batch, seq), got "
+            f"{tensor.dtype} of shape {tuple(tensor.shape)}"
+        )
+    return tensor
+
+
+def _as_input_ids(
+    data: CalibrationData | torch.Tensor | Mapping,
+) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """(input_ids, attention_mask or None when every position is real, provenance)."""
+    if isinstance(data, CalibrationData):
+        return data.input_ids, None, dict(data.provenance)
+    if isinstance(data, torch.Tensor) and data.dim() == 2 and not data.is_floating_point():
+        return data, None, {"sources": ["input_ids tensor"]}
+    if isinstance(data, Mapping) and "input_ids" in data:
+        input_ids = _int_matrix(data["input_ids"], "input_ids")
+        mask = data.get("attention_mask")
+        if mask is None:
+            return input_ids, None, {"sources": ["input_ids tensor"]}
+        mask = _int_matrix(mask, "attention_mask")
+        return input_ids, _check_mask(mask, input_ids), {"sources": ["tokenized batch"]}
+    raise DataError(
+        f"calibration data must be a CalibrationData (grape.data.load_calibration_data), "
+        f"a 2-D integer tensor of input ids, or a tokenizer's output with input_ids (and "
+        f"attention_mask), got {type(data).__name__}"
+    )
+
+
+def _check_mask(mask: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor | None:
+    """The attention mask as bool, or None when it masks nothing (the unmasked forward is then
+    the exact same computation as for an input-ids tensor)."""
+    if mask.shape != input_ids.shape:
+        raise DataError(
+            f"calibration attention_mask has shape {tuple(mask.shape)} but input_ids has "
+            f"{tuple(input_ids.shape)}; pass the mask the tokenizer returned with the ids"
+        )
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise DataError("calibration attention_mask must hold only 0 (padding) and 1 (token)")
+    mask = mask.to(torch.bool)
+    if not bool(mask.any()):
+        raise DataError("calibration attention_mask marks no real token; pass non-empty texts")
+    return None if bool(mask.all()) else mask
+
+
+def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Each real token's position within its own sequence (cumsum - 1; 0 on padding). A forward
+    does not always derive these from the mask (generate does), and with left padding the
+    default 0..seq-1 would shift every real token's rotary position."""
+    return (mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool):
@@ -264,19 +322,32 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
 
 def calibrate(
     model: nn.Module,
-    data: CalibrationData | torch.Tensor,
+    data: CalibrationData | torch.Tensor | Mapping,
     config: CalibrationConfig | None = None,
     *,
     adapter: MoEAdapter | None = None,
 ) -> Scores:
-    """Measure `model` on `data` and return its Scores (carrying the model's identity)."""
+    """Measure `model` on `data` and return its Scores (carrying the model's identity).
+
+    `data`: packed CalibrationData, a (batch, seq) input-ids tensor, or a tokenizer's output
+    (``tokenizer(texts, padding=True, return_tensors="pt")``: a mapping with `input_ids` and
+    `attention_mask`). With a mask, the forward gets it plus position ids derived from it (so
+    left and right padding give the same results), and padded positions enter no statistic,
+    subsample or token count."""
     config = config or CalibrationConfig()
     config.validate()
     adapter = adapter or get_adapter(model)
-    input_ids, provenance = _as_input_ids(data)
+    input_ids, attention_mask, provenance = _as_input_ids(data)
+    # statistics count real tokens only: padded positions never reach any accumulator
+    tokens = int(input_ids.numel() if attention_mask is None else attention_mask.sum())
     with onloaded([adapter.router(layer) for layer in adapter.moe_blocks()]):
         identity = adapter.identity()
     batches = list(input_ids.split(config.batch_size))
+    masks = (
+        [None] * len(batches)
+        if attention_mask is None
+        else list(attention_mask.split(config.batch_size))
+    )
     sample_tokens = config.subsample if config.needs_subsample else 0
     was_training = model.training
     model.eval()
@@ -290,12 +361,21 @@ def calibrate(
     try:
         with torch.no_grad(), observer:
             device = _input_device(model)
-            for batch in _progress(batches, len(batches), "calibrating", config.progress):
-                model(input_ids=batch.to(device), use_cache=False, logits_to_keep=1)
+            for batch, mask in _progress(
+                zip(batches, masks), len(batches), "calibrating", config.progress
+            ):
+                observer.set_token_mask(mask)
+                model(
+                    input_ids=batch.to(device),
+                    use_cache=False,
+                    logits_to_keep=1,
+                    **_mask_kwargs(mask, device),
+                )
             observer.pause()
+            observer.set_token_mask(None)
             observations = observer.results()
             layers = {
-                layer: _layer_scores(adapter, layer, obs, config, input_ids.numel())
+                layer: _layer_scores(adapter, layer, obs, config, tokens)
                 for layer, obs in _progress(
                     observations.items(),
                     len(observations),
@@ -325,10 +405,20 @@ def calibrate(
     return Scores(
         model=identity,
         layers=layers,
-        tokens=int(input_ids.numel()),
+        tokens=tokens,
         calibration=calibration,
         created_by=f"grape {grape.__version__} calibrate",
     )
+
+
+def _mask_kwargs(mask: torch.Tensor | None, device: torch.device) -> dict:
+    """Forward arguments for a padded batch: the mask, and position ids derived from it."""
+    if mask is None:
+        return {}
+    return {
+        "attention_mask": mask.to(device=device, dtype=torch.long),
+        "position_ids": position_ids_from_mask(mask).to(device),
+    }
 
 
 def _layer_scores(

@@ -39,7 +39,8 @@ from grape.adapters import get_adapter
 from grape.adapters.base import MASKED_EXPERTS_KEY, PER_LAYER_EXPERTS_KEY
 from grape.apply import APPLIED_METHOD_ATTR, APPLIED_PLAN_ATTR
 from grape.errors import UserError
-from solvers._io import atomic_write_text
+from grape.outputs import check_not_input
+from solvers._io import atomic_write_text, give_default_mode
 from solvers.plan import Plan
 
 PLAN_FILE = "grape_plan.json"
@@ -60,12 +61,15 @@ def save_pruned(
     plan: Plan | None = None,
     tokenizer: Any = None,
     provenance: dict | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write `model` (already pruned with apply_plan) to directory `path`; returns the path.
 
     `plan` defaults to the plan apply_plan recorded on the model. `provenance` entries are
     merged over the ones derived from the plan (source model, scores fingerprint, objective,
-    solver, budget). An existing `path` is replaced.
+    solver, budget). An existing `path` is replaced as a whole when it is empty or a checkpoint
+    GRAPE wrote; any other existing directory only with `overwrite=True`. The model's own source
+    directory (or a folder inside or around it) is always refused.
     """
     adapter = get_adapter(model)
     plan = plan if plan is not None else getattr(model, APPLIED_PLAN_ATTR, None)
@@ -77,8 +81,10 @@ def save_pruned(
     base_architecture = _stock_class_name(model)
 
     final = Path(path)
+    _check_target(final, model, overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    give_default_mode(tmp)  # mkdtemp makes it 0700; the checkpoint gets what the umask allows
     saved_auto_map = getattr(config, "auto_map", None)
     try:
         if needs_remote_code:
@@ -95,6 +101,8 @@ def save_pruned(
         atomic_write_text(tmp / PROVENANCE_FILE, json.dumps(record, indent=2, default=str) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for written in tmp.rglob("*"):  # save_pretrained writes its shards through temp files too
+            give_default_mode(written)
         _replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -106,6 +114,21 @@ def save_pruned(
         else:
             config.auto_map = saved_auto_map
     return final
+
+
+def _check_target(final: Path, model: nn.Module, overwrite: bool) -> None:
+    """Refuse a target that would destroy data GRAPE did not write (see grape.outputs)."""
+    source = str(getattr(model.config, "_name_or_path", "") or "")
+    if source and Path(source).exists():
+        check_not_input(final, {"model": Path(source)}, "checkpoint path")
+    if not final.exists() or overwrite:
+        return
+    if not final.is_dir():
+        raise CheckpointError(f"{str(final)!r} exists and is not a directory; choose another output path")
+    if any(final.iterdir()) and not (final / PROVENANCE_FILE).is_file():
+        raise CheckpointError(f"{str(final)!r} is a non-empty directory that is not a GRAPE checkpoint; "
+                              "choose a new or empty directory, or pass overwrite=True (--overwrite) "
+                              "to replace it")
 
 
 def _stock_class_name(model: nn.Module) -> str:

@@ -5,6 +5,8 @@
     run(args) -> int                its work; exit status
 
 User errors (solvers.errors.UserError) print one line and exit 2, with no traceback.
+A verb that writes declares `OUTPUT` (grape.outputs.DirOutput / FileOutput): it gets
+--overwrite, and its --out is checked before it runs.
 Every verb also takes --recipe FILE, and writes its resolved options beside its outputs
 (grape/recipe.py).
 """
@@ -13,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from grape import recipe
+from grape.outputs import add_overwrite_argument
 from solvers.errors import UserError
 
 VERBS = ("calibrate", "solve", "apply", "eval", "compare", "inspect", "synth", "run")
@@ -49,10 +53,13 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             description=getattr(module, "DESCRIPTION", module.HELP),
             formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         )
+        output = getattr(module, "OUTPUT", None)  # grape.outputs.DirOutput / FileOutput
         if only is None or verb == only:
             module.add_arguments(p)
+            if output is not None:
+                add_overwrite_argument(p, output)
         recipe.add_recipe_argument(p)
-        p.set_defaults(_run=module.run)
+        p.set_defaults(_run=module.run, _output=output)
         parser.verb_parsers[verb] = p
     return parser
 
@@ -69,9 +76,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args = parser.parse_args(argv)
     try:
+        if args._output is not None:
+            args._output.check(args)  # a bad --out fails now, before any model or data is read
         status = int(args._run(args) or 0)
         if status == 0:
             recipe.write_resolved(args, args.verb)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler below, not at exit
         return status
     except UserError as exc:
         print(f"grape {args.verb}: error: {exc}", file=sys.stderr)
@@ -79,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"grape {args.verb}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`grape inspect ... | head`): stop quietly, as cat or grep do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

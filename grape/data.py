@@ -18,6 +18,7 @@ Sources:
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -83,35 +84,47 @@ def _split_blocks(text: str) -> list[str]:
     return [b for b in blocks if b.strip()]
 
 
+def read_utf8(path: Path) -> str:
+    """A text file's contents; a file that is not UTF-8 is a DataError naming the byte offset."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read calibration file {str(path)!r}: {exc.strerror}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"{path} is not UTF-8 text: byte {exc.start} (line {line}) is "
+                        f"0x{raw[exc.start]:02x}; convert the file to UTF-8 (e.g. iconv -t UTF-8) "
+                        "or leave it out") from None
+
+
 def _read_jsonl(path: Path, text_field: str) -> list[str]:
     docs = []
-    with open(path, encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(
-                    f"{path}:{lineno} is not valid JSON ({exc.msg}); each line of a "
-                    ".jsonl file must be one JSON object"
-                ) from exc
-            if not isinstance(record, dict) or text_field not in record:
-                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise DataError(
-                    f"{path}:{lineno} has no {text_field!r} field (it has {keys}); "
-                    "pass --text-field with the name of the field holding the text"
-                )
-            if record[text_field]:
-                docs.append(str(record[text_field]))
+    # split at \n only: str.splitlines would also cut at U+2028 inside a JSON string
+    for lineno, line in enumerate(read_utf8(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"{path}:{lineno} is not valid JSON ({exc.msg}); each line of a "
+                ".jsonl file must be one JSON object"
+            ) from exc
+        if not isinstance(record, dict) or text_field not in record:
+            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise DataError(
+                f"{path}:{lineno} has no {text_field!r} field (it has {keys}); "
+                "pass --text-field with the name of the field holding the text"
+            )
+        if record[text_field]:
+            docs.append(str(record[text_field]))
     return docs
 
 
 def _read_text(path: Path) -> list[str]:
-    try:
-        return _split_blocks(path.read_text(encoding="utf-8", errors="replace"))
-    except OSError as exc:
-        raise DataError(f"cannot read calibration file {str(path)!r}: {exc.strerror}") from exc
+    return _split_blocks(read_utf8(path))
 
 
 def _files_under(directory: Path) -> list[Path]:
@@ -227,6 +240,11 @@ def pack_documents(
         raise DataError(f"seq_len and samples must be at least 1 (got {seq_len}, {samples})")
     needed = seq_len * samples
     stream: list[int] = []
+    # read the first source before the progress bar starts: a file that cannot be read fails
+    # with its one-line error alone, not under a half-drawn bar
+    documents = iter(documents)
+    first = next(documents, None)
+    documents = itertools.chain([] if first is None else [first], documents)
     bar = _progress_bar(needed, progress)
     pending: list[str] = []
 

@@ -22,6 +22,11 @@ While an :class:`ExpertObserver` is active, the model is switched to it; for eac
 A forward hook on each MoE block adds the block output energy ||y(x)||^2 (shared experts
 included). Optionally the observer keeps a random subsample of each layer's input rows for the
 redundancy and cost-curve measurements of grape.calibrate.
+
+Padding. Every MoE block flattens its (batch, seq, hidden) input to batch*seq rows before the
+experts, in row-major order. :meth:`ExpertObserver.set_token_mask` takes the batch's attention
+mask flattened the same way; while it is set, padded rows enter no statistic, no output energy,
+no token count and no subsample (the model still computes them, unchanged).
 """
 
 from __future__ import annotations
@@ -82,6 +87,7 @@ def _observed_grouped_mm(
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
     state: "_LayerState",
+    real: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """transformers' `grouped_mm_experts_forward`, step for step, with the per-pair expert outputs
     handed to `state` before they are weighted. Same kernels and order, so the result is
@@ -116,7 +122,10 @@ def _observed_grouped_mm(
     if experts.has_post_expert_norm:
         proj = experts.post_expert_norm(proj)
     with torch.no_grad():
-        state.record(expert_ids_g, weights_g, proj)
+        # pair i of the sorted order belongs to token perm[i] // k
+        state.record(
+            expert_ids_g, weights_g, proj, None if real is None else real[perm // num_top_k]
+        )
     weighted = proj * weights_g.unsqueeze(-1)
     inv_perm = torch.empty_like(perm)
     inv_perm[perm] = torch.arange(perm.size(0), device=device)
@@ -149,10 +158,38 @@ class _LayerState:
     calls: int = 0
     samples: list[torch.Tensor] = field(default_factory=list)
     sampled: int = 0
+    token_mask: torch.Tensor | None = None  # (rows,) bool on the host: real tokens of this forward
+    _device_masks: dict = field(default_factory=dict)  # token_mask copied to each device once
+
+    def set_token_mask(self, mask: torch.Tensor | None) -> None:
+        self.token_mask = mask
+        self._device_masks = {}
+
+    def real_rows(self, rows: int, device: torch.device) -> torch.Tensor | None:
+        """The token mask on `device` (None: every row is real), checked against the row count
+        the block really flattened, so a family that lays out tokens otherwise fails loudly."""
+        if self.token_mask is None:
+            return None
+        if self.token_mask.numel() != rows:
+            raise ArchitectureError(
+                f"layer {self.layer}: the token mask has {self.token_mask.numel()} positions but "
+                f"the MoE block saw {rows} token rows; set a mask of batch*seq positions for "
+                "this forward (or None)"
+            )
+        if device not in self._device_masks:
+            self._device_masks[device] = self.token_mask.to(device, non_blocking=True)
+        return self._device_masks[device]
 
     def record(
-        self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, outputs: torch.Tensor
+        self,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        outputs: torch.Tensor,
+        real: torch.Tensor | None = None,
     ) -> None:
+        """Add routed pairs to the sums; `real` (bool per pair) drops padded ones. Masking by
+        `where` rather than indexing keeps shapes static (no host sync) and stops a padded
+        row's inf/nan from reaching a sum."""
         device = outputs.device
         if self.sums is None:
             self.sums = torch.zeros(
@@ -167,31 +204,41 @@ class _LayerState:
         values = torch.stack(
             [torch.ones_like(gate), gate, norm, gate_norm, gate_norm * gate_norm], dim=1
         )
+        if real is not None:
+            real = real.to(device)
+            values = torch.where(real[:, None], values, 0.0)
+            norm = torch.where(real, norm, 0.0)  # norms are >= 0: a 0 never raises the max
         self.sums.index_add_(0, expert, values)
         self.norm_max.scatter_reduce_(0, expert, norm, reduce="amax")
 
     def maybe_sample(self, hidden: torch.Tensor) -> None:
         """Keep `sample_per_call` random rows of this call's input, until the quota is met. The
         generator is seeded by the call number, so every layer samples the same token positions."""
-        want = min(self.sample_per_call, self.sample_quota - self.sampled, hidden.shape[0])
+        # candidates are the real rows (from the host-side mask: no device sync); without a
+        # mask every row, drawn exactly as before masks existed
+        candidates = None if self.token_mask is None else self.token_mask.nonzero().flatten()
+        available = hidden.shape[0] if candidates is None else candidates.numel()
+        want = min(self.sample_per_call, self.sample_quota - self.sampled, available)
         self.calls += 1
         if want <= 0:
             return
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.calls)
-        rows = torch.randperm(hidden.shape[0], generator=generator)[:want].sort().values
+        rows = torch.randperm(available, generator=generator)[:want]
+        rows = (rows if candidates is None else candidates[rows]).sort().values
         self.samples.append(hidden.detach()[rows.to(hidden.device)].clone())
         self.sampled += want
 
     def add_energy(self, output: torch.Tensor) -> None:
         rows = output.detach().reshape(-1, output.shape[-1])
-        energy = (
-            torch.linalg.vector_norm(rows, dim=-1, dtype=torch.float32)
-            .to(torch.float64)
-            .square()
-            .sum()
-        )
+        per_token = torch.linalg.vector_norm(rows, dim=-1, dtype=torch.float32).to(torch.float64)
+        real = self.real_rows(rows.shape[0], rows.device)
+        if real is not None:
+            per_token = torch.where(real, per_token, 0.0)
+        energy = per_token.square().sum()
         self.energy = energy if self.energy is None else self.energy + energy.to(self.energy.device)
-        self.energy_tokens += rows.shape[0]
+        self.energy_tokens += (
+            rows.shape[0] if self.token_mask is None else int(self.token_mask.sum())
+        )
 
 
 def _observed_experts_forward(
@@ -206,13 +253,17 @@ def _observed_experts_forward(
         return _original_forward(self)(self, hidden_states, top_k_index, top_k_weights)
     if not state.recording:
         return state.base(self, hidden_states, top_k_index, top_k_weights)
+    real = state.real_rows(hidden_states.shape[0], hidden_states.device)
     state.maybe_sample(hidden_states)
     if _uses_stock_grouped_mm(state, self):
-        return _observed_grouped_mm(self, hidden_states, top_k_index, top_k_weights, state)
+        return _observed_grouped_mm(self, hidden_states, top_k_index, top_k_weights, state, real)
+    tokens, k = top_k_index.shape
     with torch.no_grad():
         outputs = routed_expert_outputs(state.base, self, hidden_states, top_k_index, top_k_weights)
-        state.record(top_k_index, top_k_weights, outputs)
-    tokens, k = top_k_index.shape
+        # pairs are laid out token-major, k per token
+        state.record(
+            top_k_index, top_k_weights, outputs, None if real is None else real.repeat_interleave(k)
+        )
     # the built-in implementations' combination: weight in the promoted dtype, sum over k
     weighted = outputs.view(tokens, k, -1) * top_k_weights.unsqueeze(-1)
     return weighted.sum(dim=1).to(hidden_states.dtype)
@@ -263,6 +314,7 @@ class ExpertObserver:
         self._states: dict[int, _LayerState] = {}
         self._handles: list = []
         self._previous: dict | None = None
+        self._token_mask: torch.Tensor | None = None
 
     # -- installation ---------------------------------------------------------------------
     def _base_implementation(self, layer: int, experts: nn.Module) -> Callable:
@@ -300,6 +352,7 @@ class ExpertObserver:
                 seed=self.seed,
             )
             self._states[layer] = state
+            state.set_token_mask(self._token_mask)
             setattr(experts, _STATE_ATTR, state)
             self._handles.append(block.register_forward_hook(self._energy_hook(state)))
         self._previous = self.model.get_experts_implementation()
@@ -326,6 +379,16 @@ class ExpertObserver:
         return hook
 
     # -- control and results --------------------------------------------------------------
+    def set_token_mask(self, mask: torch.Tensor | None) -> None:
+        """Mark the real tokens of the next forwards: `mask` is the batch's attention mask
+        (batch, seq), 1/True for a real token, or None for "every token is real". Padded
+        positions then enter no statistic, energy, token count or subsample."""
+        if mask is not None:
+            mask = mask.detach().to("cpu", torch.bool).reshape(-1)
+        self._token_mask = mask
+        for state in self._states.values():
+            state.set_token_mask(mask)
+
     def pause(self) -> None:
         """Stop recording (the model keeps computing exactly as before), e.g. for extra calls."""
         for state in self._states.values():

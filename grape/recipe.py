@@ -45,7 +45,8 @@ from solvers.errors import UserError
 
 RECIPE_SUFFIXES = (".yaml", ".yml", ".toml", ".json")
 # argparse destinations that are not options of the run (set by grape.cli or the recipe itself)
-_INTERNAL = {"recipe", "verb"}
+# not settable from a recipe and not recorded: --overwrite must be asked for on each run
+_INTERNAL = {"recipe", "verb", "overwrite"}
 
 
 class RecipeError(UserError):

@@ -1,4 +1,5 @@
-"""Atomic file writes: nothing is ever half-written under the final name."""
+"""Atomic file writes: nothing is ever half-written under the final name, and what is written
+gets the permissions the umask allows (not the 0600 / 0700 of temporary files)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,20 @@ import os
 import tempfile
 from pathlib import Path
 from typing import IO, Iterator
+
+
+def umask() -> int:
+    """The process umask (os.umask can only be read by setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def give_default_mode(path: str | os.PathLike) -> None:
+    """The permissions a plain open() / mkdir() would have given: 0666 / 0777 less the umask.
+    Temporary files and folders (mkstemp, mkdtemp) are created 0600 / 0700."""
+    base = 0o777 if os.path.isdir(path) else 0o666
+    os.chmod(path, base & ~umask())
 
 
 @contextlib.contextmanager
@@ -20,6 +35,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+        give_default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -66,15 +66,36 @@ _UNITS = {
 }
 
 
+def parse_min_kept(text: str | int | None) -> int | str | None:
+    """The --min-kept value: 'top_k' (the router's k), 'none' (no floor) or a whole number >= 0."""
+    if text is None or isinstance(text, int) and not isinstance(text, bool):
+        if text is not None and text < 0:
+            raise UserError(f"--min-kept {text} must not be negative; give top_k, a number >= 0, or none")
+        return text
+    word = str(text).strip().lower()
+    if word in ("none", "top_k"):
+        return None if word == "none" else "top_k"
+    try:
+        value = int(word)
+    except ValueError:
+        raise UserError(f"--min-kept {text!r}: write top_k, a whole number >= 0, or none") from None
+    if value < 0:
+        raise UserError(f"--min-kept {value} must not be negative; give top_k, a number >= 0, or none")
+    return value
+
+
 def parse_bytes(text: str) -> float:
     """'40GB', '12.5 GiB', '1e9' -> bytes."""
     m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([a-zA-Z]*)\s*", str(text))
     if not m or m.group(2).lower() not in _UNITS:
         raise UserError(f"cannot read {text!r} as a size; write e.g. 40GB, 12.5GiB or 1e9")
     try:
-        return float(m.group(1)) * _UNITS[m.group(2).lower()]
+        value = float(m.group(1)) * _UNITS[m.group(2).lower()]
     except ValueError as exc:
         raise UserError(f"cannot read {text!r} as a size; write e.g. 40GB or 12.5GiB") from exc
+    if not math.isfinite(value) or value < 0:
+        raise UserError(f"size {text!r} must be a finite, non-negative number of bytes (e.g. 40GB)")
+    return value
 
 
 @dataclass
@@ -212,6 +233,8 @@ class Budget(Constraint):
     def __post_init__(self):
         if self.kind not in self.KINDS:
             raise UserError(f"budget kind {self.kind!r} is not one of {self.KINDS}")
+        if not math.isfinite(self.value):
+            raise UserError(f"budget {self.value} must be a finite number")
         if self.kind == "fraction" and not 0.0 <= self.value <= 1.0:
             raise UserError(f"budget fraction {self.value} must lie in [0, 1]")
         if self.value < 0:
@@ -233,6 +256,9 @@ class Budget(Constraint):
             raise UserError(
                 f"budget {text!r} is not a fraction (0.5), an expert count (64), free:SIZE or keep:SIZE"
             ) from exc
+        if not math.isfinite(number):
+            raise UserError(f"budget {text!r} is not a finite number; give a fraction (0.5), an "
+                            "expert count (64), free:SIZE or keep:SIZE")
         if 0.0 <= number < 1.0 or (number == 1.0 and "." in text):
             return cls("fraction", number)
         if number != int(number):
@@ -341,6 +367,12 @@ class MinKept(CountConstraint):
 
     count: int | None = None
     name: ClassVar[str] = "min_kept"
+
+    def __post_init__(self):
+        if self.count is not None and (isinstance(self.count, bool) or not isinstance(self.count, int)
+                                       or self.count < 0):
+            raise UserError(f"per-layer minimum kept {self.count!r} must be a whole number >= 0 "
+                            "(or top_k)")
 
     def minimum(self, problem, p) -> int:
         layer = problem.layers[p]

@@ -18,6 +18,7 @@ itself to the integer program (``add_to_model``). A plan's objective is always r
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
@@ -245,6 +246,8 @@ class Coverage(Term):
 
     def validate(self, problem):
         _need_similarity(self.name, problem)
+        if isinstance(self.candidates, bool) or not isinstance(self.candidates, int) or self.candidates < 1:
+            raise UserError(f"--coverage-candidates {self.candidates!r} must be a whole number >= 1")
 
     def to_json(self):
         return {"name": self.name, "candidates": self.candidates}
@@ -497,8 +500,8 @@ class Objective:
         if not self.terms:
             raise UserError("an objective needs at least one term")
         for w, t in self.terms:
-            if not w > 0:
-                raise UserError(f"objective weight {w} of {t.name} must be positive")
+            if not (isinstance(w, (int, float, np.number)) and math.isfinite(w) and w > 0):
+                raise UserError(f"objective weight {w!r} of {t.name} must be a finite positive number")
 
     @property
     def names(self) -> list[str]:
@@ -581,11 +584,24 @@ class CombinedState:
             s.add(e)
 
 
+def _weight(text: str | None, chunk: str) -> float:
+    if text is None:
+        return 1.0
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise UserError(f"objective term {chunk!r}: the weight must be a finite positive number, "
+                        "e.g. redundancy+0.5*additive")
+    return value
+
+
 def parse_objective(text: str) -> Objective:
     """'redundancy', 'redundancy+0.5*additive', 'coverage + 2*curves'."""
     terms = []
     for chunk in str(text).replace(" ", "").split("+"):
-        m = re.fullmatch(r"(?:([0-9.eE-]+)\*)?([a-z_]+)", chunk)
+        m = re.fullmatch(r"(?:([^*]+)\*)?([a-z_]+)", chunk)
         if not m:
             raise UserError(
                 f"cannot read objective term {chunk!r}; write e.g. redundancy+0.5*additive"
@@ -593,5 +609,5 @@ def parse_objective(text: str) -> Objective:
         name = {"layer_curves": "curves", "curve": "curves"}.get(m.group(2), m.group(2))
         if name not in TERMS:
             raise UserError(f"unknown objective {m.group(2)!r}; choose from {', '.join(TERMS)}")
-        terms.append((float(m.group(1)) if m.group(1) else 1.0, TERMS[name]()))
+        terms.append((_weight(m.group(1), chunk), TERMS[name]()))
     return Objective(terms)

@@ -20,12 +20,29 @@ import math
 import os
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from solvers._io import atomic_write_text
 from solvers.errors import PlanError
 
 FORMAT = "grape.plan"
 VERSION = 1
 STATUSES = ("optimal", "feasible", "time_limit")
+
+
+def _index(value, where: str) -> int:
+    """A layer or expert index: an int, or a string of one (JSON object keys are strings)."""
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise PlanError(f"plan `{where}`: {value!r} is not a whole-number index")
+    return int(value)
+
+
+def _indices(values, where: str) -> list[int]:
+    if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__iter__"):
+        raise PlanError(f"plan `{where}` must be a list of expert indices, got {type(values).__name__}")
+    return sorted(_index(v, where) for v in values)
 
 
 @dataclass
@@ -43,16 +60,26 @@ class Plan:
     provenance: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.kept = {int(k): sorted(int(e) for e in v) for k, v in self.kept.items()}
-        self.removed = {int(k): sorted(int(e) for e in v) for k, v in self.removed.items()}
+        for name in ("kept", "removed", "merge_map", "model", "provenance"):
+            if not isinstance(getattr(self, name), dict):
+                raise PlanError(f"plan `{name}` must be an object, got {type(getattr(self, name)).__name__}")
+        for name in ("objective", "bound", "gap", "seconds"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float, np.number))):
+                raise PlanError(f"plan `{name}` must be a number, got {value!r}")
+        self.kept = {_index(k, "kept"): _indices(v, f"kept[{k}]") for k, v in self.kept.items()}
+        self.removed = {_index(k, "removed"): _indices(v, f"removed[{k}]") for k, v in self.removed.items()}
         self.merge_map = {
-            int(k): {int(a): int(b) for a, b in v.items()} for k, v in self.merge_map.items()
+            _index(k, "merge_map"): {_index(a, "merge_map"): _index(b, "merge_map") for a, b in v.items()}
+            for k, v in self.merge_map.items()
         }
         if self.status not in STATUSES:
             raise PlanError(f"plan status {self.status!r} is not one of {STATUSES}")
         if sorted(self.kept) != sorted(self.removed):
             raise PlanError("plan `kept` and `removed` must list the same layers")
         for layer in self.kept:
+            if any(e < 0 for e in self.kept[layer] + self.removed[layer]):
+                raise PlanError(f"layer {layer}: expert indices must not be negative")
             overlap = set(self.kept[layer]) & set(self.removed[layer])
             if overlap:
                 raise PlanError(f"layer {layer}: experts {sorted(overlap)} are both kept and removed")
@@ -72,6 +99,12 @@ class Plan:
     @property
     def num_kept(self) -> int:
         return sum(len(v) for v in self.kept.values())
+
+    def below_top_k(self, top_k: dict[int, int]) -> dict[int, tuple[int, int]]:
+        """Layers keeping fewer experts than the router picks per token: {layer: (kept, top_k)}.
+        Applying such a plan lowers top_k there, which changes the model's routing."""
+        return {layer: (len(self.kept[layer]), int(top_k[layer])) for layer in self.layers
+                if layer in top_k and len(self.kept[layer]) < int(top_k[layer])}
 
     @property
     def is_uniform(self) -> bool:
@@ -131,9 +164,19 @@ class Plan:
     def load(cls, path: str | os.PathLike) -> "Plan":
         if not os.path.exists(path):
             raise PlanError(f"plan file {str(path)!r} does not exist; create one with `grape solve`")
+        if os.path.isdir(path):
+            raise PlanError(f"{str(path)!r} is a directory, not a plan file (JSON)")
         try:
-            with open(path) as handle:
+            with open(path, encoding="utf-8") as handle:
                 data = json.load(handle)
-        except json.JSONDecodeError as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise PlanError(f"plan file {str(path)!r} is not valid JSON: {exc}") from exc
-        return cls.from_json(data)
+        if not isinstance(data, dict):
+            raise PlanError(f"plan file {str(path)!r} holds a JSON {type(data).__name__}, not a plan object")
+        try:
+            return cls.from_json(data)
+        except PlanError as exc:
+            raise PlanError(f"plan file {str(path)!r}: {exc}") from exc
+        except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as exc:
+            raise PlanError(f"plan file {str(path)!r} is damaged ({type(exc).__name__}: {exc}); "
+                            "re-create it with `grape solve`") from exc

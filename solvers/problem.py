@@ -11,7 +11,7 @@ from functools import cached_property
 
 import numpy as np
 
-from solvers.constraints import Budget, Constraint, LayerRule, MinKept, RoutingGroups
+from solvers.constraints import Budget, Constraint, LayerRule, MinKept, RoutingGroups, parse_min_kept
 from solvers.errors import UserError
 from solvers.objectives import Objective, parse_objective
 from solvers.scores import Scores
@@ -183,6 +183,11 @@ def build_problem(
         budget = Budget.parse(str(budget))
     if isinstance(objective, str):
         objective = parse_objective(objective)
+    min_kept = parse_min_kept(min_kept)
+    if similarity_top_m is not None and (not isinstance(similarity_top_m, (int, np.integer))
+                                         or similarity_top_m < 1):
+        raise UserError(f"--similarity-top-m {similarity_top_m!r} must be a whole number >= 1 "
+                        "(neighbours kept per expert); leave it unset to keep all")
     importance = scores.importance(criterion, normalize)
     kinds = sorted({k for layer in scores.layers.values() for k in layer.similarity})
     if similarity == "auto":
@@ -205,7 +210,7 @@ def build_problem(
         )
     extra: list[Constraint] = []
     if min_kept is not None and not any(isinstance(c, MinKept) for c in constraints):
-        extra.append(MinKept(None if min_kept == "top_k" else int(min_kept)))
+        extra.append(MinKept(None if min_kept == "top_k" else min_kept))
     n_group = scores.model.n_group or 1
     if (routing_groups is True or (routing_groups == "auto" and n_group > 1)) and not any(
         isinstance(c, RoutingGroups) for c in constraints

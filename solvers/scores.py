@@ -60,6 +60,16 @@ class ModelIdentity:
     def moe_layers(self) -> list[int]:
         return sorted(self.experts_per_layer)
 
+    def validate(self) -> None:
+        """Counts that make sense: at least one MoE layer, N >= 1 experts, 1 <= top_k <= N."""
+        if not self.experts_per_layer:
+            raise ScoresError("the model identity lists no MoE layer")
+        for layer, n in self.experts_per_layer.items():
+            k = self.top_k.get(layer, 1)
+            if n < 1 or not 1 <= k <= n:
+                raise ScoresError(f"layer {layer}: {n} experts with top_k {k} is not a MoE layer "
+                                  "(need N >= 1 and 1 <= top_k <= N)")
+
     def to_json(self) -> dict:
         out = dataclasses.asdict(self)
         out["experts_per_layer"] = {str(k): v for k, v in self.experts_per_layer.items()}
@@ -100,6 +110,20 @@ class LayerScores:
     @property
     def num_experts(self) -> int:
         return int(self.expert_bytes.shape[0])
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception as one short line, for messages about a file that cannot be read."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _numeric(value, what: str) -> np.ndarray:
+    """`value` as a real-number array; a string, object or complex array is a ScoresError."""
+    arr = np.asarray(value)
+    if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise ScoresError(f"{what} has dtype {arr.dtype}; expected real numbers")
+    return arr
 
 
 # Per-expert criteria. Each takes (stats, tokens) and returns a float64 (N,) array >= 0.
@@ -187,6 +211,9 @@ class Scores:
 
     # -- validation ---------------------------------------------------------------------
     def validate(self) -> None:
+        self.model.validate()
+        if isinstance(self.tokens, bool) or not isinstance(self.tokens, (int, np.integer)) or self.tokens < 0:
+            raise ScoresError(f"`tokens` must be a whole number >= 0, got {self.tokens!r}")
         if sorted(self.layers) != self.model.moe_layers:
             raise ScoresError(
                 f"scores cover layers {sorted(self.layers)} but the model identity lists MoE "
@@ -197,7 +224,7 @@ class Scores:
             for name in STAT_NAMES:
                 if name not in layer.stats:
                     raise ScoresError(f"layer {idx}: statistic {name!r} is missing")
-                arr = np.asarray(layer.stats[name])
+                arr = _numeric(layer.stats[name], f"layer {idx}: statistic {name!r}")
                 if arr.shape != (n,):
                     raise ScoresError(f"layer {idx}: {name} has shape {arr.shape}, expected ({n},)")
                 if not np.all(np.isfinite(arr)):
@@ -209,15 +236,24 @@ class Scores:
                     )
                 if np.any(arr < 0):
                     raise ScoresError(f"layer {idx}: statistic {name!r} has negative values")
-            if layer.expert_bytes.shape != (n,):
-                raise ScoresError(f"layer {idx}: expert_bytes has shape {layer.expert_bytes.shape}")
+            sizes = _numeric(layer.expert_bytes, f"layer {idx}: expert_bytes")
+            if sizes.shape != (n,):
+                raise ScoresError(f"layer {idx}: expert_bytes has shape {sizes.shape}, expected ({n},)")
+            if not np.all(np.isfinite(sizes)) or np.any(sizes < 0):
+                raise ScoresError(f"layer {idx}: expert_bytes must be finite and >= 0 (sizes in bytes)")
+            energy = float(layer.output_energy)
+            if not (np.isfinite(energy) and energy >= 0):
+                raise ScoresError(f"layer {idx}: output_energy {energy} must be finite and >= 0")
             for kind, sim in layer.similarity.items():
+                sim = _numeric(sim, f"layer {idx}: similarity {kind!r}")
                 if sim.shape != (n, n) or not np.all(np.isfinite(sim)):
                     raise ScoresError(
                         f"layer {idx}: similarity {kind!r} must be a finite ({n}, {n}) matrix"
                     )
-            if layer.cost_curve is not None and layer.cost_curve.shape != (n + 1,):
-                raise ScoresError(f"layer {idx}: cost_curve must have shape ({n + 1},)")
+            if layer.cost_curve is not None:
+                curve = _numeric(layer.cost_curve, f"layer {idx}: cost_curve")
+                if curve.shape != (n + 1,) or not np.all(np.isfinite(curve)):
+                    raise ScoresError(f"layer {idx}: cost_curve must be a finite array of shape ({n + 1},)")
 
     # -- file round trip ----------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
@@ -248,21 +284,41 @@ class Scores:
     def load(cls, path: str | os.PathLike) -> "Scores":
         if not os.path.exists(path):
             raise ScoresError(f"scores file {str(path)!r} does not exist")
+        if os.path.isdir(path):
+            raise ScoresError(f"{str(path)!r} is a directory, not a scores file (.npz)")
         try:
             archive = np.load(path, allow_pickle=False)
             meta = json.loads(str(archive["__meta__"]))
         except Exception as exc:  # noqa: BLE001 - any parse failure means "not a scores file"
             raise ScoresError(
-                f"{str(path)!r} is not a GRAPE scores file ({exc}); create one with "
+                f"{str(path)!r} is not a GRAPE scores file ({_reason(exc)}); create one with "
                 "`grape calibrate` or `grape synth`"
             ) from exc
+        if not isinstance(meta, dict):
+            raise ScoresError(f"{str(path)!r} is not a GRAPE scores file (its metadata is not an object)")
+        try:
+            return cls._from_archive(path, archive, meta)
+        except ScoresError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a damaged or hand-edited file: say which
+            raise ScoresError(
+                f"{str(path)!r} is a damaged GRAPE scores file ({_reason(exc)}); re-create it with "
+                "`grape calibrate` or `grape synth`"
+            ) from exc
+
+    @classmethod
+    def _from_archive(cls, path, archive, meta: dict) -> "Scores":
         if meta.get("format") != FORMAT:
             raise ScoresError(f"{str(path)!r} is not a GRAPE scores file (format {meta.get('format')!r})")
-        if meta.get("version", 0) > VERSION:
+        if not isinstance(meta.get("version", 0), int) or meta.get("version", 0) > VERSION:
             raise ScoresError(
                 f"{str(path)!r} has scores format version {meta['version']}; this GRAPE reads up "
                 f"to {VERSION}. Upgrade GRAPE."
             )
+        for key in ("model", "tokens"):
+            if key not in meta:
+                raise ScoresError(f"{str(path)!r}: the metadata has no {key!r} entry; re-create the "
+                                  "file with `grape calibrate` or `grape synth`")
         model = ModelIdentity.from_json(meta["model"])
         layers = {}
         for idx in model.moe_layers:

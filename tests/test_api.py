@@ -80,6 +80,18 @@ def test_calibrate_from_a_model_path_uses_its_tokenizer(ws, scores):
         np.testing.assert_allclose(again.layers[layer].stats["count"], ls.stats["count"])
 
 
+def test_calibrate_takes_a_padded_tokenizer_output(ws):
+    """A tokenizer's padded batch is calibration data as it is (not raw text to pack); only its
+    real tokens count."""
+    tokenizer = grape.load_tokenizer(ws.model)
+    tokenizer.padding_side = "left"
+    batch = tokenizer(["def add(a, b):\n    return a + b", "The quick brown fox"], padding=True,
+                      return_tensors="pt")
+    assert int(batch["attention_mask"].sum()) < batch["input_ids"].numel()
+    scores = grape.calibrate(ws.model, batch, grape.CalibrationConfig(subsample=8, progress=False))
+    assert scores.tokens == int(batch["attention_mask"].sum())
+
+
 def test_no_hidden_state_between_calls(scores):
     config = SolveConfig(budget=0.25, objective="additive")
     first = grape.solve(scores, config)
@@ -110,8 +122,8 @@ def test_budgets_in_range(budget):
 
 
 @pytest.mark.parametrize("budget, needle", [
-    ("1.5", "out of range"), ("-1", "out of range"), ("-0.2", "out of range"), ("nan", "out of range"),
-    ("1.0", "every expert"), ("24", "only 24"), ("100", "only 24"), ("half", "not a fraction"),
+    ("1.5", "out of range"), ("-1", "out of range"), ("-0.2", "out of range"), ("nan", "not a finite number"),
+    ("1.0", "every expert"), ("24", "only 24"), ("100", "only 24"), ("half", "not a fraction"), ("inf", "not a finite"), ("1e400", "not a finite"),
 ])
 def test_budgets_out_of_range(budget, needle):
     with pytest.raises(BudgetError) as info:

@@ -18,6 +18,7 @@ from grape.calibrate import (
     calibrate,
     linear_cka,
     mean_output_cosine,
+    position_ids_from_mask,
 )
 from grape.errors import ArchitectureError, DataError
 from grape.observer import OBSERVER_IMPLEMENTATION, ExpertObserver
@@ -585,8 +586,125 @@ def test_grape_calibrate_command(tmp_path, capsys):
     short = (
         argv[:6]
         + [str(tmp_path / "x.npz")]
-        + ["--seq-len", "2048", "--samples", "4", "--no-progress"]
+        + ["--seq-len", "128", "--samples", "400", "--no-progress"]
     )
     assert main(short) == 2
     assert "too little calibration text" in capsys.readouterr().err
+    too_long = argv[:6] + [str(tmp_path / "x.npz"), "--seq-len", "2048", "--no-progress"]
+    assert main(too_long) == 2
+    assert "longer than the model's context" in capsys.readouterr().err
     assert not (tmp_path / "x.npz").exists()
+
+
+
+# -- padded batches -------------------------------------------------------------------------
+PAD_LENGTHS = (12, 7, 3, 9)  # 31 real tokens in a 4 x 12 batch: 17 padded positions
+# a subsample quota above the 48 positions: a padded row taken would show in the count
+PADDED = dict(subsample=64, progress=False)
+
+
+def _sequences(lengths=PAD_LENGTHS, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 128, (n,), generator=g) for n in lengths]
+
+
+def _pad(sequences, side: str, pad_id: int = 0) -> dict:
+    """A tokenizer's padded output: input_ids and attention_mask, padded on `side`."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(sequences):
+        span = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
+        ids[row, span], mask[row, span] = seq, 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _unpadded_reference(model, sequences):
+    """Token count and per-layer (stats, output energy) of the real tokens alone: every
+    sequence calibrated on its own, the sums added up."""
+    runs = [calibrate(model, s[None], CalibrationConfig(batch_size=1, **PADDED)) for s in sequences]
+    tokens = sum(run.tokens for run in runs)
+    layers = {}
+    for layer in runs[0].layers:
+        per_run = [run.layers[layer] for run in runs]
+        stats = {name: sum(ls.stats[name] for ls in per_run) for name in STAT_NAMES}
+        stats["norm_max"] = np.max([ls.stats["norm_max"] for ls in per_run], axis=0)
+        energy = sum(ls.output_energy * run.tokens for ls, run in zip(per_run, runs)) / tokens
+        layers[layer] = (stats, energy)
+    return tokens, layers
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
+def test_padded_positions_enter_no_statistic(family, side):
+    """A padded batch gives the statistics, output energy and token counts of its real tokens
+    alone, and its subsample takes no padded position."""
+    model = make_tiny(family)
+    sequences = _sequences()
+    real = sum(PAD_LENGTHS)
+    tokens, reference = _unpadded_reference(model, sequences)
+    scores = calibrate(model, _pad(sequences, side), CalibrationConfig(batch_size=4, **PADDED))
+    assert scores.tokens == tokens == real
+    assert set(scores.calibration["subsample_tokens"].values()) == {real}
+    for layer, ls in scores.layers.items():
+        stats, energy = reference[layer]
+        assert ls.stats["count"].sum() == real * get_adapter(model).top_k(layer)
+        for name in STAT_NAMES:
+            np.testing.assert_allclose(
+                ls.stats[name], stats[name], rtol=1e-5, atol=1e-6, err_msg=name
+            )
+        assert ls.output_energy == pytest.approx(energy, rel=1e-5)
+        assert np.isfinite(ls.cost_curve).all()
+
+
+def test_padded_subsample_rows_are_real_tokens():
+    """Through the observer: every sampled row is a real token's block input (as in the
+    unpadded forward), the padded ones are never taken, and the mask is checked per forward."""
+    model = make_tiny("deepseek_v3")
+    adapter = get_adapter(model)
+    sequences = _sequences()
+    real_inputs = [block_io(model, adapter, s[None])[0] for s in sequences]
+    batch = _pad(sequences, "left")
+    with torch.no_grad(), ExpertObserver(model, adapter, sample_tokens=100) as observer:
+        observer.set_token_mask(batch["attention_mask"])
+        model(**batch, position_ids=position_ids_from_mask(batch["attention_mask"]))
+        with pytest.raises(ArchitectureError, match="token mask has 48 positions"):
+            model(tiny_input_ids(1, 8))
+    for layer, obs in observer.results().items():
+        assert obs.tokens == sum(PAD_LENGTHS) and obs.samples.shape[0] == sum(PAD_LENGTHS)
+        rows = torch.cat([inputs[layer] for inputs in real_inputs])
+        distance = torch.cdist(obs.samples.double(), rows.double()).min(dim=1).values
+        assert distance.max() < 1e-4
+
+
+def test_position_ids_follow_the_mask():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]])
+    assert position_ids_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 2, 2]]
+
+
+def test_tokenizer_output_is_calibration_data():
+    """A real tokenizer's padded BatchEncoding (and plain lists) calibrate as the real tokens;
+    an unusable mask is a one-line DataError."""
+    from tests.tiny_models import make_tiny_tokenizer
+
+    texts = ["the cat sat on the mat", "a dog", "birds sing in the morning light today"]
+    tokenizer = make_tiny_tokenizer(texts * 5, vocab_size=260)
+    tokenizer.padding_side = "left"
+    model = make_tiny("qwen3_moe", vocab_size=len(tokenizer))
+    encoded = tokenizer(texts, padding=True, return_tensors="pt")
+    real = int(encoded["attention_mask"].sum())
+    assert real < encoded["input_ids"].numel()
+    config = CalibrationConfig(batch_size=2, subsample=16, progress=False)
+    scores = calibrate(model, encoded, config)
+    assert scores.tokens == real
+    as_lists = calibrate(model, dict(tokenizer(texts, padding=True)), config)
+    assert as_lists.tokens == real
+    for layer, ls in scores.layers.items():
+        np.testing.assert_allclose(as_lists.layers[layer].stats["count"], ls.stats["count"])
+    ids, mask = encoded["input_ids"], encoded["attention_mask"]
+    with pytest.raises(DataError, match="attention_mask has shape"):
+        calibrate(model, {"input_ids": ids, "attention_mask": mask[:, 1:]}, config)
+    with pytest.raises(DataError, match="marks no real token"):
+        calibrate(model, {"input_ids": ids, "attention_mask": torch.zeros_like(mask)}, config)
+    with pytest.raises(DataError, match="only 0 .padding. and 1"):
+        calibrate(model, {"input_ids": ids, "attention_mask": mask * 2}, config)

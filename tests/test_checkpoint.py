@@ -13,7 +13,8 @@ import transformers as T
 from tiny_models import FAMILIES, make_tiny, tiny_input_ids
 
 from grape.adapters import get_adapter
-from grape.apply import apply_plan
+from grape.apply import ApplyConfig
+from grape.apply import apply_plan as _apply_plan
 from grape.checkpoint import (
     MODELING_FILE,
     PLAN_FILE,
@@ -50,6 +51,12 @@ def plan_for(network, kept: dict[int, list[int]], **kwargs) -> Plan:
 
 def uniform_plan(network) -> Plan:
     return plan_for(network, {layer: [1, 2, 4, 7] for layer in get_adapter(network).moe_blocks()})
+
+
+def apply_plan(model, plan, method: str = "remove"):
+    """apply_plan accepting plans that lower top_k: non_uniform_plan keeps 1 expert in a layer on
+    purpose, so the per-layer top_k round trip is tested too."""
+    return _apply_plan(model, plan, ApplyConfig(method, allow_lower_top_k=True))
 
 
 def non_uniform_plan(network, family: str) -> Plan:
@@ -117,24 +124,34 @@ def test_non_uniform_checkpoint_reloads_exactly(family, tmp_path):
     torch.testing.assert_close(logits(remote), expected, rtol=0, atol=0)
 
 
+def param_dtypes(network) -> dict[str, torch.dtype]:
+    return {name: p.dtype for name, p in network.named_parameters()}
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_half_precision_checkpoint_keeps_dtype_and_logits(family, dtype, tmp_path):
     # loaded the way users get a half-precision model (buffers such as RoPE frequencies stay
     # float32 there, unlike after model.to(dtype))
     build(family).save_pretrained(tmp_path / "original")
     model = T.AutoModelForCausalLM.from_pretrained(tmp_path / "original", dtype=dtype)
+    # the reference is the unpruned model loaded the same way: transformers keeps some tensors
+    # in float32 on purpose (DeepSeek's router, `_keep_in_fp32_modules_strict`)
+    expected_dtypes = param_dtypes(model)
+    assert dtype in expected_dtypes.values()
     plan = non_uniform_plan(model, family)
     apply_plan(model, plan)
-    assert all(p.dtype == dtype for p in model.parameters())
+    assert param_dtypes(model) == expected_dtypes
     expected = logits(model)
     assert torch.isfinite(expected.float()).all()
     out = save_pruned(model, tmp_path / f"half_{family}")
     loaded = load_pruned(out)
     assert loaded.dtype == dtype
+    assert param_dtypes(loaded) == expected_dtypes
     torch.testing.assert_close(logits(loaded), expected, rtol=0, atol=0)
     remote = T.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype="auto")
     assert remote.dtype == dtype
+    assert param_dtypes(remote) == expected_dtypes
     torch.testing.assert_close(logits(remote), expected, rtol=0, atol=0)
 
 
@@ -252,3 +269,58 @@ def test_grape_apply_command(tmp_path, capsys):
     assert status == 2
     assert "same number of experts kept in each group" in capsys.readouterr().err
     assert not (tmp_path / "bad_out").exists()
+
+
+# -- identity independent of the load dtype -------------------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fingerprint_does_not_depend_on_the_load_dtype(family, tmp_path):
+    """A checkpoint has one fingerprint whichever dtype it is loaded in (the router tensors are
+    hashed as stored); a router changed after loading, or pruned, hashes from memory."""
+    model = build(family)
+    model.save_pretrained(tmp_path / "fp32")
+    expected = get_adapter(model).fingerprint()
+    # without the stored tensors a half-precision copy hashes differently: the test can fail
+    assert get_adapter(build(family).to(torch.bfloat16)).fingerprint() != expected
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        loaded = T.AutoModelForCausalLM.from_pretrained(tmp_path / "fp32", dtype=dtype)
+        assert get_adapter(loaded).fingerprint() == expected, dtype
+
+    changed = T.AutoModelForCausalLM.from_pretrained(tmp_path / "fp32", dtype=torch.bfloat16)
+    adapter = get_adapter(changed)
+    with torch.no_grad():
+        adapter.router(min(adapter.moe_blocks())).weight[0, 0] += 1.0
+    assert adapter.fingerprint() != expected
+    pruned = T.AutoModelForCausalLM.from_pretrained(tmp_path / "fp32")
+    apply_plan(pruned, uniform_plan(pruned))
+    in_memory = build(family)
+    apply_plan(in_memory, uniform_plan(in_memory))
+    assert get_adapter(pruned).fingerprint() == get_adapter(in_memory).fingerprint() != expected
+
+
+def test_fingerprint_reads_a_sharded_checkpoint(tmp_path):
+    model = build("qwen3_moe")
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    loaded = T.AutoModelForCausalLM.from_pretrained(tmp_path / "sharded", dtype=torch.bfloat16)
+    assert get_adapter(loaded).fingerprint() == get_adapter(model).fingerprint()
+
+
+def test_calibrate_in_bfloat16_then_apply_in_float32(tmp_path, capsys):
+    """`grape calibrate --dtype bfloat16`, `grape solve`, `grape apply --dtype float32` on the
+    same float32 checkpoint: the plan is recognised as this model's."""
+    from cli_workspace import make_workspace
+
+    ws = make_workspace(tmp_path / "ws")
+    scores, plan, out = tmp_path / "scores.npz", tmp_path / "plan.json", tmp_path / "pruned"
+    steps = [
+        ["calibrate", "--model", str(ws.model), "--data", str(ws.calibration), "--out", str(scores),
+         "--samples", "4", "--seq-len", "32", "--subsample", "32", "--dtype", "bfloat16",
+         "--device-map", "cpu", "--no-progress"],
+        ["solve", "--scores", str(scores), "--budget", "0.25", "--objective", "additive",
+         "--out", str(plan)],
+        ["apply", "--model", str(ws.model), "--plan", str(plan), "--dtype", "float32",
+         "--out", str(out)],
+    ]
+    for argv in steps:
+        assert grape_main(argv) == 0, (argv, capsys.readouterr().err)
+    assert load_pruned(out).dtype == torch.float32

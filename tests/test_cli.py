@@ -155,6 +155,7 @@ def test_run_in_process_with_a_recipe(ws, tmp_path):
     assert "budget: '0.25'" in resolved and "objective: additive" in resolved
 
 
+@pytest.mark.slow
 def test_every_verb_as_a_subprocess(ws, tmp_path):
     scores, plan, pruned = tmp_path / "scores.npz", tmp_path / "plan.json", tmp_path / "pruned"
     _grape("calibrate", "--model", ws.model, "--data", ws.calibration, "--out", scores, "--samples", "4",

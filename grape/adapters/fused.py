@@ -23,6 +23,7 @@ from grape.adapters.base import (
     PER_LAYER_TOP_K_KEY,
     MoEAdapter,
 )
+from grape.adapters.stored import matches_memory, read_stored
 from grape.errors import ArchitectureError
 from grape.templates.grape_moe_aux import install_uneven_aux_loss
 from solvers.scores import ModelIdentity
@@ -130,14 +131,42 @@ class FusedMoEAdapter(MoEAdapter):
         return _per_expert_tensors(self.router(layer), self.num_experts(layer))
 
     def fingerprint(self) -> str:
+        """A hash of every router tensor, in float32. The tensors come from the checkpoint the
+        model was loaded from when they still equal the in-memory ones (see
+        grape.adapters.stored), so the same checkpoint has one fingerprint whatever dtype it
+        was loaded in; otherwise (built in memory, changed since loading) from memory."""
+        tensors = {
+            (layer, name): tensor
+            for layer in sorted(self.moe_blocks())
+            for name, tensor in self.router_tensors(layer).items()
+        }
+        stored = self._stored_router_tensors(tensors)
         digest = hashlib.sha256()
         for layer in sorted(self.moe_blocks()):
             digest.update(f"layer{layer}".encode())
-            for name, tensor in sorted(self.router_tensors(layer).items()):
+            for name in sorted(name for at, name in tensors if at == layer):
+                source = (stored or tensors)[(layer, name)]
+                array = source.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
                 digest.update(name.encode())
-                array = tensor.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
                 digest.update(np.ascontiguousarray(array).tobytes())
         return digest.hexdigest()[:16]
+
+    def _stored_router_tensors(
+        self, tensors: dict[tuple[int, str], torch.Tensor]
+    ) -> dict[tuple[int, str], torch.Tensor] | None:
+        """The checkpoint's copies of `tensors`, or None unless every one is found and equal
+        to the in-memory tensor after the load's cast."""
+        module_names = {id(module): name for name, module in self.model.named_modules()}
+        full = {
+            key: f"{module_names.get(id(self.router(key[0])), '?')}.{key[1]}" for key in tensors
+        }
+        stored = read_stored(self.model, list(full.values()))
+        if stored is None:
+            return None
+        out = {key: stored[name] for key, name in full.items()}
+        if not all(matches_memory(out[key], tensors[key]) for key in tensors):
+            return None
+        return out
 
     def routing_groups(self) -> tuple[int | None, int | None]:
         """(n_group, topk_group) for group-limited routers, else (None, None)."""

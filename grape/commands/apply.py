@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from grape.outputs import DirOutput
+
+PROVENANCE_FILE = "grape_provenance.json"  # grape.checkpoint.PROVENANCE_FILE (no torch import here)
+
 HELP = "apply a plan to a model (remove / merge / mask experts) and save the checkpoint"
 DESCRIPTION = (
     "Load MODEL, apply PLAN with the chosen method and write a checkpoint to OUT. A plan keeping "
@@ -13,6 +17,8 @@ DESCRIPTION = (
 )
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+OUTPUT = DirOutput(signature=(PROVENANCE_FILE,), inputs=("model", "plan", "scores"), what="a checkpoint",
+                   replaces=True)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,13 +27,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=("remove", "merge", "mask"), default="remove",
                         help="remove: slice experts out; merge: fold removed experts into kept "
                         "ones, then remove; mask: keep weights, router never selects them")
-    parser.add_argument("--out", required=True, help="output checkpoint directory (replaced if it exists)")
+    parser.add_argument("--out", required=True, help="output checkpoint directory: new, empty, or a checkpoint grape wrote "
+                        "(replaced as a whole); never the model itself or a folder inside it")
     parser.add_argument("--scores", default=None,
                         help="scores file whose token counts weight the merge average (merge only)")
     parser.add_argument("--dtype", choices=DTYPES, default="auto",
                         help="dtype to load and save the weights in")
     parser.add_argument("--no-tokenizer", action="store_true",
                         help="do not copy the model's tokenizer into OUT")
+    parser.add_argument("--allow-lower-top-k", action="store_true",
+                        help="accept a plan keeping fewer experts than top_k in a layer (top_k "
+                        "there drops to the kept count); refused by default")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,10 +46,14 @@ def run(args: argparse.Namespace) -> int:
     from grape.apply import ApplyConfig, apply_plan
     from grape.checkpoint import load_pruned, save_pruned
     from grape.errors import PlanError
+    from grape.modelfiles import check_model_dir
     from solvers.plan import Plan
     from solvers.scores import Scores
 
+    # everything that needs no weights first: a bad plan or model directory fails in a second
+    model_config = check_model_dir(args.model)
     plan = Plan.load(args.plan)
+    precheck_plan(plan, model_config, args.allow_lower_top_k)
     if args.scores and args.method != "merge":
         raise PlanError("--scores only weights a merge; drop it or use --method merge")
     merge_weights = Scores.load(args.scores) if args.scores else None
@@ -52,18 +66,39 @@ def run(args: argparse.Namespace) -> int:
     if args.method == "merge" and not plan.merge_map:
         print("grape apply: the plan has no merge map; each removed expert is merged into the kept "
               "expert with the most similar weights (cosine)")
-    apply_plan(model, plan, ApplyConfig(args.method, merge_weights=merge_weights))
+    apply_plan(model, plan, ApplyConfig(args.method, merge_weights=merge_weights,
+                                        allow_lower_top_k=args.allow_lower_top_k))
     provenance = {"source_model": args.model, "plan_file": args.plan}
     if args.scores:
         provenance["merge_scores_file"] = args.scores
         provenance["merge_scores_fingerprint"] = merge_weights.fingerprint()
-    out = save_pruned(model, args.out, plan=plan, tokenizer=tokenizer, provenance=provenance)
+    out = save_pruned(model, args.out, plan=plan, tokenizer=tokenizer, provenance=provenance,
+                      overwrite=args.overwrite)
     kept, total = plan.num_kept, plan.num_kept + plan.num_removed
     layout = "standard (uniform)" if plan.is_uniform else "per-layer counts (non-uniform)"
     if args.method == "mask":
         layout = "all weights kept, routers masked"
     print(f"grape apply: {args.method}: kept {kept}/{total} experts; wrote {out} ({layout})")
     return 0
+
+
+def precheck_plan(plan, model_config: dict, allow_lower_top_k: bool) -> None:
+    """What config.json and the plan's recorded model identity can tell before any weights are
+    read: the same model family, and no layer left with fewer experts than its top_k."""
+    from grape.apply import check_top_k
+    from grape.errors import PlanError
+
+    recorded = plan.model or {}
+    planned_type, model_type = recorded.get("model_type"), model_config.get("model_type")
+    if planned_type and model_type and planned_type != model_type:
+        raise PlanError(f"the plan was made for a different model: a {planned_type} model, but --model "
+                        f"is a {model_type} model; make the plan from scores measured on this model")
+    try:
+        top_k = {int(k): int(v) for k, v in recorded.get("top_k", {}).items()}
+    except (TypeError, ValueError, AttributeError):
+        top_k = {}  # an unreadable identity is reported by apply_plan with the model at hand
+    if not allow_lower_top_k:
+        check_top_k(plan, top_k)
 
 
 def _tokenizer(path: str):

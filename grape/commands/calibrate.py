@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
-from grape.errors import DataError
+from grape.modelfiles import check_model_dir, parse_device_map, resolve_seq_len
+from grape.outputs import SCORES_FILE, FileOutput
 
 HELP = "measure per-expert statistics, expert similarity and layer cost curves; write a scores file"
 DESCRIPTION = (
@@ -16,6 +16,8 @@ DESCRIPTION = (
     "statistics from the model's real routing, expert similarity matrices and per-layer cost "
     "curves measured on a token subsample, and the model's identity. See docs/calibration.md."
 )
+
+OUTPUT = FileOutput(SCORES_FILE, inputs=("model", "tokenizer", "data"), what="scores file")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,7 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--text-field", default=d.text_field, help="JSONL field holding the text")
     parser.add_argument("--out", required=True, type=Path, help="scores file to write (.npz)")
-    parser.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per packed sequence")
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help=f"tokens per packed sequence; unset: {d.seq_len}, capped at the model's "
+                        "context (a longer explicit value is an error)")
     parser.add_argument("--samples", type=int, default=d.samples, help="packed sequences")
     parser.add_argument("--seed", type=int, default=d.seed, help="shuffle and subsample seed")
     parser.add_argument(
@@ -83,6 +87,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="accelerate device_map: 'auto' (all GPUs, else CPU), 'balanced', "
         "'cpu', 'cuda:0', or a JSON object mapping module names to devices",
     )
+    parser.add_argument("--offload-folder", default=None, metavar="DIR",
+                        help="folder for weights a --device-map puts on 'disk'")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -93,7 +99,7 @@ def config_from_args(args: argparse.Namespace):
         k.strip() for k in args.similarity.split(",") if k.strip() and k.strip() != "none"
     )
     return CalibrationConfig(
-        seq_len=args.seq_len,
+        seq_len=args.seq_len if args.seq_len is not None else CalibrationConfig().seq_len,
         samples=args.samples,
         seed=args.seed,
         text_field=args.text_field,
@@ -107,44 +113,47 @@ def config_from_args(args: argparse.Namespace):
     )
 
 
-def _device_map(spec: str):
+def _device_map(spec: str, offload_folder: str | None = None):
+    """The accelerate device_map for --device-map, every device checked ('auto' without a GPU
+    is the CPU)."""
     import torch
 
-    if spec.strip().startswith("{"):
-        try:
-            return json.loads(spec)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"--device-map {spec!r} is not valid JSON ({exc.msg})") from None
-    if spec == "auto":
-        return "auto" if torch.cuda.is_available() else "cpu"
-    return spec
+    placement = parse_device_map(spec, offload_folder)
+    if placement == "auto" and not torch.cuda.is_available():
+        return "cpu"
+    return placement
 
 
-def load_model(path: Path, device_map: str = "auto", dtype: str = "auto"):
+def load_model(path: Path, device_map: str = "auto", dtype: str = "auto",
+               offload_folder: str | None = None):
     """An eval-mode MoE model from a checkpoint directory (stock or GRAPE-pruned)."""
     import torch
 
     from grape.checkpoint import load_pruned
-    from grape.commands.eval import check_model_dir
 
     check_model_dir(path)
-    placement = _device_map(device_map)
+    placement = _device_map(device_map, offload_folder)
     on_cpu = placement == "cpu"
     torch_dtype = (
         (torch.float32 if on_cpu else "auto") if dtype == "auto" else getattr(torch, dtype)
     )
-    return load_pruned(path, dtype=torch_dtype, device_map=placement)
+    extra = {"offload_folder": offload_folder} if offload_folder else {}
+    return load_pruned(path, dtype=torch_dtype, device_map=placement, **extra)
 
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local files only
-    from grape.calibrate import calibrate
-    from grape.commands.eval import check_model_dir, load_tokenizer
+    from grape.calibrate import CalibrationConfig, calibrate
+    from grape.commands.eval import load_tokenizer
     from grape.data import load_calibration_data
 
+    # everything that needs no weights first: bad settings fail in a second
+    model_config = check_model_dir(args.model)
+    args.seq_len = resolve_seq_len(args.seq_len, CalibrationConfig().seq_len, model_config,
+                                   who="grape calibrate")
     config = config_from_args(args)
-    config.validate()  # bad settings fail before anything is loaded
-    check_model_dir(args.model)
+    config.validate()
+    _device_map(args.device_map, args.offload_folder)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     data = load_calibration_data(
         [str(p) for p in args.data],
@@ -155,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         text_field=config.text_field,
         progress=config.progress,
     )
-    model = load_model(args.model, args.device_map, args.dtype)
+    model = load_model(args.model, args.device_map, args.dtype, args.offload_folder)
     scores = calibrate(model, data, config)
     scores.calibration["model_path"] = str(args.model.resolve())
     scores.save(args.out)

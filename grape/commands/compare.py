@@ -10,6 +10,7 @@ import argparse
 import time
 from pathlib import Path
 
+from grape.outputs import DirOutput
 from solvers._io import atomic_write_text
 from solvers.errors import InfeasibleError, UserError
 
@@ -24,6 +25,7 @@ DESCRIPTION = (
 )
 ALL = "all"
 OBJECTIVES = ("additive", "redundancy", "coverage", "curves")
+OUTPUT = DirOutput(signature=("compare.json",), inputs=("scores",), what="a comparison folder")
 
 
 # -- flags shared with `grape run` (the same names as `grape solve`'s) -----------------------
@@ -81,26 +83,12 @@ def add_problem_arguments(parser: argparse.ArgumentParser, *, objective: str | N
                       help="placement for --memory-cap: expert e on rank e*D//N in every layer")
 
 
-def _min_kept(text: str) -> int | str | None:
-    text = str(text).strip().lower()
-    if text == "none":
-        return None
-    if text == "top_k":
-        return "top_k"
-    try:
-        value = int(text)
-    except ValueError:
-        raise UserError(f"--min-kept {text!r}: write top_k, a whole number, or none") from None
-    if value < 0:
-        raise UserError(f"--min-kept {value} must not be negative")
-    return value
-
-
 def solve_config(args: argparse.Namespace, scores, objective: str | None = None, solver: str = "exact"):
     """The grape.api.SolveConfig the problem flags describe (constraints built by `grape solve`'s
     own parser of them, which needs the scores for memory-cap placements)."""
     from grape.api import SolveConfig
     from grape.commands.solve import constraints_from_args
+    from solvers.constraints import parse_min_kept
 
     similarity = None if str(args.similarity).lower() == "none" else args.similarity
     return SolveConfig(
@@ -113,7 +101,7 @@ def solve_config(args: argparse.Namespace, scores, objective: str | None = None,
         similarity=similarity,
         similarity_top_m=args.similarity_top_m,
         coverage_candidates=args.coverage_candidates,
-        min_kept=_min_kept(args.min_kept),
+        min_kept=parse_min_kept(args.min_kept),
         routing_groups={"auto": "auto", "on": True, "off": False}[args.routing_groups],
         constraints=tuple(constraints_from_args(args, scores)),
     )

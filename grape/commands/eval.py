@@ -9,6 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from grape.errors import DataError
+from grape.outputs import DirOutput
 from solvers._io import atomic_write_text
 
 HELP = "evaluate a checkpoint: held-out NLL/perplexity per domain and lm-eval tasks"
@@ -19,6 +20,9 @@ DESCRIPTION = (
     "eval.md and eval_config.json into --out. See docs/evaluation.md."
 )
 RESULT_JSON, RESULT_MD, CONFIG_JSON = "eval.json", "eval.md", "eval_config.json"
+DEFAULT_SEQ_LEN = 256
+OUTPUT = DirOutput(signature=(CONFIG_JSON, RESULT_JSON), what="an evaluation folder",
+                   inputs=("model", "tokenizer", "data", "baseline", "task_path"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,7 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-fewshot", type=int, default=None, help="lm-eval few-shot count")
     parser.add_argument("--no-perplexity", action="store_true",
                         help="skip the NLL/perplexity pass (tasks only)")
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per window")
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help=f"tokens per window; unset: {DEFAULT_SEQ_LEN}, capped at the model's "
+                        "context (a longer explicit value is an error)")
     parser.add_argument("--max-tokens", type=int, default=65_536,
                         help="predicted tokens per domain (0 = all)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
@@ -86,13 +92,20 @@ def config_from_args(args: argparse.Namespace):
     )
 
 
-def check_model_dir(path: Path) -> None:
-    if not path.is_dir():
-        raise DataError(f"model directory {path} does not exist; pass a checkpoint directory "
-                        "written by `grape apply` or `save_pretrained`.")
-    if not (path / "config.json").is_file():
-        raise DataError(f"model directory {path} has no config.json; pass a checkpoint directory "
-                        "written by `grape apply` or `save_pretrained`.")
+def check_model_dir(path: Path) -> dict:
+    """config.json readable and the safetensors files intact (headers only); returns the config."""
+    from grape.modelfiles import check_model_dir as check
+
+    return check(Path(path))
+
+
+def check_device(device: str) -> None:
+    """--device names a device this machine has ('auto' and 'balanced' always do)."""
+    if device in ("auto", "balanced"):
+        return
+    from grape.modelfiles import check_device as check
+
+    check(device, "--device")
 
 
 def load_model(path: Path, device: str = "auto", dtype: str = "auto"):
@@ -139,6 +152,14 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub when loading files
     from grape.evaluate import EvalResult, default_heldout_files, evaluate, load_documents
 
+    from grape.modelfiles import resolve_seq_len
+
+    # everything that needs no weights first: bad settings fail in a second
+    model_config = check_model_dir(args.model)
+    if not args.no_perplexity:
+        args.seq_len = resolve_seq_len(args.seq_len, DEFAULT_SEQ_LEN, model_config, who="grape eval")
+    args.seq_len = args.seq_len or DEFAULT_SEQ_LEN
+    check_device(args.device)
     config = config_from_args(args)
     data = args.data if args.data else default_heldout_files(args.split)
     docs = load_documents(data)  # bad data fails before the model is loaded
@@ -147,7 +168,6 @@ def run(args: argparse.Namespace) -> int:
         if not Path(p).exists():
             raise DataError(f"lm-eval task path {p} does not exist; pass a directory holding "
                             "lm-eval task YAML files.")
-    check_model_dir(args.model)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     model = load_model(args.model, args.device, args.dtype)
     resolved = {"model": str(args.model.resolve()),

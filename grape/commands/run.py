@@ -10,6 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from grape.errors import DataError
+from grape.outputs import DirOutput
 from solvers.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -20,6 +21,10 @@ DEFAULT_CALIBRATION = REPO / "benchmarks" / "zoo" / "heldout" / "calibration.jso
 # model (a few minutes on a 2-core CPU), larger on a model of your own
 SMALL = {"samples": 32, "seq_len": 256, "subsample": 256, "eval_tokens": 8192, "eval_seq_len": 256}
 LARGE = {"samples": 256, "seq_len": 2048, "subsample": 512, "eval_tokens": 65536, "eval_seq_len": 1024}
+
+# checked by the CLI when --out is given, and by run() once the default is resolved
+OUTPUT = DirOutput(signature=("summary.json", "run.recipe.yaml"), what="a run folder",
+                   inputs=("model", "tokenizer", "data", "eval_data", "scores"))
 
 MASK_NOTE = ("method `mask` keeps every weight (the routers skip the removed experts), so no smaller "
              "checkpoint was written; use `--method remove` for one")
@@ -82,6 +87,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="remove: slice experts out; merge: fold removed experts into kept ones "
                     "(weighted by calibration counts); mask: keep weights, never route to them")
     ap.add_argument("--no-save", action="store_true", help="do not write the pruned checkpoint")
+    ap.add_argument("--allow-lower-top-k", action="store_true",
+                    help="accept plans keeping fewer experts than top_k in a layer (top_k there "
+                    "drops to the kept count); refused by default")
 
     ev = parser.add_argument_group("evaluation")
     ev.add_argument("--eval-tokens", type=int, default=None,
@@ -104,7 +112,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # -- settings -------------------------------------------------------------------------------
 def resolve_settings(args: argparse.Namespace) -> None:
     """Fill the unset options in place (model, data, sizes), so the resolved recipe shows them."""
-    from grape.commands.eval import check_model_dir
+    from grape.commands.eval import check_device
+    from grape.modelfiles import check_model_dir, resolve_seq_len
 
     default_model = args.model is None
     if default_model:
@@ -113,8 +122,8 @@ def resolve_settings(args: argparse.Namespace) -> None:
                             "`python benchmarks/zoo/train.py qwen3moe-32x4 --minutes 40`, or pass "
                             "--model DIR")
         args.model = DEFAULT_MODEL
-    check_model_dir(args.model)
-    _check_architecture(args.model)
+    model_config = check_model_dir(args.model)
+    _check_architecture(model_config)
     if args.data is None and args.scores is None:
         if not DEFAULT_CALIBRATION.is_file():
             raise DataError(f"no calibration data: {DEFAULT_CALIBRATION} is missing; pass --data PATH")
@@ -122,38 +131,43 @@ def resolve_settings(args: argparse.Namespace) -> None:
     if args.out is None:
         args.out = Path("runs") / args.model.name
     sizes = SMALL if default_model else LARGE
-    context = _context_length(args.model)
     for key, value in sizes.items():
-        if getattr(args, key) is None:
-            if key in ("seq_len", "eval_seq_len") and context:
-                value = min(value, context)
+        if key in ("seq_len", "eval_seq_len"):  # an unset length is capped at the context
+            flag = f"--{key.replace('_', '-')}"
+            setattr(args, key, resolve_seq_len(getattr(args, key), value, model_config, flag, "grape run"))
+        elif getattr(args, key) is None:
             setattr(args, key, value)
     for key in ("samples", "seq_len", "eval_seq_len", "batch_size", "eval_batch_size"):
         if getattr(args, key) < 1:
             raise DataError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
+    check_device(args.device)
+    _check_min_kept(args, model_config)
 
 
-def _check_architecture(model_dir: Path) -> None:
+def _check_architecture(model_config: dict) -> None:
     """Refuse an unsupported family from config.json, before any weights or data are read."""
     from grape.adapters import supported_model_types
     from grape.errors import ArchitectureError
 
-    try:
-        model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"cannot read {model_dir / 'config.json'}: {exc}") from None
+    model_type = model_config.get("model_type")
     if model_type not in supported_model_types():
         raise ArchitectureError(f"model type {model_type!r} is not supported; GRAPE supports "
                                 f"{', '.join(supported_model_types())} (see docs/extending.md to add one)")
 
 
-def _context_length(model_dir: Path) -> int | None:
-    try:
-        value = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings")
-    except (OSError, json.JSONDecodeError):
-        return None
-    return value if isinstance(value, int) and value > 1 else None
+def _check_min_kept(args: argparse.Namespace, model_config: dict) -> None:
+    """A --min-kept below the router's top_k lets the plan lower top_k, which apply refuses unless
+    --allow-lower-top-k: say so now rather than after calibration."""
+    from solvers.constraints import parse_min_kept
 
+    floor = parse_min_kept(args.min_kept)
+    top_k = model_config.get("num_experts_per_tok") or model_config.get("experts_per_token")
+    if args.allow_lower_top_k or floor == "top_k" or not isinstance(top_k, int):
+        return
+    if floor is None or floor < top_k:
+        raise DataError(f"--min-kept {args.min_kept} lets a layer keep fewer experts than top_k "
+                        f"({top_k}), which lowers top_k there; pass --allow-lower-top-k to accept "
+                        "that, or keep --min-kept top_k")
 
 def _names(text: str) -> list[str]:
     items = [t.strip() for t in str(text).split(",") if t.strip()]
@@ -186,6 +200,7 @@ def run(args: argparse.Namespace) -> int:
     from solvers._io import atomic_write_text
 
     resolve_settings(args)
+    OUTPUT.check(args)
     known = solver_names()
     baselines = [b for b in _names(args.baselines) if b != args.solver]
     for name in [args.solver, *baselines]:
@@ -246,7 +261,8 @@ def run(args: argparse.Namespace) -> int:
                  "pruned model")
     from grape.apply import ApplyConfig, apply_plan
 
-    method = ApplyConfig(args.method, merge_weights=scores if args.method == "merge" else None)
+    method = ApplyConfig(args.method, merge_weights=scores if args.method == "merge" else None,
+                         allow_lower_top_k=args.allow_lower_top_k)
     apply_plan(model, plans[args.solver], method)
     evals = {args.solver: evaluate(model, tokenizer, docs, eval_config, name=f"{args.model.name} ({args.solver})")}
     files = {"resolved configuration": "run.recipe.yaml", "plan": "plan.json", "summary": "summary.json"}
@@ -303,7 +319,8 @@ def _save_checkpoint(model, args, plan, tokenizer) -> None:
     if stored is not None and stored != next(model.parameters()).dtype:
         model.to(stored)  # the weights were widened to float32 for CPU work; write them as they came
     save_pruned(model, args.out / "checkpoint", plan=plan, tokenizer=tokenizer,
-                provenance={"source_model": str(args.model), "run_dir": str(args.out)})
+                provenance={"source_model": str(args.model), "run_dir": str(args.out)},
+                overwrite=args.overwrite)
 
 
 def _stored_dtype(model_dir: Path):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from grape.outputs import PLAN_FILE, FileOutput
+
 HELP = "choose the experts to remove (scores file -> plan file)"
 DESCRIPTION = """\
 Read a scores file, build the allocation problem and solve it; write the plan (JSON, see
@@ -27,6 +29,8 @@ solvers (--solver):
 budget (--budget): 0.5 = remove half of all routed experts; 64 = remove exactly 64 experts;
   free:40GB = removed experts free at least 40 GB; keep:100GiB = kept experts use at most 100 GiB.
 """
+
+OUTPUT = FileOutput(PLAN_FILE, inputs=("scores",), what="plan file")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -221,7 +225,7 @@ def constraints_from_args(args, scores) -> list:
 
 
 def run(args: argparse.Namespace) -> int:
-    from solvers.constraints import format_bytes
+    from solvers.constraints import format_bytes, parse_min_kept
     from solvers.objectives import Coverage, parse_objective
     from solvers.problem import build_problem
     from solvers.scores import Scores
@@ -232,11 +236,7 @@ def run(args: argparse.Namespace) -> int:
     for _, term in objective.terms:
         if isinstance(term, Coverage):
             term.candidates = args.coverage_candidates
-    min_kept = (
-        None
-        if str(args.min_kept).lower() == "none"
-        else ("top_k" if args.min_kept == "top_k" else int(args.min_kept))
-    )
+    min_kept = parse_min_kept(args.min_kept)
     routing = {"auto": "auto", "on": True, "off": False}[args.routing_groups]
     problem = build_problem(
         scores,

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 
+from grape.outputs import SCORES_FILE, FileOutput
+
 HELP = "write synthetic scores of a real model shape (for trying solvers without a model)"
 DESCRIPTION = (
     "Write a scores file (the same .npz format `grape calibrate` writes; see docs/formats.md) "
     "filled with synthetic statistics shaped like real ones: heavy-tailed routing, depth trends, "
     "block-structured expert similarity and per-layer cost curves. Seeded and reproducible."
 )
+
+OUTPUT = FileOutput(SCORES_FILE, what="scores file")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,215 @@
+"""Checks on a model directory and on where to run it, made before any weights are read.
+
+Everything here reads only small files (config.json, safetensors headers), so a verb can refuse a
+missing, corrupt or truncated checkpoint, a sequence length past the model's context or a device
+that does not exist in a second, instead of after minutes of loading or calibrating. No torch at
+import time.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+from grape.errors import DataError
+from solvers.errors import UserError
+
+
+class CheckpointFilesError(UserError):
+    """A model directory whose files cannot be read as a checkpoint."""
+
+
+_FIX = "pass a checkpoint directory written by `grape apply` or `save_pretrained`"
+# a safetensors header is a JSON object of at most this many bytes (the format's own limit)
+_MAX_HEADER = 100_000_000
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """config.json of a model directory, parsed; a one-line error when it is missing or bad."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"model directory {path} does not exist; {_FIX}.")
+    config = path / "config.json"
+    if not config.is_file():
+        raise DataError(f"model directory {path} has no config.json; {_FIX}.")
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointFilesError(f"{config} cannot be read as JSON ({exc}); {_FIX}.") from None
+    if not isinstance(data, dict):
+        raise CheckpointFilesError(f"{config} is not a JSON object; {_FIX}.")
+    return data
+
+
+def check_model_dir(path: Path) -> dict[str, Any]:
+    """The directory holds a readable config.json and intact safetensors files; returns the
+    config. Reads headers only."""
+    config = read_config(path)
+    for shard in weight_files(Path(path)):
+        check_safetensors(shard)
+    return config
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: those its index names, else every *.safetensors.
+    A missing shard named by the index is an error."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointFilesError(f"{index} is not a safetensors index ({exc!r}); "
+                                       "re-save or re-download the checkpoint") from None
+        missing = [n for n in names if not (path / n).is_file()]
+        if missing:
+            raise CheckpointFilesError(f"{index} names {len(missing)} missing shard(s), e.g. "
+                                       f"{missing[0]}; re-download or re-save the checkpoint")
+        return [path / n for n in names]
+    return sorted(path.glob("*.safetensors"))
+
+
+def check_safetensors(file: Path) -> None:
+    """The file is a complete safetensors file: a valid header whose tensors all lie inside it.
+    Catches truncated downloads and corrupt files without reading the tensors."""
+    def bad(why: str) -> CheckpointFilesError:
+        return CheckpointFilesError(f"{file} is not a valid safetensors file ({why}); re-download "
+                                    "or re-save the checkpoint")
+
+    size = file.stat().st_size
+    with open(file, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise bad(f"only {size} bytes")
+        (length,) = struct.unpack("<Q", head)
+        if length > min(size - 8, _MAX_HEADER):
+            raise bad(f"header of {length} bytes in a file of {size}")
+        raw = handle.read(length)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise bad("the header is not JSON") from None
+    if not isinstance(header, dict):
+        raise bad("the header is not a JSON object")
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, stop = (int(v) for v in info["data_offsets"])
+        except (TypeError, KeyError, ValueError):
+            raise bad(f"tensor {name!r} has no data offsets") from None
+        if not 0 <= start <= stop:
+            raise bad(f"tensor {name!r} has offsets {start}..{stop}")
+        end = max(end, stop)
+    if 8 + length + end > size:
+        raise bad(f"truncated: the header needs {8 + length + end} bytes, the file has {size}")
+
+
+def context_length(config: dict[str, Any]) -> int | None:
+    """The longest sequence the model was built for (max_position_embeddings), if it says."""
+    value = config.get("max_position_embeddings")
+    if value is None and isinstance(config.get("text_config"), dict):
+        value = config["text_config"].get("max_position_embeddings")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 1 else None
+
+
+def check_seq_len(seq_len: int, config: dict[str, Any], flag: str = "--seq-len") -> None:
+    """Refuse sequences longer than the model's context (positions past it are meaningless)."""
+    context = context_length(config)
+    if context is not None and seq_len > context:
+        raise DataError(f"{flag} {seq_len} is longer than the model's context "
+                        f"(max_position_embeddings {context}); pass {flag} {context} or less")
+
+
+def resolve_seq_len(seq_len: int | None, default: int, config: dict[str, Any],
+                    flag: str = "--seq-len", who: str = "grape") -> int:
+    """An explicit `seq_len` is checked against the context; an unset one is `default`, capped at
+    the context with a printed notice."""
+    if seq_len is not None:
+        check_seq_len(seq_len, config, flag)
+        return seq_len
+    context = context_length(config)
+    if context is not None and default > context:
+        print(f"{who}: {flag} {default} (the default) is longer than the model's context; "
+              f"using {context}")
+        return context
+    return default
+
+
+# -- devices ----------------------------------------------------------------------------------
+_PLACEMENTS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def check_device(device: Any, what: str, offload_folder: str | None = None) -> None:
+    """`device` (a device_map value) names a device this machine has."""
+    import torch
+
+    if device == "disk":
+        if not offload_folder:
+            raise DataError(f"{what} puts weights on 'disk', which needs an offload folder; pass "
+                            "--offload-folder DIR")
+        return
+    text = str(device)
+    if isinstance(device, int) and not isinstance(device, bool):
+        text = f"cuda:{device}"
+    try:
+        parsed = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise DataError(f"{what}: {text!r} is not a device; use cpu, cuda, cuda:N or disk") from None
+    if parsed.type == "cpu":
+        return
+    if parsed.type != "cuda":
+        if parsed.type == "meta" or not _backend_available(parsed.type):
+            raise DataError(f"{what}: device {text!r} is not available here; use cpu or cuda:N")
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = parsed.index or 0
+    if index >= count:
+        have = f"{count} CUDA device(s)" if count else "no CUDA device"
+        raise DataError(f"{what}: device {text!r} does not exist (this machine has {have}); "
+                        "use cpu" + (f" or cuda:0..cuda:{count - 1}" if count else ""))
+
+
+def _backend_available(kind: str) -> bool:
+    import torch
+
+    module = getattr(torch, kind, None)
+    available = getattr(module, "is_available", None)
+    return bool(available()) if callable(available) else False
+
+
+def parse_device_map(spec: str, offload_folder: str | None = None) -> Any:
+    """A --device-map value as accelerate takes it, with every device checked: 'auto' and the
+    other placements, one device ('cpu', 'cuda:1'), or a JSON object {module: device}."""
+    text = str(spec).strip()
+    if text.startswith("{"):
+        try:
+            mapping = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"--device-map {spec!r} is not valid JSON ({exc.msg})") from None
+        if not isinstance(mapping, dict) or not mapping:
+            raise DataError(f"--device-map {spec!r} must map module names to devices")
+        for module, device in mapping.items():
+            check_device(device, f"--device-map entry {module!r}", offload_folder)
+        return mapping
+    if text in _PLACEMENTS:
+        return text
+    check_device(text, "--device-map", offload_folder)
+    return text
+
+
+__all__ = [
+    "CheckpointFilesError",
+    "check_device",
+    "check_model_dir",
+    "check_safetensors",
+    "check_seq_len",
+    "context_length",
+    "parse_device_map",
+    "read_config",
+    "resolve_seq_len",
+    "weight_files",
+]
