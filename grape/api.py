@@ -157,6 +157,7 @@ def calibrate(
         if tokenizer is None:
             raise UserError("calibrate: raw text data needs a tokenizer; pass tokenizer=... or "
                             "pre-packed CalibrationData / input ids")
+        config = _fit_seq_len(config, model)
         data = load_calibration_data(data, tokenizer, seq_len=config.seq_len, samples=config.samples,
                                      seed=config.seed, text_field=config.text_field,
                                      progress=config.progress)
@@ -164,6 +165,19 @@ def calibrate(
     if model_path is not None:
         scores.calibration["model_path"] = str(model_path.resolve())
     return scores
+
+
+def _fit_seq_len(config: CalibrationConfig, model: nn.Module) -> CalibrationConfig:
+    """Raw text is packed here, so a sequence length past the model's context is capped (with a
+    notice, as the command line caps its default) rather than refused."""
+    from grape.modelfiles import context_length
+
+    context = context_length(model.config.to_dict())
+    if context is None or config.seq_len <= context:
+        return config
+    print(f"grape.calibrate: seq_len {config.seq_len} is longer than the model's context; packing "
+          f"sequences of {context} tokens")
+    return replace(config, seq_len=context)
 
 
 def check_budget(budget: str | float, total_experts: int) -> None:

@@ -38,6 +38,7 @@ import grape
 from grape.adapters.base import MoEAdapter, get_adapter
 from grape.data import CalibrationData
 from grape.errors import DataError
+from grape.modelfiles import check_seq_len
 from grape.observer import ExpertObserver, per_call_quota
 from solvers.errors import ScoresError
 from solvers.scores import CRITERIA, NORMALIZATIONS, LayerScores, Scores
@@ -338,6 +339,8 @@ def calibrate(
     config.validate()
     adapter = adapter or get_adapter(model)
     input_ids, attention_mask, provenance = _as_input_ids(data)
+    # positions past the model's context are meaningless: refuse them before any forward
+    check_seq_len(int(input_ids.shape[1]), model.config.to_dict(), "calibration sequence length")
     # statistics count real tokens only: padded positions never reach any accumulator
     tokens = int(input_ids.numel() if attention_mask is None else attention_mask.sum())
     with onloaded([adapter.router(layer) for layer in adapter.moe_blocks()]):

@@ -39,6 +39,8 @@ class Layer:
             )
         if not np.all(np.isfinite(self.importance)) or np.any(self.importance < 0):
             raise UserError(f"layer {self.index}: importance must be finite and >= 0")
+        if np.any(self.expert_bytes < 0):
+            raise UserError(f"layer {self.index}: expert_bytes must be >= 0 (sizes in bytes)")
         if self.similarity is not None:
             sim = np.array(self.similarity, dtype=np.float64)
             if sim.shape != (n, n) or not np.all(np.isfinite(sim)):

@@ -92,6 +92,20 @@ def test_calibrate_takes_a_padded_tokenizer_output(ws):
     assert scores.tokens == int(batch["attention_mask"].sum())
 
 
+def test_sequences_past_the_context_are_capped_or_refused(ws, capsys):
+    """Raw text is packed by the API: a too-long seq_len is capped with a notice. Pre-packed ids
+    longer than the context cannot be repacked: refused before any forward."""
+    model = grape.load(ws.model, dtype=torch.float32)
+    context = model.config.max_position_embeddings
+    config = grape.CalibrationConfig(seq_len=4 * context, samples=1, subsample=8, progress=False)
+    scores = grape.calibrate(model, [str(ws.calibration)], config,
+                             tokenizer=grape.load_tokenizer(ws.model))
+    assert scores.calibration["seq_len"] == context and scores.tokens == context
+    assert "longer than the model's context" in capsys.readouterr().out
+    with pytest.raises(UserError, match="max_position_embeddings"):
+        grape.calibrate(model, torch.zeros(1, context + 1, dtype=torch.long), config)
+
+
 def test_no_hidden_state_between_calls(scores):
     config = SolveConfig(budget=0.25, objective="additive")
     first = grape.solve(scores, config)

@@ -433,3 +433,14 @@ def test_the_fuzz_targets_are_valid_to_begin_with(tmp_path):
     assert Plan.load(tmp_path / "p.json").num_removed == 4
     with zipfile.ZipFile(tmp_path / "s.npz") as archive:
         assert "__meta__.npy" in archive.namelist()
+
+
+@pytest.mark.parametrize("field, value, phrase", [
+    ("expert_bytes", [-1, 2], "expert_bytes"), ("importance", [np.nan, 1.0], "importance"),
+])
+def test_the_python_problem_refuses_bad_layers(field, value, phrase):
+    from solvers.problem import Layer
+
+    values = {"importance": [1.0, 2.0], "expert_bytes": [2, 2], field: value}
+    with pytest.raises(UserError, match=phrase):
+        Layer(0, np.asarray(values["importance"]), np.asarray(values["expert_bytes"]), 1)
