@@ -19,13 +19,14 @@ checkpoint directory). The command line (`grape <verb>`) calls these same module
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from grape.config import BudgetError, check_budget  # noqa: F401 - part of the API
+from grape.config import SolveConfig as _SolveConfig
 from solvers.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover - only for annotations; the imports below are lazy
@@ -41,49 +42,8 @@ if TYPE_CHECKING:  # pragma: no cover - only for annotations; the imports below 
     from solvers.scores import Scores
 
 
-class BudgetError(UserError):
-    """A budget outside what the model can give: below 0, all experts, a fraction above 1."""
-
-
-# -- configuration --------------------------------------------------------------------------
-@dataclass(frozen=True)
-class SolveConfig:
-    """How to turn scores into a plan: the problem (budget, objective, constraints, how importance
-    and similarity are read from the scores) and the solver.
-
-    budget: a fraction of the routed experts to remove (0.25), an expert count (64), or a byte
-        target ``"free:40GB"`` / ``"keep:100GiB"``.
-    objective: ``additive`` | ``redundancy`` | ``coverage`` | ``curves``, or a weighted sum such
-        as ``"redundancy+0.5*additive"`` (docs/solvers.md).
-    solver: a name from ``solvers.registry.SOLVERS`` (``exact``, ``greedy``, ``uniform``, ...).
-    constraints: extra ``solvers.constraints.Constraint`` objects (Uniform(), EntropyGuard(0.1),
-        MaxRemovedFraction(0.5), MultipleOf(4), MemoryCap(...), MustKeep(...), ...).
-    min_kept: per-layer floor: ``"top_k"`` (the router's k, the default), an int, or None.
-    """
-
-    budget: str | float | int = 0.25
-    objective: str = "additive"
-    solver: str = "exact"
-    time_limit: float = 60.0
-    criterion: str = "reap_mass"
-    normalize: str = "none"
-    similarity: str | None = "auto"
-    similarity_top_m: int | None = None
-    coverage_candidates: int | None = None  # coverage integer program: candidates per expert
-    min_kept: int | str | None = "top_k"
-    routing_groups: bool | str = "auto"  # DeepSeek-V3 group rules; "auto": when n_group > 1
-    constraints: tuple = ()
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "constraints", tuple(self.constraints))
-        if not self.time_limit > 0:
-            raise UserError(f"SolveConfig.time_limit={self.time_limit!r} must be positive (seconds)")
-
-    def to_json(self) -> dict[str, Any]:
-        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "constraints"}
-        out["budget"] = str(self.budget)
-        out["constraints"] = [c.to_json() for c in self.constraints]
-        return out
+# -- configuration: grape.config.SolveConfig (re-exported here) ---------------------------------
+SolveConfig = _SolveConfig
 
 
 # -- artifacts from paths -------------------------------------------------------------------
@@ -180,37 +140,6 @@ def _fit_seq_len(config: CalibrationConfig, model: nn.Module) -> CalibrationConf
     return replace(config, seq_len=context)
 
 
-def check_budget(budget: str | float, total_experts: int) -> None:
-    """Raise BudgetError when `budget` asks for a removal outside 0 .. total_experts - 1 (byte
-    budgets are checked against the sizes by the solver's feasibility check)."""
-    text = str(budget).strip()
-    if ":" in text:
-        return
-    try:
-        number = float(text)
-    except ValueError:
-        raise BudgetError(f"budget {text!r} is not a fraction (0.25), an expert count (64), "
-                          "free:SIZE or keep:SIZE") from None
-    if not math.isfinite(number):
-        raise BudgetError(f"budget {text!r} is not a finite number; give a fraction in [0, 1) or a "
-                          f"count of experts to remove (0 .. {total_experts - 1})")
-    if number < 0:
-        raise BudgetError(f"budget {text!r} is out of range: give a fraction in [0, 1) or a "
-                          f"count of experts to remove (0 .. {total_experts - 1})")
-    if number < 1 or (number == 1 and "." in text):
-        if number >= 1:
-            raise BudgetError(f"budget {text!r} would remove every expert; give a fraction below 1 "
-                              "(e.g. 0.25) or a count of experts to remove")
-        return
-    if number != int(number):
-        raise BudgetError(f"budget {text!r} is out of range: a fraction must lie in [0, 1) and an "
-                          "expert count must be a whole number")
-    if int(number) >= total_experts:
-        raise BudgetError(f"budget {text!r} removes {int(number)} experts, but the model has only "
-                          f"{total_experts} routed experts; remove at most {total_experts - 1}, "
-                          "or give a fraction such as 0.25")
-
-
 def build_problem(scores: Scores | str | os.PathLike, config: SolveConfig | None = None,
                   **overrides) -> Problem:
     """The allocation problem for `scores` (a Scores object or a scores file) under `config`;
@@ -230,7 +159,7 @@ def build_problem(scores: Scores | str | os.PathLike, config: SolveConfig | None
         scores,
         budget=str(config.budget),
         objective=objective,
-        constraints=list(config.constraints),
+        constraints=config.constraint_objects(scores),
         criterion=config.criterion,
         normalize=config.normalize,
         similarity=config.similarity,

@@ -19,6 +19,7 @@ import os
 import sys
 
 from grape import recipe
+from grape.config import load_plugins
 from grape.outputs import add_overwrite_argument
 from solvers.errors import UserError
 
@@ -59,14 +60,33 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             if output is not None:
                 add_overwrite_argument(p, output)
         recipe.add_recipe_argument(p)
+        p.add_argument("--plugin", action="append", default=None, metavar="MODULE",
+                       help="import MODULE first: its objective terms, constraints and solvers "
+                       "register themselves (repeatable; the grape.plugins entry points load always)")
         p.set_defaults(_run=module.run, _output=output)
         parser.verb_parsers[verb] = p
     return parser
 
 
+def _plugins_in(argv: list[str]) -> list[str]:
+    """The --plugin values, read before the parser is built so plugin choices appear in it."""
+    found = []
+    for i, arg in enumerate(argv):
+        if arg == "--plugin" and i + 1 < len(argv):
+            found.append(argv[i + 1])
+        elif arg.startswith("--plugin="):
+            found.append(arg.split("=", 1)[1])
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     verb = next((a for a in argv if not a.startswith("-")), None)
+    try:
+        load_plugins(_plugins_in(argv))
+    except UserError as exc:
+        print(f"grape: error: {exc}", file=sys.stderr)
+        return 2
     parser = build_parser(only=verb if verb in VERBS else "")  # no verb: only the verb list is needed
     try:
         # recipe values become the verb's defaults
@@ -76,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args = parser.parse_args(argv)
     try:
+        load_plugins(args.plugin or ())  # a recipe's plugins (already-imported ones are free)
         if args._output is not None:
             args._output.check(args)  # a bad --out fails now, before any model or data is read
         status = int(args._run(args) or 0)

@@ -38,12 +38,14 @@ DESCRIPTION = (
     f"model {DEFAULT_MODEL.relative_to(REPO)} with its committed calibration and held-out text, "
     "with small settings that finish in a few minutes on a 2-core CPU "
     f"({', '.join(f'{k} {v}' for k, v in SMALL.items())}); with --model the unset settings are "
-    f"larger ({', '.join(f'{k} {v}' for k, v in LARGE.items())}), capped at the model's context."
+    f"larger ({', '.join(f'{k} {v}' for k, v in LARGE.items())}), capped at the model's context. The problem flags are those of `grape solve`, except that the "
+    "objective defaults to `curves` (measured per-layer output error), which gave the smallest "
+    "held-out NLL increase on the test bed when this default was chosen (docs/results.md)."
 )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from grape.commands.compare import add_problem_arguments
+    from grape.config import add_problem_arguments
 
     io = parser.add_argument_group("model and data")
     io.add_argument("--model", type=Path, default=None,
@@ -80,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # default curves: the measured error of each layer's MoE output against its kept count. On
     # the test-bed model it gave the smallest held-out NLL increase of the four objectives at 25%
     # and 50% when this default was chosen (benchmarks/quality.py measures this properly)
-    add_problem_arguments(parser, objective="curves", time_limit=60.0)
+    add_problem_arguments(parser, objective="curves")
 
     ap = parser.add_argument_group("apply")
     ap.add_argument("--method", choices=("remove", "merge", "mask"), default="remove",
@@ -194,7 +196,8 @@ class _Stages:
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local files only
     from grape.api import check_budget
-    from grape.commands.compare import compare_solvers, solve_config, solver_names
+    from grape.compare import compare_solvers, solver_names
+    from grape.config import solve_config_from_args
     from grape.recipe import write_resolved
     from grape.report import RunReport
     from solvers._io import atomic_write_text
@@ -206,11 +209,9 @@ def run(args: argparse.Namespace) -> int:
     for name in [args.solver, *baselines]:
         if name not in known:
             raise UserError(f"unknown solver {name!r}; choose from {', '.join(known)}")
-    check_budget(args.budget, 1 << 62)  # the form and range; the expert count once it is known
-    if args.memory_cap is None:  # malformed constraint flags fail now, not after calibration
-        from grape.commands.solve import constraints_from_args
-
-        constraints_from_args(args, None)
+    # malformed problem flags fail now, not after calibration; the expert count once it is known
+    config = solve_config_from_args(args, solver=args.solver)
+    check_budget(args.budget, 1 << 62)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     write_resolved(args, "run")  # also on failure: the configuration is what one debugs first
@@ -240,7 +241,6 @@ def run(args: argparse.Namespace) -> int:
                  f"reading scores {args.scores}")
     tokenizer, model, scores = _calibrate_stage(args, cal_config)
     check_budget(args.budget, sum(scores.model.experts_per_layer.values()))
-    config = solve_config(args, scores, objective=args.objective, solver=args.solver)
     stages.stop()
 
     # 2. solve (+ baselines and the comparison table)

@@ -1,0 +1,351 @@
+"""The problem configuration: one typed dataclass that every verb shares.
+
+:class:`SolveConfig` describes the allocation problem (budget, objective, how importance and
+similarity are read from the scores, constraints) and the solver. It is
+
+* the Python API's argument (``grape.solve(scores, SolveConfig(budget=0.5))``);
+* the source of the command-line flags of ``grape solve``, ``grape compare`` and ``grape run``
+  (:func:`add_problem_arguments` generates them from the fields and their metadata, so the three
+  verbs accept exactly the same problem flags with the same validation);
+* validated once, when it is built (cheap checks that need no scores: the budget's form, the
+  objective's terms and weights, the per-layer floor, flag combinations);
+* turned into a :class:`solvers.problem.Problem` by one builder, :func:`grape.api.build_problem`,
+  which builds the constraint objects once the scores (layer list, expert counts) are known;
+* recorded in every plan and comparison (:meth:`SolveConfig.to_json`).
+
+Constraints from plugins (``--plugin my_module`` registering a class with
+``solvers.constraints.register_constraint``) are given with ``--constraint NAME:key=value,...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from solvers.errors import UserError
+
+class BudgetError(UserError):
+    """A budget outside what the model can give: below 0, all experts, a fraction above 1."""
+
+
+_GROUPS = {"what": "what to optimise", "how": "how to solve", "cons": "constraints"}
+
+
+def _flag(help: str, group: str = "cons", metavar: str | None = None, **extra) -> dict:
+    return {"help": help, "group": group, "metavar": metavar, **extra}
+
+
+@dataclass(frozen=True)
+class SolveConfig:
+    """How to turn scores into a plan. Every field but `solver` and `constraints` is also a
+    command-line flag (``--time-limit`` for `time_limit`, ...). See docs/solvers.md."""
+
+    budget: str | float | int = field(default=0.25, metadata=_flag(
+        "what to remove: a fraction of all routed experts (0.25), an expert count (64), free:SIZE "
+        "(free at least SIZE bytes, e.g. free:40GB) or keep:SIZE", "what"))
+    objective: str = field(default="additive", metadata=_flag(
+        "terms (additive, redundancy, coverage, curves, or a plugin's), optionally weighted and "
+        "summed, e.g. redundancy+0.5*additive (docs/solvers.md)", "what"))
+    solver: str = "exact"  # a name from solvers.registry.SOLVERS; each verb has its own flag
+    time_limit: float = field(default=60.0, metadata=_flag(
+        "seconds per solver run (exact: best plan, bound and gap at the limit)", "how", "SECONDS",
+        type=float))
+    criterion: str = field(default="reap_mass", metadata=_flag(
+        "per-expert importance read from the scores", "what", choices="criteria"))
+    normalize: str = field(default="none", metadata=_flag(
+        "how each layer's importance is rescaled before layers meet", "what", choices="normalizations"))
+    similarity: str | None = field(default="auto", metadata=_flag(
+        "similarity kind for redundancy/coverage: auto (cka if present), cka, cosine, router, or "
+        "none", "what"))
+    similarity_top_m: int | None = field(default=None, metadata=_flag(
+        "keep only each expert's M most similar neighbours (others 0)", "what", "M", type=int))
+    coverage_candidates: int | None = field(default=16, metadata=_flag(
+        "coverage integer program: candidate kept experts per expert", "what", "M", type=int))
+    min_kept: int | str | None = field(default="top_k", metadata=_flag(
+        "per-layer minimum kept: top_k (the router's k), a number, or none"))
+    routing_groups: bool | str = field(default="auto", metadata=_flag(
+        "DeepSeek-V3 group routing rules (auto: when the model has n_group > 1)",
+        choices=("auto", "on", "off")))
+    max_removed_fraction: float | None = field(default=None, metadata=_flag(
+        "remove at most this fraction of any layer", metavar="F", type=float))
+    uniform: bool = field(default=False, metadata=_flag(
+        "same kept count in every layer (loads in vanilla transformers and vLLM)"))
+    multiple_of: int | None = field(default=None, metadata=_flag(
+        "every layer keeps a multiple of G experts", metavar="G", type=int))
+    must_keep: str | None = field(default=None, metadata=_flag(
+        "experts to keep, 'LAYER:E1,E2;LAYER:E3'", metavar="SPEC"))
+    must_remove: str | None = field(default=None, metadata=_flag(
+        "experts to remove, same syntax as --must-keep", metavar="SPEC"))
+    entropy_gamma: float | None = field(default=None, metadata=_flag(
+        "GRAPE entropy guard: allocation entropy >= (1 - GAMMA) log L", metavar="GAMMA", type=float))
+    memory_cap: str | None = field(default=None, metadata=_flag(
+        "per-device cap on kept routed-expert bytes (with --pipeline or --expert-parallel)",
+        metavar="SIZE"))
+    pipeline: int | None = field(default=None, metadata=_flag(
+        "placement for --memory-cap: D pipeline stages of contiguous layers", metavar="D", type=int))
+    expert_parallel: int | None = field(default=None, metadata=_flag(
+        "placement for --memory-cap: expert e on rank e*D//N in every layer", metavar="D", type=int))
+    constraint: tuple[str, ...] = field(default=(), metadata=_flag(
+        "any registered constraint (plugins included) as NAME or NAME:key=value,key=value; "
+        "repeatable", metavar="SPEC", action="append"))
+    constraints: tuple = ()  # Python API: constraint objects added as they are
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "constraints", tuple(self.constraints))
+        set_(self, "constraint", tuple(self.constraint or ()))
+        set_(self, "routing_groups", _routing(self.routing_groups))
+        if isinstance(self.similarity, str) and self.similarity.strip().lower() == "none":
+            set_(self, "similarity", None)
+        self.validate()
+
+    def validate(self) -> None:
+        """Every check that needs no scores; raises UserError naming the flag."""
+        from solvers.constraints import Budget, parse_bytes, parse_min_kept
+        from solvers.objectives import parse_objective
+
+        if not (isinstance(self.time_limit, (int, float)) and math.isfinite(self.time_limit)
+                and self.time_limit > 0):
+            raise UserError(f"time_limit (--time-limit) {self.time_limit!r} must be a positive number "
+                            "of seconds")
+        check_budget(self.budget)
+        Budget.parse(str(self.budget))
+        parse_objective(self.objective)
+        parse_min_kept(self.min_kept)
+        for name in ("similarity_top_m", "coverage_candidates", "multiple_of", "pipeline",
+                     "expert_parallel"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise UserError(f"--{name.replace('_', '-')} {value!r} must be a whole number >= 1")
+        if self.memory_cap is not None:
+            parse_bytes(self.memory_cap)
+            if (self.pipeline is None) == (self.expert_parallel is None):
+                raise UserError("--memory-cap needs exactly one placement: --pipeline D or "
+                                "--expert-parallel D")
+        elif self.pipeline is not None or self.expert_parallel is not None:
+            raise UserError("--pipeline/--expert-parallel only place a --memory-cap; give "
+                            "--memory-cap SIZE too")
+        for spec in self.constraint:
+            parse_constraint_spec(spec)
+
+    # -- the constraint objects, once the scores are known --------------------------------------
+    def constraint_objects(self, scores) -> list:
+        """The constraints the fields describe (memory-cap placements need the model's layers)."""
+        from solvers.constraints import (EntropyGuard, MaxRemovedFraction, MemoryCap, MultipleOf,
+                                         MustKeep, MustRemove, Uniform, parse_bytes)
+
+        out: list = []
+        if self.max_removed_fraction is not None:
+            out.append(MaxRemovedFraction(self.max_removed_fraction))
+        if self.uniform:
+            out.append(Uniform())
+        if self.multiple_of is not None:
+            out.append(MultipleOf(self.multiple_of))
+        if self.must_keep:
+            out.append(MustKeep.parse(self.must_keep))
+        if self.must_remove:
+            out.append(MustRemove.parse(self.must_remove))
+        if self.entropy_gamma is not None:
+            out.append(EntropyGuard(self.entropy_gamma))
+        if self.memory_cap is not None:
+            cap = parse_bytes(self.memory_cap)
+            out.append(MemoryCap.pipeline(scores.model.moe_layers, self.pipeline, cap)
+                       if self.pipeline is not None else
+                       MemoryCap.expert_parallel(scores.model.experts_per_layer, self.expert_parallel, cap))
+        out.extend(parse_constraint_spec(spec) for spec in self.constraint)
+        return [*out, *self.constraints]
+
+    def to_json(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "constraints"}
+        out["budget"] = str(self.budget)
+        out["constraint"] = list(self.constraint)
+        out["constraints"] = [c.to_json() for c in self.constraints]
+        return out
+
+
+def _routing(value: bool | str) -> bool | str:
+    mapping = {"auto": "auto", "on": True, "off": False, True: True, False: False}
+    if value not in mapping:
+        raise UserError(f"--routing-groups {value!r}: choose auto, on or off")
+    return mapping[value]
+
+
+def check_budget(budget: str | float, total_experts: int | None = None) -> None:
+    """Raise BudgetError when `budget` asks for a removal outside 0 .. total_experts - 1 (without
+    the count: only its form and sign; byte budgets are checked against the sizes by the
+    solver's feasibility check)."""
+    total_experts = (1 << 62) if total_experts is None else total_experts
+    text = str(budget).strip()
+    if ":" in text:
+        return
+    try:
+        number = float(text)
+    except ValueError:
+        raise BudgetError(f"budget {text!r} is not a fraction (0.25), an expert count (64), "
+                          "free:SIZE or keep:SIZE") from None
+    if not math.isfinite(number):
+        raise BudgetError(f"budget {text!r} is not a finite number; give a fraction in [0, 1) or a "
+                          f"count of experts to remove (0 .. {total_experts - 1})")
+    if number < 0:
+        raise BudgetError(f"budget {text!r} is out of range: give a fraction in [0, 1) or a "
+                          f"count of experts to remove (0 .. {total_experts - 1})")
+    if number < 1 or (number == 1 and "." in text):
+        if number >= 1:
+            raise BudgetError(f"budget {text!r} would remove every expert; give a fraction below 1 "
+                              "(e.g. 0.25) or a count of experts to remove")
+        return
+    if number != int(number):
+        raise BudgetError(f"budget {text!r} is out of range: a fraction must lie in [0, 1) and an "
+                          "expert count must be a whole number")
+    if int(number) >= total_experts:
+        raise BudgetError(f"budget {text!r} removes {int(number)} experts, but the model has only "
+                          f"{total_experts} routed experts; remove at most {total_experts - 1}, "
+                          "or give a fraction such as 0.25")
+
+
+
+# -- constraints named on the command line ------------------------------------------------------
+def parse_constraint_spec(spec: str):
+    """A registered constraint from ``NAME``, ``NAME:key=value,key=value`` or a JSON object
+    ``{"name": NAME, key: value}``; values are read as the field's type (int, float, bool, str)."""
+    from solvers.constraints import CONSTRAINTS
+
+    text = str(spec).strip()
+    if text.startswith("{"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"--constraint {spec!r} is not valid JSON ({exc.msg})") from None
+        name, raw = str(data.pop("name", "")), data
+    else:
+        name, _, rest = text.partition(":")
+        raw = dict(_pair(item, spec) for item in rest.split(",") if item.strip())
+    cls = CONSTRAINTS.get(name.strip())
+    if cls is None or name.strip() == "budget":
+        known = ", ".join(sorted(n for n in CONSTRAINTS if n != "budget"))
+        raise UserError(f"--constraint {spec!r}: unknown constraint {name!r}; choose from {known} "
+                        "(or load a plugin with --plugin)")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise UserError(f"--constraint {spec!r}: {cls.__name__} has no setting {unknown[0]!r}; it "
+                        f"takes {', '.join(fields) or 'none'}")
+    try:
+        return cls(**{key: _typed(value, fields[key].type) for key, value in raw.items()})
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"--constraint {spec!r}: {exc}") from None
+
+
+def _pair(item: str, spec: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep:
+        raise UserError(f"--constraint {spec!r}: write NAME:key=value,key=value")
+    return key.strip(), value.strip()
+
+
+def _typed(value: Any, annotation: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    text = str(annotation)
+    if "bool" in text:
+        return value.lower() in ("1", "true", "yes", "on")
+    for kind in (int, float):
+        if kind.__name__ in text:
+            try:
+                return kind(value)
+            except ValueError:
+                continue
+    return None if value.lower() == "none" and "None" in text else value
+
+
+# -- flags --------------------------------------------------------------------------------------
+PROBLEM_FLAGS = tuple(f.name for f in dataclasses.fields(SolveConfig) if f.metadata)
+
+
+def _choices(kind: Any):
+    from solvers.scores import CRITERIA, NORMALIZATIONS
+
+    return {"criteria": sorted(CRITERIA), "normalizations": sorted(NORMALIZATIONS)}.get(kind, kind)
+
+
+def add_problem_arguments(parser: argparse.ArgumentParser, **defaults: Any) -> None:
+    """The problem flags of `grape solve`, `grape compare` and `grape run`, generated from the
+    fields of SolveConfig. `defaults` override a field's default where a verb's job needs it
+    (each such verb says why in its --help)."""
+    groups = {key: parser.add_argument_group(title) for key, title in _GROUPS.items()}
+    for f in dataclasses.fields(SolveConfig):
+        if not f.metadata:
+            continue
+        meta = dict(f.metadata)
+        default = defaults.get(f.name, f.default)
+        kwargs: dict[str, Any] = {"help": meta.pop("help"), "dest": f.name}
+        group = groups[meta.pop("group")]
+        if f.type in ("bool", bool) and meta.get("action") is None:
+            kwargs.update(action="store_true", default=bool(default))
+        else:
+            if meta.get("metavar"):
+                kwargs["metavar"] = meta["metavar"]
+            if meta.get("type"):
+                kwargs["type"] = meta["type"]
+            if meta.get("choices"):
+                kwargs["choices"] = _choices(meta["choices"])
+            if meta.get("action"):
+                kwargs["action"] = meta["action"]
+                default = None
+            if default is not None and not meta.get("type") and not isinstance(default, str):
+                default = str(default)  # a text flag (the budget): its default as it would be typed
+            kwargs["default"] = default
+        group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+
+
+def solve_config_from_args(args: argparse.Namespace, **overrides: Any) -> SolveConfig:
+    """The SolveConfig the parsed problem flags describe; validated on construction."""
+    values = {name: getattr(args, name) for name in PROBLEM_FLAGS if hasattr(args, name)}
+    values["constraint"] = tuple(c for c in values.get("constraint") or () if c)
+    if isinstance(values.get("similarity"), str) and values["similarity"].lower() == "none":
+        values["similarity"] = None
+    return SolveConfig(**{**values, **overrides})
+
+
+# -- plugins ------------------------------------------------------------------------------------
+PLUGIN_GROUP = "grape.plugins"
+
+
+def load_plugins(modules: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """Import the plugin modules (their import registers objective terms, constraints or
+    solvers) and every module of the `grape.plugins` entry-point group; returns their names."""
+    from importlib.metadata import entry_points
+
+    import os
+    import sys
+
+    if os.getcwd() not in sys.path:  # `grape` started as a console script: let ./my_plugin.py load
+        sys.path.append(os.getcwd())
+    loaded = []
+    for entry in entry_points(group=PLUGIN_GROUP):
+        entry.load()
+        loaded.append(entry.value)
+    for name in [m for m in modules or () if m]:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise UserError(f"--plugin {name!r} cannot be imported ({exc}); give a module importable "
+                            "from the current directory or PYTHONPATH") from None
+        loaded.append(name)
+    return loaded
+
+
+__all__ = [
+    "PLUGIN_GROUP",
+    "PROBLEM_FLAGS",
+    "SolveConfig",
+    "add_problem_arguments",
+    "load_plugins",
+    "parse_constraint_spec",
+    "solve_config_from_args",
+]
