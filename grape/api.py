@@ -73,13 +73,13 @@ def load(path: str | os.PathLike, **from_pretrained_kwargs) -> nn.Module:
 
 def load_tokenizer(path: str | os.PathLike):
     """The tokenizer saved in a model (or tokenizer) directory."""
-    from grape.commands.eval import load_tokenizer as _load
+    from grape.loading import load_tokenizer as _load
 
-    return _load(Path(path))
+    return _load(path)
 
 
 def _check_model_dir(path: str | os.PathLike) -> None:
-    from grape.commands.eval import check_model_dir
+    from grape.modelfiles import check_model_dir
 
     check_model_dir(Path(path))
 
@@ -110,7 +110,7 @@ def calibrate(
         model_path = Path(model)
         if tokenizer is None and not is_tokenized(data):
             tokenizer = load_tokenizer(model_path)
-        from grape.commands.calibrate import load_model
+        from grape.loading import load_model
 
         model = load_model(model_path)  # float32 on CPU; all GPUs and the checkpoint's dtype otherwise
     if not is_tokenized(data):

@@ -2,7 +2,7 @@
 plus lm-evaluation-harness tasks run in-process and offline.
 
     from grape.evaluate import EvalConfig, evaluate, load_documents
-    docs = load_documents(["benchmarks/zoo/heldout/prose.test.jsonl", "code=my_file.py"])
+    docs = load_documents(["heldout/prose.test.jsonl", "code=my_file.py"])
     result = evaluate(model, tokenizer, docs, EvalConfig(seq_len=256, tasks=("local",)))
     print(result.to_markdown(baseline=unpruned_result))
 
@@ -33,7 +33,6 @@ from grape.errors import DataError, UserError
 RESULT_FORMAT = "grape-eval"
 RESULT_VERSION = 1
 LOCAL_TASKS = "local"  # in EvalConfig.tasks: build multiple-choice tasks from the eval documents
-DEFAULT_HELDOUT_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "zoo" / "heldout"
 _IGNORE = -100
 
 Documents = dict[str, list[str]]  # domain -> documents, in a fixed order
@@ -256,12 +255,15 @@ class EvalResult:
 
 
 def default_heldout_files(split: str = "test", root: str | os.PathLike | None = None) -> list[Path]:
-    """The test bed's committed held-out files, benchmarks/zoo/heldout/{domain}.{split}.jsonl."""
-    root = Path(root) if root is not None else DEFAULT_HELDOUT_DIR
-    files = sorted(root.glob(f"*.{split}.jsonl"))
+    """Held-out files {domain}.{split}.jsonl under `root`; without a root, the embedded test
+    bed's (grape.testbed)."""
+    if root is None:
+        from grape.testbed import heldout_files
+
+        return heldout_files(split)
+    files = sorted(Path(root).glob(f"*.{split}.jsonl"))
     if not files:
-        raise DataError(f"no held-out files {root}/*.{split}.jsonl; build them with "
-                        "`python benchmarks/zoo/build_corpus.py` or pass evaluation files "
+        raise DataError(f"no held-out files {root}/*.{split}.jsonl; pass evaluation files "
                         "(--data) explicitly.")
     return files
 

@@ -10,7 +10,7 @@ A recipe is a mapping. Top-level keys apply to every verb that has the option; a
 after a verb applies to that verb only. Keys are flag names without the leading dashes, and
 ``-`` and ``_`` are interchangeable::
 
-    model: benchmarks/zoo/models/qwen3moe-32x4     # any verb with --model
+    model: path/to/moe-checkpoint                  # any verb with --model
     seed: 0
     calibrate:
       samples: 64

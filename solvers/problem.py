@@ -1,7 +1,7 @@
 """The allocation problem: layers of experts, a budget, constraints and an objective.
 
 A :class:`Problem` is everything a solver needs and nothing model-specific. Build one from a
-scores file with :func:`build_problem`, or directly from arrays (tests, benchmarks).
+scores file with :func:`build_problem`, or directly from arrays (tests, experiments).
 """
 
 from __future__ import annotations

@@ -147,3 +147,39 @@ def test_the_documented_plugin_works_in_grape_run(plugin_dir, ws, scores, tmp_pa
     summary = json.loads((out / "summary.json").read_text())
     assert summary["objective"] == "shared_load"
     assert max(summary["plans"]["exact"]["kept_per_layer"].values()) <= 5
+
+
+# -- layering -----------------------------------------------------------------------------------
+def _python_files(*folders: str) -> list[Path]:
+    return [p for folder in folders for p in sorted((REPO / folder).rglob("*.py"))]
+
+
+def test_the_library_never_imports_the_command_line():
+    import ast
+
+    offenders = []
+    for path in _python_files("grape", "solvers"):
+        rel = path.relative_to(REPO).as_posix()
+        if rel.startswith("grape/commands/") or rel in ("grape/cli.py", "grape/__main__.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{rel}: {n}" for n in names if n.startswith(("grape.commands", "grape.cli"))]
+    assert not offenders, offenders
+
+
+def test_no_product_module_refers_to_the_benchmarks():
+    hits = [p.relative_to(REPO).as_posix() for p in _python_files("grape", "solvers")
+            if "benchmarks" in p.read_text(encoding="utf-8")]
+    assert not hits, hits
+
+
+def test_solvers_never_import_torch_or_grape():
+    import ast
+
+    for path in _python_files("solvers"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not [n for n in names if n.split(".")[0] in ("torch", "grape", "transformers")], path

@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from grape.modelfiles import check_model_dir, parse_device_map, resolve_seq_len
+from grape.modelfiles import check_model_dir, resolve_seq_len
 from grape.outputs import SCORES_FILE, FileOutput
 
 HELP = "measure per-expert statistics, expert similarity and layer cost curves; write a scores file"
@@ -113,39 +113,11 @@ def config_from_args(args: argparse.Namespace):
     )
 
 
-def _device_map(spec: str, offload_folder: str | None = None):
-    """The accelerate device_map for --device-map, every device checked ('auto' without a GPU
-    is the CPU)."""
-    import torch
-
-    placement = parse_device_map(spec, offload_folder)
-    if placement == "auto" and not torch.cuda.is_available():
-        return "cpu"
-    return placement
-
-
-def load_model(path: Path, device_map: str = "auto", dtype: str = "auto",
-               offload_folder: str | None = None):
-    """An eval-mode MoE model from a checkpoint directory (stock or GRAPE-pruned)."""
-    import torch
-
-    from grape.checkpoint import load_pruned
-
-    check_model_dir(path)
-    placement = _device_map(device_map, offload_folder)
-    on_cpu = placement == "cpu"
-    torch_dtype = (
-        (torch.float32 if on_cpu else "auto") if dtype == "auto" else getattr(torch, dtype)
-    )
-    extra = {"offload_folder": offload_folder} if offload_folder else {}
-    return load_pruned(path, dtype=torch_dtype, device_map=placement, **extra)
-
-
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local files only
     from grape.calibrate import CalibrationConfig, calibrate
-    from grape.commands.eval import load_tokenizer
     from grape.data import load_calibration_data
+    from grape.loading import device_map, load_model, load_tokenizer
 
     # everything that needs no weights first: bad settings fail in a second
     model_config = check_model_dir(args.model)
@@ -153,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
                                    who="grape calibrate")
     config = config_from_args(args)
     config.validate()
-    _device_map(args.device_map, args.offload_folder)
+    device_map(args.device_map, args.offload_folder)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     data = load_calibration_data(
         [str(p) for p in args.data],
@@ -164,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
         text_field=config.text_field,
         progress=config.progress,
     )
-    model = load_model(args.model, args.device_map, args.dtype, args.offload_folder)
+    model = load_model(args.model, args.device_map, args.dtype, offload_folder=args.offload_folder)
     scores = calibrate(model, data, config)
     scores.calibration["model_path"] = str(args.model.resolve())
     scores.save(args.out)
@@ -199,6 +171,5 @@ __all__ = [
     "add_arguments",
     "run",
     "config_from_args",
-    "load_model",
     "summary",
 ]

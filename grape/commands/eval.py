@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", nargs="+", default=None, metavar="FILE",
                         help="held-out text: JSONL files with 'text'/'domain' fields, plain-text "
                         "files, DOMAIN=FILE, or directories; when not given, the test bed's "
-                        "benchmarks/zoo/heldout/*.<split>.jsonl")
+                        "held-out split (grape.testbed)")
     parser.add_argument("--split", default="test", choices=("test", "validation"),
                         help="held-out split used when --data is not given")
     parser.add_argument("--tasks", default="",
@@ -92,60 +92,11 @@ def config_from_args(args: argparse.Namespace):
     )
 
 
-def check_model_dir(path: Path) -> dict:
-    """config.json readable and the safetensors files intact (headers only); returns the config."""
-    from grape.modelfiles import check_model_dir as check
-
-    return check(Path(path))
-
-
 def check_device(device: str) -> None:
-    """--device names a device this machine has ('auto' and 'balanced' always do)."""
-    if device in ("auto", "balanced"):
-        return
-    from grape.modelfiles import check_device as check
+    """--device names a device this machine has (checked before anything is loaded)."""
+    from grape.loading import device_map
 
-    check(device, "--device")
-
-
-def load_model(path: Path, device: str = "auto", dtype: str = "auto"):
-    """A checkpoint directory as an eval-mode model. GRAPE checkpoints (per-layer expert counts
-    included) load through grape.checkpoint.load_pruned; other causal LMs (e.g. dense ones)
-    through AutoModelForCausalLM."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    check_model_dir(path)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    on_cpu = device == "cpu"
-    kwargs = {"dtype": torch.float32 if on_cpu else "auto"} if dtype == "auto" else \
-        {"dtype": getattr(torch, dtype)}
-    kwargs["device_map"] = "balanced" if device == "balanced" else device
-    try:
-        from grape.checkpoint import load_pruned
-    except ImportError:
-        load_pruned = None
-    from grape.errors import ArchitectureError
-
-    if load_pruned is not None:
-        try:
-            return load_pruned(path, **kwargs).eval()
-        except ArchitectureError:
-            pass  # not an MoE family GRAPE knows: a plain causal LM still evaluates
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
-
-
-def load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    if not path.is_dir() and not path.is_file():
-        raise DataError(f"tokenizer {path} does not exist; pass --tokenizer DIR.")
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as exc:
-        raise DataError(f"no usable tokenizer in {path} ({exc}); pass --tokenizer DIR holding "
-                        "tokenizer.json (the test bed's is benchmarks/zoo/tokenizer).") from None
+    device_map(device)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -155,6 +106,9 @@ def run(args: argparse.Namespace) -> int:
     from grape.modelfiles import resolve_seq_len
 
     # everything that needs no weights first: bad settings fail in a second
+    from grape.loading import load_model, load_tokenizer
+    from grape.modelfiles import check_model_dir
+
     model_config = check_model_dir(args.model)
     if not args.no_perplexity:
         args.seq_len = resolve_seq_len(args.seq_len, DEFAULT_SEQ_LEN, model_config, who="grape eval")
@@ -169,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
             raise DataError(f"lm-eval task path {p} does not exist; pass a directory holding "
                             "lm-eval task YAML files.")
     tokenizer = load_tokenizer(args.tokenizer or args.model)
-    model = load_model(args.model, args.device, args.dtype)
+    model = load_model(args.model, args.device, args.dtype, moe_only=False)
     resolved = {"model": str(args.model.resolve()),
                 "tokenizer": str((args.tokenizer or args.model).resolve()),
                 "data": [str(d) for d in data], "device": args.device, "dtype": args.dtype,
@@ -190,8 +144,7 @@ __all__ = [
     "DESCRIPTION",
     "HELP",
     "add_arguments",
+    "check_device",
     "config_from_args",
-    "load_model",
-    "load_tokenizer",
     "run",
 ]

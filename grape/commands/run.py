@@ -13,9 +13,7 @@ from grape.errors import DataError
 from grape.outputs import DirOutput
 from solvers.errors import UserError
 
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_MODEL = REPO / "benchmarks" / "zoo" / "models" / "qwen3moe-32x4"
-DEFAULT_CALIBRATION = REPO / "benchmarks" / "zoo" / "heldout" / "calibration.jsonl"
+TESTBED = "the embedded test-bed model (grape.testbed, a Qwen3-MoE with 32 experts per layer)"
 
 # settings left unset on the command line and in the recipe: small on the embedded test-bed
 # model (a few minutes on a 2-core CPU), larger on a model of your own
@@ -35,7 +33,7 @@ DESCRIPTION = (
     "(and baseline plans), the pruned checkpoint, evaluations of the model before and after "
     "pruning, and report.md with PNG plots (experts kept per layer, held-out NLL before/after per "
     "domain, every solver on the same problem). Without --model it runs on the embedded test-bed "
-    f"model {DEFAULT_MODEL.relative_to(REPO)} with its committed calibration and held-out text, "
+    f"model (grape.testbed) with its committed calibration and held-out text, "
     "with small settings that finish in a few minutes on a 2-core CPU "
     f"({', '.join(f'{k} {v}' for k, v in SMALL.items())}); with --model the unset settings are "
     f"larger ({', '.join(f'{k} {v}' for k, v in LARGE.items())}), capped at the model's context. The problem flags are those of `grape solve`, except that the "
@@ -49,14 +47,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     io = parser.add_argument_group("model and data")
     io.add_argument("--model", type=Path, default=None,
-                    help=f"model directory; default: the test-bed model {DEFAULT_MODEL.relative_to(REPO)}")
+                    help=f"model directory; default: {TESTBED}")
     io.add_argument("--tokenizer", type=Path, default=None, help="tokenizer directory; default: the model's")
     io.add_argument("--data", nargs="+", default=None, metavar="PATH",
                     help="calibration text (text/JSONL files or directories); default: "
-                    f"{DEFAULT_CALIBRATION.relative_to(REPO)}")
+                    "the test bed's calibration text")
     io.add_argument("--eval-data", nargs="+", default=None, metavar="FILE",
                     help="held-out evaluation text (JSONL with text/domain, text files, DOMAIN=FILE); "
-                    "default: benchmarks/zoo/heldout/*.test.jsonl")
+                    "default: the test bed's held-out test split")
     io.add_argument("--scores", type=Path, default=None,
                     help="reuse this scores file instead of calibrating (it must come from this model)")
     io.add_argument("--out", type=Path, default=None, help="output directory; default: runs/<model name>")
@@ -81,7 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="seconds per solver in the comparison table")
     # default curves: the measured error of each layer's MoE output against its kept count. On
     # the test-bed model it gave the smallest held-out NLL increase of the four objectives at 25%
-    # and 50% when this default was chosen (benchmarks/quality.py measures this properly)
+    # and 50% when this default was chosen (the quality benchmark measures this properly)
     add_problem_arguments(parser, objective="curves")
 
     ap = parser.add_argument_group("apply")
@@ -114,22 +112,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # -- settings -------------------------------------------------------------------------------
 def resolve_settings(args: argparse.Namespace) -> None:
     """Fill the unset options in place (model, data, sizes), so the resolved recipe shows them."""
-    from grape.commands.eval import check_device
+    from grape.loading import device_map
     from grape.modelfiles import check_model_dir, resolve_seq_len
 
     default_model = args.model is None
     if default_model:
-        if not (DEFAULT_MODEL / "config.json").is_file():
-            raise DataError(f"the embedded test-bed model {DEFAULT_MODEL} is not there; train it with "
-                            "`python benchmarks/zoo/train.py qwen3moe-32x4 --minutes 40`, or pass "
-                            "--model DIR")
-        args.model = DEFAULT_MODEL
+        from grape import testbed
+
+        args.model = testbed.model_dir()
     model_config = check_model_dir(args.model)
     _check_architecture(model_config)
     if args.data is None and args.scores is None:
-        if not DEFAULT_CALIBRATION.is_file():
-            raise DataError(f"no calibration data: {DEFAULT_CALIBRATION} is missing; pass --data PATH")
-        args.data = [str(DEFAULT_CALIBRATION)]
+        from grape import testbed
+
+        args.data = [str(testbed.calibration_file())]
     if args.out is None:
         args.out = Path("runs") / args.model.name
     sizes = SMALL if default_model else LARGE
@@ -142,7 +138,7 @@ def resolve_settings(args: argparse.Namespace) -> None:
     for key in ("samples", "seq_len", "eval_seq_len", "batch_size", "eval_batch_size"):
         if getattr(args, key) < 1:
             raise DataError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
-    check_device(args.device)
+    device_map(args.device)  # a device this machine lacks fails now
     _check_min_kept(args, model_config)
 
 
@@ -336,7 +332,7 @@ def _stored_dtype(model_dir: Path):
 
 
 def _load_model(args):
-    from grape.commands.eval import load_model
+    from grape.loading import load_model
 
     return load_model(args.model, args.device, args.dtype)
 
@@ -344,7 +340,7 @@ def _load_model(args):
 def _calibrate_stage(args, cal_config):
     from grape.adapters import get_adapter
     from grape.calibrate import calibrate
-    from grape.commands.eval import load_tokenizer
+    from grape.loading import load_tokenizer
     from grape.data import load_calibration_data
     from solvers.scores import Scores
 
@@ -432,4 +428,4 @@ def _print_result(summary: dict, report: Path) -> None:
     print(f"wrote {report}")
 
 
-__all__ = ["DEFAULT_CALIBRATION", "DEFAULT_MODEL", "DESCRIPTION", "HELP", "add_arguments", "run"]
+__all__ = ["DESCRIPTION", "HELP", "OUTPUT", "add_arguments", "run"]

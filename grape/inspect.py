@@ -1,0 +1,295 @@
+"""Summaries of every file GRAPE writes, for `grape inspect` and the Python API:
+
+    summary = inspect_path("scores.npz")     # a dict; render(summary) is the text `grape inspect` prints
+
+Scores files, plans, eval results and checkpoint directories are recognised by their content.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from solvers.errors import UserError
+
+
+class InspectError(UserError):
+    """A path that is none of the things `grape inspect` summarises."""
+
+
+def detect(path: Path) -> str:
+    """'scores', 'plan', 'eval' or 'checkpoint'; InspectError otherwise."""
+    if not path.exists():
+        raise InspectError(f"{str(path)!r} does not exist; pass a scores file, a plan, an eval "
+                           "result or a checkpoint directory")
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return "checkpoint"
+        raise InspectError(f"{str(path)!r} is a directory without config.json, so not a checkpoint; "
+                           "pass a checkpoint directory, a scores file or a plan")
+    if zipfile.is_zipfile(path):
+        return "scores"
+    data = _read_json(path)
+    if isinstance(data, dict):
+        fmt = data.get("format")
+        if fmt == "grape.plan" or (fmt is None and "kept" in data and "removed" in data):
+            return "plan"
+        if fmt == "grape-eval":
+            return "eval"
+    raise InspectError(f"{str(path)!r} is not a GRAPE scores file, plan, eval result or checkpoint "
+                       "(unrecognised content)")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise InspectError(f"{str(path)!r} is neither a scores file (.npz) nor JSON (a plan or an "
+                           "eval result)") from None
+    except OSError as exc:
+        raise InspectError(f"cannot read {str(path)!r}: {exc.strerror}") from None
+
+
+# -- summaries ------------------------------------------------------------------------------
+def summarize_scores(path: Path, criterion: str | None = None) -> dict[str, Any]:
+    from solvers.scores import Scores
+
+    scores = Scores.load(path)
+    criterion = criterion or scores.calibration.get("criterion") or "reap_mass"
+    importance = scores.importance(criterion)
+    layers = []
+    for idx, ls in sorted(scores.layers.items()):
+        values = importance[idx]
+        layers.append({
+            "layer": idx,
+            "experts": ls.num_experts,
+            "top_k": scores.model.top_k.get(idx),
+            "never_routed": int((ls.stats["count"] == 0).sum()),
+            f"{criterion}_min": float(values.min()),
+            f"{criterion}_median": float(np.median(values)),
+            f"{criterion}_max": float(values.max()),
+            "output_energy": float(ls.output_energy),
+            "similarity": sorted(ls.similarity),
+            "cost_curve": ls.cost_curve is not None,
+        })
+    cal = scores.calibration
+    return {
+        "kind": "scores",
+        "path": str(path),
+        "model": scores.model.to_json(),
+        "tokens": scores.tokens,
+        "created_by": scores.created_by,
+        "fingerprint": scores.fingerprint(),
+        "criterion": criterion,
+        "calibration": {k: cal[k] for k in ("sources", "samples", "seq_len", "subsample", "seed",
+                                             "dtype", "model_path", "synthetic", "shape") if k in cal},
+        "total_experts": sum(scores.model.experts_per_layer.values()),
+        "expert_bytes": int(sum(int(ls.expert_bytes.sum()) for ls in scores.layers.values())),
+        "layers": layers,
+    }
+
+
+def summarize_plan(path: Path) -> dict[str, Any]:
+    from solvers.plan import Plan
+
+    plan = Plan.load(path)
+    return _plan_summary(plan, str(path))
+
+
+def _plan_summary(plan, where: str) -> dict[str, Any]:
+    prov = plan.provenance
+    counts = plan.kept_counts()
+    total = plan.num_kept + plan.num_removed
+    return {
+        "kind": "plan",
+        "path": where,
+        "solver": plan.solver,
+        "status": plan.status,
+        "objective_value": None if plan.objective != plan.objective else plan.objective,
+        "bound": plan.bound,
+        "gap": plan.gap,
+        "seconds": plan.seconds,
+        "objective": prov.get("objective"),
+        "budget": prov.get("budget"),
+        "constraints": prov.get("constraints", []),
+        "scores_fingerprint": prov.get("scores_fingerprint"),
+        "model_type": plan.model.get("model_type"),
+        "model": plan.model.get("name_or_path"),
+        "kept": plan.num_kept,
+        "removed": plan.num_removed,
+        "total": total,
+        "uniform": plan.is_uniform,
+        "merge_map": bool(plan.merge_map),
+        "kept_per_layer": {str(k): v for k, v in counts.items()},
+        "experts_per_layer": {str(k): len(plan.kept[k]) + len(plan.removed[k]) for k in plan.layers},
+    }
+
+
+def summarize_eval(path: Path) -> dict[str, Any]:
+    from grape.evaluate import EvalResult  # imports torch; only for eval results
+
+    result = EvalResult.from_json(path)
+    return {
+        "kind": "eval",
+        "path": str(path),
+        "model": result.model,
+        "domains": {d: {"nll": r.nll, "ppl": r.ppl, "tokens": r.tokens} for d, r in result.domains.items()},
+        "mean_nll": result.mean_nll if result.domains else None,
+        "tasks": {n: t.metrics for n, t in result.tasks.items()},
+    }
+
+
+_EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+def summarize_checkpoint(path: Path) -> dict[str, Any]:
+    config = _read_json(path / "config.json")
+    if not isinstance(config, dict):
+        raise InspectError(f"{str(path / 'config.json')!r} is not a JSON object")
+    per_layer = config.get("grape_experts_per_layer") or {}
+    count = next((config[k] for k in _EXPERT_COUNT_KEYS if isinstance(config.get(k), int)), None)
+    provenance = _read_json(path / "grape_provenance.json") if (path / "grape_provenance.json").is_file() else {}
+    plan = None
+    if (path / "grape_plan.json").is_file():
+        from solvers.plan import Plan
+
+        plan = _plan_summary(Plan.load(path / "grape_plan.json"), str(path / "grape_plan.json"))
+    experts = ({str(k): int(v) for k, v in per_layer.items()} if per_layer
+               else provenance.get("experts_per_layer") or {})
+    masked = config.get("grape_masked_experts") or {}
+    auto_map = (config.get("auto_map") or {}).get("AutoModelForCausalLM")
+    weights = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
+    return {
+        "kind": "checkpoint",
+        "path": str(path),
+        "model_type": config.get("model_type"),
+        "architecture": (config.get("architectures") or [None])[0],
+        "layers": config.get("num_hidden_layers"),
+        "experts": count,
+        "top_k": config.get("num_experts_per_tok"),
+        "experts_per_layer": experts,
+        "uniform": not per_layer,
+        "masked_experts": sum(len(v) for v in masked.values()),
+        "needs_trust_remote_code": bool(auto_map),
+        "loads_in_vllm": not per_layer and not masked,
+        "pruned_by_grape": bool(provenance),
+        "provenance": {k: provenance.get(k) for k in ("source_model", "method", "solver", "objective",
+                                                      "budget", "scores_fingerprint", "grape_version")
+                       if provenance.get(k) is not None},
+        "plan": plan,
+        "weight_files": len(weights),
+        "weight_bytes": sum(os.path.getsize(w) for w in weights),
+        "tokenizer": (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file(),
+    }
+
+
+SUMMARIES = {"scores": summarize_scores, "plan": summarize_plan, "eval": summarize_eval,
+             "checkpoint": summarize_checkpoint}
+
+
+def inspect_path(path: str | os.PathLike, criterion: str | None = None) -> dict[str, Any]:
+    """A JSON-able summary of whatever `path` holds (its "kind" says what it is)."""
+    path = Path(path)
+    kind = detect(path)
+    if kind == "scores":
+        return summarize_scores(path, criterion)
+    return SUMMARIES[kind](path)
+
+
+# -- text -----------------------------------------------------------------------------------
+def _fmt(x: Any) -> str:
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    return "-" if x is None else str(x)
+
+
+def _size(n: int) -> str:
+    from solvers.constraints import format_bytes
+
+    return format_bytes(n)
+
+
+def render(summary: dict[str, Any]) -> str:
+    kind = summary["kind"]
+    lines = []
+    if kind == "scores":
+        m = summary["model"]
+        cal = ", ".join(f"{k} {v}" for k, v in summary["calibration"].items())
+        lines += [f"scores file {summary['path']}",
+                  (f"  model: {m['model_type']} {m.get('name_or_path') or ''}, {m['num_hidden_layers']} "
+                   f"layers, {len(summary['layers'])} MoE layers, {summary['total_experts']} routed experts "
+                   f"({_size(summary['expert_bytes'])}), router fingerprint {m.get('fingerprint') or '-'}"),
+                  f"  calibration: {summary['tokens']} tokens; {cal or '-'}",
+                  f"  created by {summary['created_by']}; statistics fingerprint {summary['fingerprint']}",
+                  "", (f"| layer | experts | top_k | never routed | {summary['criterion']} min | median | max "
+                       "| output energy | similarity | cost curve |"),
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+        c = summary["criterion"]
+        for r in summary["layers"]:
+            lines.append(f"| {r['layer']} | {r['experts']} | {_fmt(r['top_k'])} | {r['never_routed']} | "
+                         f"{_fmt(r[c + '_min'])} | {_fmt(r[c + '_median'])} | {_fmt(r[c + '_max'])} | "
+                         f"{_fmt(r['output_energy'])} | {','.join(r['similarity']) or '-'} | "
+                         f"{'yes' if r['cost_curve'] else 'no'} |")
+    elif kind == "plan":
+        lines += _render_plan(summary)
+    elif kind == "eval":
+        lines += [f"eval result {summary['path']} for {summary['model']}",
+                  "| domain | NLL | perplexity | tokens |", "|---|---:|---:|---:|"]
+        for d, r in summary["domains"].items():
+            lines.append(f"| {d} | {r['nll']:.4f} | {r['ppl']:.2f} | {r['tokens']} |")
+        if summary["mean_nll"] is not None:
+            lines.append(f"| **mean** | {summary['mean_nll']:.4f} | | |")
+        for name, metrics in summary["tasks"].items():
+            lines.append(f"task {name}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in metrics.items()))
+    else:
+        s = summary
+        grape_line = ("pruned by GRAPE: " + ", ".join(f"{k} {v}" for k, v in s["provenance"].items())
+                      if s["pruned_by_grape"] else "not a GRAPE-pruned checkpoint (no grape_provenance.json)")
+        if s["needs_trust_remote_code"]:
+            loads = ("per-layer expert counts: load with grape.load / load_pruned, or "
+                     "AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True); not vLLM")
+        else:
+            loads = "standard layout: loads in vanilla transformers and vLLM"
+        lines += [f"checkpoint {s['path']}",
+                  (f"  {s['architecture']} ({s['model_type']}), {s['layers']} layers, "
+                   f"{_fmt(s['experts'])} experts per MoE layer"
+                   f"{' (the largest layer; per-layer counts below)' if not s['uniform'] else ''}, "
+                   f"top_k {_fmt(s['top_k'])}"),
+                  f"  {loads}",
+                  (f"  weights: {s['weight_files']} file(s), {_size(s['weight_bytes'])}; tokenizer: "
+                   f"{'yes' if s['tokenizer'] else 'no'}"),
+                  f"  {grape_line}"]
+        if s["masked_experts"]:
+            lines.append(f"  {s['masked_experts']} experts are masked (kept in the weights, never routed)")
+        if s["experts_per_layer"]:
+            lines.append("  experts per layer: " + ", ".join(f"{k}:{v}" for k, v in s["experts_per_layer"].items()))
+        if s["plan"]:
+            lines += [""] + _render_plan(s["plan"])
+    return "\n".join(lines)
+
+
+def _render_plan(p: dict[str, Any]) -> list[str]:
+    gap = "-" if p["gap"] is None else f"{100 * p['gap']:.2f}%"
+    lines = [f"plan {p['path']}",
+             (f"  solver {p['solver']} ({p['status']}), objective {p['objective'] or '-'} = "
+              f"{_fmt(p['objective_value'])}, lower bound {_fmt(p['bound'])}, gap {gap}, "
+              f"{p['seconds']:.2f} s"),
+             f"  budget: {p['budget'] or '-'}; constraints: {', '.join(p['constraints']) or 'none'}",
+             f"  model: {p['model_type'] or '-'} {p['model'] or ''}; scores {p['scores_fingerprint'] or '-'}",
+             f"  removes {p['removed']} of {p['total']} experts ({100 * p['removed'] / max(p['total'], 1):.1f}%), "
+             f"keeps {p['kept']}; " + ("the same count in every layer (standard checkpoint)"
+                                        if p["uniform"] else "different counts per layer")
+             + ("; has a merge map" if p["merge_map"] else ""),
+             "", "| layer | experts | kept | removed |", "|---:|---:|---:|---:|"]
+    for layer, kept in p["kept_per_layer"].items():
+        n = p["experts_per_layer"][layer]
+        lines.append(f"| {layer} | {n} | {kept} | {n - kept} |")
+    return lines
+
+
+__all__ = ["SUMMARIES", "InspectError", "detect", "inspect_path", "render"]
