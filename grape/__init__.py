@@ -10,6 +10,7 @@ The Python API (grape/api.py), one verb per stage, each imported on first use so
     path    = grape.save(model, "pruned/", plan=plan, tokenizer=tok)
     model   = grape.load("pruned/")
     result  = grape.evaluate(model, tok, data, grape.EvalConfig(...))
+    run     = grape.run_pipeline(grape.RunConfig(model="moe/", out="runs/x", data=["corpus/"]))
 
 `grape.calibrate`, `grape.apply` and `grape.evaluate` are also the names of the submodules
 that do the work; those three submodules are callable, and calling one runs the API verb
@@ -36,6 +37,9 @@ _LAZY = {
     "check_budget": "grape.api",
     "SolveConfig": "grape.api",
     "BudgetError": "grape.api",
+    # the whole pipeline (grape/pipeline.py)
+    "RunConfig": "grape.pipeline",
+    "run_pipeline": "grape.pipeline",
     # configuration objects and artifacts
     "CalibrationConfig": "grape.calibrate",
     "EvalConfig": "grape.evaluate",

@@ -106,6 +106,23 @@ def test_sequences_past_the_context_are_capped_or_refused(ws, capsys):
         grape.calibrate(model, torch.zeros(1, context + 1, dtype=torch.long), config)
 
 
+def test_the_whole_pipeline_is_one_library_call(ws, scores, tmp_path):
+    """grape.run_pipeline is what `grape run` calls: same outputs, from typed configurations."""
+    scores_file = tmp_path / "scores.npz"
+    scores.save(scores_file)
+    config = grape.RunConfig(
+        model=ws.model, out=tmp_path / "run", scores=scores_file, eval_data=[str(p) for p in ws.heldout],
+        solve=SolveConfig(budget=6, objective="curves", time_limit=10), baselines=("uniform",),
+        compare=False, evaluation=grape.EvalConfig(seq_len=32, max_tokens_per_domain=64, progress=False))
+    result = grape.run_pipeline(config)
+    assert result.report.is_file() and (tmp_path / "run" / "checkpoint" / "config.json").is_file()
+    assert set(result.summary["nll"]) == {"unpruned", "exact", "uniform"}
+    assert result.summary["plans"]["exact"]["removed"] == 6
+    assert result.summary["solve_config"]["objective"] == "curves"
+    with pytest.raises(UserError, match="unknown solver"):
+        grape.RunConfig(model=ws.model, out=tmp_path / "x", scores=scores_file, baselines=("nope",))
+
+
 def test_no_hidden_state_between_calls(scores):
     config = SolveConfig(budget=0.25, objective="additive")
     first = grape.solve(scores, config)

@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import time
-from dataclasses import asdict
 from pathlib import Path
 
 from grape.errors import DataError
 from grape.outputs import DirOutput
-from solvers.errors import UserError
 
 TESTBED = "the embedded test-bed model (grape.testbed, a Qwen3-MoE with 32 experts per layer)"
 
@@ -23,9 +18,6 @@ LARGE = {"samples": 256, "seq_len": 2048, "subsample": 512, "eval_tokens": 65536
 # checked by the CLI when --out is given, and by run() once the default is resolved
 OUTPUT = DirOutput(signature=("summary.json", "run.recipe.yaml"), what="a run folder",
                    inputs=("model", "tokenizer", "data", "eval_data", "scores"))
-
-MASK_NOTE = ("method `mask` keeps every weight (the routers skip the removed experts), so no smaller "
-             "checkpoint was written; use `--method remove` for one")
 
 HELP = "calibrate -> solve -> apply -> eval -> report in one go (default: the embedded test-bed model)"
 DESCRIPTION = (
@@ -173,250 +165,49 @@ def _names(text: str) -> list[str]:
 
 
 # -- the verb -------------------------------------------------------------------------------
-class _Stages:
-    """Numbered stage lines ([2/6] solving ...) and the wall seconds of each stage."""
+def run_config(args: argparse.Namespace):
+    """The grape.pipeline.RunConfig the (resolved) flags describe."""
+    from grape.calibrate import CalibrationConfig
+    from grape.config import solve_config_from_args
+    from grape.evaluate import EvalConfig
+    from grape.pipeline import RunConfig
 
-    def __init__(self, total: int):
-        self.seconds: dict[str, float] = {}
-        self.n, self.total = 0, total
-
-    def start(self, name: str, what: str) -> None:
-        self.n += 1
-        self.name, self.t0 = name, time.perf_counter()
-        print(f"[{self.n}/{self.total}] {what}", flush=True)
-
-    def stop(self) -> None:
-        self.seconds[self.name] = self.seconds.get(self.name, 0.0) + time.perf_counter() - self.t0
+    progress = not args.no_progress
+    return RunConfig(
+        model=args.model, out=args.out, data=args.data, scores=args.scores, tokenizer=args.tokenizer,
+        eval_data=args.eval_data,
+        calibration=CalibrationConfig(seq_len=args.seq_len, samples=args.samples, seed=args.seed,
+                                      batch_size=args.batch_size, subsample=args.subsample,
+                                      similarity=tuple(_names(args.calib_similarity)),
+                                      criterion=args.criterion, normalize=args.normalize,
+                                      progress=progress),
+        solve=solve_config_from_args(args, solver=args.solver),
+        evaluation=EvalConfig(seq_len=args.eval_seq_len, max_tokens_per_domain=args.eval_tokens or None,
+                              batch_size=args.eval_batch_size, tasks=tuple(_names(args.tasks)),
+                              task_limit=args.task_limit, seed=args.seed, progress=progress),
+        method=args.method, save=not args.no_save, allow_lower_top_k=args.allow_lower_top_k,
+        baselines=tuple(_names(args.baselines)), compare=not args.no_compare,
+        compare_time_limit=args.compare_time_limit, device=args.device, dtype=args.dtype,
+        overwrite=args.overwrite,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local files only
-    from grape.api import check_budget
-    from grape.compare import compare_solvers, solver_names
-    from grape.config import solve_config_from_args
+    from grape.pipeline import run as run_pipeline
     from grape.recipe import write_resolved
-    from grape.report import RunReport
-    from solvers._io import atomic_write_text
 
     resolve_settings(args)
     OUTPUT.check(args)
-    known = solver_names()
-    baselines = [b for b in _names(args.baselines) if b != args.solver]
-    for name in [args.solver, *baselines]:
-        if name not in known:
-            raise UserError(f"unknown solver {name!r}; choose from {', '.join(known)}")
-    # malformed problem flags fail now, not after calibration; the expert count once it is known
-    config = solve_config_from_args(args, solver=args.solver)
-    check_budget(args.budget, 1 << 62)
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
+    config = run_config(args)  # every flag is checked here, before the model is loaded
+    args.out.mkdir(parents=True, exist_ok=True)
     write_resolved(args, "run")  # also on failure: the configuration is what one debugs first
-    saving = not args.no_save and args.method != "mask"
-    stages = _Stages(5 + saving + bool(baselines))
+    if config.method == "mask":
+        from grape.pipeline import MASK_NOTE
 
-    # the checks that need no model go first: fail in a second, not after calibration
-    from grape.evaluate import EvalConfig, default_heldout_files, load_documents
-
-    eval_files = args.eval_data or [str(p) for p in default_heldout_files("test")]
-    docs = load_documents(eval_files)
-    eval_config = EvalConfig(seq_len=args.eval_seq_len, max_tokens_per_domain=args.eval_tokens or None,
-                             batch_size=args.eval_batch_size,
-                             tasks=tuple(_names(args.tasks)), task_limit=args.task_limit,
-                             seed=args.seed, progress=not args.no_progress)
-    from grape.calibrate import CalibrationConfig
-
-    cal_config = CalibrationConfig(seq_len=args.seq_len, samples=args.samples, seed=args.seed,
-                                   batch_size=args.batch_size, subsample=args.subsample,
-                                   similarity=tuple(_names(args.calib_similarity)),
-                                   criterion=args.criterion, normalize=args.normalize,
-                                   progress=not args.no_progress)
-    cal_config.validate()
-
-    # 1. calibrate
-    stages.start("calibrate", f"calibrating {args.model}" if args.scores is None else
-                 f"reading scores {args.scores}")
-    tokenizer, model, scores = _calibrate_stage(args, cal_config)
-    check_budget(args.budget, sum(scores.model.experts_per_layer.values()))
-    stages.stop()
-
-    # 2. solve (+ baselines and the comparison table)
-    stages.start("solve", f"solving: budget {args.budget}, objective {args.objective}, solver {args.solver}")
-    plans, rows = _solve_stage(args, scores, config, baselines, known, compare_solvers)
-    stages.stop()
-
-    # 3. evaluate the unpruned model (before it is changed in place)
-    from grape.evaluate import evaluate
-
-    stages.start("eval_before", "evaluating the unpruned model")
-    base_eval = evaluate(model, tokenizer, docs, eval_config, name=f"{args.model.name} (unpruned)")
-    _write_eval(out / "eval" / "unpruned.json", base_eval)
-    stages.stop()
-
-    # 4. apply the chosen plan and evaluate the pruned model
-    stages.start("apply_and_eval", f"applying the {args.solver} plan ({args.method}) and evaluating the "
-                 "pruned model")
-    from grape.apply import ApplyConfig, apply_plan
-
-    method = ApplyConfig(args.method, merge_weights=scores if args.method == "merge" else None,
-                         allow_lower_top_k=args.allow_lower_top_k)
-    apply_plan(model, plans[args.solver], method)
-    evals = {args.solver: evaluate(model, tokenizer, docs, eval_config, name=f"{args.model.name} ({args.solver})")}
-    files = {"resolved configuration": "run.recipe.yaml", "plan": "plan.json", "summary": "summary.json"}
-    if args.scores is None:
-        files["scores"] = "scores.npz"
-    stages.stop()
-
-    # 5. save it (after its evaluation: evaluated in the loading dtype, saved in the checkpoint's own)
-    if saving:
-        stages.start("save", f"saving the pruned checkpoint to {out / 'checkpoint'}")
-        _save_checkpoint(model, args, plans[args.solver], tokenizer)
-        files["pruned checkpoint"] = "checkpoint/"
-        stages.stop()
-    del model
-
-    # 6. the baselines: each from a fresh copy of the model
-    if baselines:
-        stages.start("baselines", f"applying and evaluating the baselines ({', '.join(baselines)})")
-        for name in baselines:
-            baseline_model = _load_model(args)
-            apply_plan(baseline_model, plans[name], method)
-            evals[name] = evaluate(baseline_model, tokenizer, docs, eval_config,
-                                   name=f"{args.model.name} ({name})")
-            del baseline_model
-        stages.stop()
-    for name, result in evals.items():
-        _write_eval(out / "eval" / f"{name}.json", result, base_eval)
-        files[f"eval ({name})"] = f"eval/{name}.json"
-    files["eval (unpruned)"] = "eval/unpruned.json"
-
-    # 7. report
-    stages.start("report", "writing the report")
-    report = RunReport(
-        model=str(args.model), budget=str(args.budget), objective=args.objective, solver=args.solver,
-        method=args.method, original=dict(scores.model.experts_per_layer), plans=plans,
-        base_eval=base_eval, evals=evals, solver_rows=rows,
-        calibration={"tokens": scores.tokens, **{k: v for k, v in scores.calibration.items()
-                                                 if k in ("samples", "seq_len", "subsample", "similarity",
-                                                          "criterion", "sources")}},
-        files=files, seconds=stages.seconds,
-        notes=[MASK_NOTE] if args.method == "mask" else [])
-    path = report.write(out)
-    stages.stop()
-    summary = _summary(args, scores, plans, base_eval, evals, stages.seconds)
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    _print_result(summary, path)
+        print(f"grape run: {MASK_NOTE}")
+    result = run_pipeline(config)
+    _print_result(result.summary, result.report)
     return 0
-
-
-def _save_checkpoint(model, args, plan, tokenizer) -> None:
-    from grape.checkpoint import save_pruned
-
-    stored = _stored_dtype(args.model)
-    if stored is not None and stored != next(model.parameters()).dtype:
-        model.to(stored)  # the weights were widened to float32 for CPU work; write them as they came
-    save_pruned(model, args.out / "checkpoint", plan=plan, tokenizer=tokenizer,
-                provenance={"source_model": str(args.model), "run_dir": str(args.out)},
-                overwrite=args.overwrite)
-
-
-def _stored_dtype(model_dir: Path):
-    import torch
-
-    try:
-        config = json.loads((model_dir / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    name = config.get("dtype") or config.get("torch_dtype")
-    value = getattr(torch, str(name), None) if name else None
-    return value if isinstance(value, torch.dtype) else None
-
-
-def _load_model(args):
-    from grape.loading import load_model
-
-    return load_model(args.model, args.device, args.dtype)
-
-
-def _calibrate_stage(args, cal_config):
-    from grape.adapters import get_adapter
-    from grape.calibrate import calibrate
-    from grape.loading import load_tokenizer
-    from grape.data import load_calibration_data
-    from solvers.scores import Scores
-
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
-    if args.scores is not None:
-        scores = Scores.load(args.scores)  # read before the model: a bad file fails fast
-        model = _load_model(args)
-        scores.model.check_matches(get_adapter(model).identity())
-        return tokenizer, model, scores
-    data = load_calibration_data([str(p) for p in args.data], tokenizer, seq_len=cal_config.seq_len,
-                                 samples=cal_config.samples, seed=cal_config.seed,
-                                 text_field=cal_config.text_field, progress=cal_config.progress)
-    model = _load_model(args)
-    scores = calibrate(model, data, cal_config)
-    scores.calibration["model_path"] = str(Path(args.model).resolve())
-    scores.save(args.out / "scores.npz")
-    return tokenizer, model, scores
-
-
-def _solve_stage(args, scores, config, baselines, known, compare_solvers):
-    from dataclasses import replace
-
-    from grape.api import build_problem, solve
-
-    problem = build_problem(scores, config)
-    plans = {args.solver: solve(problem, config)}
-    plans[args.solver].save(args.out / "plan.json")
-    for name in baselines:
-        plans[name] = solve(problem, replace(config, solver=name))
-        plans[name].save(args.out / "plans" / f"{name}.json")
-    rows = []
-    if not args.no_compare:
-        from tqdm.auto import tqdm
-
-        with tqdm(total=len(known), desc="every solver on this problem", unit="solver", leave=False,
-                  disable=args.no_progress) as bar:
-            def progress(what: str) -> None:
-                bar.set_postfix_str(what.split(" / ")[-1])
-                bar.update(1)
-
-            rows = compare_solvers(scores, replace(config, time_limit=args.compare_time_limit),
-                                   [args.objective], known, progress)
-    main = plans[args.solver]
-    print(f"    {args.solver}: {main.status}, objective {main.objective:.6g}, removes "
-          f"{main.num_removed} of {main.num_kept + main.num_removed} experts; kept per layer "
-          + " ".join(str(v) for v in main.kept_counts().values()), flush=True)
-    return plans, rows
-
-
-def _write_eval(path: Path, result, baseline=None) -> None:
-    from solvers._io import atomic_write_text
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, result.to_json(baseline))
-
-
-def _summary(args, scores, plans, base_eval, evals, seconds) -> dict:
-    total = sum(scores.model.experts_per_layer.values())
-    return {
-        "model": str(args.model),
-        "out": str(args.out),
-        "budget": str(args.budget),
-        "objective": args.objective,
-        "solver": args.solver,
-        "method": args.method,
-        "experts": total,
-        "plans": {name: {"status": p.status, "objective": p.objective, "bound": p.bound, "gap": p.gap,
-                         "removed": p.num_removed, "uniform": p.is_uniform,
-                         "kept_per_layer": {str(k): v for k, v in p.kept_counts().items()}}
-                  for name, p in plans.items()},
-        "nll": {"unpruned": {d: r.nll for d, r in base_eval.domains.items()} | {"mean": base_eval.mean_nll},
-                **{name: {d: r.nll for d, r in e.domains.items()} | {"mean": e.mean_nll}
-                   for name, e in evals.items()}},
-        "eval": asdict(base_eval.config),
-        "seconds": seconds,
-    }
 
 
 def _print_result(summary: dict, report: Path) -> None:

@@ -1,0 +1,291 @@
+"""The whole pipeline as one library call: calibrate -> solve -> apply -> evaluate -> report.
+
+    from grape.pipeline import RunConfig, run
+    result = run(RunConfig(model="path/to/moe", out="runs/x", data=["corpus/"],
+                           solve=SolveConfig(budget=0.25, objective="curves")))
+    result.summary["nll"]          # held-out NLL per domain, before and after
+    result.report                  # runs/x/report.md
+
+`grape run` parses its flags into a RunConfig and calls :func:`run`; the stage configurations
+are the library's own (CalibrationConfig, SolveConfig, ApplyConfig, EvalConfig). Everything is
+written into `out`: scores.npz, plan.json (and plans/<baseline>.json), the pruned checkpoint,
+eval/*.json, summary.json and report.md with plots.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from grape.calibrate import CalibrationConfig
+from grape.config import SolveConfig, check_budget
+from grape.evaluate import EvalConfig
+from solvers.errors import UserError
+
+MASK_NOTE = ("method `mask` keeps every weight (the routers skip the removed experts), so no smaller "
+             "checkpoint was written; use `--method remove` for one")
+
+
+@dataclass
+class RunConfig:
+    """One pipeline run. `data`: calibration sources (ignored when `scores` is given);
+    `eval_data`: held-out sources (None: the embedded test bed's test split)."""
+
+    model: str | os.PathLike
+    out: str | os.PathLike
+    data: list[str] | None = None
+    scores: str | os.PathLike | None = None
+    tokenizer: str | os.PathLike | None = None
+    eval_data: list[str] | None = None
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    solve: SolveConfig = field(default_factory=SolveConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    method: str = "remove"  # remove | merge | mask
+    save: bool = True  # write the pruned checkpoint (never for mask)
+    allow_lower_top_k: bool = False
+    baselines: tuple[str, ...] = ("uniform",)  # solvers whose plans are also applied and evaluated
+    compare: bool = True  # the table of every solver on the same problem
+    compare_time_limit: float = 10.0
+    device: str = "auto"
+    dtype: str = "auto"
+    overwrite: bool = False  # replace an out/checkpoint GRAPE did not write
+
+    def __post_init__(self) -> None:
+        from grape.compare import solver_names
+
+        self.model, self.out = Path(self.model), Path(self.out)
+        self.baselines = tuple(b for b in self.baselines if b != self.solve.solver)
+        known = solver_names()
+        for name in (self.solve.solver, *self.baselines):
+            if name not in known:
+                raise UserError(f"unknown solver {name!r}; choose from {', '.join(known)}")
+        if self.data is None and self.scores is None:
+            raise UserError("RunConfig needs calibration data (data=...) or a scores file (scores=...)")
+        self.calibration.validate()
+
+    @property
+    def saves_checkpoint(self) -> bool:
+        return self.save and self.method != "mask"
+
+
+@dataclass
+class RunResult:
+    summary: dict[str, Any]
+    report: Path
+
+
+class _Stages:
+    """Numbered stage lines ([2/6] solving ...) and the wall seconds of each stage."""
+
+    def __init__(self, total: int):
+        self.seconds: dict[str, float] = {}
+        self.n, self.total = 0, total
+
+    def start(self, name: str, what: str) -> None:
+        self.n += 1
+        self.name, self.t0 = name, time.perf_counter()
+        print(f"[{self.n}/{self.total}] {what}", flush=True)
+
+    def stop(self) -> None:
+        self.seconds[self.name] = self.seconds.get(self.name, 0.0) + time.perf_counter() - self.t0
+
+
+def run(config: RunConfig) -> RunResult:
+    """Run every stage; see the module docstring. Checks that need no model come first."""
+    from grape.apply import ApplyConfig, apply_plan
+    from grape.evaluate import default_heldout_files, evaluate, load_documents
+    from grape.report import RunReport
+    from solvers._io import atomic_write_text
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local files only
+    check_budget(config.solve.budget)
+    docs = load_documents(config.eval_data or [str(p) for p in default_heldout_files("test")])
+    out, label = config.out, config.model.name
+    out.mkdir(parents=True, exist_ok=True)
+    stages = _Stages(5 + config.saves_checkpoint + bool(config.baselines))
+
+    stages.start("calibrate", f"calibrating {config.model}" if config.scores is None else
+                 f"reading scores {config.scores}")
+    tokenizer, model, scores = _calibrate_stage(config)
+    check_budget(config.solve.budget, sum(scores.model.experts_per_layer.values()))
+    stages.stop()
+
+    stages.start("solve", f"solving: budget {config.solve.budget}, objective {config.solve.objective}, "
+                 f"solver {config.solve.solver}")
+    plans, rows = _solve_stage(config, scores)
+    stages.stop()
+
+    stages.start("eval_before", "evaluating the unpruned model")
+    base_eval = evaluate(model, tokenizer, docs, config.evaluation, name=f"{label} (unpruned)")
+    _write_eval(out / "eval" / "unpruned.json", base_eval)
+    stages.stop()
+
+    solver = config.solve.solver
+    stages.start("apply_and_eval", f"applying the {solver} plan ({config.method}) and evaluating the "
+                 "pruned model")
+    method = ApplyConfig(config.method, merge_weights=scores if config.method == "merge" else None,
+                         allow_lower_top_k=config.allow_lower_top_k)
+    apply_plan(model, plans[solver], method)
+    evals = {solver: evaluate(model, tokenizer, docs, config.evaluation, name=f"{label} ({solver})")}
+    files = {"resolved configuration": "run.recipe.yaml", "plan": "plan.json", "summary": "summary.json"}
+    if config.scores is None:
+        files["scores"] = "scores.npz"
+    stages.stop()
+
+    if config.saves_checkpoint:  # after its evaluation: evaluated in the loading dtype, saved in its own
+        stages.start("save", f"saving the pruned checkpoint to {out / 'checkpoint'}")
+        _save_checkpoint(model, config, plans[solver], tokenizer)
+        files["pruned checkpoint"] = "checkpoint/"
+        stages.stop()
+    del model
+
+    if config.baselines:  # each from a fresh copy of the model
+        stages.start("baselines", f"applying and evaluating the baselines ({', '.join(config.baselines)})")
+        for name in config.baselines:
+            baseline_model = _load_model(config)
+            apply_plan(baseline_model, plans[name], method)
+            evals[name] = evaluate(baseline_model, tokenizer, docs, config.evaluation, name=f"{label} ({name})")
+            del baseline_model
+        stages.stop()
+    for name, result in evals.items():
+        _write_eval(out / "eval" / f"{name}.json", result, base_eval)
+        files[f"eval ({name})"] = f"eval/{name}.json"
+    files["eval (unpruned)"] = "eval/unpruned.json"
+
+    stages.start("report", "writing the report")
+    report = RunReport(
+        model=str(config.model), budget=str(config.solve.budget), objective=config.solve.objective,
+        solver=solver, method=config.method, original=dict(scores.model.experts_per_layer), plans=plans,
+        base_eval=base_eval, evals=evals, solver_rows=rows,
+        calibration={"tokens": scores.tokens, **{k: v for k, v in scores.calibration.items()
+                                                 if k in ("samples", "seq_len", "subsample", "similarity",
+                                                          "criterion", "sources")}},
+        files=files, seconds=stages.seconds, notes=[MASK_NOTE] if config.method == "mask" else [])
+    path = report.write(out)
+    stages.stop()
+    summary = _summary(config, scores, plans, base_eval, evals, stages.seconds)
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return RunResult(summary, path)
+
+
+# -- stages -------------------------------------------------------------------------------------
+def _load_model(config: RunConfig):
+    from grape.loading import load_model
+
+    return load_model(config.model, config.device, config.dtype)
+
+
+def _calibrate_stage(config: RunConfig):
+    from grape.adapters import get_adapter
+    from grape.calibrate import calibrate
+    from grape.data import load_calibration_data
+    from grape.loading import load_tokenizer
+    from solvers.scores import Scores
+
+    tokenizer = load_tokenizer(config.tokenizer or config.model)
+    if config.scores is not None:
+        scores = Scores.load(config.scores)  # read before the model: a bad file fails fast
+        model = _load_model(config)
+        scores.model.check_matches(get_adapter(model).identity())
+        return tokenizer, model, scores
+    cal = config.calibration
+    data = load_calibration_data([str(p) for p in config.data], tokenizer, seq_len=cal.seq_len,
+                                 samples=cal.samples, seed=cal.seed, text_field=cal.text_field,
+                                 progress=cal.progress)
+    model = _load_model(config)
+    scores = calibrate(model, data, cal)
+    scores.calibration["model_path"] = str(config.model.resolve())
+    scores.save(config.out / "scores.npz")
+    return tokenizer, model, scores
+
+
+def _solve_stage(config: RunConfig, scores):
+    from grape.api import build_problem, solve
+    from grape.compare import compare_solvers, solver_names
+
+    solver, out = config.solve.solver, config.out
+    problem = build_problem(scores, config.solve)
+    plans = {solver: solve(problem, config.solve)}
+    plans[solver].save(out / "plan.json")
+    for name in config.baselines:
+        plans[name] = solve(problem, replace(config.solve, solver=name))
+        plans[name].save(out / "plans" / f"{name}.json")
+    rows = []
+    if config.compare:
+        from tqdm.auto import tqdm
+
+        known = solver_names()
+        with tqdm(total=len(known), desc="every solver on this problem", unit="solver", leave=False,
+                  disable=not config.calibration.progress) as bar:
+            def progress(what: str) -> None:
+                bar.set_postfix_str(what.split(" / ")[-1])
+                bar.update(1)
+
+            rows = compare_solvers(scores, replace(config.solve, time_limit=config.compare_time_limit),
+                                   [config.solve.objective], known, progress)
+    main = plans[solver]
+    print(f"    {solver}: {main.status}, objective {main.objective:.6g}, removes "
+          f"{main.num_removed} of {main.num_kept + main.num_removed} experts; kept per layer "
+          + " ".join(str(v) for v in main.kept_counts().values()), flush=True)
+    return plans, rows
+
+
+def _save_checkpoint(model, config: RunConfig, plan, tokenizer) -> None:
+    from grape.checkpoint import save_pruned
+
+    stored = _stored_dtype(config.model)
+    if stored is not None and stored != next(model.parameters()).dtype:
+        model.to(stored)  # the weights were widened to float32 for CPU work; write them as they came
+    save_pruned(model, config.out / "checkpoint", plan=plan, tokenizer=tokenizer,
+                provenance={"source_model": str(config.model), "run_dir": str(config.out)},
+                overwrite=config.overwrite)
+
+
+def _stored_dtype(model_dir: Path):
+    import torch
+
+    try:
+        stored = json.loads((model_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    name = stored.get("dtype") or stored.get("torch_dtype")
+    value = getattr(torch, str(name), None) if name else None
+    return value if isinstance(value, torch.dtype) else None
+
+
+def _write_eval(path: Path, result, baseline=None) -> None:
+    from solvers._io import atomic_write_text
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, result.to_json(baseline))
+
+
+def _summary(config: RunConfig, scores, plans, base_eval, evals, seconds) -> dict:
+    return {
+        "model": str(config.model),
+        "out": str(config.out),
+        "budget": str(config.solve.budget),
+        "objective": config.solve.objective,
+        "solver": config.solve.solver,
+        "method": config.method,
+        "experts": sum(scores.model.experts_per_layer.values()),
+        "plans": {name: {"status": p.status, "objective": p.objective, "bound": p.bound, "gap": p.gap,
+                         "removed": p.num_removed, "uniform": p.is_uniform,
+                         "kept_per_layer": {str(k): v for k, v in p.kept_counts().items()}}
+                  for name, p in plans.items()},
+        "nll": {"unpruned": {d: r.nll for d, r in base_eval.domains.items()} | {"mean": base_eval.mean_nll},
+                **{name: {d: r.nll for d, r in e.domains.items()} | {"mean": e.mean_nll}
+                   for name, e in evals.items()}},
+        "solve_config": config.solve.to_json(),
+        "eval": asdict(base_eval.config),
+        "seconds": seconds,
+    }
+
+
+run_pipeline = run  # the name the package exports (grape.run_pipeline)
+
+__all__ = ["MASK_NOTE", "RunConfig", "RunResult", "run", "run_pipeline"]
