@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from grape.outputs import DirOutput
 
@@ -10,7 +11,9 @@ PROVENANCE_FILE = "grape_provenance.json"  # grape.checkpoint.PROVENANCE_FILE (n
 
 HELP = "apply a plan to a model (remove / merge / mask experts) and save the checkpoint"
 DESCRIPTION = (
-    "Load MODEL, apply PLAN with the chosen method and write a checkpoint to OUT. A plan keeping "
+    "Apply PLAN to MODEL with the chosen method and write a checkpoint to OUT. remove and mask "
+    "stream the safetensors shard by shard (memory stays flat whatever the model's size; "
+    "quantised FP8 / MXFP4 experts stay quantised); merge, and --in-memory, load the model. A plan keeping "
     "the same number of experts in every layer gives a standard checkpoint (transformers, vLLM); "
     "a non-uniform plan gives per-layer counts in config.json plus a small remote-code class "
     "(load with grape.load_pruned, or from_pretrained(..., trust_remote_code=True))."
@@ -38,6 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-lower-top-k", action="store_true",
                         help="accept a plan keeping fewer experts than top_k in a layer (top_k "
                         "there drops to the kept count); refused by default")
+    parser.add_argument("--in-memory", action="store_true",
+                        help="load the whole model and save it (as merge does) instead of streaming "
+                        "the checkpoint shard by shard for remove / mask")
+    parser.add_argument("--max-shard-size", default="50GB",
+                        help="largest output shard when streaming (e.g. 5GB, 200MB; transformers' "
+                        "default); a single larger tensor gets a shard of its own")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,6 +56,9 @@ def run(args: argparse.Namespace) -> int:
     from grape.checkpoint import load_pruned, save_pruned
     from grape.errors import PlanError
     from grape.modelfiles import check_model_dir
+    from grape.quantized import check_method
+    from grape.shards import parse_size
+    from grape.streaming import streaming_unavailable
     from solvers.plan import Plan
     from solvers.scores import Scores
 
@@ -56,6 +68,14 @@ def run(args: argparse.Namespace) -> int:
     precheck_plan(plan, model_config, args.allow_lower_top_k)
     if args.scores and args.method != "merge":
         raise PlanError("--scores only weights a merge; drop it or use --method merge")
+    check_method(model_config, args.method)
+    parse_size(args.max_shard_size)
+    if not args.in_memory:
+        reason = streaming_unavailable(args.model, model_config, args.method, args.dtype)
+        if reason is None:
+            return _run_streaming(args, plan)
+        if args.method != "merge":
+            print(f"grape apply: {reason}; loading the model in memory instead")
     merge_weights = Scores.load(args.scores) if args.scores else None
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
 
@@ -74,12 +94,32 @@ def run(args: argparse.Namespace) -> int:
         provenance["merge_scores_fingerprint"] = merge_weights.fingerprint()
     out = save_pruned(model, args.out, plan=plan, tokenizer=tokenizer, provenance=provenance,
                       overwrite=args.overwrite)
+    _summary(args, plan, out, "")
+    return 0
+
+
+def _run_streaming(args: argparse.Namespace, plan) -> int:
+    """remove / mask without loading the model: grape.streaming slices the shards."""
+    from grape.modelfiles import read_config
+    from grape.quantized import describe
+    from grape.streaming import stream_apply
+
+    tokenizer = None if args.no_tokenizer else _tokenizer(args.model)
+    out = stream_apply(args.model, plan, args.out, args.method, tokenizer=tokenizer,
+                       provenance={"source_model": args.model, "plan_file": args.plan},
+                       allow_lower_top_k=args.allow_lower_top_k, max_shard_size=args.max_shard_size,
+                       overwrite=args.overwrite, progress=sys.stderr.isatty())
+    quant = describe(read_config(args.model))
+    _summary(args, plan, out, "; streamed shard by shard" + (f", quantisation kept ({quant})" if quant else ""))
+    return 0
+
+
+def _summary(args: argparse.Namespace, plan, out, how: str) -> None:
     kept, total = plan.num_kept, plan.num_kept + plan.num_removed
     layout = "standard (uniform)" if plan.is_uniform else "per-layer counts (non-uniform)"
     if args.method == "mask":
         layout = "all weights kept, routers masked"
-    print(f"grape apply: {args.method}: kept {kept}/{total} experts; wrote {out} ({layout})")
-    return 0
+    print(f"grape apply: {args.method}: kept {kept}/{total} experts; wrote {out} ({layout}{how})")
 
 
 def precheck_plan(plan, model_config: dict, allow_lower_top_k: bool) -> None:

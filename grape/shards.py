@@ -1,0 +1,221 @@
+"""Raw safetensors shards: read headers, describe tensors as byte ranges, write new shards.
+
+Streaming apply (grape/streaming.py) never materialises a tensor: every output tensor is a list
+of byte ranges of the source files (a whole tensor, or the rows of the experts a layer keeps),
+copied in bounded chunks into new shards. So memory stays flat whatever the checkpoint's size,
+any dtype is handled (float8, packed MXFP4 blocks, E8M0 scales), and copied tensors are
+byte-identical. No torch here.
+
+Output files follow what transformers' ``save_pretrained`` writes: ``model.safetensors`` when
+everything fits one shard, else ``model-0000i-of-0000n.safetensors`` plus
+``model.safetensors.index.json``; shards are filled in order and closed before ``max_shard_size``
+would be passed (a larger tensor gets a shard of its own), as huggingface_hub splits them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from solvers.errors import UserError
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+DEFAULT_MAX_SHARD_SIZE = "50GB"  # transformers v5 save_pretrained's default
+_CHUNK = 16 << 20  # bytes copied per read
+_MAX_HEADER = 100_000_000
+# bytes per element, for ordering tensors in a file (largest first keeps every tensor aligned,
+# as the safetensors library does); unknown dtypes count as 1
+_ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2,
+             "I16": 2, "U16": 2}
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+class ShardError(UserError):
+    """A safetensors file or index that cannot be streamed."""
+
+
+@dataclass(frozen=True)
+class Piece:
+    """`length` bytes at absolute offset `offset` of `file`."""
+
+    file: Path
+    offset: int
+    length: int
+
+
+@dataclass
+class StoredTensor:
+    """A tensor as a list of byte ranges: one range for a stored tensor, several for a slice."""
+
+    name: str
+    dtype: str
+    shape: list[int]
+    pieces: list[Piece] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.length for p in self.pieces)
+
+    def renamed(self, name: str) -> "StoredTensor":
+        return StoredTensor(name, self.dtype, list(self.shape), list(self.pieces))
+
+    def rows(self, keep: list[int]) -> "StoredTensor":
+        """The sub-tensor holding rows `keep` (sorted) of dim 0, as byte ranges; runs of
+        consecutive rows become one range."""
+        n = self.shape[0]
+        if self.nbytes % n or len(self.pieces) != 1:
+            raise ShardError(f"tensor {self.name!r} cannot be sliced by rows")
+        row = self.nbytes // n
+        base = self.pieces[0]
+        pieces: list[Piece] = []
+        for index in keep:
+            if not 0 <= index < n:
+                raise ShardError(f"tensor {self.name!r} has {n} rows; row {index} does not exist")
+            start = base.offset + index * row
+            last = pieces[-1] if pieces else None
+            if last is not None and last.offset + last.length == start:
+                pieces[-1] = Piece(base.file, last.offset, last.length + row)
+            else:
+                pieces.append(Piece(base.file, start, row))
+        return StoredTensor(self.name, self.dtype, [len(keep), *self.shape[1:]], pieces)
+
+
+# -- reading ----------------------------------------------------------------------------------
+def read_header(file: Path) -> tuple[dict, int]:
+    """(header, offset of the data section) of a safetensors file."""
+    with open(file, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise ShardError(f"{file} is not a safetensors file (only {len(head)} bytes)")
+        (length,) = struct.unpack("<Q", head)
+        if length > _MAX_HEADER:
+            raise ShardError(f"{file} is not a safetensors file (header of {length} bytes)")
+        raw = handle.read(length)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise ShardError(f"{file} is not a safetensors file (the header is not JSON)") from None
+    return header, 8 + length
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The checkpoint's safetensors files, in the order of its index (or by name)."""
+    index = directory / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        return [directory / name for name in sorted(set(weight_map.values()))]
+    return sorted(directory.glob("*.safetensors"))
+
+
+def stored_tensors(directory: Path) -> dict[str, StoredTensor]:
+    """Every tensor of the checkpoint in `directory`, in file order (by file, then offset)."""
+    out: dict[str, StoredTensor] = {}
+    for file in weight_files(Path(directory)):
+        header, data_start = read_header(file)
+        header.pop("__metadata__", None)
+        for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            start, stop = (int(v) for v in info["data_offsets"])
+            if name in out:
+                raise ShardError(f"tensor {name!r} is stored twice ({out[name].pieces[0].file.name} "
+                                 f"and {file.name})")
+            out[name] = StoredTensor(name, str(info["dtype"]), [int(d) for d in info["shape"]],
+                                     [Piece(file, data_start + start, stop - start)])
+    return out
+
+
+# -- writing ----------------------------------------------------------------------------------
+def parse_size(text: str | int) -> int:
+    """Bytes in '200MB', '5GB', '2GiB' or a plain integer (KB/MB/GB are powers of 1000, as in
+    transformers' max_shard_size)."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value, unit = float(text), ""
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+        if not match or match.group(2).upper() not in _UNITS:
+            raise ShardError(f"shard size {text!r} is not a size; write e.g. 200MB, 5GB or 2GiB")
+        value, unit = float(match.group(1)), match.group(2).upper()
+    size = int(value * _UNITS[unit])
+    if size < 1:
+        raise ShardError(f"shard size {text!r} must be at least one byte")
+    return size
+
+
+def split_shards(tensors: list[StoredTensor], max_bytes: int) -> list[list[StoredTensor]]:
+    """Consecutive groups of `tensors`, each under `max_bytes` unless one tensor alone is larger."""
+    shards: list[list[StoredTensor]] = []
+    current: list[StoredTensor] = []
+    size = 0
+    for tensor in tensors:
+        if current and size + tensor.nbytes > max_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(tensor)
+        size += tensor.nbytes
+    if current or not shards:
+        shards.append(current)
+    return shards
+
+
+def write_shard(path: Path, tensors: Iterable[StoredTensor], metadata: dict | None = None,
+                progress=None) -> None:
+    """Write one safetensors file from byte ranges, copying `_CHUNK` bytes at a time;
+    `progress(nbytes)` after each tensor."""
+    ordered = sorted(tensors, key=lambda t: (-_ITEMSIZE.get(t.dtype, 1), t.name))
+    header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for tensor in ordered:
+        header[tensor.name] = {"dtype": tensor.dtype, "shape": tensor.shape,
+                               "data_offsets": [offset, offset + tensor.nbytes]}
+        offset += tensor.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
+    handles: dict[Path, int] = {}
+    try:
+        with open(path, "wb") as out:
+            out.write(struct.pack("<Q", len(raw)))
+            out.write(raw)
+            for tensor in ordered:
+                for piece in tensor.pieces:
+                    _copy(piece, handles, out)
+                if progress is not None:
+                    progress(tensor.nbytes)
+    finally:
+        for fd in handles.values():
+            os.close(fd)
+
+
+def _copy(piece: Piece, handles: dict[Path, int], out) -> None:
+    if piece.file not in handles:
+        handles[piece.file] = os.open(piece.file, os.O_RDONLY)
+    fd, done = handles[piece.file], 0
+    while done < piece.length:
+        chunk = os.pread(fd, min(_CHUNK, piece.length - done), piece.offset + done)
+        if not chunk:
+            raise ShardError(f"{piece.file} ended early (truncated?); re-download the checkpoint")
+        out.write(chunk)
+        done += len(chunk)
+
+
+def write_weights(directory: Path, tensors: list[StoredTensor], max_shard_size: str | int,
+                  progress=None) -> list[str]:
+    """Write `tensors` into `directory` as transformers does (one file, or shards + index);
+    returns the file names. `progress(nbytes)` is called after each tensor."""
+    shards = split_shards(tensors, parse_size(max_shard_size))
+    if len(shards) == 1:
+        names = [SINGLE_FILE]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        write_shard(directory / name, shard, progress=progress)
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)},
+                 "weight_map": {t.name: name for name, shard in zip(names, shards) for t in shard}}
+        (directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return names
