@@ -61,14 +61,15 @@ def load_plan(plan: Plan | str | os.PathLike) -> Plan:
     return plan if isinstance(plan, Plan) else Plan.load(plan)
 
 
-def load(path: str | os.PathLike, **from_pretrained_kwargs) -> nn.Module:
+def load(path: str | os.PathLike, device: str = "auto", dtype: Any = "auto",
+         **from_pretrained_kwargs) -> nn.Module:
     """Load a model directory: a stock MoE checkpoint or one GRAPE pruned (per-layer expert
-    counts included), in eval mode, without remote code. Keyword arguments go to
-    ``from_pretrained`` (``dtype``, ``device_map``, ...)."""
-    from grape.checkpoint import load_pruned
+    counts included), in eval mode, without remote code, with the same defaults as every verb
+    (grape.loading: float32 on the CPU, all GPUs in the checkpoint's dtype otherwise). Other
+    keyword arguments go to ``from_pretrained``."""
+    from grape.loading import load_model
 
-    _check_model_dir(path)
-    return load_pruned(path, **from_pretrained_kwargs)
+    return load_model(path, device, dtype, **from_pretrained_kwargs)
 
 
 def load_tokenizer(path: str | os.PathLike):

@@ -34,11 +34,12 @@ def device_map(device: str = "auto", offload_folder: str | None = None) -> Any:
     return placement
 
 
-def load_model(path: str | os.PathLike, device: str = "auto", dtype: str = "auto", *,
-               offload_folder: str | None = None, moe_only: bool = True):
+def load_model(path: str | os.PathLike, device: str = "auto", dtype: Any = "auto", *,
+               offload_folder: str | None = None, moe_only: bool = True, **from_pretrained_kwargs):
     """An eval-mode model from a checkpoint directory. GRAPE checkpoints (per-layer expert
     counts included) and stock MoE checkpoints load through grape.checkpoint.load_pruned; with
-    `moe_only=False` any other causal LM (a dense one, for evaluation) loads as it is."""
+    `moe_only=False` any other causal LM (a dense one, for evaluation) loads as it is. `dtype`:
+    a name from DTYPES or a torch.dtype; other keyword arguments go to ``from_pretrained``."""
     import torch
 
     from grape.checkpoint import load_pruned
@@ -46,13 +47,14 @@ def load_model(path: str | os.PathLike, device: str = "auto", dtype: str = "auto
 
     path = Path(path)
     check_model_dir(path)
-    if dtype not in DTYPES:
+    device = from_pretrained_kwargs.pop("device_map", device)  # from_pretrained's own name
+    if not isinstance(dtype, torch.dtype) and dtype not in DTYPES:
         raise DataError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     placement = device_map(device, offload_folder)
-    kwargs: dict[str, Any] = {
-        "dtype": (torch.float32 if placement == "cpu" else "auto") if dtype == "auto" else getattr(torch, dtype),
-        "device_map": placement,
-    }
+    if dtype == "auto":
+        dtype = torch.float32 if placement == "cpu" else "auto"
+    kwargs: dict[str, Any] = {**from_pretrained_kwargs, "device_map": placement,
+                              "dtype": getattr(torch, dtype) if dtype in DTYPES[1:] else dtype}
     if offload_folder:
         kwargs["offload_folder"] = offload_folder
     try:

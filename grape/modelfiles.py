@@ -184,7 +184,7 @@ def _backend_available(kind: str) -> bool:
 def parse_device_map(spec: str, offload_folder: str | None = None) -> Any:
     """A --device-map value as accelerate takes it, with every device checked: 'auto' and the
     other placements, one device ('cpu', 'cuda:1'), or a JSON object {module: device}."""
-    text = str(spec).strip()
+    text = json.dumps(spec) if isinstance(spec, dict) else str(spec).strip()
     if text.startswith("{"):
         try:
             mapping = json.loads(text)

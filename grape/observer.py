@@ -394,10 +394,6 @@ class ExpertObserver:
         for state in self._states.values():
             state.recording = False
 
-    def resume(self) -> None:
-        for state in self._states.values():
-            state.recording = True
-
     def results(self) -> dict[int, LayerObservation]:
         out = {}
         for layer, state in sorted(self._states.items()):

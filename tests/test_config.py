@@ -183,3 +183,43 @@ def test_solvers_never_import_torch_or_grape():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             assert not [n for n in names if n.split(".")[0] in ("torch", "grape", "transformers")], path
+
+
+def test_the_defaults_table_matches_the_flags_and_the_api():
+    """docs/index.md "Defaults": every `code` cell equals the parser's (or the API's) default."""
+    import dataclasses
+
+    from grape.apply import ApplyConfig
+    from grape.calibrate import CalibrationConfig
+    from grape.evaluate import EvalConfig
+
+    text = (REPO / "docs" / "index.md").read_text(encoding="utf-8")
+    section = text.split("## Defaults, in one table", 1)[1].split("\n## ", 1)[0]
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")]
+            for line in section.splitlines() if line.startswith("| `--") or line.startswith("| device")
+            or line.startswith("| predicted")]
+    verbs = ("solve", "compare", "run", "calibrate", "eval", "apply")
+    parsers = build_parser().verb_parsers
+    api = {**{f.name: f.default for f in dataclasses.fields(SolveConfig)},
+           **{f"cal.{f.name}": f.default for f in dataclasses.fields(CalibrationConfig)},
+           **{f"eval.{f.name}": f.default for f in dataclasses.fields(EvalConfig)},
+           "method": ApplyConfig().method, "dtype": "auto", "device": "auto"}
+    checked = 0
+    for row in rows:
+        flag = row[0].strip("`")
+        for verb, cell in zip(verbs, row[1:7]):
+            for value, named in re.findall(r"`([^`]+)`(?: \(`(--[a-z-]+)`\))?", cell):
+                option = named or (flag if flag.startswith("--") else None)
+                defaults = {o: a.default for a in parsers[verb]._actions for o in a.option_strings}
+                assert option in defaults, (verb, option)
+                assert str(defaults[option]) == value, (verb, option, defaults[option], value)
+                checked += 1
+        for value, where in re.findall(r"`([^`]+)` \(([A-Za-z. ,]+)\)", row[7]):
+            name = flag.lstrip("-").replace("-", "_")
+            keys = {"SolveConfig": [name], "CalibrationConfig": [f"cal.{name}"], "EvalConfig":
+                    [f"eval.{name}", "eval.max_tokens_per_domain"], "ApplyConfig": [name],
+                    "grape.load": [name]}
+            candidates = [k for w in where.replace(" ", "").split(",") for k in keys[w] if k in api]
+            assert any(str(api[k]) == value for k in candidates), (flag, value, where)
+            checked += 1
+    assert checked >= 30
