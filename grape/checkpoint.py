@@ -8,10 +8,12 @@ Layout of the output directory (see docs/checkpoints.md):
 * ``config.json`` + ``model.safetensors`` (+ ``generation_config.json``): a standard
   transformers checkpoint. Every layer keeping the same number of experts: the stock config
   keys hold it, and vanilla ``AutoModelForCausalLM.from_pretrained`` (and vLLM) load it.
-  Different counts per layer: ``grape_experts_per_layer`` / ``grape_top_k_per_layer`` list
-  them, ``auto_map`` points at ``modeling_grape_pruned.py`` (a small subclass that shrinks
-  each layer after ``__init__``), so ``from_pretrained(path, trust_remote_code=True)`` works,
-  and ``load_pruned(path)`` works without remote code;
+  Different counts per layer (or masked experts): the ``grape_pruning`` block lists them,
+  ``auto_map`` points at ``modeling_grape_pruned.py`` (a small subclass that applies the block
+  after ``__init__`` with the hook in ``grape_pruning.py``), so ``from_pretrained(path,
+  trust_remote_code=True)`` works, and ``load_pruned(path)`` runs the same hook without remote
+  code;
+* ``README.md``: a model card saying how to load it;
 * ``grape_plan.json``: the plan that was applied; ``grape_provenance.json``: source model,
   scores fingerprint, objective, solver, budget, method, versions;
 * tokenizer files when a tokenizer is given.
@@ -36,7 +38,7 @@ from torch import nn
 
 import grape
 from grape.adapters import get_adapter
-from grape.adapters.base import MASKED_EXPERTS_KEY, PER_LAYER_EXPERTS_KEY
+from grape.adapters.base import read_block
 from grape.apply import APPLIED_METHOD_ATTR, APPLIED_PLAN_ATTR
 from grape.errors import UserError
 from grape.outputs import check_not_input
@@ -47,6 +49,8 @@ PLAN_FILE = "grape_plan.json"
 PROVENANCE_FILE = "grape_provenance.json"
 MODELING_FILE = "modeling_grape_pruned.py"
 AUX_FILE = "grape_moe_aux.py"
+PRUNING_FILE = "grape_pruning.py"  # the load hook, shared by grape.load and the remote-code class
+CARD_FILE = "README.md"
 REMOTE_CLASS = "GrapePrunedForCausalLM"
 
 
@@ -75,9 +79,7 @@ def save_pruned(
     plan = plan if plan is not None else getattr(model, APPLIED_PLAN_ATTR, None)
     adapter.sync_config()
     config = model.config
-    non_uniform = bool(getattr(config, PER_LAYER_EXPERTS_KEY, None))
-    # a masked model keeps every expert; only GRAPE or the remote-code class re-applies the mask
-    needs_remote_code = non_uniform or bool(getattr(config, MASKED_EXPERTS_KEY, None))
+    non_uniform, needs_remote_code = layout(config)
     base_architecture = _stock_class_name(model)
 
     final = Path(path)
@@ -99,6 +101,7 @@ def save_pruned(
             plan.save(tmp / PLAN_FILE)
         record = _provenance(model, plan, non_uniform, needs_remote_code) | dict(provenance or {})
         atomic_write_text(tmp / PROVENANCE_FILE, json.dumps(record, indent=2, default=str) + "\n")
+        write_model_card(tmp, config, base_architecture, record)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for written in tmp.rglob("*"):  # save_pretrained writes its shards through temp files too
@@ -160,10 +163,45 @@ def _write_modeling_file(target: Path, base_architecture: str, adapter) -> None:
         "__GRAPE_ROUTER_ATTR__", adapter.router_attr
     )
     atomic_write_text(target, text)
-    # the remote-code class imports the per-layer load-balancing loss from a sibling file
-    aux = resources.files("grape").joinpath("templates", AUX_FILE).read_text()
-    atomic_write_text(target.parent / AUX_FILE, aux)
+    # the remote-code class imports the load hook and the per-layer balancing loss from siblings
+    for sibling in (AUX_FILE, PRUNING_FILE):
+        atomic_write_text(target.parent / sibling, resources.files("grape").joinpath("templates", sibling).read_text())
 
+
+def layout(config) -> tuple[bool, bool]:
+    """(non-uniform, needs remote code) of a synced config: layers of different sizes, or masked
+    experts, which only GRAPE or the remote-code class re-applies."""
+    block = read_block(config)
+    non_uniform = bool(block["experts_per_layer"] or block["top_k_per_layer"])
+    return non_uniform, non_uniform or bool(block["masked_experts"])
+
+
+def write_model_card(directory: Path, config, base_architecture: str, record: dict) -> None:
+    """README.md saying what was pruned and how to load it; a masked checkpoint warns that plain
+    loaders (vLLM, transformers without remote code) silently give the unpruned model."""
+    block = read_block(config)
+    counts = block["experts_per_layer"] or {}
+    lines = [
+        "---", "library_name: transformers", "tags: [moe, expert-pruning, grape]", "---", "",
+        f"# Expert-pruned {base_architecture}", "",
+        f"Pruned by GRAPE {grape.__version__} from `{record.get('source_model') or 'unknown'}` with "
+        f"method `{block['method'] or 'remove'}`; the plan is `{PLAN_FILE}`, how it was made "
+        f"`{PROVENANCE_FILE}`.", "",
+    ]
+    if block["masked_experts"]:
+        lines += ["**Masked experts.** Every weight is still here; the routers must skip the masked "
+                  "experts listed in `config.json` (`grape_pruning.masked_experts`). Load with "
+                  "`grape.load(path)` or `AutoModelForCausalLM.from_pretrained(path, "
+                  "trust_remote_code=True)`. **vLLM, SGLang or transformers without remote code "
+                  "ignore the mask and run the unpruned model.**", ""]
+    elif counts:
+        lines += [f"Layers keep different numbers of experts ({min(counts.values())}..."
+                  f"{max(counts.values())}). Load with `grape.load(path)` or "
+                  "`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`.", ""]
+    else:
+        lines += ["Every layer keeps the same number of experts: a standard checkpoint for "
+                  "transformers, vLLM and SGLang.", ""]
+    atomic_write_text(directory / CARD_FILE, "\n".join(lines))
 
 def _provenance(model: nn.Module, plan: Plan | None, non_uniform: bool, remote_code: bool) -> dict:
     import transformers

@@ -258,7 +258,6 @@ def write_checkpoint(model, plan: Plan | None, tensors: list[StoredTensor], fina
                      source: Path, progress: bool = False) -> Path:
     """Write the pruned checkpoint as save_pruned does, with the weights from `tensors`."""
     from grape.adapters import get_adapter
-    from grape.adapters.base import MASKED_EXPERTS_KEY, PER_LAYER_EXPERTS_KEY
     from grape.checkpoint import (
         MODELING_FILE,
         PLAN_FILE,
@@ -270,14 +269,15 @@ def write_checkpoint(model, plan: Plan | None, tensors: list[StoredTensor], fina
         _replace_dir,
         _stock_class_name,
         _write_modeling_file,
+        layout,
+        write_model_card,
     )
     from solvers._io import atomic_write_text, give_default_mode
 
     adapter = get_adapter(model)
     adapter.sync_config()
     config = model.config
-    non_uniform = bool(getattr(config, PER_LAYER_EXPERTS_KEY, None))
-    needs_remote_code = non_uniform or bool(getattr(config, MASKED_EXPERTS_KEY, None))
+    non_uniform, needs_remote_code = layout(config)
     base_architecture = _stock_class_name(model)
     _check_target(final, model, overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -297,6 +297,7 @@ def write_checkpoint(model, plan: Plan | None, tensors: list[StoredTensor], fina
             plan.save(tmp / PLAN_FILE)
         record = _provenance(model, plan, non_uniform, needs_remote_code) | dict(provenance)
         atomic_write_text(tmp / PROVENANCE_FILE, json.dumps(record, indent=2, default=str) + "\n")
+        write_model_card(tmp, config, base_architecture, record)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for written in tmp.rglob("*"):

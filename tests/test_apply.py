@@ -157,8 +157,9 @@ def test_top_k_shrinks_to_the_experts_left_and_config_records_it():
     adapter = get_adapter(model)
     assert adapter.top_k(0) == 1 and adapter.top_k(1) == 2
     torch.testing.assert_close(logits(model), reference, rtol=1e-5, atol=1e-5)
-    assert model.config.grape_experts_per_layer == {"0": 1, "1": 4, "2": 4}
-    assert model.config.grape_top_k_per_layer == {"0": 1, "1": 2, "2": 2}
+    block = model.config.grape_pruning
+    assert block["experts_per_layer"] == {"0": 1, "1": 4, "2": 4}
+    assert block["top_k_per_layer"] == {"0": 1, "1": 2, "2": 2}
     assert model.config.num_experts == 4 and model.config.num_experts_per_tok == 2
 
 
@@ -166,7 +167,7 @@ def test_uniform_remove_writes_stock_config_keys():
     model = build("mixtral")
     apply_plan(model, plan_for(model, uniform_kept(model)))
     assert model.config.num_local_experts == 4
-    assert not hasattr(model.config, "grape_experts_per_layer")
+    assert "experts_per_layer" not in model.config.grape_pruning
 
 
 # -- DeepSeek group rules -----------------------------------------------------------------------

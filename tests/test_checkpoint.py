@@ -92,7 +92,7 @@ def test_uniform_checkpoint_loads_in_vanilla_transformers(family, tmp_path):
     out = save_pruned(model, tmp_path / f"uniform_{family}")
     assert not (out / MODELING_FILE).exists()
     config = json.loads((out / "config.json").read_text())
-    assert "auto_map" not in config and "grape_experts_per_layer" not in config
+    assert "auto_map" not in config and "experts_per_layer" not in config["grape_pruning"]
     for key in COUNT_KEYS[family]:
         assert config[key] == 4, key
     vanilla = T.AutoModelForCausalLM.from_pretrained(out)
@@ -110,7 +110,7 @@ def test_non_uniform_checkpoint_reloads_exactly(family, tmp_path):
     out = save_pruned(model, tmp_path / f"nonuniform_{family}")
 
     config = json.loads((out / "config.json").read_text())
-    assert config["grape_experts_per_layer"] == {str(k): v for k, v in plan.kept_counts().items()}
+    assert config["grape_pruning"]["experts_per_layer"] == {str(k): v for k, v in plan.kept_counts().items()}
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_grape_pruned.GrapePrunedForCausalLM"
 
     loaded = load_pruned(out)  # no remote code
@@ -159,7 +159,7 @@ def test_top_k_adjustment_survives_reload(tmp_path):
     model = build("mixtral")
     apply_plan(model, non_uniform_plan(model, "mixtral"))
     out = save_pruned(model, tmp_path / "topk")
-    assert json.loads((out / "config.json").read_text())["grape_top_k_per_layer"] == {
+    assert json.loads((out / "config.json").read_text())["grape_pruning"]["top_k_per_layer"] == {
         "0": 2, "1": 2, "2": 1}
     for loaded in (load_pruned(out), T.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)):
         block = loaded.model.layers[2].mlp
@@ -185,11 +185,38 @@ def test_masked_checkpoint_keeps_weights_and_mask(family, tmp_path):
     expected = logits(model)
     out = save_pruned(model, tmp_path / f"masked_{family}")
     config = json.loads((out / "config.json").read_text())
-    assert config["grape_masked_experts"] == {str(k): v for k, v in plan.removed.items()}
+    assert config["grape_pruning"]["masked_experts"] == {str(k): v for k, v in plan.removed.items()}
     assert config["num_experts"] == 8
     for loaded in (load_pruned(out), T.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)):
         assert get_adapter(loaded).num_experts(0) == 8
         torch.testing.assert_close(logits(loaded), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["remove", "mask"])
+def test_checkpoints_with_the_old_top_level_keys_still_load(method, tmp_path):
+    """Before the `grape_pruning` block, per-layer counts, top_k and masks were top-level keys."""
+    model = build("qwen3_moe")
+    apply_plan(model, non_uniform_plan(model, "qwen3_moe"), method=method)
+    expected = logits(model)
+    out = save_pruned(model, tmp_path / "old")
+    config = json.loads((out / "config.json").read_text())
+    block = config.pop("grape_pruning")
+    for key in ("experts_per_layer", "top_k_per_layer", "masked_experts"):
+        if key in block:
+            config[f"grape_{key}"] = block[key]
+    (out / "config.json").write_text(json.dumps(config))
+    torch.testing.assert_close(logits(load_pruned(out)), expected, rtol=0, atol=0)
+
+
+def test_the_model_card_says_how_to_load_and_warns_for_masks(tmp_path):
+    model = build("qwen3_moe")
+    apply_plan(model, non_uniform_plan(model, "qwen3_moe"), method="mask")
+    card = (save_pruned(model, tmp_path / "masked") / "README.md").read_text()
+    assert "trust_remote_code=True" in card and "ignore the mask" in card
+    model = build("qwen3_moe")
+    apply_plan(model, uniform_plan(model))
+    card = (save_pruned(model, tmp_path / "uniform") / "README.md").read_text()
+    assert "standard checkpoint" in card and "mask" not in card.lower()
 
 
 def test_plan_provenance_and_tokenizer_are_saved(tmp_path):

@@ -88,13 +88,13 @@ def test_help_prints_and_exits_zero(verb, capsys):
 
 # -- every verb in-process ----------------------------------------------------------------
 def test_pipeline_writes_every_artifact_and_its_resolved_recipe(pipeline):
-    from grape.adapters.base import PER_LAYER_EXPERTS_KEY
+    from grape.adapters.base import read_block
     from solvers.plan import Plan
 
     plan = Plan.load(pipeline["plan"])
     assert plan.num_removed == 6 and plan.solver == "exact"
     config = json.loads((pipeline["pruned"] / "config.json").read_text())
-    per_layer = config.get(PER_LAYER_EXPERTS_KEY) or {str(l): config["num_experts"] for l in plan.layers}
+    per_layer = read_block(config)["experts_per_layer"] or {str(l): config["num_experts"] for l in plan.layers}
     assert {int(k): v for k, v in per_layer.items()} == plan.kept_counts()
     result = json.loads((pipeline["eval"] / "eval.json").read_text())
     assert set(result["perplexity"]["domains"]) == {"prose", "code"}

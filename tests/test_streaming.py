@@ -130,7 +130,7 @@ def test_streaming_mask_matches_in_memory(family, tmp_path):
     assert {k: raw(v) for k, v in mine.items()} == {k: raw(v) for k, v in original.items()}
     config = json.loads((out / "config.json").read_text())
     assert config == json.loads((tmp_path / "memory" / "config.json").read_text())
-    assert config["grape_masked_experts"] == {str(k): v for k, v in plan.removed.items()}
+    assert config["grape_pruning"]["masked_experts"] == {str(k): v for k, v in plan.removed.items()}
     torch.testing.assert_close(logits(load_pruned(out)), expected, rtol=0, atol=0)
 
 
@@ -148,7 +148,7 @@ def test_a_pruned_checkpoint_prunes_again(tmp_path):
     save_pruned(in_memory, tmp_path / "memory", plan=second)
     assert {k: raw(v) for k, v in read_all(twice).items()} == {
         k: raw(v) for k, v in read_all(tmp_path / "memory").items()}
-    assert json.loads((twice / "config.json").read_text())["grape_experts_per_layer"] == {
+    assert json.loads((twice / "config.json").read_text())["grape_pruning"]["experts_per_layer"] == {
         str(layer): n - 1 for layer, n in counts.items()}
     torch.testing.assert_close(logits(load_pruned(twice)), logits(in_memory), rtol=0, atol=0)
 

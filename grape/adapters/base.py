@@ -18,15 +18,14 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from grape.errors import ArchitectureError
+from grape.templates.grape_pruning import BLOCK_KEY, read_block  # noqa: F401 - re-exported
 from solvers.scores import ModelIdentity
 
 _REGISTRY: dict[str, type["MoEAdapter"]] = {}
 
-# config.json keys GRAPE writes for a pruned model (see docs/checkpoints.md): per-layer expert
-# counts and top_k when layers differ, and experts a router is masked from (method "mask")
-PER_LAYER_EXPERTS_KEY = "grape_experts_per_layer"
-PER_LAYER_TOP_K_KEY = "grape_top_k_per_layer"
-MASKED_EXPERTS_KEY = "grape_masked_experts"
+# the config.json block GRAPE writes for a pruned model: method, per-layer expert counts and top_k
+# when layers differ, experts a router is masked from (grape/templates/grape_pruning.py reads it)
+PRUNING_KEY = BLOCK_KEY
 
 
 def register_adapter(cls: type["MoEAdapter"]) -> type["MoEAdapter"]:
@@ -138,7 +137,7 @@ class MoEAdapter(ABC):
     @abstractmethod
     def sync_config(self) -> None:
         """Write the current per-layer expert counts / top_k / masks into model.config (the
-        stock keys when all layers agree, plus the PER_LAYER_* / MASKED_EXPERTS_KEY keys)."""
+        stock keys hold the largest; the `grape_pruning` block the per-layer values)."""
 
     def sync_runtime(self) -> None:
         """Make model-level state that transformers caches at construction (e.g. the expert
@@ -151,7 +150,7 @@ class MoEAdapter(ABC):
 
     @abstractmethod
     def mask_from_config(self) -> None:
-        """Re-install the router masks the config lists (MASKED_EXPERTS_KEY)."""
+        """Re-install the router masks the config's `grape_pruning` block lists."""
 
     def expert_weight_cosine(self, layer: int) -> torch.Tensor:
         """[E, E] cosine similarity of the experts' flattened parameters, for weight-similarity

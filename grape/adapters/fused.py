@@ -10,22 +10,17 @@ which routing rules constrain a plan; subclasses set those and nothing else.
 from __future__ import annotations
 
 import hashlib
-import types
 from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
-from grape.adapters.base import (
-    MASKED_EXPERTS_KEY,
-    PER_LAYER_EXPERTS_KEY,
-    PER_LAYER_TOP_K_KEY,
-    MoEAdapter,
-)
+from grape.adapters.base import PRUNING_KEY, MoEAdapter
 from grape.adapters.stored import matches_memory, read_stored
 from grape.errors import ArchitectureError
 from grape.templates.grape_moe_aux import install_uneven_aux_loss
+from grape.templates.grape_pruning import install_masks, install_router_mask, make_block, shrink_layers
 from solvers.scores import ModelIdentity
 
 
@@ -275,31 +270,22 @@ class FusedMoEAdapter(MoEAdapter):
 
     # -- config ---------------------------------------------------------------------------
     def sync_config(self) -> None:
-        """Write the model's current per-layer expert counts, top_k and masks into its config.
-
-        Equal counts: the stock keys hold them (a vanilla checkpoint). Different counts: the
-        stock keys hold the largest, and `grape_experts_per_layer` / `grape_top_k_per_layer`
-        the per-layer values, which `load_pruned` and the remote-code class apply. Masked
-        experts are listed in `grape_masked_experts`.
-        """
+        """Write the model's current per-layer expert counts, top_k and masks into its config:
+        the stock keys hold the largest count and top_k (equal counts: a vanilla checkpoint),
+        and the `grape_pruning` block (grape/templates/grape_pruning.py) the method and, when
+        layers differ or experts are masked, the per-layer values the load hook applies."""
         layers = sorted(self.moe_blocks())
         counts = {layer: self.num_experts(layer) for layer in layers}
         top_ks = {layer: int(self.router(layer).top_k) for layer in layers}
         for key in self.expert_count_keys:
             setattr(self.config, key, max(counts.values()))
         setattr(self.config, self.top_k_key, max(top_ks.values()))
-        per_layer = len(set(counts.values())) > 1 or len(set(top_ks.values())) > 1
-        masked = self.masked_experts()
-        values = {
-            PER_LAYER_EXPERTS_KEY: {str(k): v for k, v in counts.items()} if per_layer else None,
-            PER_LAYER_TOP_K_KEY: {str(k): v for k, v in top_ks.items()} if per_layer else None,
-            MASKED_EXPERTS_KEY: {str(k): v for k, v in masked.items()} if masked else None,
-        }
-        for key, value in values.items():
-            if value is not None:
-                setattr(self.config, key, value)
-            elif hasattr(self.config, key):
-                delattr(self.config, key)
+        for legacy in ("grape_experts_per_layer", "grape_top_k_per_layer", "grape_masked_experts"):
+            if hasattr(self.config, legacy):  # written by GRAPE before the block existed
+                delattr(self.config, legacy)
+        method = getattr(self.model, "grape_applied_method", None) or \
+            (getattr(self.config, PRUNING_KEY, None) or {}).get("method")
+        setattr(self.config, PRUNING_KEY, make_block(method, counts, top_ks, self.masked_experts()))
         self.sync_runtime()
 
     def sync_runtime(self) -> None:
@@ -317,55 +303,14 @@ class FusedMoEAdapter(MoEAdapter):
         if len(counts) > 1 or len(top_ks) > 1:
             install_uneven_aux_loss(self.model, self.router_attr)
 
-    @torch.no_grad()
     def shrink_to_config(self) -> None:
         """Give a freshly built model (any device, incl. meta) the per-layer counts its config
-        lists, so a non-uniform checkpoint's weights fit. Weights are placeholders until loaded."""
-        counts = getattr(self.config, PER_LAYER_EXPERTS_KEY, None) or {}
-        top_ks = getattr(self.config, PER_LAYER_TOP_K_KEY, None) or {}
-        for layer, count in sorted((int(k), int(v)) for k, v in counts.items()):
-            if count < self.num_experts(layer):
-                self.keep_experts(layer, list(range(count)))
-        for layer, top_k in sorted((int(k), int(v)) for k, v in top_ks.items()):
-            for module in (self.block(layer), self.router(layer)):
-                if hasattr(module, "top_k"):
-                    module.top_k = top_k
+        lists, so a non-uniform checkpoint's weights fit: the same hook the remote-code class
+        runs (grape/templates/grape_pruning.py). Weights are placeholders until loaded."""
+        shrink_layers(self.config, self.block, self.router_attr)
 
     def mask_from_config(self) -> None:
         """Re-install the router masks listed in the config (a checkpoint saved after `mask`)."""
-        masked = getattr(self.config, MASKED_EXPERTS_KEY, None) or {}
-        for layer, removed in sorted((int(k), v) for k, v in masked.items()):
-            self.mask_experts(layer, [int(e) for e in removed])
+        install_masks(self.config, self.block, self.router_attr)
 
 
-def install_router_mask(router: nn.Module, keep: list[int], top_k: int) -> None:
-    """Make `router` route only among `keep` (original numbering), weights untouched.
-
-    Each call runs the router's own forward on a view holding the kept experts' rows, so the
-    routing rule (softmax, sigmoid + correction bias, groups, renormalisation) is exactly the
-    family's; indices are mapped back to the original numbering and the returned logits hold
-    -inf for masked experts. A bound method (not a closure) so deep copies mask their own router.
-    """
-    router._grape_keep = list(keep)
-    router._grape_top_k = int(top_k)
-    router.forward = types.MethodType(_masked_router_forward, router)
-
-
-def _masked_router_forward(self: nn.Module, hidden_states, *args, **kwargs):
-    cls = type(self)
-    n_full = int(self.num_experts)
-    keep_index = _index(self._grape_keep, self.weight.device)
-    view = object.__new__(cls)
-    view.__dict__.update(self.__dict__)
-    view.__dict__.pop("forward", None)
-    for store in ("_parameters", "_buffers"):
-        view.__dict__[store] = {
-            name: (t.index_select(0, keep_index) if t is not None and t.dim() >= 1 and t.shape[0] == n_full else t)
-            for name, t in getattr(self, store).items()
-        }
-    view.num_experts = len(self._grape_keep)
-    view.top_k = self._grape_top_k
-    logits, weights, index = cls.forward(view, hidden_states, *args, **kwargs)
-    full_logits = logits.new_full((*logits.shape[:-1], n_full), float("-inf"))
-    full_logits[..., keep_index] = logits
-    return full_logits, weights, keep_index[index]
