@@ -268,7 +268,7 @@ def main() -> None:
         if pattern.search(text)
         else text.rstrip() + "\n\n" + section + "\n"
     )
-    from solvers._io import atomic_write_text
+    from grape.outputs import atomic_write_text
 
     atomic_write_text(args.out, text)
     print(f"wrote {args.out}")

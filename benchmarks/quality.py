@@ -54,7 +54,7 @@ from quality_methods import (
     run_table,
 )
 
-from solvers._io import atomic_write_text
+from grape.outputs import atomic_write_text
 from solvers.scores import Scores
 
 ZOO = ROOT / "benchmarks" / "zoo"

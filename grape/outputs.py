@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from solvers._io import give_default_mode, umask  # noqa: F401 - re-exported
+# re-exported: the public names of the atomic writers every GRAPE output goes through
+from solvers._io import atomic_open, atomic_write_text, give_default_mode, umask  # noqa: F401
 from solvers.errors import UserError
 
 
@@ -212,6 +213,8 @@ def add_overwrite_argument(parser: argparse.ArgumentParser, output: DirOutput | 
 
 
 __all__ = [
+    "atomic_open",
+    "atomic_write_text",
     "DirOutput",
     "FileOutput",
     "OutputError",

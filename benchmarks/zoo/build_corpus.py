@@ -21,7 +21,7 @@ from pathlib import Path
 
 ZOO = Path(__file__).resolve().parent
 sys.path.insert(0, str(ZOO.parents[1]))
-from solvers._io import atomic_open
+from grape.outputs import atomic_open
 
 DOMAINS = ("prose", "python", "c")
 SPLITS = ("train", "validation", "test")

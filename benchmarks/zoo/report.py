@@ -31,7 +31,7 @@ sys.path.insert(0, str(ZOO_DIR))
 sys.path.insert(0, str(ROOT))
 from zoo_configs import ZOO
 
-from solvers._io import atomic_write_text
+from grape.outputs import atomic_write_text
 
 DOMAINS = ("prose", "python", "c")
 RESULTS = ZOO_DIR / "results.json"
