@@ -1,0 +1,62 @@
+"""Loss-verified allocation (grape.search): measured candidates, never worse than the best
+uniform plan on the search tokens, within its pass budget, deterministic, model left as it was."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from cli_workspace import make_workspace
+
+import grape
+from grape.config import SolveConfig
+from grape.data import load_calibration_data
+from grape.search import SearchConfig, masked, mean_nll, search
+from solvers.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    ws = make_workspace(tmp_path_factory.mktemp("search"))
+    tokenizer = grape.load_tokenizer(ws.model)
+    model = grape.load(ws.model)
+    data = load_calibration_data([str(ws.calibration)], tokenizer, seq_len=32, samples=12,
+                                            seed=0, progress=False)
+    calib, held_out = data.input_ids[:6], data.input_ids[6:]  # the search never sees calibration's
+    scores = grape.calibrate(model, calib, grape.CalibrationConfig(subsample=32, progress=False))
+    return model, scores, held_out
+
+
+def test_the_chosen_plan_is_no_worse_than_any_uniform_plan(setup):
+    model, scores, ids = setup
+    before = model(input_ids=ids[:2]).logits
+    result = search(model, scores, SolveConfig(budget=0.5, time_limit=10), ids,
+                    SearchConfig(max_passes=10, progress=False))
+    uniform = [c for c in result.candidates if c.name.startswith("uniform ")]
+    assert len(uniform) >= 2 and result.best.nll <= min(c.nll for c in uniform)
+    assert result.passes <= 10 and len(result.candidates) == result.passes - 1
+    assert result.best.plan.num_removed == 12  # the budget holds for every candidate
+    assert all(c.plan.num_removed == 12 for c in result.candidates)
+    torch.testing.assert_close(model(input_ids=ids[:2]).logits, before, rtol=0, atol=0)  # unmasked again
+    with masked(model, result.best.plan):
+        assert mean_nll(model, ids, 8) == pytest.approx(result.best.nll)
+    assert "chosen" in result.table() and result.to_json()["chosen"] == result.best.name
+
+
+def test_the_search_is_deterministic_and_improves_by_measurement(setup):
+    model, scores, ids = setup
+    config = SearchConfig(max_passes=12, moves_per_round=3, progress=False)
+    first = search(model, scores, SolveConfig(budget=0.5, time_limit=10), ids, config)
+    second = search(model, scores, SolveConfig(budget=0.5, time_limit=10), ids, config)
+    assert first.best.plan.kept == second.best.plan.kept and first.best.nll == second.best.nll
+    seeds = [c for c in first.candidates if not c.name.startswith("switch")]
+    switches = [c for c in first.candidates if c.name.startswith("switch")]
+    assert switches and first.passes == 12  # the local search ran and spent exactly the budget
+    assert first.best.nll <= min(c.nll for c in seeds)
+
+
+def test_bad_search_settings_are_refused(setup):
+    model, scores, ids = setup
+    with pytest.raises(UserError, match="max_passes"):
+        SearchConfig(max_passes=0)
+    with pytest.raises(UserError, match="search tokens"):
+        search(model, scores, SolveConfig(budget=0.5), ids[0])
