@@ -89,7 +89,7 @@ class _Clock:
 def run_pass(model, batches, mode: str, subsample: int, device: str) -> tuple[float, float]:
     """(wall, cpu) seconds of one pass of `mode` over all batches (redundancy: post-pass only)."""
     from grape.adapters import get_adapter
-    from grape.calibrate import CalibrationConfig, _layer_scores
+    from grape.calibrate import CalibrationConfig, layer_scores
     from grape.observer import ExpertObserver, per_call_quota
 
     adapter = get_adapter(model)
@@ -118,7 +118,7 @@ def run_pass(model, batches, mode: str, subsample: int, device: str) -> tuple[fl
             tokens = sum(b.numel() for b in batches)
             with _Clock(device) as clock:
                 for layer, obs in observations.items():
-                    _layer_scores(adapter, layer, obs, config, tokens)
+                    layer_scores(adapter, layer, obs, config, tokens)
             return clock.wall, clock.cpu
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -39,7 +40,10 @@ from grape.adapters.base import MoEAdapter, get_adapter
 from grape.data import CalibrationData
 from grape.errors import DataError
 from grape.modelfiles import check_seq_len
-from grape.observer import ExpertObserver, per_call_quota
+from grape.distributed import World, current_world, gather_to_main, owner, reduce_layer, share
+from grape.observer import ExpertObserver, per_call_quota, sample_plan
+from grape.resume import CalibrationCheckpoint, run_key
+from grape.runreport import CalibrationReport, Meter
 from solvers.errors import ScoresError
 from solvers.scores import CRITERIA, NORMALIZATIONS, LayerScores, Scores
 
@@ -321,82 +325,182 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
     return tqdm(iterable, total=total, desc=desc, disable=not enabled, leave=False)
 
 
+# -- batches, shared by both modes and every rank -------------------------------------------
+@dataclass
+class BatchPlan:
+    """The batches of the single-process run, what each adds to the subsample, and this rank's
+    share. A rank of a data-parallel run runs exactly these batches, so its forwards and its
+    subsample rows are the single-process run's (see grape.distributed)."""
+
+    batches: list[torch.Tensor]
+    masks: list[torch.Tensor | None]
+    sample_rows: list[int]  # subsample rows batch b contributes (observer call b + 1)
+    mine: range  # batch indices this rank runs
+
+    def masked_batches(self) -> list[tuple[int, torch.Tensor, torch.Tensor | None]]:
+        return [(b, self.batches[b], self.masks[b]) for b in self.mine]
+
+
+def plan_batches(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 config: CalibrationConfig, world: World) -> BatchPlan:
+    batches = list(input_ids.split(config.batch_size))
+    masks = ([None] * len(batches) if attention_mask is None
+             else list(attention_mask.split(config.batch_size)))
+    quota = config.subsample if config.needs_subsample else 0
+    available = [b.numel() if m is None else int(m.sum()) for b, m in zip(batches, masks)]
+    rows = sample_plan(quota, per_call_quota(quota, len(batches)), available)
+    return BatchPlan(batches, masks, rows, share(len(batches), world))
+
+
+def prepare_input(data, config: CalibrationConfig, model_config: dict):
+    """(input_ids, attention_mask or None, provenance, real token count), checked before any
+    forward: the data's form, and positions past the model's context."""
+    config.validate()
+    input_ids, attention_mask, provenance = _as_input_ids(data)
+    check_seq_len(int(input_ids.shape[1]), model_config, "calibration sequence length")
+    # statistics count real tokens only: padded positions never reach any accumulator
+    tokens = int(input_ids.numel() if attention_mask is None else attention_mask.sum())
+    return input_ids, attention_mask, provenance, tokens
+
+
+def run_settings(config: CalibrationConfig, mode: str, world: World, dtype, identity) -> dict:
+    """What changes a run's result (the resume key hashes it with the tokens): every setting
+    but the progress bars, the mode, the world size, the dtype and the model."""
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k != "progress"}
+    return {**fields, "mode": mode, "world_size": world.size, "dtype": str(dtype),
+            "model": identity.fingerprint, "grape": grape.__version__}
+
+
+def open_checkpoint(directory, settings: dict, input_ids, attention_mask, world: World,
+                    say=print) -> CalibrationCheckpoint | None:
+    if directory is None:
+        return None
+    key = run_key(settings, [input_ids, attention_mask])
+    return CalibrationCheckpoint.open(directory, key, world, say=say if world.main else _quiet)
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+# -- the verb -------------------------------------------------------------------------------
 def calibrate(
     model: nn.Module,
     data: CalibrationData | torch.Tensor | Mapping,
     config: CalibrationConfig | None = None,
     *,
     adapter: MoEAdapter | None = None,
-) -> Scores:
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 32,
+) -> Scores | None:
     """Measure `model` on `data` and return its Scores (carrying the model's identity).
 
     `data`: packed CalibrationData, a (batch, seq) input-ids tensor, or a tokenizer's output
     (``tokenizer(texts, padding=True, return_tensors="pt")``: a mapping with `input_ids` and
     `attention_mask`). With a mask, the forward gets it plus position ids derived from it (so
     left and right padding give the same results), and padded positions enter no statistic,
-    subsample or token count."""
+    subsample or token count.
+
+    Inside a torch.distributed job (torchrun) each rank runs its share of the batches and the
+    statistics are reduced across ranks: rank 0 returns the Scores, the other ranks None.
+    `checkpoint`: a folder (grape.resume) where the accumulators are saved every
+    `checkpoint_every` batches; run again with the same folder, settings and data, the pass
+    continues from there. The folder is left in place (remove it once the scores are saved)."""
     config = config or CalibrationConfig()
-    config.validate()
     adapter = adapter or get_adapter(model)
-    input_ids, attention_mask, provenance = _as_input_ids(data)
-    # positions past the model's context are meaningless: refuse them before any forward
-    check_seq_len(int(input_ids.shape[1]), model.config.to_dict(), "calibration sequence length")
-    # statistics count real tokens only: padded positions never reach any accumulator
-    tokens = int(input_ids.numel() if attention_mask is None else attention_mask.sum())
+    input_ids, attention_mask, provenance, tokens = prepare_input(data, config,
+                                                                  model.config.to_dict())
+    world = current_world()
+    meter = Meter([p.device for p in model.parameters()])
     with onloaded([adapter.router(layer) for layer in adapter.moe_blocks()]):
         identity = adapter.identity()
-    batches = list(input_ids.split(config.batch_size))
-    masks = (
-        [None] * len(batches)
-        if attention_mask is None
-        else list(attention_mask.split(config.batch_size))
-    )
-    sample_tokens = config.subsample if config.needs_subsample else 0
+    dtype = next(model.parameters()).dtype
+    plan = plan_batches(input_ids, attention_mask, config, world)
+    store = open_checkpoint(checkpoint, run_settings(config, "whole", world, dtype, identity),
+                            input_ids, attention_mask, world)
     was_training = model.training
     model.eval()
-    observer = ExpertObserver(
-        model,
-        adapter,
-        sample_tokens=sample_tokens,
-        sample_per_call=per_call_quota(sample_tokens, len(batches)),
-        seed=config.seed,
-    )
+    sample_tokens = config.subsample if config.needs_subsample else 0
+    observer = ExpertObserver(model, adapter, sample_tokens=sample_tokens, seed=config.seed)
     try:
         with torch.no_grad(), observer:
-            device = _input_device(model)
-            for batch, mask in _progress(
-                zip(batches, masks), len(batches), "calibrating", config.progress
-            ):
-                observer.set_token_mask(mask)
-                model(
-                    input_ids=batch.to(device),
-                    use_cache=False,
-                    logits_to_keep=1,
-                    **_mask_kwargs(mask, device),
-                )
+            _observe_batches(model, adapter, observer, plan, config, store, checkpoint_every)
             observer.pause()
             observer.set_token_mask(None)
-            observations = observer.results()
-            layers = {
-                layer: _layer_scores(adapter, layer, obs, config, tokens)
-                for layer, obs in _progress(
-                    observations.items(),
-                    len(observations),
-                    "similarity and cost curves",
-                    config.progress,
-                )
-            }
+            layers, sampled = _post_pass(adapter, observer, config, tokens, world)
     finally:
         model.train(was_training)
-    dtype = next(model.parameters()).dtype
+    report = meter.report("whole", "the model is held on its devices", tokens, world)
+    if not world.main:
+        return None
+    return assemble_scores(identity, layers, tokens, provenance, config, dtype, input_ids,
+                           sampled, report)
+
+
+def layer_device(adapter: MoEAdapter, layer: int) -> torch.device:
+    """Where a MoE layer computes (the CPU for weights offloaded to `meta`)."""
+    weight = next(adapter.experts(layer).parameters())
+    return torch.device("cpu") if weight.device.type == "meta" else weight.device
+
+
+def _observe_batches(model, adapter, observer: ExpertObserver, plan: BatchPlan,
+                     config: CalibrationConfig, store: CalibrationCheckpoint | None,
+                     every: int) -> None:
+    """The observed forwards of this rank's batches, resumed from and saved to `store`."""
+    name = f"{store.world.tag()}.observer.pt" if store is not None else ""
+    saved = store.load(name) if store is not None else None
+    done = 0
+    if saved is not None:
+        devices = {layer: layer_device(adapter, layer) for layer in adapter.moe_blocks()}
+        observer.load_state_dict(saved["observer"], devices)
+        done = int(saved["done"])
+    device = _input_device(model)
+    todo = plan.masked_batches()
+    for count, (b, batch, mask) in enumerate(
+        _progress(todo[done:], len(todo) - done, "calibrating", config.progress), start=done + 1
+    ):
+        observer.plan_call(b + 1, plan.sample_rows[b])
+        observer.set_token_mask(mask)
+        model(input_ids=batch.to(device), use_cache=False, logits_to_keep=1,
+              **mask_kwargs(mask, device))
+        if store is not None and every > 0 and (count % every == 0 or count == len(todo)):
+            store.save(name, {"done": count, "observer": observer.state_dict()})
+
+
+def _post_pass(adapter: MoEAdapter, observer: ExpertObserver, config: CalibrationConfig,
+               tokens: int, world: World) -> tuple[dict[int, LayerScores] | None, dict]:
+    """Reduce every MoE layer across ranks, measure similarity and cost curves (each layer on
+    one rank), gather the layer scores on rank 0. Returns (layers or None, subsample rows)."""
+    moe_layers = sorted(adapter.moe_blocks())
+    for layer in moe_layers:
+        reduce_layer(observer.layer_state(layer), world, layer_device(adapter, layer))
+    sampled = {layer: observer.layer_state(layer).sampled for layer in moe_layers}
+    mine = {}
+    for position, layer in enumerate(_progress(moe_layers, len(moe_layers),
+                                               "similarity and cost curves", config.progress)):
+        if owner(position, world) == world.rank:
+            mine[layer] = layer_scores(adapter, layer, observer.result(layer), config, tokens)
+            observer.release(layer)
+    return merge_layers(gather_to_main(mine, world)), sampled
+
+
+def merge_layers(parts: list[dict] | None) -> dict[int, LayerScores] | None:
+    if parts is None:
+        return None
+    merged = {}
+    for part in parts:
+        merged.update(part)
+    return dict(sorted(merged.items()))
+
+
+def assemble_scores(identity, layers: dict[int, LayerScores], tokens: int, provenance: dict,
+                    config: CalibrationConfig, dtype, input_ids: torch.Tensor, sampled: dict,
+                    report: CalibrationReport) -> Scores:
     calibration = {
         **provenance,
         **{k: v for k, v in dataclasses.asdict(config).items() if k != "progress"},
         "similarity": list(config.similarity),
-        "subsample_tokens": {
-            str(layer): int(o.samples.shape[0]) if o.samples is not None else 0
-            for layer, o in observations.items()
-        },
+        "subsample_tokens": {str(layer): int(n) for layer, n in sorted(sampled.items())},
         "cost_curve": "mean squared error of the routed output keeping the n best experts"
         if config.cost_curves
         else None,
@@ -404,6 +508,7 @@ def calibrate(
         # what was really run (pre-packed data may differ from the config's packing settings)
         "samples": int(input_ids.shape[0]),
         "seq_len": int(input_ids.shape[1]),
+        "run": report.as_dict(),
     }
     return Scores(
         model=identity,
@@ -414,7 +519,7 @@ def calibrate(
     )
 
 
-def _mask_kwargs(mask: torch.Tensor | None, device: torch.device) -> dict:
+def mask_kwargs(mask: torch.Tensor | None, device: torch.device) -> dict:
     """Forward arguments for a padded batch: the mask, and position ids derived from it."""
     if mask is None:
         return {}
@@ -424,9 +529,11 @@ def _mask_kwargs(mask: torch.Tensor | None, device: torch.device) -> dict:
     }
 
 
-def _layer_scores(
+def layer_scores(
     adapter: MoEAdapter, layer: int, obs, config: CalibrationConfig, tokens: int
 ) -> LayerScores:
+    """One MoE layer's scores from its observation: similarity and cost curve on the subsample
+    (the layer's weights must be present)."""
     similarity = {
         kind: WEIGHT_SIMILARITIES[kind](adapter, layer)
         for kind in config.similarity
@@ -451,3 +558,6 @@ def _layer_scores(
         similarity=similarity,
         cost_curve=curve,
     )
+
+
+_mask_kwargs = mask_kwargs

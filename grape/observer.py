@@ -157,7 +157,12 @@ class _LayerState:
     energy_tokens: int = 0
     calls: int = 0
     samples: list[torch.Tensor] = field(default_factory=list)
+    sample_calls: list[int] = field(default_factory=list)  # the call number of each samples entry
     sampled: int = 0
+    # (call number, rows to take) for the next forward, set by ExpertObserver.plan_call: the
+    # caller's global batch numbering, so a rank of a data-parallel run samples what the
+    # single-process run samples from the same batch
+    planned: tuple[int, int] | None = None
     token_mask: torch.Tensor | None = None  # (rows,) bool on the host: real tokens of this forward
     _device_masks: dict = field(default_factory=dict)  # token_mask copied to each device once
 
@@ -212,21 +217,57 @@ class _LayerState:
         self.norm_max.scatter_reduce_(0, expert, norm, reduce="amax")
 
     def maybe_sample(self, hidden: torch.Tensor) -> None:
-        """Keep `sample_per_call` random rows of this call's input, until the quota is met. The
-        generator is seeded by the call number, so every layer samples the same token positions."""
+        """Keep random rows of this call's input: `sample_per_call` until the quota is met, or
+        what `planned` says. The generator is seeded by the call number, so every layer samples
+        the same token positions."""
         # candidates are the real rows (from the host-side mask: no device sync); without a
         # mask every row, drawn exactly as before masks existed
         candidates = None if self.token_mask is None else self.token_mask.nonzero().flatten()
         available = hidden.shape[0] if candidates is None else candidates.numel()
-        want = min(self.sample_per_call, self.sample_quota - self.sampled, available)
-        self.calls += 1
+        if self.planned is not None:
+            self.calls, want = self.planned
+            want = min(want, available)
+        else:
+            want = min(self.sample_per_call, self.sample_quota - self.sampled, available)
+            self.calls += 1
         if want <= 0:
             return
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.calls)
         rows = torch.randperm(available, generator=generator)[:want]
         rows = (rows if candidates is None else candidates[rows]).sort().values
         self.samples.append(hidden.detach()[rows.to(hidden.device)].clone())
+        self.sample_calls.append(self.calls)
         self.sampled += want
+
+    def ensure_accumulators(self, device: torch.device) -> None:
+        """Zero accumulators on `device` for a layer that has seen no token yet (a rank with no
+        batch of a data-parallel run still takes part in the reductions)."""
+        if self.sums is None:
+            self.sums = torch.zeros(self.num_experts, len(_SUMMED), dtype=torch.float64,
+                                    device=device)
+            self.norm_max = torch.zeros(self.num_experts, dtype=torch.float64, device=device)
+        if self.energy is None:
+            self.energy = torch.zeros((), dtype=torch.float64, device=self.sums.device)
+
+    def state_dict(self) -> dict:
+        """Everything accumulated so far, on the host (for a resumable checkpoint)."""
+        def host(t):
+            return None if t is None else t.detach().cpu()
+
+        return {"sums": host(self.sums), "norm_max": host(self.norm_max),
+                "energy": host(self.energy), "energy_tokens": self.energy_tokens,
+                "calls": self.calls, "samples": [host(t) for t in self.samples],
+                "sample_calls": list(self.sample_calls), "sampled": self.sampled}
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        def place(t):
+            return None if t is None else t.to(device)
+
+        self.sums, self.norm_max = place(state["sums"]), place(state["norm_max"])
+        self.energy, self.energy_tokens = place(state["energy"]), int(state["energy_tokens"])
+        self.calls, self.sampled = int(state["calls"]), int(state["sampled"])
+        self.samples = [place(t) for t in state["samples"]]
+        self.sample_calls = list(state["sample_calls"])
 
     def add_energy(self, output: torch.Tensor) -> None:
         rows = output.detach().reshape(-1, output.shape[-1])
@@ -389,38 +430,78 @@ class ExpertObserver:
         for state in self._states.values():
             state.set_token_mask(mask)
 
-    def pause(self) -> None:
-        """Stop recording (the model keeps computing exactly as before), e.g. for extra calls."""
+    def pause(self, layers: list[int] | None = None) -> None:
+        """Stop recording (the model keeps computing exactly as before), e.g. for extra calls;
+        `layers`: only these MoE layers."""
+        self.set_recording(False, layers)
+
+    def set_recording(self, recording: bool, layers: list[int] | None = None) -> None:
+        for layer, state in self._states.items():
+            if layers is None or layer in layers:
+                state.recording = recording
+
+    def plan_call(self, call: int | None, rows: int = 0) -> None:
+        """The next forward is call number `call` (1-based, the same in every layer) and keeps
+        `rows` subsample rows; None: count calls and fill the quota in order (the default)."""
         for state in self._states.values():
-            state.recording = False
+            state.planned = None if call is None else (int(call), int(rows))
+
+    def layer_state(self, layer: int) -> _LayerState:
+        """The accumulators of one MoE layer (grape.distributed reduces them across ranks)."""
+        return self._states[layer]
+
+    def state_dict(self) -> dict[int, dict]:
+        return {layer: state.state_dict() for layer, state in self._states.items()}
+
+    def load_state_dict(self, states: dict[int, dict], devices: dict[int, torch.device]) -> None:
+        for layer, state in states.items():
+            self._states[int(layer)].load_state_dict(state, devices[int(layer)])
+
+    def release(self, layer: int) -> None:
+        """Drop a layer's subsample rows once they are used (layer-sequential calibration)."""
+        state = self._states[layer]
+        state.samples, state.sample_calls = [], []
+
+    def result(self, layer: int) -> LayerObservation:
+        state = self._states[layer]
+        if state.sums is None:
+            raise ArchitectureError(
+                f"layer {layer} saw no tokens while observed: its experts module was never "
+                "called through ExpertsInterface. Run at least one forward inside the observer."
+            )
+        sums = state.sums.detach().cpu().numpy()
+        stats = {name: sums[:, i].copy() for i, name in enumerate(_SUMMED)}
+        stats["norm_max"] = state.norm_max.detach().cpu().numpy()
+        energy = (
+            float(state.energy.item()) / max(state.energy_tokens, 1)
+            if state.energy is not None
+            else 0.0
+        )
+        samples = torch.cat(state.samples) if state.samples else None
+        return LayerObservation(
+            layer=layer,
+            stats=stats,
+            output_energy=energy,
+            tokens=state.energy_tokens,
+            samples=samples,
+        )
 
     def results(self) -> dict[int, LayerObservation]:
-        out = {}
-        for layer, state in sorted(self._states.items()):
-            if state.sums is None:
-                raise ArchitectureError(
-                    f"layer {layer} saw no tokens while observed: its experts module was never "
-                    "called through ExpertsInterface. Run at least one forward inside the observer."
-                )
-            sums = state.sums.detach().cpu().numpy()
-            stats = {name: sums[:, i].copy() for i, name in enumerate(_SUMMED)}
-            stats["norm_max"] = state.norm_max.detach().cpu().numpy()
-            energy = (
-                float(state.energy.item()) / max(state.energy_tokens, 1)
-                if state.energy is not None
-                else 0.0
-            )
-            samples = torch.cat(state.samples) if state.samples else None
-            out[layer] = LayerObservation(
-                layer=layer,
-                stats=stats,
-                output_energy=energy,
-                tokens=state.energy_tokens,
-                samples=samples,
-            )
-        return out
+        return {layer: self.result(layer) for layer in sorted(self._states)}
 
 
 def per_call_quota(sample_tokens: int, calls: int) -> int:
     """Rows to take per forward so that `calls` forwards fill `sample_tokens`."""
     return math.ceil(sample_tokens / max(calls, 1)) if sample_tokens > 0 else 0
+
+
+def sample_plan(quota: int, per_call: int, available: list[int]) -> list[int]:
+    """Subsample rows each call takes when calls fill `quota` in order, `per_call` at most each,
+    call i having `available[i]` real rows: what the default (unplanned) observer takes, computed
+    up front so that any rank can take call i's rows without having run the calls before it."""
+    rows, taken = [], 0
+    for count in available:
+        want = max(0, min(per_call, quota - taken, count))
+        rows.append(want)
+        taken += want
+    return rows

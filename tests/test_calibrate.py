@@ -708,3 +708,67 @@ def test_tokenizer_output_is_calibration_data():
         calibrate(model, {"input_ids": ids, "attention_mask": torch.zeros_like(mask)}, config)
     with pytest.raises(DataError, match="only 0 .padding. and 1"):
         calibrate(model, {"input_ids": ids, "attention_mask": mask * 2}, config)
+
+
+# -- resume (whole-model mode) --------------------------------------------------------------
+def test_interrupted_whole_model_run_resumes_to_the_same_scores(tmp_path, monkeypatch, capsys):
+    """Accumulators saved every 2 batches; a run stopped after its second save, run again with
+    the same folder, settings and data, runs only the batches after that save and gives the
+    uninterrupted run's scores."""
+    import grape.resume
+
+    model = make_tiny("olmoe")
+    ids = tiny_input_ids(10, 12)
+    config = CalibrationConfig(batch_size=2, subsample=30, progress=False)
+    reference = calibrate(model, ids, config)
+    saves, original = [], grape.resume.CalibrationCheckpoint.save
+
+    class Stop(Exception):
+        pass
+
+    def save_then_stop(self, name, obj):
+        original(self, name, obj)
+        saves.append(obj["done"])
+        if len(saves) == 2:
+            raise Stop
+
+    monkeypatch.setattr(grape.resume.CalibrationCheckpoint, "save", save_then_stop)
+    with pytest.raises(Stop):
+        calibrate(model, ids, config, checkpoint=tmp_path / "partial", checkpoint_every=2)
+    assert saves == [2, 4]
+    monkeypatch.setattr(grape.resume.CalibrationCheckpoint, "save", original)
+    forwards = []
+    handle = model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    scores = calibrate(model, ids, config, checkpoint=tmp_path / "partial", checkpoint_every=2)
+    handle.remove()
+    assert len(forwards) == 1  # batch 5 of 5 only
+    assert "resuming from the checkpoint" in capsys.readouterr().out
+    for layer, ls in reference.layers.items():
+        for name in STAT_NAMES:
+            np.testing.assert_array_equal(scores.layers[layer].stats[name], ls.stats[name])
+        np.testing.assert_array_equal(scores.layers[layer].cost_curve, ls.cost_curve)
+        for kind, sim in ls.similarity.items():
+            np.testing.assert_array_equal(scores.layers[layer].similarity[kind], sim)
+    assert scores.calibration["subsample_tokens"] == reference.calibration["subsample_tokens"]
+    # other data: another run's checkpoint, discarded with a notice
+    calibrate(model, ids[:4], config, checkpoint=tmp_path / "partial", checkpoint_every=2)
+    assert "holds the checkpoint of another run" in capsys.readouterr().out
+
+
+def test_a_checkpoint_folder_grape_did_not_write_is_refused(tmp_path):
+    (tmp_path / "partial").mkdir()
+    (tmp_path / "partial" / "mine.txt").write_text("keep me")
+    with pytest.raises(DataError, match="not a checkpoint grape calibrate wrote"):
+        calibrate(make_tiny("qwen3_moe"), tiny_input_ids(2, 8),
+                  CalibrationConfig(**QUICK), checkpoint=tmp_path / "partial")
+    assert (tmp_path / "partial" / "mine.txt").read_text() == "keep me"
+
+
+def test_the_run_report_is_in_the_scores(tmp_path):
+    scores = calibrate(make_tiny("mixtral"), tiny_input_ids(4, 8), CalibrationConfig(**QUICK))
+    run = scores.calibration["run"]
+    assert run["mode"] == "whole" and run["world_size"] == 1 and run["tokens"] == 32
+    assert run["seconds"] > 0 and run["tokens_per_second"] > 0 and run["peak_host_memory"] > 0
+    assert run["peak_device_memory"] is None  # CPU
+    scores.save(tmp_path / "s.npz")
+    assert Scores.load(tmp_path / "s.npz").calibration["run"] == run

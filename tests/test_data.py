@@ -12,17 +12,17 @@ from hypothesis import strategies as st
 from grape.data import CalibrationData, iter_documents, load_calibration_data, pack_documents
 from grape.errors import DataError, UserError
 
-_CHARS = [chr(c) for c in range(32, 127)]
+_CHARS = [chr(c) for c in range(32, 127)] + ["\n"]  # newlines too: paragraph blocks hold them
 
 
 def char_tokenizer():
-    """A real (fast) character-level tokenizer with a 98-token vocabulary: fits the tiny models."""
+    """A real (fast) character-level tokenizer with a 99-token vocabulary: fits the tiny models."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"[UNK]": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(_CHARS)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="</s>", unk_token="[UNK]", bos_token="<s>"
     )
@@ -61,14 +61,15 @@ def corpus(tmp_path):
 
 
 def test_directory_packs_full_rows(corpus):
-    data = load_calibration_data([corpus], char_tokenizer(), seq_len=64, samples=40, progress=False)
+    # 60 x 64 tokens: more than the largest file (3000 characters), so several documents
+    data = load_calibration_data([corpus], char_tokenizer(), seq_len=64, samples=60, progress=False)
     assert isinstance(data, CalibrationData)
-    assert data.input_ids.shape == (40, 64) and data.input_ids.dtype == torch.long
-    assert data.tokens == 40 * 64
+    assert data.input_ids.shape == (60, 64) and data.input_ids.dtype == torch.long
+    assert data.tokens == 60 * 64
     # documents are joined by EOS, and nothing is padding / unknown
     assert (data.input_ids == 2).sum() >= 1
     assert (data.input_ids == 0).sum() == 0
-    assert [b.shape[0] for b in data.batches(16)] == [16, 16, 8] and data.num_batches(16) == 3
+    assert [b.shape[0] for b in data.batches(16)] == [16, 16, 16, 12] and data.num_batches(16) == 4
     assert data.provenance["seq_len"] == 64 and data.provenance["sources"] == [str(corpus)]
 
 

@@ -1,0 +1,182 @@
+"""Resumable calibration: checkpoints in a folder beside the scores file (``OUT.partial/``).
+
+A calibration that is interrupted (Ctrl-C, a killed job, a lost node) and started again with the
+same command continues where its last checkpoint left off and writes the same scores file. The
+folder records a *run key*: a hash of every setting that changes the result and of the packed
+calibration tokens. Another key (other settings, other data, another world size) means the
+checkpoint belongs to another run: it is discarded with a notice and the run starts over.
+
+Files (every write goes to a temporary name and is renamed into place, so a kill never leaves a
+half-written checkpoint under its final name):
+
+* ``grape_calibration_checkpoint.json`` - the run key (written first; marks the folder as ours);
+* whole-model mode: ``rank{r}-of-{n}.observer.pt`` - each rank's accumulators and how many of its
+  batches they cover, every `checkpoint_every` batches;
+* layer-sequential mode: ``layer{i}.scores.pt`` (a finished MoE layer), per rank
+  ``rank{r}-of-{n}.hidden-{k}.bin`` (hidden states after k decoder layers) and
+  ``progress.json`` (k), committed by rank 0 once every rank has written its part.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from grape.distributed import World, barrier
+from grape.errors import DataError
+
+MANIFEST = "grape_calibration_checkpoint.json"
+PROGRESS = "progress.json"
+
+
+def partial_dir(out: str | os.PathLike) -> Path:
+    """The checkpoint folder of the scores file `out`: ``OUT.partial`` beside it."""
+    out = Path(out)
+    return out.with_name(out.name + ".partial")
+
+
+def run_key(settings: dict, tensors: Iterable[torch.Tensor | None]) -> str:
+    """A hash of the settings (JSON-able) and the exact calibration tokens."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    for tensor in tensors:
+        if tensor is None:
+            digest.update(b"none")
+            continue
+        data = tensor.detach().cpu().contiguous()
+        digest.update(f"{data.dtype}{tuple(data.shape)}".encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()[:24]
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@dataclass
+class CalibrationCheckpoint:
+    """The checkpoint folder of one run; every rank opens it (rank 0 prepares it)."""
+
+    directory: Path
+    key: str
+    world: World
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike, key: str, world: World,
+             say: Callable[[str], None] = print) -> "CalibrationCheckpoint":
+        """Use `directory` for this run: kept when it holds this run's checkpoint, emptied
+        (with a notice) when it holds another run's. A folder GRAPE did not write is refused."""
+        directory = Path(directory)
+        if world.main:
+            _prepare(directory, key, say)
+        barrier(world)
+        return cls(directory, key, world)
+
+    def path(self, name: str) -> Path:
+        return self.directory / name
+
+    # -- tensors and objects ----------------------------------------------------------------
+    def save(self, name: str, obj: Any) -> None:
+        """torch.save `obj` (tensors, numbers, lists, dicts) atomically."""
+        _atomic(self.path(name), lambda tmp: torch.save(obj, tmp))
+
+    def load(self, name: str) -> Any | None:
+        path = self.path(name)
+        if not path.is_file():
+            return None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - an unreadable file is a checkpoint we lack
+            say_bad = f"{path} cannot be read ({exc.__class__.__name__}); it is ignored"
+            print(f"grape calibrate: {say_bad}")
+            return None
+
+    def remove(self, name: str) -> None:
+        self.path(name).unlink(missing_ok=True)
+
+    # -- committed progress (layer-sequential) ------------------------------------------------
+    def commit(self, progress: dict) -> None:
+        """Record `progress` once every rank has written its files (rank 0 writes)."""
+        barrier(self.world)
+        if self.world.main:
+            text = json.dumps(progress, sort_keys=True)
+            _atomic(self.path(PROGRESS), lambda tmp: tmp.write_text(text))
+        barrier(self.world)
+
+    def progress(self) -> dict | None:
+        path = self.path(PROGRESS)
+        try:
+            return json.loads(path.read_text()) if path.is_file() else None
+        except (OSError, ValueError):
+            return None
+
+
+def discard(directory: str | os.PathLike) -> None:
+    """Remove a checkpoint folder grape calibrate wrote (a folder without its manifest stays)."""
+    directory = Path(directory)
+    if (directory / MANIFEST).is_file():
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _prepare(directory: Path, key: str, say: Callable[[str], None]) -> None:
+    manifest = directory / MANIFEST
+    if directory.exists():
+        if not directory.is_dir() or not manifest.is_file():
+            raise DataError(f"{directory} exists and is not a checkpoint grape calibrate wrote; "
+                            "remove it or write the scores elsewhere (--out)")
+        try:
+            found = json.loads(manifest.read_text()).get("key")
+        except (OSError, ValueError, AttributeError):
+            found = None
+        if found == key:
+            say(f"grape calibrate: resuming from the checkpoint in {directory}")
+            return
+        say(f"grape calibrate: {directory} holds the checkpoint of another run (other settings "
+            "or data); starting over")
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    _atomic(manifest, lambda tmp: tmp.write_text(json.dumps({"key": key}) + "\n"))
+
+
+# -- layer scores as plain tensors (loadable with weights_only=True) ---------------------------
+def layer_scores_state(scores) -> dict:
+    """A solvers.scores.LayerScores as a dict of tensors and numbers."""
+    def tensor(a):
+        return None if a is None else torch.from_numpy(np.ascontiguousarray(a))
+
+    return {"layer": int(scores.layer), "stats": {k: tensor(v) for k, v in scores.stats.items()},
+            "expert_bytes": tensor(np.asarray(scores.expert_bytes)),
+            "output_energy": float(scores.output_energy),
+            "similarity": {k: tensor(v) for k, v in scores.similarity.items()},
+            "cost_curve": tensor(scores.cost_curve)}
+
+
+def layer_scores_from_state(state: dict):
+    from solvers.scores import LayerScores
+
+    def array(t):
+        return None if t is None else t.numpy()
+
+    return LayerScores(layer=int(state["layer"]),
+                       stats={k: array(v) for k, v in state["stats"].items()},
+                       expert_bytes=array(state["expert_bytes"]),
+                       output_energy=float(state["output_energy"]),
+                       similarity={k: array(v) for k, v in state["similarity"].items()},
+                       cost_curve=array(state["cost_curve"]))
+
+
+__all__ = ["CalibrationCheckpoint", "MANIFEST", "discard", "layer_scores_from_state",
+           "layer_scores_state", "partial_dir", "run_key"]
