@@ -123,7 +123,7 @@ def calibrate(
                                      seed=config.seed, text_field=config.text_field,
                                      progress=config.progress)
     scores = _calibrate(model, data, config)
-    if model_path is not None:
+    if scores is not None and model_path is not None:  # None on the non-zero ranks of torchrun
         scores.calibration["model_path"] = str(model_path.resolve())
     return scores
 
