@@ -45,6 +45,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         description="Global expert pruning for Mixture-of-Experts language models: "
         "calibrate -> solve -> apply -> eval.",
     )
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     parser.verb_parsers = {}  # verb -> its parser, into which grape.recipe loads a recipe
     for verb, module in _available_verbs().items():
@@ -66,6 +67,21 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         p.set_defaults(_run=module.run, _output=output)
         parser.verb_parsers[verb] = p
     return parser
+
+
+def _version() -> str:
+    """`grape --version`: this package and the libraries whose versions change results."""
+    from importlib import metadata
+
+    import grape
+
+    parts = [f"grape {grape.__version__}"]
+    for name in ("torch", "transformers", "lm_eval"):
+        try:
+            parts.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            parts.append(f"{name} not installed")
+    return ", ".join(parts)
 
 
 def _plugins_in(argv: list[str]) -> list[str]:

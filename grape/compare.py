@@ -65,7 +65,8 @@ def compare_solvers(scores, config, objectives, solvers, progress=None, plan_dir
             counts = list(plan.kept_counts().values())
             rows.append(SolverRow(objective, name, status=plan.status, value=plan.objective,
                                   bound=plan.bound, gap=plan.gap, seconds=plan.seconds,
-                                  kept_min=min(counts), kept_max=max(counts), uniform=plan.is_uniform))
+                                  kept_min=min(counts), kept_max=max(counts), uniform=plan.is_uniform,
+                                  kept_per_layer={str(k): v for k, v in plan.kept_counts().items()}))
             if plan_dir is not None:
                 plan.save(Path(plan_dir) / f"{safe_name(objective)}.{name}.json")
     fill_excess(rows)

@@ -59,6 +59,7 @@ class EvalConfig:
     num_fewshot: int | None = None
     seed: int = 0
     progress: bool = True
+    verbose: bool = False  # lm-eval's, datasets' and transformers' own logs while tasks run
 
     def __post_init__(self) -> None:
         # tuples, so a config built from lists (JSON, argparse) stays hashable and comparable
@@ -480,6 +481,10 @@ def evaluate(model: torch.nn.Module, tokenizer, data: Mapping[str, Sequence[str]
     name = name or str(getattr(getattr(model, "config", None), "_name_or_path", "") or
                        type(model).__name__)
     result = EvalResult(model=name, config=config)
+    if config.tasks:  # a task that cannot run offline fails now, not after the perplexity pass
+        from grape.lmeval_offline import check_eval_tasks
+
+        check_eval_tasks(config, docs)
     if config.perplexity:
         _check_seq_len(model, config.seq_len)
         start = time.perf_counter()

@@ -2,7 +2,8 @@
 
     summary = inspect_path("scores.npz")     # a dict; render(summary) is the text `grape inspect` prints
 
-Scores files, plans, eval results and checkpoint directories are recognised by their content.
+Scores files, plans, eval results and checkpoint directories are recognised by their content;
+runs, comparisons, recipes and settings files are in grape.inspect_runs.
 """
 
 from __future__ import annotations
@@ -22,27 +23,58 @@ class InspectError(UserError):
     """A path that is none of the things `grape inspect` summarises."""
 
 
+ACCEPTED = ("a scores file, a plan, an eval result, a run or comparison (folder, summary.json or "
+            "compare.json), a resolved recipe or a checkpoint directory")
+
+
 def detect(path: Path) -> str:
-    """'scores', 'plan', 'eval' or 'checkpoint'; InspectError otherwise."""
+    """What `path` holds: 'scores', 'plan', 'eval', 'checkpoint', 'run', 'compare', 'folder' (of
+    plans or eval results), 'recipe', 'settings' or 'markdown'; InspectError otherwise."""
     if not path.exists():
-        raise InspectError(f"{str(path)!r} does not exist; pass a scores file, a plan, an eval "
-                           "result or a checkpoint directory")
+        raise InspectError(f"{str(path)!r} does not exist; pass {ACCEPTED}")
     if path.is_dir():
-        if (path / "config.json").is_file():
-            return "checkpoint"
-        raise InspectError(f"{str(path)!r} is a directory without config.json, so not a checkpoint; "
-                           "pass a checkpoint directory, a scores file or a plan")
+        return _detect_dir(path)
     if zipfile.is_zipfile(path):
         return "scores"
-    data = _read_json(path)
+    if path.suffix.lower() == ".png":
+        raise InspectError(f"{str(path)!r} is a picture; open it in an image viewer")
+    if path.suffix.lower() == ".md":
+        return "markdown"
+    if path.suffix.lower() in (".yaml", ".yml", ".toml"):
+        return "recipe"
+    return _detect_json(path, _read_json(path))
+
+
+def _detect_dir(path: Path) -> str:
+    from grape.inspect_runs import folder_kind
+
+    for marker, kind in (("config.json", "checkpoint"), ("summary.json", "run"),
+                         ("compare.json", "compare"), ("eval.json", "eval")):
+        if (path / marker).is_file():
+            return kind
+    if folder_kind(path):
+        return "folder"
+    raise InspectError(f"{str(path)!r} is a directory GRAPE did not write (no config.json, "
+                       f"summary.json, compare.json, eval.json, plans or eval results); pass {ACCEPTED}")
+
+
+def _detect_json(path: Path, data: Any) -> str:
+    from grape.inspect_runs import is_compare, is_run_summary, settings_kind
+
     if isinstance(data, dict):
         fmt = data.get("format")
         if fmt == "grape.plan" or (fmt is None and "kept" in data and "removed" in data):
             return "plan"
         if fmt == "grape-eval":
             return "eval"
-    raise InspectError(f"{str(path)!r} is not a GRAPE scores file, plan, eval result or checkpoint "
-                       "(unrecognised content)")
+    if is_run_summary(data):
+        return "run"
+    if is_compare(data):
+        return "compare"
+    if settings_kind(path.name, data):
+        return "settings"
+    raise InspectError(f"{str(path)!r} is not a file GRAPE wrote (unrecognised content); pass "
+                       f"{ACCEPTED}")
 
 
 def _read_json(path: Path) -> Any:
@@ -151,7 +183,10 @@ def summarize_checkpoint(path: Path) -> dict[str, Any]:
     config = _read_json(path / "config.json")
     if not isinstance(config, dict):
         raise InspectError(f"{str(path / 'config.json')!r} is not a JSON object")
-    per_layer = config.get("grape_experts_per_layer") or {}
+    from grape.templates.grape_pruning import read_block  # no torch: only the config is read
+
+    block = read_block(config)
+    per_layer = block["experts_per_layer"]
     count = next((config[k] for k in _EXPERT_COUNT_KEYS if isinstance(config.get(k), int)), None)
     provenance = _read_json(path / "grape_provenance.json") if (path / "grape_provenance.json").is_file() else {}
     plan = None
@@ -161,7 +196,7 @@ def summarize_checkpoint(path: Path) -> dict[str, Any]:
         plan = _plan_summary(Plan.load(path / "grape_plan.json"), str(path / "grape_plan.json"))
     experts = ({str(k): int(v) for k, v in per_layer.items()} if per_layer
                else provenance.get("experts_per_layer") or {})
-    masked = config.get("grape_masked_experts") or {}
+    masked = block["masked_experts"]
     auto_map = (config.get("auto_map") or {}).get("AutoModelForCausalLM")
     weights = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
     return {
@@ -188,8 +223,27 @@ def summarize_checkpoint(path: Path) -> dict[str, Any]:
     }
 
 
+def _summarize_settings(path: Path) -> dict[str, Any]:
+    from grape.inspect_runs import settings_kind, summarize_settings
+
+    return summarize_settings(path, settings_kind(path.name, _read_json(path)))
+
+
+def _runs(name: str):
+    """A summarize function of grape.inspect_runs, imported when used."""
+    def summarize(path: Path) -> dict[str, Any]:
+        import grape.inspect_runs as runs
+
+        return getattr(runs, name)(path)
+
+    return summarize
+
+
 SUMMARIES = {"scores": summarize_scores, "plan": summarize_plan, "eval": summarize_eval,
-             "checkpoint": summarize_checkpoint}
+             "checkpoint": summarize_checkpoint, "run": _runs("summarize_run"),
+             "compare": _runs("summarize_compare"), "recipe": _runs("summarize_recipe"),
+             "markdown": _runs("summarize_markdown"), "folder": _runs("summarize_folder"),
+             "settings": _summarize_settings}
 
 
 def inspect_path(path: str | os.PathLike, criterion: str | None = None) -> dict[str, Any]:
@@ -198,7 +252,22 @@ def inspect_path(path: str | os.PathLike, criterion: str | None = None) -> dict[
     kind = detect(path)
     if kind == "scores":
         return summarize_scores(path, criterion)
+    if kind == "eval" and path.is_dir():
+        path = path / "eval.json"
     return SUMMARIES[kind](path)
+
+
+def scores_path(path: str | os.PathLike) -> Path:
+    """The scores file behind `path`: the file itself, or a run folder's scores.npz."""
+    path = Path(path)
+    kind = detect(path)
+    if kind == "scores":
+        return path
+    folder = path if path.is_dir() else path.parent
+    if kind == "run" and (folder / "scores.npz").is_file():
+        return folder / "scores.npz"
+    raise InspectError(f"--plot draws a scores file's pictures; {str(path)!r} is a {kind}, not a "
+                       "scores file (or a run folder holding scores.npz)")
 
 
 # -- text -----------------------------------------------------------------------------------
@@ -216,6 +285,10 @@ def _size(n: int) -> str:
 
 def render(summary: dict[str, Any]) -> str:
     kind = summary["kind"]
+    from grape.inspect_runs import RENDER
+
+    if kind in RENDER:
+        return "\n".join(RENDER[kind](summary))
     lines = []
     if kind == "scores":
         m = summary["model"]
@@ -292,4 +365,4 @@ def _render_plan(p: dict[str, Any]) -> list[str]:
     return lines
 
 
-__all__ = ["SUMMARIES", "InspectError", "detect", "inspect_path", "render"]
+__all__ = ["SUMMARIES", "InspectError", "detect", "inspect_path", "render", "scores_path"]

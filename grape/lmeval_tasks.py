@@ -317,24 +317,28 @@ def _scores(results: Mapping[str, Any]) -> dict:
 
 def run_lm_eval(model, tokenizer, tasks: Sequence[str], include_paths: Sequence[str] = (),
                 batch_size: int = 8, limit: int | None = None, num_fewshot: int | None = None,
-                seed: int = 0) -> dict:
-    """Run lm-eval tasks in-process on a model object; returns {task or group: TaskScore}."""
+                seed: int = 0, verbose: bool = False, progress: bool = True) -> dict:
+    """Run lm-eval tasks in-process on a model object; returns {task or group: TaskScore}.
+    lm-eval's own logs and bars are silenced unless `verbose` (its request bar shows when
+    `progress`)."""
     force_offline()
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
     from grape.evaluate import input_device
+    from grape.lmeval_offline import quiet_lm_eval
 
-    manager = task_manager(tasks, include_paths)
-    # pass the tokenizer object: given only the model, HFLM would fetch a tokenizer from the hub
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
-              device=str(input_device(model)))
     try:
-        results = lm_eval.simple_evaluate(
-            model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
-            num_fewshot=num_fewshot, bootstrap_iters=0, log_samples=False,
-            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-            fewshot_random_seed=seed)
+        with quiet_lm_eval(quiet=not verbose, progress=progress):
+            manager = task_manager(tasks, include_paths)
+            # pass the tokenizer object: given only the model, HFLM would fetch one from the hub
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
+                      device=str(input_device(model)))
+            results = lm_eval.simple_evaluate(
+                model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
+                num_fewshot=num_fewshot, bootstrap_iters=0, log_samples=False,
+                random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                fewshot_random_seed=seed)
     except (ConnectionError, FileNotFoundError) as exc:
         raise DataError(f"lm-eval could not load the data of {list(tasks)} offline ({exc}); "
                         "use tasks whose datasets are on this machine (local JSON files or the "
@@ -355,7 +359,8 @@ def run_tasks(model, tokenizer, docs_by_domain: Mapping[str, Sequence[str]], con
                                       config.seed, config.local_task_kinds)
             names, paths = local + names, [out, *paths]
         return run_lm_eval(model, tokenizer, names, paths, config.batch_size, config.task_limit,
-                           config.num_fewshot, config.seed)
+                           config.num_fewshot, config.seed, verbose=config.verbose,
+                           progress=config.progress)
 
 
 __all__ = [

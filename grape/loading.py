@@ -15,11 +15,10 @@ checked before any weight is read (grape.modelfiles). ``dtype`` ``auto`` is floa
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 from grape.errors import DataError
-from grape.modelfiles import check_model_dir, parse_device_map
+from grape.modelfiles import check_model_dir, parse_device_map, resolve_model
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -36,7 +35,7 @@ def device_map(device: str = "auto", offload_folder: str | None = None) -> Any:
 
 def load_model(path: str | os.PathLike, device: str = "auto", dtype: Any = "auto", *,
                offload_folder: str | None = None, moe_only: bool = True, **from_pretrained_kwargs):
-    """An eval-mode model from a checkpoint directory. GRAPE checkpoints (per-layer expert
+    """An eval-mode model from a checkpoint directory (or a Hub id in the local cache). GRAPE checkpoints (per-layer expert
     counts included) and stock MoE checkpoints load through grape.checkpoint.load_pruned; with
     `moe_only=False` any other causal LM (a dense one, for evaluation) loads as it is. `dtype`:
     a name from DTYPES or a torch.dtype; other keyword arguments go to ``from_pretrained``."""
@@ -45,7 +44,7 @@ def load_model(path: str | os.PathLike, device: str = "auto", dtype: Any = "auto
     from grape.checkpoint import load_pruned
     from grape.errors import ArchitectureError
 
-    path = Path(path)
+    path = resolve_model(path)  # a Hub id is looked up in the local cache only
     check_model_dir(path)
     device = from_pretrained_kwargs.pop("device_map", device)  # from_pretrained's own name
     if not isinstance(dtype, torch.dtype) and dtype not in DTYPES:
@@ -71,7 +70,7 @@ def load_tokenizer(path: str | os.PathLike):
     """The tokenizer saved in a model (or tokenizer) directory."""
     from transformers import AutoTokenizer
 
-    path = Path(path)
+    path = resolve_model(path)
     if not path.is_dir() and not path.is_file():
         raise DataError(f"tokenizer {path} does not exist; pass --tokenizer DIR.")
     try:

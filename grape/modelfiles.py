@@ -9,6 +9,8 @@ import time.
 from __future__ import annotations
 
 import json
+import os
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -26,9 +28,53 @@ _FIX = "pass a checkpoint directory written by `grape apply` or `save_pretrained
 _MAX_HEADER = 100_000_000
 
 
+# owner/name as the Hugging Face Hub spells model ids
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+MODEL_HELP = ("model directory, or a Hugging Face model id (owner/name) already in the local "
+              "Hugging Face cache (HF_HUB_CACHE); nothing is downloaded")
+
+
+def hf_cache_roots() -> tuple[Path, Path]:
+    """(hub cache, datasets cache), read from the environment at call time as the Hugging Face
+    libraries read it at import (so a test or a caller can point them elsewhere)."""
+    default_home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "huggingface"
+    home = Path(os.environ.get("HF_HOME", default_home)).expanduser()
+    hub = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or home / "hub"
+    datasets = os.environ.get("HF_DATASETS_CACHE") or home / "datasets"
+    return Path(hub).expanduser(), Path(datasets).expanduser()
+
+
+def cached_model(model_id: str) -> Path | None:
+    """The local snapshot of a Hub model id with a config.json, or None; never downloads."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot = Path(snapshot_download(model_id, cache_dir=hf_cache_roots()[0], local_files_only=True))
+    except (ImportError, OSError, ValueError):  # not cached, or not a valid id
+        return None
+    return snapshot if (snapshot / "config.json").is_file() else None
+
+
+def resolve_model(path_or_id: str | os.PathLike) -> Path:
+    """The model directory a --model value names: the path when it exists, else the local
+    Hugging Face cache's snapshot of a Hub id (owner/name). Nothing is ever downloaded; anything
+    else is a one-line DataError saying which of the two was looked for."""
+    text = os.fspath(path_or_id)
+    path = Path(text).expanduser()
+    if path.exists() or not _HUB_ID.match(text):
+        return path
+    snapshot = cached_model(text)
+    if snapshot is not None:
+        return snapshot
+    raise DataError(f"model {text!r} is neither a directory here nor a model in the local Hugging "
+                    f"Face cache ({hf_cache_roots()[0]}); download it first (`hf download {text}`) "
+                    "or pass a checkpoint directory")
+
+
 def read_config(path: Path) -> dict[str, Any]:
-    """config.json of a model directory, parsed; a one-line error when it is missing or bad."""
-    path = Path(path)
+    """config.json of a model directory (or a cached Hub id, see resolve_model), parsed; a
+    one-line error when it is missing or bad."""
+    path = resolve_model(path)
     if not path.is_dir():
         raise DataError(f"model directory {path} does not exist; {_FIX}.")
     config = path / "config.json"
@@ -47,7 +93,7 @@ def check_model_dir(path: Path) -> dict[str, Any]:
     """The directory holds a readable config.json and intact safetensors files; returns the
     config. Reads headers only."""
     config = read_config(path)
-    for shard in weight_files(Path(path)):
+    for shard in weight_files(resolve_model(path)):
         check_safetensors(shard)
     return config
 
@@ -202,14 +248,18 @@ def parse_device_map(spec: str, offload_folder: str | None = None) -> Any:
 
 
 __all__ = [
+    "MODEL_HELP",
     "CheckpointFilesError",
     "check_device",
     "check_model_dir",
     "check_safetensors",
     "check_seq_len",
+    "cached_model",
     "context_length",
+    "hf_cache_roots",
     "parse_device_map",
     "read_config",
+    "resolve_model",
     "resolve_seq_len",
     "weight_files",
 ]

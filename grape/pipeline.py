@@ -24,6 +24,7 @@ from typing import Any
 from grape.calibrate import CalibrationConfig
 from grape.config import SolveConfig, check_budget
 from grape.evaluate import EvalConfig
+from grape.search import SearchConfig
 from solvers.errors import UserError
 
 MASK_NOTE = ("method `mask` keeps every weight (the routers skip the removed experts), so no smaller "
@@ -53,6 +54,10 @@ class RunConfig:
     device: str = "auto"
     dtype: str = "auto"
     overwrite: bool = False  # replace an out/checkpoint GRAPE did not write
+    # loss-verified allocation (grape.search): candidates measured on `search_samples` held-out
+    # sequences of the calibration text; None: apply the solver's plan as it is
+    search: SearchConfig | None = field(default_factory=SearchConfig)
+    search_samples: int = 8
 
     def __post_init__(self) -> None:
         from grape.compare import solver_names
@@ -98,19 +103,22 @@ def run(config: RunConfig) -> RunResult:
     """Run every stage; see the module docstring. Checks that need no model come first."""
     from grape.apply import ApplyConfig, apply_plan
     from grape.evaluate import default_heldout_files, evaluate, load_documents
+    from grape.lmeval_offline import check_eval_tasks
     from grape.report import RunReport
     from solvers._io import atomic_write_text
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local files only
     check_budget(config.solve.budget)
     docs = load_documents(config.eval_data or [str(p) for p in default_heldout_files("test")])
+    check_eval_tasks(config.evaluation, docs)  # an lm-eval task that cannot run fails before calibration
     out, label = config.out, config.model.name
     out.mkdir(parents=True, exist_ok=True)
-    stages = _Stages(5 + config.saves_checkpoint + bool(config.baselines))
+    searching = config.search is not None and (config.scores is None or config.data is not None)
+    stages = _Stages(5 + searching + config.saves_checkpoint + bool(config.baselines))
 
     stages.start("calibrate", f"calibrating {config.model}" if config.scores is None else
                  f"reading scores {config.scores}")
-    tokenizer, model, scores = _calibrate_stage(config)
+    tokenizer, model, scores, search_ids = _calibrate_stage(config, searching)
     check_budget(config.solve.budget, sum(scores.model.experts_per_layer.values()))
     stages.stop()
 
@@ -119,12 +127,21 @@ def run(config: RunConfig) -> RunResult:
     plans, rows = _solve_stage(config, scores)
     stages.stop()
 
+    solver, found = config.solve.solver, None
+    if searching:  # the plan applied is the best measured candidate; the solver's becomes a baseline
+        stages.start("search", f"loss-verified allocation: at most {config.search.max_passes} forward "
+                     f"passes of {search_ids.numel()} held-out tokens")
+        found = _search_stage(config, model, scores, search_ids, plans)
+        solver = "search"
+        stages.stop()
+    elif config.search is not None:
+        print("    no loss-verified search: it needs calibration text (--data) to hold tokens out of")
+
     stages.start("eval_before", "evaluating the unpruned model")
     base_eval = evaluate(model, tokenizer, docs, config.evaluation, name=f"{label} (unpruned)")
     _write_eval(out / "eval" / "unpruned.json", base_eval)
     stages.stop()
 
-    solver = config.solve.solver
     stages.start("apply_and_eval", f"applying the {solver} plan ({config.method}) and evaluating the "
                  "pruned model")
     method = ApplyConfig(config.method, merge_weights=scores if config.method == "merge" else None,
@@ -132,6 +149,8 @@ def run(config: RunConfig) -> RunResult:
     apply_plan(model, plans[solver], method)
     evals = {solver: evaluate(model, tokenizer, docs, config.evaluation, name=f"{label} ({solver})")}
     files = {"resolved configuration": "run.recipe.yaml", "plan": "plan.json", "summary": "summary.json"}
+    if searching:
+        files["search (every measured candidate)"] = "search.json"
     if config.scores is None:
         files["scores"] = "scores.npz"
     stages.stop()
@@ -143,9 +162,10 @@ def run(config: RunConfig) -> RunResult:
         stages.stop()
     del model
 
-    if config.baselines:  # each from a fresh copy of the model
-        stages.start("baselines", f"applying and evaluating the baselines ({', '.join(config.baselines)})")
-        for name in config.baselines:
+    baselines = [n for n in plans if n != solver]
+    if baselines:  # each from a fresh copy of the model
+        stages.start("baselines", f"applying and evaluating the baselines ({', '.join(baselines)})")
+        for name in baselines:
             baseline_model = _load_model(config)
             apply_plan(baseline_model, plans[name], method)
             evals[name] = evaluate(baseline_model, tokenizer, docs, config.evaluation, name=f"{label} ({name})")
@@ -164,10 +184,13 @@ def run(config: RunConfig) -> RunResult:
         calibration={"tokens": scores.tokens, **{k: v for k, v in scores.calibration.items()
                                                  if k in ("samples", "seq_len", "subsample", "similarity",
                                                           "criterion", "sources")}},
-        files=files, seconds=stages.seconds, notes=[MASK_NOTE] if config.method == "mask" else [])
+        files=files, seconds=stages.seconds, notes=[MASK_NOTE] if config.method == "mask" else [],
+        scores=scores)
     path = report.write(out)
     stages.stop()
     summary = _summary(config, scores, plans, base_eval, evals, stages.seconds)
+    if found is not None:
+        summary["search"] = found.to_json()
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return RunResult(summary, path)
 
@@ -179,28 +202,56 @@ def _load_model(config: RunConfig):
     return load_model(config.model, config.device, config.dtype)
 
 
-def _calibrate_stage(config: RunConfig):
+def _calibrate_stage(config: RunConfig, searching: bool):
+    """(tokenizer, model, scores, search ids): the search's sequences are packed with the
+    calibration ones and held out of calibration (the last `search_samples` rows)."""
     from grape.adapters import get_adapter
     from grape.calibrate import calibrate
-    from grape.data import load_calibration_data
+    from grape.data import CalibrationData, load_calibration_data
     from grape.loading import load_tokenizer
     from solvers.scores import Scores
 
     tokenizer = load_tokenizer(config.tokenizer or config.model)
+    cal = config.calibration
+    held_out = config.search_samples if searching else 0
+    data = None
+    if config.data is not None and (config.scores is None or held_out):
+        fresh = config.scores is None
+        data = load_calibration_data([str(p) for p in config.data], tokenizer, seq_len=cal.seq_len,
+                                     samples=(cal.samples if fresh else 0) + held_out,
+                                     seed=cal.seed if fresh else cal.seed + 1, text_field=cal.text_field,
+                                     progress=cal.progress)
+    search_ids = data.input_ids[data.samples - held_out:] if held_out else None
     if config.scores is not None:
         scores = Scores.load(config.scores)  # read before the model: a bad file fails fast
         model = _load_model(config)
         scores.model.check_matches(get_adapter(model).identity())
-        return tokenizer, model, scores
-    cal = config.calibration
-    data = load_calibration_data([str(p) for p in config.data], tokenizer, seq_len=cal.seq_len,
-                                 samples=cal.samples, seed=cal.seed, text_field=cal.text_field,
-                                 progress=cal.progress)
+        return tokenizer, model, scores, search_ids
     model = _load_model(config)
-    scores = calibrate(model, data, cal)
+    calibration = CalibrationData(data.input_ids[: cal.samples], data.provenance | {"samples": cal.samples})
+    scores = calibrate(model, calibration, cal)
     scores.calibration["model_path"] = str(config.model.resolve())
     scores.save(config.out / "scores.npz")
-    return tokenizer, model, scores
+    return tokenizer, model, scores, search_ids
+
+
+def _search_stage(config: RunConfig, model, scores, search_ids, plans: dict):
+    """Measure candidate plans (grape.search); the best becomes plans["search"] and plan.json."""
+    from grape.search import search
+
+    found = search(model, scores, config.solve, search_ids, config.search)
+    best = found.best.plan
+    best.provenance = {**best.provenance, "search": {"chosen": found.best.name, "passes": found.passes,
+                                                     "nll": found.best.nll, "unpruned_nll": found.unpruned_nll}}
+    plans["search"] = best
+    best.save(config.out / "plan.json")
+    plans[config.solve.solver].save(config.out / "plans" / f"{config.solve.solver}.json")
+    from solvers._io import atomic_write_text
+
+    atomic_write_text(config.out / "search.json", json.dumps(found.to_json(), indent=2) + "\n")
+    print(f"    search: chose {found.best.name} (search NLL {found.best.nll:.4f}, unpruned "
+          f"{found.unpruned_nll:.4f}) after {found.passes} passes, {found.seconds:.0f} s", flush=True)
+    return found
 
 
 def _solve_stage(config: RunConfig, scores):
@@ -265,7 +316,10 @@ def _write_eval(path: Path, result, baseline=None) -> None:
 
 
 def _summary(config: RunConfig, scores, plans, base_eval, evals, seconds) -> dict:
+    from grape.inspect_runs import RUN_FORMAT
+
     return {
+        "format": RUN_FORMAT,
         "model": str(config.model),
         "out": str(config.out),
         "budget": str(config.solve.budget),

@@ -25,9 +25,16 @@ A key in a verb's section that the verb does not have, or a top-level key that n
 an error (a typo would otherwise be ignored silently). Recipe values are checked exactly like
 flags: same type conversion, same choices.
 
+Relative paths in a recipe (model, data, scores, plan, out, ...) are relative to the recipe
+file's folder, not to the directory the command runs in, so a recipe means the same from
+anywhere. A ``model`` or ``tokenizer`` of the form owner/name that is not a folder there is a
+Hub id (grape.modelfiles.resolve_model).
+
 After a verb succeeds, its resolved configuration (every option, whatever set it) is written
 beside its outputs as a recipe of its own (``<verb>.recipe.yaml`` inside an output directory,
-``<stem>.recipe.yaml`` beside an output file), so ``grape <verb> --recipe that-file`` repeats it.
+``<stem>.recipe.yaml`` beside an output file), so ``grape <verb> --recipe that-file`` repeats it
+from any directory: paths inside the output's folder are written relative to it, others
+absolute.
 """
 
 from __future__ import annotations
@@ -44,6 +51,10 @@ from solvers._io import atomic_write_text
 from solvers.errors import UserError
 
 RECIPE_SUFFIXES = (".yaml", ".yml", ".toml", ".json")
+# options whose values are paths: relative ones in a recipe are read from the recipe's folder
+PATH_OPTIONS = {"model", "tokenizer", "data", "eval_data", "scores", "plan", "out", "baseline",
+                "task_path", "offload_folder", "path"}
+_HUB_ID_OPTIONS = {"model", "tokenizer"}  # may also be a Hub id (grape.modelfiles.resolve_model)
 # argparse destinations that are not options of the run (set by grape.cli or the recipe itself)
 # not settable from a recipe and not recorded: --overwrite must be asked for on each run
 _INTERNAL = {"recipe", "verb", "overwrite"}
@@ -162,6 +173,8 @@ def _convert(action: argparse.Action, value: Any, where: str) -> Any:
         return action.const if value else action.default
     many = action.nargs in ("+", "*") or isinstance(action.nargs, int) or \
         isinstance(action, argparse._AppendAction)
+    if value is None:  # `null`, as a resolved recipe records an unset option: stays unset
+        return None
     if many:
         items = list(value) if isinstance(value, (list, tuple)) else [value]
         return [_convert_one(action, item, where) for item in items]
@@ -226,12 +239,34 @@ def _argv_recipe(argv: Sequence[str]) -> tuple[str | None, str | None]:
 def prepare(argv: Sequence[str], verb_parsers: Mapping[str, argparse.ArgumentParser],
             all_parsers: Callable[[], Mapping[str, argparse.ArgumentParser]] | None = None) -> None:
     """If argv names a verb and a recipe, load the recipe into that verb's parser (see
-    recipe_values for `all_parsers`)."""
+    recipe_values for `all_parsers`). Relative paths in the recipe are relative to its folder,
+    so a recipe works from any directory."""
     verb, path = _argv_recipe(argv)
     if verb not in verb_parsers or not path:
         return
     values = recipe_values(load_recipe(path), verb, verb_parsers, all_parsers)
+    folder = Path(os.path.abspath(Path(path).expanduser())).parent
+    values = {dest: anchor_paths(dest, value, folder) for dest, value in values.items()}
     apply_recipe(verb_parsers[verb], values, verb)
+
+
+def anchor_paths(dest: str, value: Any, folder: Path) -> Any:
+    """A recipe value with its relative paths made relative to `folder` (the recipe's); values
+    of options that are not paths, and Hub ids that are not folders there, are left alone."""
+    if dest not in PATH_OPTIONS or value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [anchor_paths(dest, v, folder) for v in value]
+    text = str(value)
+    domain, sep, rest = text.partition("=")
+    if sep and domain and "/" not in domain and not (folder / text).exists():
+        return f"{domain}={anchor_paths(dest, rest, folder)}"  # DOMAIN=PATH of eval data
+    path = Path(text).expanduser()
+    if path.is_absolute():
+        return str(path)
+    if dest in _HUB_ID_OPTIONS and not (folder / path).exists() and text.count("/") == 1:
+        return text  # owner/name: a Hub id, looked up in the local cache
+    return str(folder / path)
 
 
 def add_recipe_argument(parser: argparse.ArgumentParser) -> None:
@@ -241,14 +276,37 @@ def add_recipe_argument(parser: argparse.ArgumentParser) -> None:
 
 
 # -- recording ------------------------------------------------------------------------------
-def resolved_options(args: argparse.Namespace) -> dict[str, Any]:
-    """Every option of a parsed run as plain JSON/YAML values (internals left out)."""
+def resolved_options(args: argparse.Namespace, folder: Path | None = None) -> dict[str, Any]:
+    """Every option of a parsed run as plain JSON/YAML values (internals left out). With
+    `folder` (where the recipe goes), paths are written so the recipe works from anywhere:
+    relative to that folder when inside it, absolute otherwise."""
     out = {}
     for key, value in sorted(vars(args).items()):
         if key.startswith("_") or key in _INTERNAL:
             continue
-        out[key] = _plain(value)
+        value = _plain(value)
+        if folder is not None and key in PATH_OPTIONS:
+            value = _portable(value, folder, hub_id=key in _HUB_ID_OPTIONS)
+        out[key] = value
     return out
+
+
+def _portable(value: Any, folder: Path, hub_id: bool = False) -> Any:
+    if isinstance(value, list):
+        return [_portable(v, folder) for v in value]
+    if not isinstance(value, str) or not value:
+        return value
+    domain, sep, rest = value.partition("=")
+    if sep and domain and "/" not in domain and not Path(value).exists():
+        return f"{domain}={_portable(rest, folder)}"
+    path = Path(value).expanduser()
+    if hub_id and not path.exists() and value.count("/") == 1 and not path.is_absolute():
+        return value  # a Hub id, not a path
+    path = Path(os.path.abspath(path))
+    try:
+        return path.relative_to(folder).as_posix() or "."
+    except ValueError:
+        return str(path)
 
 
 def _plain(value: Any) -> Any:
@@ -282,13 +340,21 @@ def write_resolved(args: argparse.Namespace, verb: str, path: str | os.PathLike 
         path = config_path(out, verb)
     import grape
 
+    path = Path(os.path.abspath(path))
     header = (f"# resolved configuration of `grape {verb}` (flags > recipe > defaults), grape "
               f"{grape.__version__}\n"
               + (f"# recipe file: {args.recipe}\n" if getattr(args, "recipe", None) else "")
-              + f"# repeat with: grape {verb} --recipe {Path(path).name}\n")
-    text = header + dump_yaml({verb: resolved_options(args)})
+              + "# relative paths are relative to this file's folder\n"
+              + f"# repeat with: grape {verb} --recipe {_shell_word(str(path))}\n")
+    text = header + dump_yaml({verb: resolved_options(args, path.parent)})
     atomic_write_text(path, text)
     return Path(path)
+
+
+def _shell_word(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)
 
 
 def dump_yaml(data: Any) -> str:
@@ -302,8 +368,10 @@ def dump_json(data: Any) -> str:
 
 
 __all__ = [
+    "PATH_OPTIONS",
     "RecipeError",
     "add_recipe_argument",
+    "anchor_paths",
     "apply_recipe",
     "config_path",
     "load_recipe",

@@ -44,6 +44,7 @@ class SolverRow:
     uniform: bool | None = None
     error: str | None = None
     excess: float | None = None  # value / best value for this objective - 1
+    kept_per_layer: dict[str, int] | None = None  # decoder-layer index -> experts the plan keeps
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -231,7 +232,58 @@ def plot_solvers(rows: Sequence[SolverRow], path: str | os.PathLike) -> Path:
     return _save(fig, path)
 
 
+def plot_kept_by_solver(rows: Sequence[SolverRow], path: str | os.PathLike) -> Path:
+    """Side by side, one panel per objective: experts kept per layer (columns) by each solver's
+    plan (rows), so allocations can be compared at a glance."""
+    objectives = [o for o in dict.fromkeys(r.objective for r in rows)
+                  if any(r.objective == o and r.kept_per_layer for r in rows)]
+    layers = sorted({int(k) for r in rows if r.kept_per_layer for k in r.kept_per_layer})
+    solvers = max(len([r for r in rows if r.objective == o and r.kept_per_layer]) for o in objectives)
+    fig = _figure(min(24.0, 1.5 + len(objectives) * (1.5 + 0.28 * len(layers))), 1.4 + 0.32 * solvers)
+    axes = fig.subplots(1, len(objectives), squeeze=False, sharey=False)[0]
+    top = max(v for r in rows if r.kept_per_layer for v in r.kept_per_layer.values())
+    image = None
+    for ax, objective in zip(axes, objectives):
+        mine = [r for r in rows if r.objective == objective and r.kept_per_layer]
+        grid = [[r.kept_per_layer.get(str(layer), 0) for layer in layers] for r in mine]
+        image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=top, interpolation="nearest")
+        if len(layers) * len(mine) <= 400:  # numbers only where they stay legible
+            for y, row in enumerate(grid):
+                for x, value in enumerate(row):
+                    ax.text(x, y, str(value), ha="center", va="center", fontsize="x-small",
+                            color="white" if value < 0.6 * top else "black")
+        step = max(1, len(layers) // 16)
+        ax.set_xticks(range(0, len(layers), step), [str(l) for l in layers[::step]])
+        ax.set_yticks(range(len(mine)), [r.solver for r in mine])
+        ax.set_xlabel("MoE layer (decoder index)")
+        ax.set_title(objective, fontsize="medium")
+    fig.colorbar(image, ax=list(axes), label="experts kept")
+    fig.suptitle("Experts kept per layer by each solver's plan", fontsize="medium")
+    return _save(fig, path)
+
+
 # -- the run report --------------------------------------------------------------------------
+SCORE_PICTURES = (
+    ("importance", "expert importance per layer",
+     "Each expert's importance relative to its layer's mean (log scale; blank: never routed)."),
+    ("similarity", "expert similarity per layer",
+     "Each layer's expert similarity matrix: bright blocks are near-duplicate experts."),
+    ("cost_curves", "layer cost curves",
+     "Measured block-output error of keeping fewer experts, per layer: flat curves tolerate cuts."),
+)
+
+
+def _score_pictures(plots: Mapping[str, str]) -> list[str]:
+    """The report section showing what calibration measured (grape.scoreplots)."""
+    shown = [(key, alt, caption) for key, alt, caption in SCORE_PICTURES if key in plots]
+    if not shown:
+        return []
+    lines = ["## What calibration measured", ""]
+    for key, alt, caption in shown:
+        lines += [caption, "", f"![{alt}]({plots[key]})", ""]
+    return lines
+
+
 @dataclass
 class RunReport:
     """Everything `grape run` shows; `write` turns it into report.md plus plots."""
@@ -250,11 +302,16 @@ class RunReport:
     files: dict[str, str] = field(default_factory=dict)  # what -> path relative to the report
     seconds: dict[str, float] = field(default_factory=dict)  # stage -> wall seconds
     notes: list[str] = field(default_factory=list)
+    scores: Any = None  # the Scores the plans came from: its pictures go into the report
 
     def write(self, out_dir: str | os.PathLike, name: str = "report.md") -> Path:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         plots = {}
+        if self.scores is not None:
+            from grape.scoreplots import plot_scores
+
+            plots.update({k: p.name for k, p in plot_scores(self.scores, out_dir).items()})
         if self.plans:
             plots["kept"] = plot_kept_per_layer(self.plans, self.original, out_dir / PLOT_KEPT).name
         if self.base_eval is not None and self.evals:
@@ -306,6 +363,7 @@ class RunReport:
             keys = ("tokens", "samples", "seq_len", "subsample", "similarity", "criterion", "sources")
             cal = ", ".join(f"{k} {self.calibration[k]}" for k in keys if k in self.calibration)
             lines += ["## Calibration", "", cal, ""]
+        lines += _score_pictures(plots)
         if self.notes:
             lines += ["## Notes", "", *[f"- {n}" for n in self.notes], ""]
         if self.files:
@@ -323,6 +381,7 @@ __all__ = [
     "fill_excess",
     "kept_table",
     "nll_table",
+    "plot_kept_by_solver",
     "plot_kept_per_layer",
     "plot_nll",
     "plot_solvers",

@@ -149,7 +149,7 @@ def test_run_in_process_with_a_recipe(ws, tmp_path):
     assert main(["run", "--recipe", str(recipe), "--budget", "0.25", "--out", str(out), *RUN_FLAGS]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["budget"] == "0.25" and summary["objective"] == "additive"
-    assert summary["plans"]["exact"]["removed"] == 6 and set(summary["plans"]) == {"exact"}
+    assert summary["plans"]["exact"]["removed"] == 6 and set(summary["plans"]) == {"exact", "search"}
     assert not (out / "checkpoint").exists()
     resolved = (out / "run.recipe.yaml").read_text()
     assert "budget: '0.25'" in resolved and "objective: additive" in resolved
@@ -182,15 +182,19 @@ def test_run_as_a_subprocess_writes_the_report(ws, tmp_path):
     stdout = _grape("run", "--model", ws.model, "--data", ws.calibration, "--eval-data", *ws.heldout,
                     "--out", out, "--objective", "redundancy", "--solver", "exact", "--baselines", "uniform",
                     *RUN_FLAGS)
-    assert "[7/7] writing the report" in stdout  # with a checkpoint and a baseline: seven stages
+    # with the search, a checkpoint and baselines: eight stages
+    assert "[8/8] writing the report" in stdout and "loss-verified allocation" in stdout
     report = (out / "report.md").read_text()
     for section in ("Held-out NLL before and after", "Experts kept per layer", "Solvers on these scores"):
         assert section in report
     for png in ("experts_per_layer.png", "nll_per_domain.png", "solvers.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["nll"]) == {"unpruned", "exact", "uniform"}
+    # the search's choice is applied; the solver's own plan and uniform are evaluated beside it
+    assert set(summary["nll"]) == {"unpruned", "search", "exact", "uniform"}
     assert summary["plans"]["uniform"]["uniform"] is True
+    assert summary["search"]["chosen"] in {c["name"] for c in summary["search"]["candidates"]}
+    assert (out / "search.json").is_file()
     # the checkpoint reloads with the plan's per-layer counts
     from grape import load
 
@@ -199,7 +203,7 @@ def test_run_as_a_subprocess_writes_the_report(ws, tmp_path):
 
     adapter = get_adapter(model)
     assert {l: adapter.num_experts(l) for l in adapter.moe_blocks()} == \
-        {int(k): v for k, v in summary["plans"]["exact"]["kept_per_layer"].items()}
+        {int(k): v for k, v in summary["plans"]["search"]["kept_per_layer"].items()}
 
 
 # -- user errors ----------------------------------------------------------------------------

@@ -147,6 +147,7 @@ def test_the_documented_plugin_works_in_grape_run(plugin_dir, ws, scores, tmp_pa
     summary = json.loads((out / "summary.json").read_text())
     assert summary["objective"] == "shared_load"
     assert max(summary["plans"]["exact"]["kept_per_layer"].values()) <= 5
+    assert "search" not in summary["plans"]  # reused scores and no --data: nothing to hold out
 
 
 # -- layering -----------------------------------------------------------------------------------

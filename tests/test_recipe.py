@@ -55,7 +55,8 @@ def test_toml_and_json_recipes_read_alike(tmp_path):
 def test_recipe_supplies_required_options_and_switches(parser, tmp_path):
     args = parse(parser, ["compare"], tmp_path,
                  "scores: a.npz\ncompare:\n  out: dir\n  uniform: true\n  no-plans: true\n")
-    assert str(args.scores) == "a.npz" and str(args.out) == "dir"
+    # relative paths are read from the recipe's folder, not the current directory
+    assert args.scores == tmp_path / "a.npz" and args.out == tmp_path / "dir"
     assert args.uniform is True and args.no_plans is True
     args = parse(parser, ["compare"], tmp_path, "scores: a.npz\nout: dir\nuniform: false\n")
     assert args.uniform is False
@@ -65,7 +66,7 @@ def test_lists_and_types_convert_like_flags(parser, tmp_path):
     args = parse(parser, ["run"], tmp_path,
                  "run:\n  data: one.jsonl\n  calib_similarity: [cka, router]\n  samples: 8\n  "
                  "compare_time_limit: 2\n")
-    assert args.data == ["one.jsonl"]  # a single value for a many-valued option
+    assert args.data == [str(tmp_path / "one.jsonl")]  # a single value for a many-valued option
     assert args.calib_similarity == "cka,router"  # a list for a comma-separated option
     assert args.samples == 8 and args.compare_time_limit == 2.0
     # keys work with dashes or underscores
@@ -148,3 +149,13 @@ def test_command_line_recipe_may_hold_options_of_other_verbs(tmp_path, capsys):
     path.write_text("modle: m\n")
     assert main(["compare", "--recipe", str(path), "--scores", "s", "--out", "o"]) == 2
     assert "'modle' is not an option of any grape verb" in capsys.readouterr().err
+
+
+def test_recipe_paths_are_relative_to_the_recipe_and_hub_ids_stay(parser, tmp_path):
+    (tmp_path / "local-model").mkdir()
+    args = parse(parser, ["run"], tmp_path, "run:\n  model: Qwen/Qwen3-30B-A3B\n  eval_data: [prose=p.jsonl, "
+                 "/abs/c.jsonl]\n  tokenizer: local-model\n  plugin: [my_plugin]\n")
+    assert str(args.model) == "Qwen/Qwen3-30B-A3B"  # owner/name not found there: a Hub id
+    assert args.tokenizer == tmp_path / "local-model"
+    assert args.eval_data == [f"prose={tmp_path / 'p.jsonl'}", "/abs/c.jsonl"]
+    assert args.plugin == ["my_plugin"]  # a module name, not a path

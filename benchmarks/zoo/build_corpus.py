@@ -5,7 +5,8 @@
   benchmarks/zoo/heldout/{domain}.{split}.jsonl    small committed copies of validation/test
   benchmarks/zoo/heldout/calibration.jsonl         small committed mixed-domain train sample
 
-Every JSONL line is one document: {"text", "domain", "source"}.
+Every JSONL line is one document: {"text", "domain", "source"}. A missing source (e.g. the
+Python documentation, package python3.11-doc) is refused in one line before anything is written.
 
     python benchmarks/zoo/build_corpus.py
 """
@@ -64,6 +65,38 @@ def c_files() -> list[Path]:
 
 
 SOURCES = {"prose": prose_files, "python": python_files, "c": c_files}
+# where each domain's text comes from and what installs it, for the error when it is missing
+PROVIDERS = {
+    "prose": (lambda: PROSE_ROOT, "the Python documentation sources: apt-get install python3.11-doc"),
+    "python": (lambda: Path(os.path.dirname(os.__file__)), "the Python standard library (a full "
+               "CPython install, not a stripped one)"),
+    "c": (lambda: C_ROOT, "the C library headers: apt-get install libc6-dev"),
+}
+
+
+class MissingSource(Exception):
+    """A domain whose source text is not on this machine: nothing is written."""
+
+
+def check_source(domain: str) -> None:
+    """The domain's source folder exists (cheap, before anything is read)."""
+    root, package = PROVIDERS[domain][0](), PROVIDERS[domain][1]
+    if not root.is_dir():
+        raise MissingSource(f"no {domain} text: {root} does not exist; install {package}")
+
+
+def check_documents(domain: str, by_split: dict[str, list[dict]]) -> None:
+    """Every split of the domain has documents: an empty file would train and evaluate on
+    nothing, silently."""
+    root, package = PROVIDERS[domain][0](), PROVIDERS[domain][1]
+    total = sum(len(docs) for docs in by_split.values())
+    if total == 0:
+        raise MissingSource(f"no {domain} documents of 200..{MAX_DOC_CHARS} characters under "
+                            f"{root}; install {package}")
+    empty = [split for split, docs in by_split.items() if not docs]
+    if empty:
+        raise MissingSource(f"{domain}: only {total} documents under {root}, so its {empty[0]} "
+                            f"split would be empty; install {package}")
 
 
 def read_documents(domain: str) -> list[dict]:
@@ -101,17 +134,32 @@ def write_jsonl(path: Path, docs: list[dict]) -> None:
             handle.write(json.dumps(doc, ensure_ascii=False) + "\n")
 
 
+def read_all() -> dict[str, dict[str, list[dict]]]:
+    """domain -> split -> documents, every source checked first (MissingSource)."""
+    for domain in DOMAINS:
+        check_source(domain)
+    out = {}
+    for domain in DOMAINS:
+        docs = read_documents(domain)
+        out[domain] = {s: [d for d in docs if split_of(d["source"]) == s] for s in SPLITS}
+        check_documents(domain, out[domain])
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train-mb", type=float, default=8.0, help="cap on each domain's train text")
     parser.add_argument("--out", type=Path, default=ZOO / "data")
     parser.add_argument("--heldout", type=Path, default=ZOO / "heldout")
     args = parser.parse_args(argv)
+    try:
+        splits = read_all()
+    except MissingSource as exc:  # refuse before writing anything
+        print(f"build_corpus.py: error: {exc}", file=sys.stderr)
+        return 2
 
     calibration = []
-    for domain in DOMAINS:
-        docs = read_documents(domain)
-        by_split = {s: [d for d in docs if split_of(d["source"]) == s] for s in SPLITS}
+    for domain, by_split in splits.items():
         by_split["train"] = _cap(by_split["train"], int(args.train_mb * 1e6))
         for split, split_docs in by_split.items():
             write_jsonl(args.out / f"{domain}.{split}.jsonl", split_docs)

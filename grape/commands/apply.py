@@ -25,7 +25,9 @@ OUTPUT = DirOutput(signature=(PROVENANCE_FILE,), inputs=("model", "plan", "score
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="model directory or hub id (offline cache)")
+    from grape.modelfiles import MODEL_HELP
+
+    parser.add_argument("--model", required=True, help=MODEL_HELP)
     parser.add_argument("--plan", required=True, help="plan JSON written by `grape solve`")
     parser.add_argument("--method", choices=("remove", "merge", "mask"), default="remove",
                         help="remove: slice experts out; merge: fold removed experts into kept "
@@ -55,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from grape.apply import ApplyConfig, apply_plan
     from grape.checkpoint import load_pruned, save_pruned
     from grape.errors import PlanError
-    from grape.modelfiles import check_model_dir
+    from grape.modelfiles import check_model_dir, resolve_model
     from grape.quantized import check_method
     from grape.shards import parse_size
     from grape.streaming import streaming_unavailable
@@ -63,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     from solvers.scores import Scores
 
     # everything that needs no weights first: a bad plan or model directory fails in a second
+    args.model = str(resolve_model(args.model))  # a Hub id: its snapshot in the local cache
     model_config = check_model_dir(args.model)
     plan = Plan.load(args.plan)
     precheck_plan(plan, model_config, args.allow_lower_top_k)

@@ -16,12 +16,14 @@ DESCRIPTION = (
     "Build the allocation problem from a scores file (written by `grape calibrate` or `grape "
     "synth`) once per objective, run every solver on it under the same budget, constraints and "
     "time limit, and write compare.md (objective value, excess over the best plan, proven lower "
-    "bound, gap, seconds, kept-count range per solver), compare.json, compare.png and every plan "
-    "into --out. Objectives the scores cannot support (no similarity, no cost curves) are "
+    "bound, gap, seconds, kept-count range per solver), compare.json, compare.png (each solver "
+    "against the best plan), kept_per_layer.png (each plan's experts per layer, side by side) and "
+    "every plan into --out. Objectives the scores cannot support (no similarity, no cost curves) are "
     "listed as skipped. No model is loaded: this runs on a laptop. The problem flags are those of "
     "`grape solve`; the time limit defaults to 10 s because every solver runs on every objective."
 )
 OUTPUT = DirOutput(signature=("compare.json",), inputs=("scores",), what="a comparison folder")
+PLOT_KEPT = "kept_per_layer.png"
 
 
 def _split(text: str, known: list[str] | tuple[str, ...], what: str) -> list[str]:
@@ -57,8 +59,9 @@ def run(args: argparse.Namespace) -> int:
     from grape.api import check_budget, load_scores
     from grape.compare import compare_solvers, solver_names
     from grape.config import solve_config_from_args
+    from grape.inspect_runs import COMPARE_FORMAT
     from grape.recipe import dump_json
-    from grape.report import plot_solvers, solver_table
+    from grape.report import plot_kept_by_solver, plot_solvers, solver_table
 
     objectives = _split(args.objective or args.objectives, OBJECTIVES, "objectives")
     names = _split(args.solvers, solver_names(), "solvers")
@@ -82,14 +85,16 @@ def run(args: argparse.Namespace) -> int:
               f"`{args.budget}`, criterion `{args.criterion}`, time limit {args.time_limit:g} s per "
               "run. Objective values are recomputed from each plan (lower is better); "
               "'vs best' is the excess over the best plan found for that objective.\n\n")
-    atomic_write_text(args.out / "compare.md", header + table + "\n\n![solvers](compare.png)\n")
+    atomic_write_text(args.out / "compare.md", header + table + "\n\n![solvers](compare.png)\n\n"
+                      f"![experts kept per layer]({PLOT_KEPT})\n")
     atomic_write_text(args.out / "compare.json", dump_json({
-        "scores": str(args.scores), "scores_fingerprint": scores.fingerprint(),
+        "format": COMPARE_FORMAT, "scores": str(args.scores), "scores_fingerprint": scores.fingerprint(),
         "config": config.to_json(), "rows": [r.to_json() for r in rows]}))
     if any(r.value is not None for r in rows):
         plot_solvers(rows, args.out / "compare.png")
+        plot_kept_by_solver(rows, args.out / PLOT_KEPT)
     print(table)
-    print(f"wrote {args.out / 'compare.md'}, compare.json and compare.png")
+    print(f"wrote {args.out / 'compare.md'}, compare.json, compare.png and {PLOT_KEPT}")
     return 0
 
 

@@ -16,8 +16,9 @@ HELP = "evaluate a checkpoint: held-out NLL/perplexity per domain and lm-eval ta
 DESCRIPTION = (
     "Evaluate a model directory (a pruned GRAPE checkpoint, uniform or not, or any transformers "
     "causal LM) on held-out text: mean NLL (nats/token) and perplexity per domain, and "
-    "optionally lm-evaluation-harness tasks run in-process and offline. Writes eval.json, "
-    "eval.md and eval_config.json into --out. See docs/evaluation.md."
+    "optionally lm-evaluation-harness tasks run in-process and offline: every task name is "
+    "checked before the model is loaded, and --list-tasks prints the tasks that can run here. "
+    "Writes eval.json, eval.md and eval_config.json into --out. See docs/evaluation.md."
 )
 RESULT_JSON, RESULT_MD, CONFIG_JSON = "eval.json", "eval.md", "eval_config.json"
 DEFAULT_SEQ_LEN = 256
@@ -26,8 +27,10 @@ OUTPUT = DirOutput(signature=(CONFIG_JSON, RESULT_JSON), what="an evaluation fol
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, type=Path,
-                        help="checkpoint directory (config.json + weights)")
+    from grape.modelfiles import MODEL_HELP
+
+    parser.add_argument("--model", type=Path, default=None,
+                        help=MODEL_HELP + " (required unless --list-tasks)")
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="tokenizer directory; when not given, the model directory")
     parser.add_argument("--data", nargs="+", default=None, metavar="FILE",
@@ -39,7 +42,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", default="",
                         help="comma-separated lm-eval tasks: 'local' (multiple-choice tasks "
                         "built from the held-out text, see --task-kinds), names of tasks under --task-path, "
-                        "or built-in task names whose data is cached locally; empty: none")
+                        "or built-in task names whose data is cached locally; empty: none. Every "
+                        "name is checked before the model is loaded")
+    parser.add_argument("--list-tasks", action="store_true",
+                        help="print the lm-eval tasks that can run here (local ones, those under "
+                        "--task-path, installed ones whose data is cached) and exit")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show lm-eval's, datasets' and transformers' own logs and progress "
+                        "bars while tasks run (quiet by default)")
     parser.add_argument("--task-path", nargs="+", default=[], metavar="DIR",
                         help="directories (or YAML files) with your own lm-eval task configs")
     parser.add_argument("--task-kinds", default="scramble,nextline,cloze",
@@ -70,7 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="'auto': float32 on CPU, the checkpoint's dtype on GPU")
     parser.add_argument("--seed", type=int, default=0, help="seed of the local tasks and lm-eval")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    parser.add_argument("--out", required=True, type=Path, help="output directory")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output directory (required unless --list-tasks)")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -89,6 +100,7 @@ def config_from_args(args: argparse.Namespace):
         num_fewshot=args.num_fewshot,
         seed=args.seed,
         progress=not args.no_progress,
+        verbose=args.verbose,
     )
 
 
@@ -101,27 +113,32 @@ def check_device(device: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub when loading files
-    from grape.evaluate import EvalResult, default_heldout_files, evaluate, load_documents
-
-    from grape.modelfiles import resolve_seq_len
-
-    # everything that needs no weights first: bad settings fail in a second
+    from grape.evaluate import EvalResult, evaluate, load_documents
+    from grape.lmeval_offline import check_eval_tasks
     from grape.loading import load_model, load_tokenizer
-    from grape.modelfiles import check_model_dir
+    from grape.modelfiles import check_model_dir, resolve_model, resolve_seq_len
 
+    if args.list_tasks:
+        return list_tasks(args)
+    for flag in ("model", "out"):
+        if getattr(args, flag) is None:
+            raise DataError(f"grape eval needs --{flag} (or --list-tasks to see the tasks that run here)")
+    # everything that needs no weights first: bad settings fail in a second
+    args.model = resolve_model(args.model)
     model_config = check_model_dir(args.model)
     if not args.no_perplexity:
         args.seq_len = resolve_seq_len(args.seq_len, DEFAULT_SEQ_LEN, model_config, who="grape eval")
     args.seq_len = args.seq_len or DEFAULT_SEQ_LEN
     check_device(args.device)
     config = config_from_args(args)
-    data = args.data if args.data else default_heldout_files(args.split)
+    data = _data(args)
     docs = load_documents(data)  # bad data fails before the model is loaded
     baseline = EvalResult.from_json(args.baseline) if args.baseline else None
     for p in config.task_paths:
         if not Path(p).exists():
             raise DataError(f"lm-eval task path {p} does not exist; pass a directory holding "
                             "lm-eval task YAML files.")
+    check_eval_tasks(config, docs)  # a task that cannot run offline fails before any model work
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     model = load_model(args.model, args.device, args.dtype, moe_only=False)
     resolved = {"model": str(args.model.resolve()),
@@ -140,11 +157,40 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data(args: argparse.Namespace) -> list:
+    from grape.evaluate import default_heldout_files
+
+    return args.data if args.data else default_heldout_files(args.split)
+
+
+def list_tasks(args: argparse.Namespace) -> int:
+    """`grape eval --list-tasks`: what --tasks can name on this machine, offline."""
+    from grape.evaluate import load_documents
+    from grape.lmeval_offline import available_tasks, builtin_task_dir, cache_roots
+
+    domains = list(load_documents(_data(args)))
+    kinds = [k.strip() for k in args.task_kinds.split(",") if k.strip()]
+    found = available_tasks(args.task_path, domains, kinds)
+    hub, datasets = cache_roots()
+    print(f"local: built from the held-out text ({', '.join(domains)}); --tasks local runs them all")
+    print("  " + " ".join(found["local"]))
+    if args.task_path:
+        print(f"under --task-path: {' '.join(found['task path']) or '(none with their data here)'}")
+    if builtin_task_dir() is None:
+        print("lm-eval is not installed (pip install 'grape-moe[eval]'): no task can run")
+        return 0
+    print(f"installed lm-eval tasks whose data is cached ({datasets}, {hub}):")
+    print("  " + (" ".join(found["cached"]) or "(none: download a dataset first, e.g. "
+                  "`hf download --repo-type dataset allenai/ai2_arc`, for arc_easy)"))
+    return 0
+
+
 __all__ = [
     "DESCRIPTION",
     "HELP",
     "add_arguments",
     "check_device",
     "config_from_args",
+    "list_tasks",
     "run",
 ]

@@ -12,8 +12,10 @@ TESTBED = "the embedded test-bed model (grape.testbed, a Qwen3-MoE with 32 exper
 
 # settings left unset on the command line and in the recipe: small on the embedded test-bed
 # model (a few minutes on a 2-core CPU), larger on a model of your own
-SMALL = {"samples": 32, "seq_len": 256, "subsample": 256, "eval_tokens": 8192, "eval_seq_len": 256}
-LARGE = {"samples": 256, "seq_len": 2048, "subsample": 512, "eval_tokens": 65536, "eval_seq_len": 1024}
+SMALL = {"samples": 32, "seq_len": 256, "subsample": 256, "eval_tokens": 8192, "eval_seq_len": 256,
+         "search_passes": 100, "search_samples": 32}
+LARGE = {"samples": 256, "seq_len": 2048, "subsample": 512, "eval_tokens": 65536, "eval_seq_len": 1024,
+         "search_passes": 200, "search_samples": 8}
 
 # checked by the CLI when --out is given, and by run() once the default is resolved
 OUTPUT = DirOutput(signature=("summary.json", "run.recipe.yaml"), what="a run folder",
@@ -36,10 +38,11 @@ DESCRIPTION = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from grape.config import add_problem_arguments
+    from grape.modelfiles import MODEL_HELP
 
     io = parser.add_argument_group("model and data")
     io.add_argument("--model", type=Path, default=None,
-                    help=f"model directory; default: {TESTBED}")
+                    help=f"{MODEL_HELP}; default: {TESTBED}")
     io.add_argument("--tokenizer", type=Path, default=None, help="tokenizer directory; default: the model's")
     io.add_argument("--data", nargs="+", default=None, metavar="PATH",
                     help="calibration text (text/JSONL files or directories); default: "
@@ -74,6 +77,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # and 50% when this default was chosen (the quality benchmark measures this properly)
     add_problem_arguments(parser, objective="curves")
 
+    se = parser.add_argument_group("loss-verified allocation (grape.search)")
+    se.add_argument("--no-search", action="store_true",
+                    help="apply the solver's plan as it is, without measuring candidates")
+    se.add_argument("--search-passes", type=int, default=None,
+                    help="forward passes the search may spend (each measures one plan on the "
+                    "held-out search tokens); unset: 100 on the test bed, else 200")
+    se.add_argument("--search-samples", type=int, default=None,
+                    help="calibration-text sequences held out of calibration for the search; "
+                    "unset: 8")
+
     ap = parser.add_argument_group("apply")
     ap.add_argument("--method", choices=("remove", "merge", "mask"), default="remove",
                     help="remove: slice experts out; merge: fold removed experts into kept ones "
@@ -92,6 +105,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="comma-separated lm-eval tasks ('local': next-line and cloze tasks from "
                     "the held-out text); empty: perplexity only")
     ev.add_argument("--task-limit", type=int, default=None, help="lm-eval examples per task")
+    ev.add_argument("--verbose", action="store_true",
+                    help="show lm-eval's own logs and progress bars while tasks run")
 
     rt = parser.add_argument_group("runtime")
     rt.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1'")
@@ -105,21 +120,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def resolve_settings(args: argparse.Namespace) -> None:
     """Fill the unset options in place (model, data, sizes), so the resolved recipe shows them."""
     from grape.loading import device_map
-    from grape.modelfiles import check_model_dir, resolve_seq_len
+    from grape.modelfiles import check_model_dir, resolve_model, resolve_seq_len
 
     default_model = args.model is None
     if default_model:
         from grape import testbed
 
         args.model = testbed.model_dir()
+    if args.out is None:  # named after the model as given (a Hub id's snapshot is a hash)
+        args.out = Path("runs") / Path(str(args.model)).name
+    args.model = resolve_model(args.model)
     model_config = check_model_dir(args.model)
     _check_architecture(model_config)
     if args.data is None and args.scores is None:
         from grape import testbed
 
         args.data = [str(testbed.calibration_file())]
-    if args.out is None:
-        args.out = Path("runs") / args.model.name
     sizes = SMALL if default_model else LARGE
     for key, value in sizes.items():
         if key in ("seq_len", "eval_seq_len"):  # an unset length is capped at the context
@@ -127,7 +143,8 @@ def resolve_settings(args: argparse.Namespace) -> None:
             setattr(args, key, resolve_seq_len(getattr(args, key), value, model_config, flag, "grape run"))
         elif getattr(args, key) is None:
             setattr(args, key, value)
-    for key in ("samples", "seq_len", "eval_seq_len", "batch_size", "eval_batch_size"):
+    for key in ("samples", "seq_len", "eval_seq_len", "batch_size", "eval_batch_size", "search_passes",
+                "search_samples"):
         if getattr(args, key) < 1:
             raise DataError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
     device_map(args.device)  # a device this machine lacks fails now
@@ -171,6 +188,7 @@ def run_config(args: argparse.Namespace):
     from grape.config import solve_config_from_args
     from grape.evaluate import EvalConfig
     from grape.pipeline import RunConfig
+    from grape.search import SearchConfig
 
     progress = not args.no_progress
     return RunConfig(
@@ -184,10 +202,14 @@ def run_config(args: argparse.Namespace):
         solve=solve_config_from_args(args, solver=args.solver),
         evaluation=EvalConfig(seq_len=args.eval_seq_len, max_tokens_per_domain=args.eval_tokens or None,
                               batch_size=args.eval_batch_size, tasks=tuple(_names(args.tasks)),
-                              task_limit=args.task_limit, seed=args.seed, progress=progress),
+                              task_limit=args.task_limit, seed=args.seed, progress=progress,
+                              verbose=args.verbose),
         method=args.method, save=not args.no_save, allow_lower_top_k=args.allow_lower_top_k,
         baselines=tuple(_names(args.baselines)), compare=not args.no_compare,
         compare_time_limit=args.compare_time_limit, device=args.device, dtype=args.dtype,
+        search=None if args.no_search else SearchConfig(max_passes=args.search_passes, seed=args.seed,
+                                                        progress=progress),
+        search_samples=args.search_samples,
         overwrite=args.overwrite,
     )
 

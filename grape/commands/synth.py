@@ -28,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-similarity",
         action="store_true",
-        help="omit the expert similarity matrices (smaller files; additive/curves only)",
+        help="omit the expert similarity matrices (additive/curves objectives only; far smaller "
+        "files: kimi-k2 1.3 MB instead of 66 MB, see docs/formats.md)",
     )
     parser.add_argument(
         "--no-cost-curve", action="store_true", help="omit the per-layer cost curves"

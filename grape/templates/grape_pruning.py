@@ -13,15 +13,13 @@ A checkpoint GRAPE wrote carries one block in config.json:
 Checkpoints written before the block existed used the top-level keys
 `grape_experts_per_layer`, `grape_top_k_per_layer` and `grape_masked_experts`; they still load.
 
-This file needs only torch (no GRAPE, no transformers): it is copied next to the remote-code
+This file needs only torch, imported where a model is touched (reading the block needs nothing;
+`grape inspect` uses it without torch), no GRAPE and no transformers: it is copied next to the remote-code
 modeling file of a non-uniform or masked checkpoint, and GRAPE itself imports it, so
 `from_pretrained(..., trust_remote_code=True)` and `grape.load` apply the same code.
 """
 
 import types
-
-import torch
-from torch import nn
 
 BLOCK_KEY = "grape_pruning"
 VERSION = 1
@@ -66,6 +64,8 @@ def apply_block(config, moe_block, router_attr: str) -> bool:
 
 def shrink_layers(config, moe_block, router_attr: str) -> bool:
     """Shrink each listed MoE layer to its count and top_k (before the weights are loaded)."""
+    import torch
+
     block = read_block(config)
     top_ks = block["top_k_per_layer"]
     with torch.no_grad():
@@ -86,9 +86,11 @@ def install_masks(config, moe_block, router_attr: str) -> None:
         install_router_mask(router, keep, min(int(router.top_k), len(keep)))
 
 
-def shrink_layer(block: nn.Module, router_attr: str, num_experts: int, top_k: int) -> None:
+def shrink_layer(block, router_attr: str, num_experts: int, top_k: int) -> None:
     """Keep the first `num_experts` rows of every per-expert tensor of the router and experts
     (placeholders before the checkpoint's weights load) and set the counts everyone reads."""
+    from torch import nn
+
     router, experts = getattr(block, router_attr), block.experts
     old = int(experts.num_experts)
     for module in (router, experts):
@@ -108,7 +110,7 @@ def shrink_layer(block: nn.Module, router_attr: str, num_experts: int, top_k: in
 
 
 # -- masked routers -----------------------------------------------------------------------------
-def install_router_mask(router: nn.Module, keep: list, top_k: int) -> None:
+def install_router_mask(router, keep: list, top_k: int) -> None:
     """Make `router` route only among `keep` (original numbering), weights untouched. Each call
     runs the router's own forward on a view holding the kept experts' rows, so the family's
     routing rule (softmax, sigmoid + correction bias, groups, renormalisation) is exactly kept;
@@ -120,6 +122,8 @@ def install_router_mask(router: nn.Module, keep: list, top_k: int) -> None:
 
 
 def masked_router_forward(self, hidden_states, *args, **kwargs):
+    import torch
+
     cls = type(self)
     n_full = int(self.num_experts)
     keep_index = torch.tensor(self._grape_keep, dtype=torch.long, device=self.weight.device)
