@@ -46,6 +46,9 @@ class SearchConfig:
     criteria: tuple[str, ...] = ("reap_mass", "frequency", "reap")  # uniform seeds, within-layer orders
     objectives: tuple[str, ...] = ("additive", "curves")  # integer-program seeds besides the configured one
     moves_per_round: int = 8  # level switches measured per round of the local search
+    # a candidate replaces the incumbent only when its NLL is lower by this many paired standard
+    # errors (over search sequences): many comparisons on few tokens otherwise pick noise
+    margin_se: float = 2.0
     batch_size: int = 8  # search sequences per forward
     seed: int = 0
     progress: bool = True
@@ -61,6 +64,13 @@ class Candidate:
     name: str
     plan: Plan
     nll: float  # mean NLL per predicted search token (nats)
+    per_sequence: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)  # mean NLL of each
+
+    def beats(self, other: "Candidate", margin_se: float) -> bool:
+        """Lower NLL than `other` by more than `margin_se` paired standard errors."""
+        diff = self.per_sequence - other.per_sequence
+        se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
+        return float(diff.mean()) < -margin_se * se and self.nll < other.nll
 
 
 @dataclass
@@ -109,19 +119,22 @@ def masked(model: nn.Module, plan: Plan):
 
 
 @torch.no_grad()
-def mean_nll(model: nn.Module, ids: torch.Tensor, batch_size: int) -> float:
-    """Mean next-token NLL (nats) over every predicted position of `ids` (samples, seq_len)."""
+def sequence_nll(model: nn.Module, ids: torch.Tensor, batch_size: int) -> np.ndarray:
+    """Mean next-token NLL (nats) of each row of `ids` (samples, seq_len)."""
     device = model.get_input_embeddings().weight.device
-    total, count = 0.0, 0
+    out = []
     for batch in ids.split(batch_size):
         batch = batch.to(device)
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
         target = batch[:, 1:]
-        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                           reduction="sum")
-        total += float(loss)
-        count += target.numel()
-    return total / count
+        loss = nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+        out.append(loss.mean(dim=1).cpu().double().numpy())
+    return np.concatenate(out)
+
+
+def mean_nll(model: nn.Module, ids: torch.Tensor, batch_size: int) -> float:
+    """Mean next-token NLL (nats) over every predicted position of `ids` (equal-length rows)."""
+    return float(sequence_nll(model, ids, batch_size).mean())
 
 
 # -- seeds --------------------------------------------------------------------------------------
@@ -184,7 +197,7 @@ def search(model: nn.Module, scores, config: SolveConfig, ids: torch.Tensor,
         candidates = []
         for name, plan in seeds[: budget.left]:
             candidates.append(_measure(model, name, plan, ids, search_config, budget))
-        best = min(candidates, key=lambda c: c.nll)
+        best = _choose_seed(candidates, search_config)
         problem = build_problem(scores, config)
         if problem.needs_expert_level():
             notes.append("local search skipped: a constraint depends on which experts are kept")
@@ -198,11 +211,23 @@ def search(model: nn.Module, scores, config: SolveConfig, ids: torch.Tensor,
 
 def _measure(model, name: str, plan: Plan, ids, config: SearchConfig, budget: _Budget) -> Candidate:
     with masked(model, plan):
-        nll = mean_nll(model, ids, config.batch_size)
+        per_sequence = sequence_nll(model, ids, config.batch_size)
     budget.used += 1
+    nll = float(per_sequence.mean())
     if config.progress:
         print(f"    search [{budget.used}/{budget.limit}] {name}: NLL {nll:.4f}", flush=True)
-    return Candidate(name, plan, nll)
+    return Candidate(name, plan, nll, per_sequence)
+
+
+def _choose_seed(candidates: list[Candidate], config: SearchConfig) -> Candidate:
+    """The best uniform seed is the incumbent; another seed replaces it only when it is
+    clearly (margin_se paired standard errors) better on the search tokens."""
+    uniform = [c for c in candidates if c.name.startswith("uniform ")]
+    best = min(uniform or candidates, key=lambda c: c.nll)
+    for c in sorted(candidates, key=lambda c: c.nll):
+        if c is not best and c.beats(best, config.margin_se):
+            best = c
+    return best
 
 
 def _criterion_of(candidate: Candidate, default: str, criteria: tuple[str, ...]) -> str:
@@ -231,7 +256,7 @@ def _local_search(model, problem, scores, best: Candidate, ids, config: SearchCo
             name = f"switch {step} from layer {problem.layers[b].index} to {problem.layers[a].index}"
             candidate = _measure(model, name, plan, ids, config, budget)
             candidates.append(candidate)
-            if candidate.nll < best.nll:
+            if candidate.beats(best, config.margin_se):
                 best, counts, improved = candidate, trial, True
         if not improved:
             step //= 2
@@ -264,4 +289,5 @@ def _plan_from_counts(problem, order, counts, template: Plan) -> Plan | None:
     return plan
 
 
-__all__ = ["Candidate", "SearchConfig", "SearchResult", "masked", "mean_nll", "search", "seed_plans"]
+__all__ = ["Candidate", "SearchConfig", "SearchResult", "masked", "mean_nll", "search", "seed_plans",
+           "sequence_nll"]
