@@ -101,7 +101,7 @@ class Settings:
                                              else "first model")),
             ("evaluation", (f"held-out test split, {cap(self.eval_tokens)} predicted tokens per "
                             "domain in windows of 256 tokens spread evenly over the whole split "
-                            "(grape.evaluate's packing), float32")),
+                            "(grape.evaluation's packing), float32")),
             ("layer sensitivity / measured curves",
              (f"each layer alone loses {', '.join(f'{f:.0%}' for f in self.curve_fractions)} of "
               f"its experts (REAP's choice); validation split, {cap(self.sensitivity_tokens)} "
@@ -182,13 +182,13 @@ class Evaluator:
     """NLL per domain on windows spread evenly over each domain's whole held-out stream, and
     (optionally) local lm-eval accuracy on tasks built from the same documents.
 
-    The stream and windows follow grape.evaluate's protocol (documents joined with EOS, windows
+    The stream and windows follow grape.evaluation's protocol (documents joined with EOS, windows
     of `seq_len` inputs overlapping by one token); a token cap keeps `ceil(cap / seq_len)`
     windows evenly spaced over the stream instead of the first documents only."""
 
     def __init__(self, tokenizer, docs, seq_len: int, max_tokens: int | None, batch: int,
                  settings: Settings, task_dir: Path):
-        from grape.evaluate import EvalConfig, pack_windows, token_stream
+        from grape.evaluation import EvalConfig, pack_windows, token_stream
 
         self.tokenizer, self.docs, self.batch = tokenizer, docs, batch
         self.windows = {}
@@ -213,7 +213,7 @@ class Evaluator:
 
     def nll(self, model) -> tuple[dict[str, float], dict[str, list[float]]]:
         """Mean NLL per domain, and each window's mean NLL (for paired standard errors)."""
-        from grape.evaluate import input_device, window_losses
+        from grape.evaluation import input_device, window_losses
 
         device = input_device(model)
         was_training = model.training
@@ -234,7 +234,7 @@ class Evaluator:
         return means, per_window
 
     def tasks(self, model) -> dict[str, float]:
-        from grape.evaluate import evaluate
+        from grape.evaluation import evaluate
 
         for name in ("lm-eval", "lm_eval", "datasets", "transformers"):
             logging.getLogger(name).setLevel(logging.ERROR)
@@ -292,7 +292,7 @@ def run_model(name: str, settings: Settings, first: bool, methods: list[Method],
     import torch
 
     import grape
-    from grape.evaluate import default_heldout_files, load_documents
+    from grape.evaluation import default_heldout_files, load_documents
 
     torch.manual_seed(0)
     path = ZOO / "models" / name
@@ -643,7 +643,7 @@ def lmeval_note(settings: Settings, data: dict) -> str:
         return ("lm-eval was switched off for this run (`--no-lmeval`); the NLL columns are the "
                 "quality measure.")
     seconds = [m.get("lmeval_seconds") for m in data["models"] if m.get("lmeval_seconds")]
-    note = ("Local lm-eval tasks (grape.evaluate, `tasks=('local',)`: multiple-choice tasks built "
+    note = ("Local lm-eval tasks (grape.evaluation, `tasks=('local',)`: multiple-choice tasks built "
             "from the held-out test documents, run in-process and offline) are scored only on "
             + ("every row." if settings.lmeval == "all" else
                "the rows with a value in the `lm-eval acc` column: on this CPU one lm-eval pass "

@@ -299,7 +299,7 @@ def single_layer_plan(plan: Plan, layer: int) -> Plan:
 def pruned_copy(base, plan: Plan, method: Method, scores: Scores):
     """A deep copy of the unpruned model with the plan applied (merges are frequency-weighted)."""
     model = copy.deepcopy(base)
-    quiet = logging.getLogger("grape.apply")
+    quiet = logging.getLogger("grape.pruning")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # the nearest-expert fallback warning is the intended merge
     try:

@@ -33,10 +33,10 @@ if TYPE_CHECKING:  # pragma: no cover - only for annotations; the imports below 
     import torch
     from torch import nn
 
-    from grape.apply import ApplyConfig
-    from grape.calibrate import CalibrationConfig
+    from grape.pruning import ApplyConfig
+    from grape.calibration import CalibrationConfig
     from grape.data import CalibrationData
-    from grape.evaluate import EvalConfig, EvalResult
+    from grape.evaluation import EvalConfig, EvalResult
     from solvers.plan import Plan
     from solvers.problem import Problem
     from solvers.scores import Scores
@@ -100,8 +100,8 @@ def calibrate(
     raw sources (text / JSONL files, directories, a ``datasets.Dataset``, a list of strings),
     which are packed into ``config.samples`` sequences of ``config.seq_len`` tokens with
     `tokenizer` (default: the one in the model directory when `model` is a path)."""
-    from grape.calibrate import CalibrationConfig, is_tokenized
-    from grape.calibrate import calibrate as _calibrate
+    from grape.calibration import CalibrationConfig, is_tokenized
+    from grape.calibration import calibrate as _calibrate
     from grape.data import load_calibration_data
 
     config = config or CalibrationConfig()
@@ -187,7 +187,7 @@ def apply(model: nn.Module, plan: Plan | str | os.PathLike,
           config: ApplyConfig | str = "remove", merge_weights: Any = None) -> nn.Module:
     """Apply `plan` to `model` in place (remove / merge / mask) and return it. `merge_weights`
     (a Scores object or {layer: weights}) weights a merge; with an ApplyConfig it is its field."""
-    from grape.apply import ApplyConfig, apply_plan
+    from grape.pruning import ApplyConfig, apply_plan
 
     if not isinstance(config, ApplyConfig):
         config = ApplyConfig(config, merge_weights=load_scores(merge_weights)
@@ -209,7 +209,7 @@ def evaluate(model: nn.Module, tokenizer: Any,
              config: EvalConfig | None = None, *, name: str | None = None) -> EvalResult:
     """Held-out NLL per domain (and lm-eval tasks if `config.tasks`); `data` None = the test
     bed's held-out test split."""
-    from grape.evaluate import evaluate as _evaluate
+    from grape.evaluation import evaluate as _evaluate
 
     return _evaluate(model, tokenizer, data, config, name=name)
 

@@ -39,7 +39,7 @@ from torch import nn
 import grape
 from grape.adapters import get_adapter
 from grape.adapters.base import read_block
-from grape.apply import APPLIED_METHOD_ATTR, APPLIED_PLAN_ATTR
+from grape.pruning import APPLIED_METHOD_ATTR, APPLIED_PLAN_ATTR
 from grape.errors import UserError
 from grape.outputs import check_not_input
 from solvers._io import atomic_write_text, give_default_mode

@@ -163,7 +163,7 @@ def _plan_summary(plan, where: str) -> dict[str, Any]:
 
 
 def summarize_eval(path: Path) -> dict[str, Any]:
-    from grape.evaluate import EvalResult  # imports torch; only for eval results
+    from grape.evaluation import EvalResult  # imports torch; only for eval results
 
     result = EvalResult.from_json(path)
     return {

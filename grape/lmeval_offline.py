@@ -33,7 +33,7 @@ import yaml
 
 from grape.errors import DataError
 
-LOCAL = "local"  # grape.evaluate.LOCAL_TASKS: tasks built from the held-out text
+LOCAL = "local"  # grape.evaluation.LOCAL_TASKS: tasks built from the held-out text
 # dataset_path values that name a file format: their data is the `data_files` they list
 FILE_BUILDERS = {"json", "csv", "parquet", "text", "arrow", "pandas", "webdataset"}
 

@@ -298,7 +298,7 @@ def task_manager(names: Sequence[str], include_paths: Sequence[str | os.PathLike
 
 
 def _scores(results: Mapping[str, Any]) -> dict:
-    from grape.evaluate import TaskScore
+    from grape.evaluation import TaskScore
 
     samples = results.get("n-samples", {})
     out = {}
@@ -325,7 +325,7 @@ def run_lm_eval(model, tokenizer, tasks: Sequence[str], include_paths: Sequence[
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    from grape.evaluate import input_device
+    from grape.evaluation import input_device
     from grape.lmeval_offline import quiet_lm_eval
 
     try:
@@ -348,7 +348,7 @@ def run_lm_eval(model, tokenizer, tasks: Sequence[str], include_paths: Sequence[
 
 def run_tasks(model, tokenizer, docs_by_domain: Mapping[str, Sequence[str]], config) -> dict:
     """EvalConfig.tasks, with "local" expanded to tasks built from `docs_by_domain`."""
-    from grape.evaluate import LOCAL_TASKS
+    from grape.evaluation import LOCAL_TASKS
 
     names = [t for t in config.tasks if t != LOCAL_TASKS]
     paths = list(config.task_paths)

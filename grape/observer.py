@@ -21,7 +21,7 @@ While an :class:`ExpertObserver` is active, the model is switched to it; for eac
 
 A forward hook on each MoE block adds the block output energy ||y(x)||^2 (shared experts
 included). Optionally the observer keeps a random subsample of each layer's input rows for the
-redundancy and cost-curve measurements of grape.calibrate.
+redundancy and cost-curve measurements of grape.calibration.
 
 Padding. Every MoE block flattens its (batch, seq, hidden) input to batch*seq rows before the
 experts, in row-major order. :meth:`ExpertObserver.set_token_mask` takes the batch's attention

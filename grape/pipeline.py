@@ -21,9 +21,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from grape.calibrate import CalibrationConfig
+from grape.calibration import CalibrationConfig
 from grape.config import SolveConfig, check_budget
-from grape.evaluate import EvalConfig
+from grape.evaluation import EvalConfig
 from grape.search import SearchConfig
 from solvers.errors import UserError
 
@@ -101,8 +101,8 @@ class _Stages:
 
 def run(config: RunConfig) -> RunResult:
     """Run every stage; see the module docstring. Checks that need no model come first."""
-    from grape.apply import ApplyConfig, apply_plan
-    from grape.evaluate import default_heldout_files, evaluate, load_documents
+    from grape.pruning import ApplyConfig, apply_plan
+    from grape.evaluation import default_heldout_files, evaluate, load_documents
     from grape.lmeval_offline import check_eval_tasks
     from grape.report import RunReport
     from solvers._io import atomic_write_text
@@ -206,7 +206,7 @@ def _calibrate_stage(config: RunConfig, searching: bool):
     """(tokenizer, model, scores, search ids): the search's sequences are packed with the
     calibration ones and held out of calibration (the last `search_samples` rows)."""
     from grape.adapters import get_adapter
-    from grape.calibrate import calibrate
+    from grape.calibration import calibrate
     from grape.data import CalibrationData, load_calibration_data
     from grape.loading import load_tokenizer
     from solvers.scores import Scores

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from grape.adapters.base import get_adapter
-from grape.calibrate import (
+from grape.calibration import (
     BatchPlan,
     CalibrationConfig,
     _progress,
@@ -344,7 +344,7 @@ def calibrate_sequential(
     reason: str = "--mode sequential",
 ) -> Scores | None:
     """Calibrate the checkpoint in `model_dir` one decoder layer at a time on `device` (see the
-    module docstring); the same Scores as `grape.calibrate.calibrate` on the loaded model.
+    module docstring); the same Scores as `grape.calibration.calibrate` on the loaded model.
     `hidden_states`: 'auto', 'device', 'cpu' or 'disk' (a file in the checkpoint folder).
     In a torch.distributed job rank 0 returns the Scores, the other ranks None."""
     config = config or CalibrationConfig()

@@ -17,7 +17,7 @@ holds, and copies bytes (grape/shards.py): memory stays at a few hundred MB what
 
 What is not weights comes from the code the in-memory path uses: the model is built on the
 ``meta`` device (no memory) with its real router tensors read from the checkpoint, so
-``grape.apply.apply_plan`` validates the plan exactly as on a loaded model (layers, expert
+``grape.pruning.apply_plan`` validates the plan exactly as on a loaded model (layers, expert
 counts, top_k, family rules, router fingerprint) and updates the config; then config,
 generation config, modeling file (non-uniform or masked), plan, provenance and tokenizer are
 written as ``grape.checkpoint.save_pruned`` writes them. Quantised checkpoints stay quantised
@@ -92,11 +92,11 @@ def stream_apply(
     streaming the weights (see the module docstring); returns the output path. The output is
     what ``apply_plan`` + ``save_pruned`` write, except that the weights keep their stored
     dtypes and the shards are cut at `max_shard_size`. `progress`: a progress bar (bytes)."""
-    from grape.apply import ApplyConfig, apply_plan
+    from grape.pruning import ApplyConfig, apply_plan
 
     if method not in STREAMING_METHODS:
         raise PlanError(f"streaming apply does {' and '.join(STREAMING_METHODS)}; {method!r} needs the "
-                        "model in memory (grape.apply.apply_plan)")
+                        "model in memory (grape.pruning.apply_plan)")
     parse_size(max_shard_size)
     model_dir = Path(model_dir)
     stored = stored_tensors(model_dir)

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from grape.adapters import get_adapter
-from grape.calibrate import (
+from grape.calibration import (
     CalibrationConfig,
     all_expert_outputs,
     calibrate,

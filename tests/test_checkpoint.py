@@ -13,8 +13,8 @@ import transformers as T
 from tiny_models import FAMILIES, make_tiny, tiny_input_ids
 
 from grape.adapters import get_adapter
-from grape.apply import ApplyConfig
-from grape.apply import apply_plan as _apply_plan
+from grape.pruning import ApplyConfig
+from grape.pruning import apply_plan as _apply_plan
 from grape.checkpoint import (
     MODELING_FILE,
     PLAN_FILE,

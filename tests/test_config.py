@@ -190,9 +190,9 @@ def test_the_defaults_table_matches_the_flags_and_the_api():
     """docs/index.md "Defaults": every `code` cell equals the parser's (or the API's) default."""
     import dataclasses
 
-    from grape.apply import ApplyConfig
-    from grape.calibrate import CalibrationConfig
-    from grape.evaluate import EvalConfig
+    from grape.pruning import ApplyConfig
+    from grape.calibration import CalibrationConfig
+    from grape.evaluation import EvalConfig
 
     text = (REPO / "docs" / "index.md").read_text(encoding="utf-8")
     section = text.split("## Defaults, in one table", 1)[1].split("\n## ", 1)[0]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from grape.calibrate import CalibrationConfig, calibrate
+from grape.calibration import CalibrationConfig, calibrate
 from grape.distributed import World, share
 from grape.loading import load_model
 from grape.observer import ExpertObserver, per_call_quota, sample_plan

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from grape.errors import DataError
-from grape.evaluate import (
+from grape.evaluation import (
     EvalConfig,
     EvalResult,
     evaluate,
@@ -390,7 +390,7 @@ def test_grape_eval_bad_path_exits_2_with_one_line(tmp_path, capsys, flag, needl
 
 def test_grape_eval_loads_a_non_uniform_pruned_checkpoint(tokenizer, tmp_path):
     checkpoint = pytest.importorskip("grape.checkpoint")
-    from grape.apply import apply_plan
+    from grape.pruning import apply_plan
     from grape.cli import main
     from solvers.plan import Plan
 

@@ -29,7 +29,7 @@ from quality_methods import (
 )
 from tiny_models import make_tiny
 
-from grape.calibrate import CalibrationConfig, calibrate
+from grape.calibration import CalibrationConfig, calibrate
 
 BUDGETS = (0.25, 0.5)
 

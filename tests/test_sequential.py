@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from grape.calibrate import CalibrationConfig, calibrate
+from grape.calibration import CalibrationConfig, calibrate
 from grape.distributed import World
 from grape.errors import DataError
 from grape.layerwise import LayerLoader
@@ -111,7 +111,7 @@ def test_layer_arguments_follow_each_layers_attention_type(tmp_path):
 
 
 def test_grape_pruned_non_uniform_and_masked_checkpoints(tmp_path):
-    from grape.apply import apply_plan
+    from grape.pruning import apply_plan
     from grape.checkpoint import save_pruned
     from solvers.plan import Plan
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from tiny_models import FAMILIES, make_tiny, tiny_input_ids
 
 from grape.adapters import get_adapter
-from grape.apply import ApplyConfig, apply_plan
+from grape.pruning import ApplyConfig, apply_plan
 from grape.checkpoint import MODELING_FILE, load_provenance, load_pruned, save_pruned
 from grape.cli import main as grape_main
 from grape.errors import PlanError

@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from grape.apply import ApplyConfig, apply_plan
+    from grape.pruning import ApplyConfig, apply_plan
     from grape.checkpoint import load_pruned, save_pruned
     from grape.errors import PlanError
     from grape.modelfiles import check_model_dir, resolve_model
@@ -128,7 +128,7 @@ def _summary(args: argparse.Namespace, plan, out, how: str) -> None:
 def precheck_plan(plan, model_config: dict, allow_lower_top_k: bool) -> None:
     """What config.json and the plan's recorded model identity can tell before any weights are
     read: the same model family, and no layer left with fewer experts than its top_k."""
-    from grape.apply import check_top_k
+    from grape.pruning import check_top_k
     from grape.errors import PlanError
 
     recorded = plan.model or {}

@@ -22,7 +22,7 @@ OUTPUT = FileOutput(SCORES_FILE, inputs=("model", "tokenizer", "data"), what="sc
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from grape.calibrate import SIMILARITIES, CalibrationConfig
+    from grape.calibration import SIMILARITIES, CalibrationConfig
     from solvers.scores import CRITERIA, NORMALIZATIONS
 
     d = CalibrationConfig()
@@ -114,7 +114,7 @@ def _add_scale_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from grape.calibrate import CalibrationConfig
+    from grape.calibration import CalibrationConfig
 
     kinds = tuple(
         k.strip() for k in args.similarity.split(",") if k.strip() and k.strip() != "none"
@@ -136,7 +136,7 @@ def config_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local files only
-    from grape.calibrate import CalibrationConfig
+    from grape.calibration import CalibrationConfig
     from grape.distributed import init_from_env, launched_size, shutdown
     from grape.loading import device_map
     from grape.placement import uses_cuda
@@ -217,7 +217,7 @@ def _choose(args, placement, world):
 
 
 def _measure(args, config, placement, world, choice, device, data, checkpoint):
-    from grape.calibrate import calibrate
+    from grape.calibration import calibrate
     from grape.loading import load_model
     from grape.placement import whole_placement
     from grape.sequential import calibrate_sequential

@@ -85,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from grape.evaluate import EvalConfig
+    from grape.evaluation import EvalConfig
 
     return EvalConfig(
         seq_len=args.seq_len,
@@ -113,7 +113,7 @@ def check_device(device: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub when loading files
-    from grape.evaluate import EvalResult, evaluate, load_documents
+    from grape.evaluation import EvalResult, evaluate, load_documents
     from grape.lmeval_offline import check_eval_tasks
     from grape.loading import load_model, load_tokenizer
     from grape.modelfiles import check_model_dir, resolve_model, resolve_seq_len
@@ -158,14 +158,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _data(args: argparse.Namespace) -> list:
-    from grape.evaluate import default_heldout_files
+    from grape.evaluation import default_heldout_files
 
     return args.data if args.data else default_heldout_files(args.split)
 
 
 def list_tasks(args: argparse.Namespace) -> int:
     """`grape eval --list-tasks`: what --tasks can name on this machine, offline."""
-    from grape.evaluate import load_documents
+    from grape.evaluation import load_documents
     from grape.lmeval_offline import available_tasks, builtin_task_dir, cache_roots
 
     domains = list(load_documents(_data(args)))

@@ -184,9 +184,9 @@ def _names(text: str) -> list[str]:
 # -- the verb -------------------------------------------------------------------------------
 def run_config(args: argparse.Namespace):
     """The grape.pipeline.RunConfig the (resolved) flags describe."""
-    from grape.calibrate import CalibrationConfig
+    from grape.calibration import CalibrationConfig
     from grape.config import solve_config_from_args
-    from grape.evaluate import EvalConfig
+    from grape.evaluation import EvalConfig
     from grape.pipeline import RunConfig
     from grape.search import SearchConfig
 

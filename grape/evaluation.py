@@ -1,7 +1,7 @@
 """Evaluate a (pruned) MoE language model: mean NLL and perplexity per domain on held-out text,
 plus lm-evaluation-harness tasks run in-process and offline.
 
-    from grape.evaluate import EvalConfig, evaluate, load_documents
+    from grape.evaluation import EvalConfig, evaluate, load_documents
     docs = load_documents(["heldout/prose.test.jsonl", "code=my_file.py"])
     result = evaluate(model, tokenizer, docs, EvalConfig(seq_len=256, tasks=("local",)))
     print(result.to_markdown(baseline=unpruned_result))

@@ -1,6 +1,6 @@
 """Calibration: model + data -> Scores (per-expert statistics, similarity, layer cost curves).
 
-    from grape.calibrate import CalibrationConfig, calibrate
+    from grape.calibration import CalibrationConfig, calibrate
     from grape.data import load_calibration_data
 
     config = CalibrationConfig(seq_len=2048, samples=1024)

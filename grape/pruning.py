@@ -34,7 +34,7 @@ from grape.errors import PlanError, ScoresError
 from solvers.plan import Plan
 from solvers.scores import ModelIdentity, Scores
 
-logger = logging.getLogger("grape.apply")
+logger = logging.getLogger("grape.pruning")
 
 # per MoE layer, one non-negative weight per expert (original numbering), e.g. token counts
 MergeWeights = Scores | Mapping[int, Sequence[float]]
