@@ -58,6 +58,10 @@ class RunConfig:
     # sequences of the calibration text; None: apply the solver's plan as it is
     search: SearchConfig | None = field(default_factory=SearchConfig)
     search_samples: int = 8
+    # where the search tokens come from: files whose domains are weighted equally (search_samples
+    # sequences from each), e.g. a validation split shaped like the evaluation; None: held-out
+    # calibration text (the last search_samples rows packed after calibration's)
+    search_data: list[str] | None = None
 
     def __post_init__(self) -> None:
         from grape.compare import solver_names
@@ -113,7 +117,8 @@ def run(config: RunConfig) -> RunResult:
     check_eval_tasks(config.evaluation, docs)  # an lm-eval task that cannot run fails before calibration
     out, label = config.out, config.model.name
     out.mkdir(parents=True, exist_ok=True)
-    searching = config.search is not None and (config.scores is None or config.data is not None)
+    searching = config.search is not None and (config.scores is None or config.data is not None
+                                               or config.search_data is not None)
     stages = _Stages(5 + searching + config.saves_checkpoint + bool(config.baselines))
 
     stages.start("calibrate", f"calibrating {config.model}" if config.scores is None else
@@ -213,7 +218,7 @@ def _calibrate_stage(config: RunConfig, searching: bool):
 
     tokenizer = load_tokenizer(config.tokenizer or config.model)
     cal = config.calibration
-    held_out = config.search_samples if searching else 0
+    held_out = config.search_samples if searching and config.search_data is None else 0
     data = None
     if config.data is not None and (config.scores is None or held_out):
         fresh = config.scores is None
@@ -222,6 +227,8 @@ def _calibrate_stage(config: RunConfig, searching: bool):
                                      seed=cal.seed if fresh else cal.seed + 1, text_field=cal.text_field,
                                      progress=cal.progress)
     search_ids = data.input_ids[data.samples - held_out:] if held_out else None
+    if searching and config.search_data is not None:
+        search_ids = _search_ids_per_source(config, tokenizer)
     if config.scores is not None:
         scores = Scores.load(config.scores)  # read before the model: a bad file fails fast
         model = _load_model(config)
@@ -233,6 +240,20 @@ def _calibrate_stage(config: RunConfig, searching: bool):
     scores.calibration["model_path"] = str(config.model.resolve())
     scores.save(config.out / "scores.npz")
     return tokenizer, model, scores, search_ids
+
+
+def _search_ids_per_source(config: RunConfig, tokenizer):
+    """search_samples sequences from each search-data file: every domain weighs the same, as in
+    the evaluation's mean over domains."""
+    import torch
+
+    from grape.data import load_calibration_data
+
+    cal = config.calibration
+    parts = [load_calibration_data([str(source)], tokenizer, seq_len=cal.seq_len, samples=config.search_samples,
+                                   seed=cal.seed, text_field=cal.text_field, progress=False).input_ids
+             for source in config.search_data]
+    return torch.cat(parts)
 
 
 def _search_stage(config: RunConfig, model, scores, search_ids, plans: dict):

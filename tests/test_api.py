@@ -107,16 +107,22 @@ def test_sequences_past_the_context_are_capped_or_refused(ws, capsys):
 
 
 def test_the_whole_pipeline_is_one_library_call(ws, scores, tmp_path):
+    from grape.search import SearchConfig
+
     """grape.run_pipeline is what `grape run` calls: same outputs, from typed configurations."""
     scores_file = tmp_path / "scores.npz"
     scores.save(scores_file)
     config = grape.RunConfig(
         model=ws.model, out=tmp_path / "run", scores=scores_file, eval_data=[str(p) for p in ws.heldout],
         solve=SolveConfig(budget=6, objective="curves", time_limit=10), baselines=("uniform",),
-        compare=False, evaluation=grape.EvalConfig(seq_len=32, max_tokens_per_domain=64, progress=False))
+        compare=False, evaluation=grape.EvalConfig(seq_len=32, max_tokens_per_domain=64, progress=False),
+        calibration=grape.CalibrationConfig(seq_len=32), search_data=[str(p) for p in ws.heldout],
+        search_samples=2, search=SearchConfig(max_passes=6, progress=False))
     result = grape.run_pipeline(config)
     assert result.report.is_file() and (tmp_path / "run" / "checkpoint" / "config.json").is_file()
-    assert set(result.summary["nll"]) == {"unpruned", "exact", "uniform"}
+    assert set(result.summary["nll"]) == {"unpruned", "search", "exact", "uniform"}
+    # the search measured on 2 sequences from each search-data file, within its pass budget
+    assert result.summary["search"]["tokens_per_pass"] == 2 * 2 * 32 and result.summary["search"]["passes"] <= 6
     assert result.summary["plans"]["exact"]["removed"] == 6
     assert result.summary["solve_config"]["objective"] == "curves"
     with pytest.raises(UserError, match="unknown solver"):

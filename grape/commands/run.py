@@ -13,13 +13,13 @@ TESTBED = "the embedded test-bed model (grape.testbed, a Qwen3-MoE with 32 exper
 # settings left unset on the command line and in the recipe: small on the embedded test-bed
 # model (a few minutes on a 2-core CPU), larger on a model of your own
 SMALL = {"samples": 32, "seq_len": 256, "subsample": 256, "eval_tokens": 8192, "eval_seq_len": 256,
-         "search_passes": 100, "search_samples": 32}
+         "search_passes": 100, "search_samples": 16}
 LARGE = {"samples": 256, "seq_len": 2048, "subsample": 512, "eval_tokens": 65536, "eval_seq_len": 1024,
          "search_passes": 200, "search_samples": 8}
 
 # checked by the CLI when --out is given, and by run() once the default is resolved
 OUTPUT = DirOutput(signature=("summary.json", "run.recipe.yaml"), what="a run folder",
-                   inputs=("model", "tokenizer", "data", "eval_data", "scores"))
+                   inputs=("model", "tokenizer", "data", "eval_data", "scores", "search_data"))
 
 HELP = "calibrate -> solve -> apply -> eval -> report in one go (default: the embedded test-bed model)"
 DESCRIPTION = (
@@ -84,8 +84,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="forward passes the search may spend (each measures one plan on the "
                     "held-out search tokens); unset: 100 on the test bed, else 200")
     se.add_argument("--search-samples", type=int, default=None,
-                    help="calibration-text sequences held out of calibration for the search; "
-                    "unset: 8")
+                    help="search sequences (per --search-data file); unset: 8 (test bed: 16 per "
+                    "domain of its validation split)")
+    se.add_argument("--search-data", nargs="+", default=None, metavar="FILE",
+                    help="files the search measures on, each weighted equally (e.g. one per "
+                    "domain of a validation split); unset: the test bed's validation split, else "
+                    "sequences of --data held out of calibration")
 
     ap = parser.add_argument_group("apply")
     ap.add_argument("--method", choices=("remove", "merge", "mask"), default="remove",
@@ -136,6 +140,10 @@ def resolve_settings(args: argparse.Namespace) -> None:
         from grape import testbed
 
         args.data = [str(testbed.calibration_file())]
+    if default_model and args.search_data is None:  # the test bed has a validation split per domain
+        from grape import testbed
+
+        args.search_data = [str(p) for p in testbed.heldout_files("validation")]
     sizes = SMALL if default_model else LARGE
     for key, value in sizes.items():
         if key in ("seq_len", "eval_seq_len"):  # an unset length is capped at the context
@@ -209,7 +217,7 @@ def run_config(args: argparse.Namespace):
         compare_time_limit=args.compare_time_limit, device=args.device, dtype=args.dtype,
         search=None if args.no_search else SearchConfig(max_passes=args.search_passes, seed=args.seed,
                                                         progress=progress),
-        search_samples=args.search_samples,
+        search_samples=args.search_samples, search_data=args.search_data,
         overwrite=args.overwrite,
     )
 
