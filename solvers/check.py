@@ -41,15 +41,7 @@ def check_plan(plan: Plan, problem, rel_tol: float = 1e-6) -> list[str]:
         or abs(plan.objective - value) > rel_tol * scale
     ):
         out.append(f"objective {plan.objective!r} does not match the recomputed {value!r}")
-    if plan.bound is not None and plan.bound > value + rel_tol * scale:
-        out.append(f"lower bound {plan.bound!r} exceeds the plan's objective {value!r}")
-    if (
-        plan.status == "optimal"
-        and plan.bound is not None
-        and plan.gap is not None
-        and plan.gap > 1e-4
-    ):
-        out.append(f"status optimal but gap {plan.gap}")
+    out.extend(_bound_problems(plan, value, rel_tol))
     for layer_index, mapping in plan.merge_map.items():
         if layer_index not in plan.kept:
             out.append(f"merge map names layer {layer_index}, which the plan does not have")
@@ -66,6 +58,27 @@ def check_plan(plan: Plan, problem, rel_tol: float = 1e-6) -> list[str]:
             out.append(
                 f"layer {layer_index}: merge map targets {sorted(set(bad.values()))[:5]} are not kept"
             )
+    return out
+
+
+def _bound_problems(plan: Plan, value: float, rel_tol: float) -> list[str]:
+    """The bound, gap and status, judged from the recomputed objective alone: the plan's own
+    ``gap`` field is recomputed, never trusted."""
+    out = []
+    scale = max(1.0, abs(value))
+    bound = plan.bound
+    if bound is not None and not (isinstance(bound, (int, float)) and math.isfinite(bound)):
+        return [f"lower bound {bound!r} is not a finite number"]
+    if bound is not None and bound > value + rel_tol * scale:
+        out.append(f"lower bound {bound!r} exceeds the plan's objective {value!r}")
+    gap = None if bound is None else max(0.0, (value - bound) / max(abs(value), 1e-12))
+    if plan.status == "optimal" and (gap is None or gap > rel_tol):
+        shown = "no bound" if gap is None else f"a gap of {gap:.3g}"
+        out.append(f"status optimal needs a bound within {rel_tol:g} of the objective, but it has {shown}")
+    if (plan.gap is None) != (gap is None) or (
+        gap is not None and abs(plan.gap - gap) > rel_tol * max(1.0, gap)
+    ):
+        out.append(f"gap {plan.gap!r} does not match (objective - bound) / |objective| = {gap!r}")
     return out
 
 

@@ -1,63 +1,27 @@
 """Dynamic programming over layers for count-separable problems (the layer-curves knapsack).
 
-State: the number of experts kept so far; each layer adds one allowed count n at cost
-``curve_l(n)``. Exact when the per-layer curves are exact (additive, curves, small layers); for
-redundancy or coverage on larger layers it optimises the heuristic curves and reports the bound
-of the same program on the per-count lower bounds. It handles the per-layer constraints, a count
-budget (or a byte budget when every expert has the same size) and ``uniform``; anything else
-raises a SolverError that points to ``--solver exact``.
+State: the kept total so far (experts, or byte units for a byte budget); each layer adds one
+allowed count n at cost ``curve_l(n)``. Exact when the per-layer curves are exact (additive,
+curves, small layers); for redundancy or coverage on larger layers it optimises the heuristic
+curves and reports the bound of the same program on the per-count lower bounds. What it accepts
+is declared below; :func:`solvers.solve.solve` refuses the rest, pointing to a solver that
+takes it.
 """
 
 from __future__ import annotations
 
+import math
+from functools import reduce
+
 import numpy as np
 
-from solvers.constraints import (
-    Budget,
-    MaxRemovedFraction,
-    MinKept,
-    MultipleOf,
-    MustKeep,
-    MustRemove,
-    RoutingGroups,
-    Uniform,
-)
-from solvers.errors import SolverError
+from solvers.errors import InfeasibleError, SolverError
+from solvers.knapsack import knapsack  # noqa: F401  (also this module's public name)
 from solvers.layer_search import build_curves
 from solvers.registry import Outcome, Solver, register_solver
+from solvers.repair import _conflict_message
 
-PER_LAYER = (MinKept, MaxRemovedFraction, MultipleOf, MustKeep, MustRemove, RoutingGroups)
-
-
-def knapsack(costs: list[np.ndarray], counts: list[np.ndarray], lo_total: int, hi_total: int):
-    """min sum_l costs[l][i_l] with lo_total <= sum counts[l][i_l] <= hi_total; (value, choice indices)."""
-    top = int(min(hi_total, sum(int(c.max()) for c in counts)))
-    best = np.full(top + 1, np.inf)
-    best[0] = 0.0
-    choices = []
-    for cost, cnt in zip(costs, counts):
-        new = np.full(top + 1, np.inf)
-        pick = np.full(top + 1, -1, dtype=np.int32)
-        for i, (n, c) in enumerate(zip(cnt.tolist(), cost.tolist())):
-            if not np.isfinite(c) or n > top:
-                continue
-            cand = best[: top + 1 - n] + c
-            better = cand < new[n:]
-            new[n:][better] = cand[better]
-            pick[n:][better] = i
-        best = new
-        choices.append(pick)
-    window = best[lo_total : top + 1] if lo_total <= top else np.array([])
-    if window.size == 0 or not np.isfinite(window).any():
-        return np.inf, None
-    total = lo_total + int(np.argmin(window))
-    value = float(best[total])
-    picks = []
-    for cnt, pick in zip(reversed(counts), reversed(choices)):
-        i = int(pick[total])
-        picks.append(i)
-        total -= int(cnt[i])
-    return value, picks[::-1]
+MAX_STATES = 5_000_000  # kept totals the table may have (a byte budget over odd sizes is large)
 
 
 @register_solver
@@ -65,43 +29,46 @@ class DPSolver(Solver):
     name = "dp"
     guarantee = (
         "exact dynamic program over per-layer curves: optimal when the curves are exact "
-        "(additive, curves, layers <= 12 experts); otherwise heuristic curves with a bound"
+        "(additive, curves, small layers); otherwise heuristic curves with a bound"
     )
+    # the budget and uniform (every common count is tried), and any per-layer constraint: the
+    # curves only offer allowed counts and kept sets that obey the layer rules
+    accepts_constraints = frozenset({"budget", "uniform"})
+    accepts_per_layer = True
+    expert_level = False
 
-    def _total_range(self, problem) -> tuple[int, int]:
+    def _units(self, problem) -> tuple[list[int], int, int]:
+        """(weight of one kept expert per layer, lowest and highest kept total) in table units."""
         k = problem.budget.kept_total(problem)
         if k is not None:
-            return k, k
-        sizes = {int(b) for layer in problem.layers for b in np.unique(layer.expert_bytes)}
-        if len(sizes) != 1:
+            return [1] * len(problem.layers), k, k
+        sizes = [int(layer.expert_bytes[0]) for layer in problem.layers]  # equal within a layer
+        unit = reduce(math.gcd, sizes) or 1
+        top = int(problem.budget.kept_bytes_cap(problem) // unit)
+        if top > MAX_STATES:
             raise SolverError(
-                "dp handles a byte budget only when every expert has the same size; "
+                f"dp: this byte budget needs a table of {top:,} kept-byte states; "
                 "use --solver exact"
             )
-        return 0, int(problem.budget.kept_bytes_cap(problem) // sizes.pop())
+        return [s // unit for s in sizes], 0, top
 
     def run(self, problem) -> Outcome:
-        unsupported = [
-            c.describe(problem)
-            for c in problem.constraints
-            if not isinstance(c, PER_LAYER + (Uniform, Budget))
-        ]
-        if unsupported:
-            raise SolverError(f"dp does not handle {', '.join(unsupported)}; use --solver exact")
-        lo, hi = self._total_range(problem)
+        per, lo, hi = self._units(problem)
         curves = build_curves(problem)
-        uniform = any(isinstance(c, Uniform) for c in problem.constraints)
+        weights = [c.counts * w for c, w in zip(curves, per)]
+        uniform = any(c.name == "uniform" for c in problem.constraints)
 
         def best_of(attr):
             costs = [getattr(c, attr) for c in curves]
-            counts = [c.counts for c in curves]
             if not uniform:
-                return knapsack(costs, counts, lo, hi)
+                return knapsack(costs, weights, lo, hi)
             best = (np.inf, None)  # uniform: try every count allowed in all layers
-            common = set(counts[0].tolist()).intersection(*[set(c.tolist()) for c in counts[1:]])
+            common = set(curves[0].counts.tolist()).intersection(
+                *[set(c.counts.tolist()) for c in curves[1:]]
+            )
             for n in sorted(common):
-                if lo <= n * len(curves) <= hi:
-                    idx = [int(np.searchsorted(c, n)) for c in counts]
+                idx = [c.at(n) for c in curves]
+                if lo <= sum(int(w[i]) for w, i in zip(weights, idx)) <= hi:
                     value = float(sum(cost[i] for cost, i in zip(costs, idx)))
                     if value < best[0]:
                         best = (value, idx)
@@ -109,9 +76,6 @@ class DPSolver(Solver):
 
         value, picks = best_of("value")
         if picks is None:
-            from solvers.errors import InfeasibleError
-            from solvers.repair import _conflict_message
-
             raise InfeasibleError(_conflict_message(problem))
         masks = [c.masks[int(c.counts[i])] for c, i in zip(curves, picks)]
         exact = all(c.exact for c in curves)

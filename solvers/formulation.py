@@ -15,7 +15,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from solvers.milp import MipModel
+from solvers.constraints.base import Constraint
+from solvers.constraints.precheck import conflict_message
+from solvers.errors import InfeasibleError
+from solvers.knapsack import KnapsackCache
+from solvers.milp import MipModel, MipResult
 
 
 class Formulation:
@@ -70,6 +74,9 @@ class Formulation:
                         )
         for c in problem.all_constraints:
             if level == "count" and c.needs_expert_level(problem):
+                if skip_expert_constraints and c.count_relaxation:
+                    c.add_to_model(self)  # its count-level rows relax it: fine for a bound
+                    continue
                 if skip_expert_constraints:
                     continue
                 raise ValueError(f"constraint {c.name} needs the expert-level formulation")
@@ -82,9 +89,6 @@ class Formulation:
                 problem.objective.add_to_model(self)
 
     # -- helpers for constraints ----------------------------------------------------------------
-    def count_terms(self, p: int):
-        return self.y[p], self.counts[p].astype(float)
-
     def total_count_terms(self):
         return np.concatenate(self.y), np.concatenate(self.counts).astype(float)
 
@@ -113,3 +117,54 @@ class Formulation:
 
     def kept_masks(self, v: np.ndarray) -> list[np.ndarray]:
         return [v[x] > 0.5 for x in self.x]
+
+
+def _rows_free(problem, skip_expert: bool) -> bool:
+    """Whether the count program has no rows beyond a count budget's: every other constraint is
+    per-layer (allowed counts and rules, which the options already obey), so the program is a
+    plain multiple-choice knapsack."""
+    if problem.budget.kept_total(problem) is None:
+        return False
+    for c in problem.constraints:
+        skipped = skip_expert and c.needs_expert_level(problem) and not c.count_relaxation
+        if not skipped and type(c).add_to_model is not Constraint.add_to_model:
+            return False
+    return True
+
+
+def solve_count_program(
+    problem,
+    costs: list[np.ndarray],
+    time_limit: float,
+    skip_expert: bool = False,
+    cache: KnapsackCache | None = None,
+) -> tuple[np.ndarray | None, MipResult]:
+    """The count-level program with per-count costs (aligned with each layer's allowed counts;
+    +inf: that count may not be chosen); returns (kept counts or None, result).
+
+    `skip_expert` drops the constraints that need expert variables: the program is then a
+    relaxation, fit for lower bounds only. A program with no rows beyond the count budget is
+    solved exactly by dynamic programming (faster than HiGHS; `cache` keeps the tables of layers
+    whose costs did not change since its last call); any other by HiGHS."""
+    counts = [np.flatnonzero(a) for a in problem.allowed_counts()]
+    if _rows_free(problem, skip_expert):
+        k = problem.budget.kept_total(problem)
+        value, picks = (cache or KnapsackCache()).solve(costs, counts, k, k)
+        if picks is None:
+            raise InfeasibleError(conflict_message(problem))
+        chosen = np.array([int(c[i]) for c, i in zip(counts, picks)])
+        return chosen, MipResult("optimal", None, value, value, 0.0)
+    form = Formulation(
+        problem,
+        "count",
+        curves=[np.where(np.isfinite(c), c, 0.0) for c in costs],
+        skip_expert_constraints=skip_expert,
+    )
+    for p, c in enumerate(costs):
+        missing = ~np.isfinite(c)
+        if missing.any():  # counts with no known kept set cannot be chosen
+            form.mip.set_bounds(form.y[p][missing], ub=0.0)
+    res = form.mip.solve(time_limit)
+    if res.status == "infeasible":
+        raise InfeasibleError(conflict_message(problem))
+    return (form.kept_counts(res.x) if res.x is not None else None), res

@@ -168,9 +168,11 @@ def grape_algorithm1(problem) -> tuple[list[np.ndarray], dict[int, dict[int, int
         np.fill_diagonal(d, 0.0)
         streams.append(_PairStream(d, chunk=4 * layer.num_experts))
         redundancy[p] = d.sum()  # R^l = sum_{i != j} D^l_ij
-    # entropy of the cluster counts, kept incrementally: E = log K - (sum n log n) / K
+    # entropy of the cluster counts, kept incrementally: E = log K - (sum n log n) / K. The floor
+    # is the constraint's own, (1 - gamma) log L: the paper's E_init (1 - gamma) equals it only
+    # when every layer starts with the same number of experts
     nlogn = float(EntropyGuard.nlogn(sizes).sum())
-    entropy_floor = -np.inf if guard is None else EntropyGuard.entropy(sizes) * (1.0 - guard.gamma)
+    entropy_floor = -np.inf if guard is None else guard.entropy_floor(problem) - guard.TOL
     frozen = np.zeros(n_layers, bool)
     budget = _Budget(problem, [np.ones(layer.num_experts, bool) for layer in layers])
     bytes_each = np.array([float(layer.expert_bytes.min()) for layer in layers])
@@ -244,6 +246,15 @@ def heuristic_plan(problem, info: dict | None = None) -> list[np.ndarray]:
     else:
         masks = marginal_masks(problem)
     return finalize(problem, masks, info)
+
+
+def seed_plans(problem) -> list[list[np.ndarray]]:
+    """Unrepaired plans of every greedy, as starting points for the exact solver's local search
+    (each layer's kept set is searched at its own count, so no repair is needed)."""
+    plans = [marginal_masks(problem), ranking_masks(problem)]
+    if all(layer.similarity is not None for layer in problem.layers):
+        plans.append(grape_algorithm1(problem)[0])
+    return plans
 
 
 class _GreedyBase(Solver):

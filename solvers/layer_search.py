@@ -5,9 +5,16 @@ Because every objective is a sum over layers, a global plan is "a kept count per
 
 * :func:`order_curve` - keep the most important experts; exactly optimal when the objective
   depends on the kept set only through importance (additive, curves);
-* :func:`enumerate_curve` - all subsets, exactly optimal, for layers of up to ``ENUMERATE_MAX``;
+* :func:`enumerate_curve` - all subsets, exactly optimal, wherever the work fits
+  (:func:`enumerated_layers`: by the layer's size and the time limit, never above
+  ``ENUMERATE_MAX`` experts);
 * :func:`greedy_curve` + :func:`local_search` - removal greedy from the full layer, then
-  best-improvement swaps; a heuristic, paired with each term's proven per-count lower bound.
+  best-improvement swaps; a heuristic, paired with proven per-count lower bounds;
+* :func:`seed_curves` - the same swaps started from other plans' kept sets (other solvers, the
+  rounded convex relaxation), each improving the curve at its count.
+
+Every search is bounded by work (swaps), never by the clock, so it gives the same curves on a
+busy machine.
 
 Every search respects the layer's :class:`~solvers.constraints.LayerRule` (must-keep,
 must-remove, equal counts per routing group).
@@ -20,7 +27,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-ENUMERATE_MAX = 12  # 4096 subsets per layer
+ENUMERATE_MAX = 20  # 2^20 subsets of a layer: the most the subset matrix may hold in memory
+ENUMERATE_SECONDS = 2.5e-8  # per subset x N^2 x term, on the reference 2-core CPU (16 experts ~0.2 s)
+ENUMERATE_SHARE = 0.25  # of the time limit that enumeration may take, by that estimate
 
 
 @dataclass
@@ -231,24 +240,87 @@ def greedy_curve(problem, p: int, counts: np.ndarray) -> LayerCurve:
     return curve
 
 
-def build_curves(problem) -> list[LayerCurve]:
+def enumeration_seconds(layer, terms: int) -> float:
+    """Estimated seconds to enumerate every subset of a layer (a size model, not a clock)."""
+    n = layer.num_experts
+    return ENUMERATE_SECONDS * (2.0**n) * n * n * max(terms, 1)
+
+
+def enumerated_layers(problem, time_limit: float) -> set[int]:
+    """Positions of the layers to enumerate: the cheapest first, while the estimated total fits
+    ENUMERATE_SHARE of the time limit. Chosen from sizes and the limit only: deterministic."""
+    if problem.objective.order_exact:
+        return set()
+    terms = len(problem.objective.terms)
+    cost = [
+        (enumeration_seconds(layer, terms), p)
+        for p, layer in enumerate(problem.layers)
+        if layer.num_experts <= ENUMERATE_MAX
+    ]
+    chosen, total = set(), 0.0
+    for seconds, p in sorted(cost):
+        if total + seconds > ENUMERATE_SHARE * time_limit:
+            break
+        chosen.add(p)
+        total += seconds
+    return chosen
+
+
+def build_curves(problem, time_limit: float = 60.0) -> list[LayerCurve]:
     """Per-layer curves over the allowed counts: exact where the objective or the size allows."""
     curves = []
+    enumerate_these = enumerated_layers(problem, time_limit)
     for p, allowed in enumerate(problem.allowed_counts()):
         counts = np.flatnonzero(allowed)
         if problem.objective.order_exact:
             curves.append(order_curve(problem, p, counts))
-        elif problem.layers[p].num_experts <= ENUMERATE_MAX:
+        elif p in enumerate_these:
             curves.append(enumerate_curve(problem, p, counts))
         else:
             curves.append(greedy_curve(problem, p, counts))
     return curves
 
 
-def improve_curves(
-    problem, curves: list[LayerCurve], around: np.ndarray, width: int, deadline: float
+def seed_curves(
+    problem, curves: list[LayerCurve], plans, around: np.ndarray | None = None, width: int = 0
 ) -> bool:
-    """Local search at the `width` allowed counts on either side of `around[p]`; True if any improved."""
+    """Swap local search from every layer's kept set in each plan (lists of per-layer masks);
+    True if any curve improved. Sets of a count the layer does not allow are skipped, and with
+    `around`, sets more than `width` allowed counts away from `around[p]` (they would not be
+    chosen)."""
+    rules = problem.layer_rules()
+    changed = False
+    for masks in plans:
+        for p, (curve, mask) in enumerate(zip(curves, masks)):
+            n = int(mask.sum())
+            if curve.exact or not np.isin(n, curve.counts):
+                continue
+            if around is not None and abs(curve.at(n) - curve.at(int(around[p]))) > width:
+                continue
+            if not rules[p].mask_ok(mask):
+                continue
+            better, value = local_search(problem, p, mask)
+            changed |= curve.update(n, better, value)
+    return changed
+
+
+def round_point(problem, p: int, point: np.ndarray, n: int) -> np.ndarray:
+    """A kept set of size n from a relaxed keep vector: the largest entries (ties: the more
+    important, then the lower index), moved onto the layer's rule by the objective's deltas."""
+    layer = problem.layers[p]
+    order = np.lexsort((np.arange(layer.num_experts), -layer.importance, -np.round(point, 9)))
+    mask = np.zeros(layer.num_experts, bool)
+    mask[order[:n]] = True
+    if not problem.layer_rules()[p].mask_ok(mask):
+        mask = adjust(problem, p, mask, n)
+    return mask
+
+
+def improve_curves(
+    problem, curves: list[LayerCurve], around: np.ndarray, width: int, deadline: float = np.inf
+) -> bool:
+    """Local search at the `width` allowed counts on either side of `around[p]`; True if any
+    improved. Bounded by work (each count searched once); `deadline` is only a safety net."""
     changed = False
     for p, curve in enumerate(curves):
         if curve.exact:
@@ -260,7 +332,13 @@ def improve_curves(
             n = int(curve.counts[i])
             if n not in curve.masks or n in curve.searched:
                 continue
-            mask, value = local_search(problem, p, curve.masks[n], deadline)
+            mask, value = local_search(problem, p, curve.masks[n])
             curve.searched.add(n)
             changed |= curve.update(n, mask, value)
     return changed
+
+
+def search_seconds(problem, counts_per_layer: int) -> float:
+    """Rough seconds of one local search at `counts_per_layer` counts of every layer (a size
+    model: swaps x the |kept| x |removed| delta matrix)."""
+    return 5e-11 * counts_per_layer * sum(layer.num_experts**3 for layer in problem.layers)

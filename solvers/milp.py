@@ -127,8 +127,13 @@ class MipModel:
         backend: str = "highs",
         rel_gap: float = 1e-7,
         hint: np.ndarray | None = None,
+        max_nodes: int | None = None,
     ) -> MipResult:
-        """Solve with OR-Tools (HiGHS or SCIP). `hint` is used by SCIP only (HiGHS crashes on hints)."""
+        """Solve with OR-Tools (HiGHS or SCIP). `hint` is used by SCIP only (HiGHS crashes on hints).
+
+        HiGHS runs single-threaded with a fixed seed; `max_nodes` bounds its branch and bound by
+        work, so that a program stopped early stops at the same place on a busy machine (the
+        time limit is then only a safety net)."""
         from ortools.linear_solver.python import model_builder as mb
 
         start = time.perf_counter()
@@ -144,8 +149,9 @@ class MipModel:
         solver = mb.Solver(backend)
         solver.set_time_limit_in_seconds(max(float(time_limit), 0.05))
         if backend == "highs":
+            nodes = "" if max_nodes is None else f"\nmip_max_nodes={int(max_nodes)}"
             solver.set_solver_specific_parameters(
-                f"output_flag=false\nthreads=1\nmip_rel_gap={rel_gap}\nrandom_seed=0"
+                f"output_flag=false\nthreads=1\nmip_rel_gap={rel_gap}\nrandom_seed=0{nodes}"
             )
         elif backend == "scip":
             solver.set_solver_specific_parameters(

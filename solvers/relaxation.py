@@ -15,13 +15,11 @@ point solvers stop at a tiny duality gap.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import sys
 import warnings
 
 import numpy as np
 
+from solvers._io import quiet_stdout
 from solvers.errors import InfeasibleError, SolverError
 from solvers.formulation import Formulation
 from solvers.registry import Outcome, Solver, register_solver
@@ -30,18 +28,7 @@ from solvers.repair import _conflict_message, finalize
 BOUND_SLACK = 1e-6
 
 
-@contextlib.contextmanager
-def _quiet_stdout():
-    """HiGHS prints a banner from C on every new instance; keep the command's output clean."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 1)
-            yield
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
+_quiet_stdout = quiet_stdout  # the name this module used to define
 
 
 def solve_relaxation(form: Formulation, time_limit: float):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from solvers.constraints.precheck import conflict_message as _conflict_message
 from solvers.errors import InfeasibleError, SolverError
 from solvers.formulation import Formulation
 from solvers.layer_search import adjust
@@ -46,14 +47,6 @@ def nearest_feasible_counts(problem, counts: np.ndarray, time_limit: float = 30.
             f"could not repair the kept counts within {time_limit:.0f} s; use --solver exact"
         )
     return form.kept_counts(res.x)
-
-
-def _conflict_message(problem) -> str:
-    parts = [c.describe(problem) for c in problem.all_constraints]
-    return (
-        "no plan satisfies all constraints together (the cheap per-constraint checks passed, so the "
-        "conflict is between several of them): " + "; ".join(parts) + ". Relax one of them."
-    )
 
 
 def expert_violations(problem, masks) -> list[str]:

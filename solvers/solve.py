@@ -1,7 +1,8 @@
 """One verb: ``solve(problem, solver="exact", time_limit=60) -> Plan``.
 
-Runs the cheap infeasibility checks (so every solver raises the same message), the chosen
-solver from :data:`solvers.registry.SOLVERS`, recomputes the objective from scratch, and passes
+Runs the cheap infeasibility checks (so every solver raises the same message), refuses what the
+chosen solver does not declare it accepts (one line naming a solver that does), runs the solver
+from :data:`solvers.registry.SOLVERS`, recomputes the objective from scratch, and passes
 the plan through the independent checker before returning it.
 """
 
@@ -16,10 +17,10 @@ import numpy as np
 from solvers import dp, exact, greedy, relaxation, uniform  # noqa: F401
 from solvers.check import assert_valid
 from solvers.constraints import precheck
-from solvers.errors import UserError
+from solvers.errors import SolverError, UserError
 from solvers.exact import relative_gap
 from solvers.plan import Plan
-from solvers.registry import SOLVERS
+from solvers.registry import SOLVERS, refusal
 
 
 @contextlib.contextmanager
@@ -54,6 +55,9 @@ def solve(
         raise UserError(f"time limit {time_limit} must be positive")
     start = time.perf_counter()
     precheck(problem)
+    refused = refusal(solver, problem)  # the one place capabilities are enforced
+    if refused:
+        raise SolverError(refused)
     with _small_blas():
         outcome = SOLVERS[solver](time_limit=time_limit, **options).run(problem)
     seconds = time.perf_counter() - start

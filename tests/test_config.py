@@ -100,7 +100,14 @@ def plugin_dir(tmp_path_factory):
     (root / "my_grape_plugin.py").write_text(_documented_plugin(), encoding="utf-8")
     sys.path.insert(0, str(root))
     yield root
+    # leave the registries as they were: later tests list every registered name
+    from solvers.constraints import CONSTRAINTS
+    from solvers.objectives import TERMS
+
     sys.path.remove(str(root))
+    CONSTRAINTS.pop("max_kept", None)
+    TERMS.pop("shared_load", None)
+    sys.modules.pop("my_grape_plugin", None)
 
 
 @pytest.fixture(scope="module")
