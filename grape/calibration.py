@@ -29,7 +29,7 @@ import contextlib
 import dataclasses
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ import grape
 from grape.adapters.base import MoEAdapter, get_adapter
 from grape.data import CalibrationData
 from grape.errors import DataError
+from grape.flags import flag
 from grape.modelfiles import check_seq_len
 from grape.distributed import World, current_world, gather_to_main, owner, reduce_layer, share
 from grape.observer import ExpertObserver, per_call_quota, sample_plan
@@ -192,17 +193,25 @@ def cost_curve(
 class CalibrationConfig:
     """Every calibration setting; recorded in the scores file."""
 
-    seq_len: int = 2048  # tokens per packed sequence
-    samples: int = 1024  # packed sequences
-    seed: int = 0  # document shuffle and subsample positions
-    text_field: str = "text"  # JSONL / dataset field holding the text
-    batch_size: int = 4  # sequences per forward
-    similarity: tuple[str, ...] = ("cka", "cosine", "router")  # kinds to measure (SIMILARITIES)
-    subsample: int = 256  # tokens per MoE layer on which every expert is evaluated
-    cost_curves: bool = True  # measure LayerScores.cost_curve on the subsample
-    criterion: str = "reap_mass"  # orders experts for the cost curves; recorded for the solver
-    normalize: str = "none"  # cross-layer normalisation recommended to the solver (NORMALIZATIONS)
-    progress: bool = True  # tqdm progress bars
+    # every field is also a `grape calibrate` flag (grape/flags.py)
+    seq_len: int = field(default=2048, metadata=flag(
+        "tokens per packed sequence; unset: 2048, capped at the model's context (a longer explicit "
+        "value is an error)", unset=True))
+    samples: int = field(default=1024, metadata=flag("packed sequences"))
+    seed: int = field(default=0, metadata=flag("document shuffle and subsample seed"))
+    text_field: str = field(default="text", metadata=flag("JSONL / dataset field holding the text"))
+    batch_size: int = field(default=4, metadata=flag("sequences per forward pass"))
+    similarity: tuple[str, ...] = field(default=("cka", "cosine", "router"), metadata=flag(
+        "comma-separated similarity kinds from cka, cosine, router; 'none' for none", items=True))
+    subsample: int = field(default=256, metadata=flag(
+        "tokens per MoE layer on which every expert is evaluated (similarity, cost curves)"))
+    cost_curves: bool = field(default=True, metadata=flag("skip the layer cost curves", negate=True))
+    criterion: str = field(default="reap_mass", metadata=flag(
+        "expert order for the cost curves; recorded for the solver", choices=lambda: sorted(CRITERIA)))
+    normalize: str = field(default="none", metadata=flag(
+        "cross-layer normalisation recorded for the solver (docs/calibration.md)",
+        choices=lambda: sorted(NORMALIZATIONS)))
+    progress: bool = field(default=True, metadata=flag("hide progress bars", negate=True))
 
     def validate(self) -> None:
         for name in ("seq_len", "samples", "batch_size"):

@@ -772,3 +772,23 @@ def test_the_run_report_is_in_the_scores(tmp_path):
     assert run["peak_device_memory"] is None  # CPU
     scores.save(tmp_path / "s.npz")
     assert Scores.load(tmp_path / "s.npz").calibration["run"] == run
+
+
+def test_the_calibrate_flags_are_generated_from_the_config():
+    """Every CalibrationConfig field is a `grape calibrate` flag with the field's default, and
+    the parsed flags build the same config back (grape/flags.py)."""
+    import dataclasses
+
+    from grape.cli import build_parser
+    from grape.commands.calibrate import config_from_args
+
+    parser = build_parser().verb_parsers["calibrate"]
+    dests = {a.dest: a for a in parser._actions}
+    for f in dataclasses.fields(CalibrationConfig):
+        assert f.name in dests or f"no_{f.name}" in dests, f.name
+    args = parser.parse_args(["--model", "m", "--data", "d", "--out", "o.npz"])
+    assert config_from_args(args) == CalibrationConfig()
+    args = parser.parse_args(["--model", "m", "--data", "d", "--out", "o.npz", "--similarity", "none",
+                              "--no-cost-curves", "--samples", "7", "--seq-len", "64"])
+    assert config_from_args(args) == CalibrationConfig(similarity=(), cost_curves=False, samples=7,
+                                                       seq_len=64)

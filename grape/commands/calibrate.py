@@ -22,10 +22,9 @@ OUTPUT = FileOutput(SCORES_FILE, inputs=("model", "tokenizer", "data"), what="sc
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from grape.calibration import SIMILARITIES, CalibrationConfig
-    from solvers.scores import CRITERIA, NORMALIZATIONS
+    from grape.calibration import CalibrationConfig
+    from grape.flags import add_config_arguments
 
-    d = CalibrationConfig()
     parser.add_argument(
         "--model", required=True, type=Path, help="checkpoint directory (config.json + weights)"
     )
@@ -42,40 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="calibration text: .txt/.md/.rst files, .jsonl files, or directories of them",
     )
-    parser.add_argument("--text-field", default=d.text_field, help="JSONL field holding the text")
     parser.add_argument("--out", required=True, type=Path, help="scores file to write (.npz)")
-    parser.add_argument("--seq-len", type=int, default=None,
-                        help=f"tokens per packed sequence; unset: {d.seq_len}, capped at the model's "
-                        "context (a longer explicit value is an error)")
-    parser.add_argument("--samples", type=int, default=d.samples, help="packed sequences")
-    parser.add_argument("--seed", type=int, default=d.seed, help="shuffle and subsample seed")
-    parser.add_argument(
-        "--batch-size", type=int, default=d.batch_size, help="sequences per forward pass"
-    )
-    parser.add_argument(
-        "--similarity",
-        default=",".join(d.similarity),
-        help=f"comma-separated similarity kinds from {', '.join(SIMILARITIES)}; 'none' for none",
-    )
-    parser.add_argument(
-        "--subsample",
-        type=int,
-        default=d.subsample,
-        help="tokens per MoE layer on which every expert is evaluated (similarity, cost curves)",
-    )
-    parser.add_argument("--no-cost-curves", action="store_true", help="skip the layer cost curves")
-    parser.add_argument(
-        "--criterion",
-        default=d.criterion,
-        choices=sorted(CRITERIA),
-        help="expert order for the cost curves; recorded for the solver",
-    )
-    parser.add_argument(
-        "--normalize",
-        default=d.normalize,
-        choices=sorted(NORMALIZATIONS),
-        help="cross-layer normalisation recorded for the solver (docs/calibration.md)",
-    )
+    add_config_arguments(parser, CalibrationConfig)  # every CalibrationConfig field (grape/flags.py)
     parser.add_argument(
         "--dtype",
         default="auto",
@@ -91,7 +58,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--offload-folder", default=None, metavar="DIR",
                         help="folder for weights a --device-map puts on 'disk'")
     _add_scale_arguments(parser)
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def _add_scale_arguments(parser: argparse.ArgumentParser) -> None:
@@ -115,23 +81,9 @@ def _add_scale_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace):
     from grape.calibration import CalibrationConfig
+    from grape.flags import config_from_args as build
 
-    kinds = tuple(
-        k.strip() for k in args.similarity.split(",") if k.strip() and k.strip() != "none"
-    )
-    return CalibrationConfig(
-        seq_len=args.seq_len if args.seq_len is not None else CalibrationConfig().seq_len,
-        samples=args.samples,
-        seed=args.seed,
-        text_field=args.text_field,
-        batch_size=args.batch_size,
-        similarity=kinds,
-        subsample=args.subsample,
-        cost_curves=not args.no_cost_curves,
-        criterion=args.criterion,
-        normalize=args.normalize,
-        progress=not args.no_progress,
-    )
+    return build(CalibrationConfig, args)
 
 
 def run(args: argparse.Namespace) -> int:
