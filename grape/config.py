@@ -40,14 +40,23 @@ def _flag(help: str, group: str = "cons", metavar: str | None = None, **extra) -
     return {"help": help, "group": group, "metavar": metavar, **extra}
 
 
+class _DefaultBudget(str):
+    """The budget nobody gave ("0.25", as typed): with --fit it becomes `fit`, the fewest removals
+    that fit; otherwise 0.25."""
+
+
+DEFAULT_BUDGET = _DefaultBudget("0.25")
+
+
 @dataclass(frozen=True)
 class SolveConfig:
     """How to turn scores into a plan. Every field but `solver` and `constraints` is also a
     command-line flag (``--time-limit`` for `time_limit`, ...). See docs/solvers.md."""
 
-    budget: str | float | int = field(default=0.25, metadata=_flag(
+    budget: str | float | int = field(default=DEFAULT_BUDGET, metadata=_flag(
         "what to remove: a fraction of all routed experts (0.25), an expert count (64), free:SIZE "
-        "(free at least SIZE bytes, e.g. free:40GB) or keep:SIZE", "what"))
+        "(free at least SIZE bytes, e.g. free:40GB), keep:SIZE, or fit (the fewest removals that "
+        "fit the pipeline memory caps); default 0.25, or fit with --fit", "what"))
     objective: str = field(default="additive", metadata=_flag(
         "terms (additive, redundancy, coverage, curves, or a plugin's), optionally weighted and "
         "summed, e.g. redundancy+0.5*additive (docs/solvers.md)", "what"))
@@ -84,8 +93,15 @@ class SolveConfig:
     entropy_gamma: float | None = field(default=None, metadata=_flag(
         "GRAPE entropy guard: allocation entropy >= (1 - GAMMA) log L", metavar="GAMMA", type=float))
     memory_cap: str | None = field(default=None, metadata=_flag(
-        "per-device cap on kept routed-expert bytes (with --pipeline or --expert-parallel)",
-        metavar="SIZE"))
+        "per-device cap on kept routed-expert bytes (with --pipeline or --expert-parallel): one "
+        "SIZE for every device or one per device, e.g. 80GB,80GB,40GB", metavar="SIZE"))
+    fit: str | None = field(default=None, metadata=_flag(
+        "fit on these GPUs: NxSIZE or NxGPU (2x80GB, 8xH100, 4x141GB); caps every device at its "
+        "memory less --kv-reserve, placed as N pipeline stages (or --expert-parallel N)",
+        metavar="SPEC"))
+    kv_reserve: str | None = field(default=None, metadata=_flag(
+        "with --fit: the part of each device kept free (KV cache, activations), e.g. 20%% or 0.2",
+        metavar="F"))
     pipeline: int | None = field(default=None, metadata=_flag(
         "placement for --memory-cap: D pipeline stages of contiguous layers", metavar="D", type=int))
     expert_parallel: int | None = field(default=None, metadata=_flag(
@@ -100,13 +116,16 @@ class SolveConfig:
         set_(self, "constraints", tuple(self.constraints))
         set_(self, "constraint", tuple(self.constraint or ()))
         set_(self, "routing_groups", _routing(self.routing_groups))
+        if isinstance(self.budget, _DefaultBudget):  # none given: 0.25, or with --fit "fit"
+            set_(self, "budget", "fit" if self.fit is not None else 0.25)
         if isinstance(self.similarity, str) and self.similarity.strip().lower() == "none":
             set_(self, "similarity", None)
         self.validate()
 
     def validate(self) -> None:
         """Every check that needs no scores; raises UserError naming the flag."""
-        from solvers.constraints import Budget, parse_bytes, parse_min_kept
+        from solvers.constraints import Budget, parse_caps, parse_min_kept
+        from solvers.constraints.fit import parse_fit, parse_reserve
         from solvers.objectives import parse_objective
 
         if not (isinstance(self.time_limit, (int, float)) and math.isfinite(self.time_limit)
@@ -122,14 +141,26 @@ class SolveConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise UserError(f"--{name.replace('_', '-')} {value!r} must be a whole number >= 1")
-        if self.memory_cap is not None:
-            parse_bytes(self.memory_cap)
+        if self.kv_reserve is not None and self.fit is None:
+            raise UserError("--kv-reserve only applies to --fit; give --fit SPEC too")
+        if self.fit is not None:
+            if self.memory_cap is not None:
+                raise UserError("give either --fit (caps from the GPUs) or --memory-cap, not both")
+            gpus, _ = parse_fit(self.fit)
+            parse_reserve(self.kv_reserve)
+            for flag, value in (("--pipeline", self.pipeline), ("--expert-parallel", self.expert_parallel)):
+                if value is not None and value != gpus:
+                    raise UserError(f"--fit {self.fit} places {gpus} devices but {flag} says {value}")
+            if self.pipeline is not None and self.expert_parallel is not None:
+                raise UserError("--fit takes one placement: --pipeline or --expert-parallel")
+        elif self.memory_cap is not None:
+            parse_caps(self.memory_cap)
             if (self.pipeline is None) == (self.expert_parallel is None):
                 raise UserError("--memory-cap needs exactly one placement: --pipeline D or "
                                 "--expert-parallel D")
         elif self.pipeline is not None or self.expert_parallel is not None:
             raise UserError("--pipeline/--expert-parallel only place a --memory-cap; give "
-                            "--memory-cap SIZE too")
+                            "--memory-cap SIZE (or --fit SPEC) too")
         for spec in self.constraint:
             parse_constraint_spec(spec)
 
@@ -137,7 +168,8 @@ class SolveConfig:
     def constraint_objects(self, scores) -> list:
         """The constraints the fields describe (memory-cap placements need the model's layers)."""
         from solvers.constraints import (EntropyGuard, MaxRemovedFraction, MemoryCap, MultipleOf,
-                                         MustKeep, MustRemove, Uniform, parse_bytes)
+                                         MustKeep, MustRemove, Uniform, parse_caps)
+        from solvers.constraints.fit import fit_caps
 
         out: list = []
         if self.max_removed_fraction is not None:
@@ -152,10 +184,14 @@ class SolveConfig:
             out.append(MustRemove.parse(self.must_remove))
         if self.entropy_gamma is not None:
             out.append(EntropyGuard(self.entropy_gamma))
-        if self.memory_cap is not None:
-            cap = parse_bytes(self.memory_cap)
-            out.append(MemoryCap.pipeline(scores.model.moe_layers, self.pipeline, cap)
-                       if self.pipeline is not None else
+        if self.memory_cap is not None or self.fit is not None:
+            if self.fit is not None:
+                devices, cap = fit_caps(self.fit, self.kv_reserve)
+                pipeline = None if self.expert_parallel is not None else devices
+            else:
+                cap, pipeline = parse_caps(self.memory_cap), self.pipeline
+            out.append(MemoryCap.pipeline(scores.model.moe_layers, pipeline, cap)
+                       if pipeline is not None else
                        MemoryCap.expert_parallel(scores.model.experts_per_layer, self.expert_parallel, cap))
         out.extend(parse_constraint_spec(spec) for spec in self.constraint)
         return [*out, *self.constraints]
@@ -181,7 +217,7 @@ def check_budget(budget: str | float, total_experts: int | None = None) -> None:
     solver's feasibility check)."""
     total_experts = (1 << 62) if total_experts is None else total_experts
     text = str(budget).strip()
-    if ":" in text:
+    if ":" in text or text.lower() == "fit":
         return
     try:
         number = float(text)

@@ -159,6 +159,7 @@ def _plan_summary(plan, where: str) -> dict[str, Any]:
         "merge_map": bool(plan.merge_map),
         "kept_per_layer": {str(k): v for k, v in counts.items()},
         "experts_per_layer": {str(k): len(plan.kept[k]) + len(plan.removed[k]) for k in plan.layers},
+        "placement": plan.placement,
     }
 
 
@@ -362,6 +363,10 @@ def _render_plan(p: dict[str, Any]) -> list[str]:
     for layer, kept in p["kept_per_layer"].items():
         n = p["experts_per_layer"][layer]
         lines.append(f"| {layer} | {n} | {kept} | {n - kept} |")
+    if p.get("placement"):
+        from solvers.plan import format_placement
+
+        lines += ["", *format_placement(p["placement"]).splitlines()]
     return lines
 
 

@@ -284,6 +284,9 @@ def resolved_options(args: argparse.Namespace, folder: Path | None = None) -> di
     for key, value in sorted(vars(args).items()):
         if key.startswith("_") or key in _INTERNAL:
             continue
+        if key == "budget" and isinstance(value, str) and type(value) is not str:
+            # the budget nobody gave (grape.config.DEFAULT_BUDGET): recorded as what it became
+            value = "fit" if getattr(args, "fit", None) is not None else str(value)
         value = _plain(value)
         if folder is not None and key in PATH_OPTIONS:
             value = _portable(value, folder, hub_id=key in _HUB_ID_OPTIONS)

@@ -32,6 +32,7 @@ def check_plan(plan: Plan, problem, rel_tol: float = 1e-6) -> list[str]:
         return out
     for c in problem.all_constraints:
         out.extend(c.check(plan, problem))
+    out.extend(_placement_problems(plan, problem))
     if plan.status not in STATUSES:
         out.append(f"status {plan.status!r} is not one of {STATUSES}")
     value = problem.objective.value(plan, problem)
@@ -58,6 +59,30 @@ def check_plan(plan: Plan, problem, rel_tol: float = 1e-6) -> list[str]:
             out.append(
                 f"layer {layer_index}: merge map targets {sorted(set(bad.values()))[:5]} are not kept"
             )
+    return out
+
+
+def _placement_problems(plan: Plan, problem) -> list[str]:
+    """A recorded per-device table must be the first memory cap's, recomputed from the scores'
+    expert sizes and the plan's kept experts, and every device must be within its cap."""
+    from solvers.constraints.base import kept_mask
+    from solvers.constraints.memory import MemoryCap
+    from solvers.constraints.units import over_cap
+
+    if not plan.placement:
+        return []
+    caps = [c for c in problem.constraints if isinstance(c, MemoryCap)]
+    if not caps:
+        return ["plan records a device placement, but the problem has no memory cap"]
+    masks = [kept_mask(plan, problem, p) for p in range(len(problem.layers))]
+    expected = caps[0].placement_table(problem, masks)
+    out = []
+    if [{k: r[k] for k in ("device", "layers", "bytes", "cap")} for r in plan.placement] != expected:
+        out.append("the plan's device placement does not match the one recomputed from the scores")
+    out.extend(
+        f"device {r['device']} holds {r['bytes']} bytes, above its cap {r['cap']}"
+        for r in expected if over_cap(r["bytes"], r["cap"])
+    )
     return out
 
 

@@ -10,7 +10,9 @@ JSON keys (version 1), readable by any tool:
   lower bound on the objective, ``null`` if the solver gives none), ``gap`` (relative, ``null``
   when unknown), ``solver``, ``seconds``;
 * ``model``: the identity of the model the scores came from (see :mod:`solvers.scores`);
-* ``provenance``: free-form — scores fingerprint, objective, budget, constraints.
+* ``provenance``: free-form — scores fingerprint, objective, budget, constraints;
+* ``placement``: only under a memory cap (``--memory-cap`` / ``--fit``): one entry per device,
+  ``{"device": i, "layers": [decoder layers], "bytes": kept bytes, "cap": bytes}``.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class Plan:
     merge_map: dict[int, dict[int, int]] = field(default_factory=dict)
     model: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
+    placement: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for name in ("kept", "removed", "merge_map", "model", "provenance"):
@@ -73,6 +76,17 @@ class Plan:
             _index(k, "merge_map"): {_index(a, "merge_map"): _index(b, "merge_map") for a, b in v.items()}
             for k, v in self.merge_map.items()
         }
+        if not isinstance(self.placement, list) or any(
+            not isinstance(row, dict) or not {"device", "layers", "bytes", "cap"} <= set(row)
+            for row in self.placement
+        ):
+            raise PlanError('plan `placement` must be a list of {"device", "layers", "bytes", "cap"}')
+        self.placement = [
+            {**row, "device": _index(row["device"], "placement"),
+             "layers": _indices(row["layers"], "placement"),
+             "bytes": int(row["bytes"]), "cap": int(row["cap"])}
+            for row in self.placement
+        ]
         if self.status not in STATUSES:
             raise PlanError(f"plan status {self.status!r} is not one of {STATUSES}")
         if sorted(self.kept) != sorted(self.removed):
@@ -133,6 +147,7 @@ class Plan:
             "seconds": float(self.seconds),
             "model": self.model,
             "provenance": self.provenance,
+            **({"placement": self.placement} if self.placement else {}),
         }
 
     @classmethod
@@ -155,6 +170,7 @@ class Plan:
             merge_map=data.get("merge_map") or {},
             model=data.get("model") or {},
             provenance=data.get("provenance") or {},
+            placement=data.get("placement") or [],
         )
 
     def save(self, path: str | os.PathLike) -> None:
@@ -180,3 +196,20 @@ class Plan:
         except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as exc:
             raise PlanError(f"plan file {str(path)!r} is damaged ({type(exc).__name__}: {exc}); "
                             "re-create it with `grape solve`") from exc
+
+
+def format_placement(rows: list[dict]) -> str:
+    """The plan's per-device memory table (kept routed-expert bytes against each cap)."""
+    from solvers.constraints.units import format_bytes
+
+    lines = ["  per device (kept routed-expert bytes; attention, embeddings, shared experts and KV "
+             "cache are not in the scores file, so --kv-reserve must cover them):",
+             f"    {'device':>6}  {'layers':<14} {'kept':>11}  {'cap':>11}  {'used':>6}"]
+    for row in rows:
+        layers = row["layers"]
+        span = f"{layers[0]}-{layers[-1]}" if layers else "-"
+        span += f" ({len(layers)})"
+        used = 100 * row["bytes"] / row["cap"] if row["cap"] else float("inf")
+        lines.append(f"    {row['device']:>6}  {span:<14} {format_bytes(row['bytes']):>11}  "
+                     f"{format_bytes(row['cap']):>11}  {used:5.1f}%")
+    return "\n".join(lines)

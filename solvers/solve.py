@@ -16,6 +16,7 @@ import numpy as np
 # importing the solver modules registers them
 from solvers import dp, exact, greedy, relaxation, uniform  # noqa: F401
 from solvers.check import assert_valid
+from solvers.constraints.memory import MemoryCap
 from solvers.constraints import precheck
 from solvers.errors import SolverError, UserError
 from solvers.exact import relative_gap
@@ -100,6 +101,9 @@ def solve(
             **outcome.info,
         },
     )
+    caps = [c for c in problem.constraints if isinstance(c, MemoryCap)]
+    if caps:  # the first memory cap's placement: what `grape solve` prints as the device table
+        plan.placement = caps[0].placement_table(problem, outcome.masks)
     if check:
         assert_valid(plan, problem)
     return plan

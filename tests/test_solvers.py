@@ -191,14 +191,17 @@ def test_infeasible_messages_name_the_constraints():
 
 @pytest.mark.parametrize("solver", [s for s in ALL_SOLVERS if s != "dp"])
 def test_infeasible_found_by_the_solver_is_named(solver):
-    # each check alone passes (floors 4 x 2 layers = 8 fit either cap; 16 <= 18 kept <= 20), but
-    # the caps allow at most 9 + 8 = 17 kept experts while the budget keeps 18
+    # each check alone passes (the cheapest 4 experts of a layer cost 4, so device 0's floors
+    # 8 <= 15; the caps hold 8 + 8 = 16 kept experts, as many as the budget keeps), but with
+    # expert 0 of layers 0 and 1 removed those layers keep experts 1-4, 8 bytes each: 16 > 15
     layers = [
-        Layer(layer, np.arange(1, 6, dtype=float), np.full(5, 1), 4, np.full((5, 5), 0.5))
+        Layer(layer, np.arange(1, 6, dtype=float), np.array([1, 1, 1, 1, 5]), 4,
+              np.full((5, 5), 0.5))
         for layer in range(4)
     ]
-    cap = MemoryCap({"0": 9, "1": 8}, {"layers": {"0": [0, 1], "1": [2, 3]}})
-    problem = Problem(layers, Budget("remove", 2), parse_objective("additive"), [MinKept(), cap])
+    cap = MemoryCap({"0": 15, "1": 9}, {"layers": {"0": [0, 1], "1": [2, 3]}})
+    problem = Problem(layers, Budget("remove", 4), parse_objective("additive"),
+                      [MinKept(), cap, MustRemove({0: [0], 1: [0]})])
     with pytest.raises(InfeasibleError, match="no plan satisfies all constraints together"):
         solve(problem, solver)
 

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     names = _split(args.solvers, solver_names(), "solvers")
     config = solve_config_from_args(args, objective=objectives[0])  # bad flags fail first
     scores = load_scores(args.scores)
-    check_budget(args.budget, sum(scores.model.experts_per_layer.values()))
+    check_budget(config.budget, sum(scores.model.experts_per_layer.values()))
     total = len(objectives) * len(names)
     done = [0]
 
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     header = (f"# Solver comparison: `{args.scores}`\n\n"
               f"{scores.model.model_type}, {len(scores.layers)} MoE layers, "
               f"{sum(scores.model.experts_per_layer.values())} routed experts; budget "
-              f"`{args.budget}`, criterion `{args.criterion}`, time limit {args.time_limit:g} s per "
+              f"`{config.budget}`, criterion `{args.criterion}`, time limit {args.time_limit:g} s per "
               "run. Objective values are recomputed from each plan (lower is better); "
               "'vs best' is the excess over the best plan found for that objective.\n\n")
     atomic_write_text(args.out / "compare.md", header + table + "\n\n![solvers](compare.png)\n\n"

@@ -28,6 +28,10 @@ solvers (--solver):
 
 budget (--budget): 0.5 = remove half of all routed experts; 64 = remove exactly 64 experts;
   free:40GB = removed experts free at least 40 GB; keep:100GiB = kept experts use at most 100 GiB.
+
+fit to hardware: --fit 4x80GB (or 8xH100, 4xH200 ...) --kv-reserve 20% caps each of 4 pipeline
+  stages at 80 GB less 20%; --memory-cap 80GB,80GB,40GB --pipeline 3 gives one cap per device.
+  The plan records the per-device table (placement) and this command prints it.
 """
 
 OUTPUT = FileOutput(PLAN_FILE, inputs=("scores",), what="plan file")
@@ -58,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from grape.api import build_problem, load_scores
     from grape.config import solve_config_from_args
     from solvers.constraints import format_bytes
+    from solvers.plan import format_placement
     from solvers.solve import solve
 
     config = solve_config_from_args(args, solver=args.solver)  # bad flags fail before the file is read
@@ -88,6 +93,9 @@ def run(args: argparse.Namespace) -> int:
             f"{' (uniform)' if plan.is_uniform else ''}; kept expert bytes {format_bytes(kept_bytes)}"
         )
         print(f"  method: {plan.provenance.get('method', '')}")
+        if plan.placement:
+            print(format_placement(plan.placement))
         if plan.provenance.get("repaired"):
             print(f"  repaired: {'; '.join(plan.provenance['repaired'])}")
     return 0
+

@@ -44,7 +44,8 @@ from solvers.constraints.precheck import (
     precheck,
     reachable_totals,
 )
-from solvers.constraints.units import _UNITS, format_bytes, over_cap, parse_bytes, parse_min_kept
+from solvers.constraints.units import (_UNITS, format_bytes, over_cap, parse_bytes, parse_caps,
+                                      parse_min_kept)
 
 __all__ = [
     "CONSTRAINTS",
@@ -70,6 +71,7 @@ __all__ = [
     "most_even",
     "over_cap",
     "parse_bytes",
+    "parse_caps",
     "parse_min_kept",
     "plan_counts",
     "precheck",

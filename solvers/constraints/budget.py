@@ -25,14 +25,14 @@ class Budget(Constraint):
 
     kinds: ``remove`` (exactly R experts), ``fraction`` (exactly round(f * total) experts),
     ``free_bytes`` (removed experts free at least B bytes), ``keep_bytes`` (kept experts use at
-    most C bytes).
+    most C bytes), ``fit`` (the fewest removals that let the pipeline memory caps hold the rest).
     """
 
     kind: str
     value: float
     name: ClassVar[str] = "budget"
     count_relaxation: ClassVar[bool] = True
-    KINDS: ClassVar[tuple[str, ...]] = ("remove", "fraction", "free_bytes", "keep_bytes")
+    KINDS: ClassVar[tuple[str, ...]] = ("remove", "fraction", "free_bytes", "keep_bytes", "fit")
 
     def __post_init__(self):
         if self.kind not in self.KINDS:
@@ -46,8 +46,10 @@ class Budget(Constraint):
 
     @classmethod
     def parse(cls, text: str) -> "Budget":
-        """'0.5' (fraction), '64' (experts), 'free:40GB', 'keep:100GiB'."""
+        """'0.5' (fraction), '64' (experts), 'free:40GB', 'keep:100GiB', 'fit'."""
         text = str(text).strip()
+        if text.lower() == "fit":
+            return cls("fit", 0.0)
         if ":" in text:
             kind, amount = text.split(":", 1)
             kinds = {"free": "free_bytes", "keep": "keep_bytes"}
@@ -79,6 +81,8 @@ class Budget(Constraint):
             return total - int(self.value)
         if self.kind == "fraction":
             return total - int(round(self.value * total))
+        if self.kind == "fit":
+            return _fit_kept_total(problem)
         return None
 
     def kept_bytes_cap(self, problem: "Problem") -> float | None:
@@ -92,7 +96,8 @@ class Budget(Constraint):
         total = problem.total_experts
         k = self.kept_total(problem)
         if k is not None:
-            return f"remove exactly {total - k} of {total} experts (keep {k})"
+            fit = " (fit: the fewest removals the memory caps allow)" if self.kind == "fit" else ""
+            return f"remove exactly {total - k} of {total} experts (keep {k}){fit}"
         cap = self.kept_bytes_cap(problem)
         return (
             f"keep at most {format_bytes(cap)} of {format_bytes(problem.total_bytes)} expert bytes"
@@ -161,3 +166,23 @@ class Budget(Constraint):
                 f"{format_bytes(least)}, but the budget keeps at most {format_bytes(cap)}"
             )
         return None
+
+
+def _fit_kept_total(problem: "Problem") -> int:
+    """The budget `fit`: the most experts the pipeline memory caps can hold together (each
+    device filled with its cheapest experts above the per-layer minimums), i.e. the fewest
+    removals. Exact under per-layer bounds; other count rules (uniform, multiple-of) can make
+    it unreachable, which the feasibility check then reports."""
+    from solvers.constraints.memory import MemoryCap
+
+    caps = [c for c in problem.constraints if isinstance(c, MemoryCap) and c.kind == "layers"]
+    if not caps:
+        raise UserError("budget fit needs a pipeline memory cap: --fit SPEC, or --memory-cap with "
+                        "--pipeline D")
+    cache = problem.__dict__.setdefault("_fit_kept_total", {})
+    if "k" not in cache:
+        allowed = problem.allowed_counts()
+        lo = np.array([np.flatnonzero(a).min() if a.any() else 0 for a in allowed])
+        hi = np.array([np.flatnonzero(a).max() if a.any() else 0 for a in allowed])
+        cache["k"] = int(min([int(hi.sum())] + [sum(c.most_kept(problem, lo, hi).values()) for c in caps]))
+    return cache["k"]

@@ -51,6 +51,12 @@ class MemoryCap(Constraint):
         """Split the MoE layers into `devices` contiguous stages of near-equal size."""
         if devices < 1:
             raise UserError("pipeline parallel needs at least one device")
+        if devices > len(layer_indices):
+            raise UserError(
+                f"--pipeline {devices}: more pipeline devices than the model's "
+                f"{len(layer_indices)} MoE layers (each device holds whole layers)"
+            )
+        cap = _per_device(cap, devices, "--pipeline")
         stages = np.array_split(np.asarray(sorted(layer_indices)), devices)
         return cls(cap, {"layers": {str(d): s.tolist() for d, s in enumerate(stages)}})
 
@@ -59,6 +65,13 @@ class MemoryCap(Constraint):
         """Expert e of every layer lives on device e * devices // N (contiguous blocks, as in EP)."""
         if devices < 1:
             raise UserError("expert parallel needs at least one device")
+        fewest = min(experts_per_layer.values(), default=0)
+        if devices > fewest:
+            raise UserError(
+                f"--expert-parallel {devices}: more expert-parallel ranks than the {fewest} "
+                "experts of a layer (every rank needs at least one expert of each layer)"
+            )
+        cap = _per_device(cap, devices, "--expert-parallel")
         return cls(
             cap,
             {
@@ -141,6 +154,20 @@ class MemoryCap(Constraint):
             for d in self.devices
         }
 
+    def placement_table(self, problem, masks) -> list[dict]:
+        """One row per device: {"device": i, "layers": [...], "bytes": kept bytes, "cap": bytes}
+        (devices numbered 0.. in their natural order; what a plan records as ``placement``)."""
+        used = self.kept_bytes(problem, masks)
+        return [
+            {
+                "device": i,
+                "layers": [problem.layers[p].index for p, _ in self._members(problem, d)],
+                "bytes": int(round(used[d])),
+                "cap": int(math.floor(self.caps[d])),
+            }
+            for i, d in enumerate(self.devices)
+        ]
+
     def count_violations(self, problem, counts):
         if self.needs_expert_level(problem):
             return []
@@ -176,7 +203,85 @@ class MemoryCap(Constraint):
                     f"experts (per-layer minimums and must-keep), above its cap "
                     f"{format_bytes(self.caps[device])}"
                 )
+        if self.kind == "layers":
+            return self._budget_precheck(problem, lo, hi)
         return None
+
+    # -- how many experts the devices can hold (pipeline placements) ---------------------------
+    def _device_sizes(self, problem, lo, hi, device):
+        """(bytes that must stay: each layer's cheapest lo experts, forced count, the bytes of the
+        further experts the device could keep, cheapest first)."""
+        floor_bytes, floor_count, extra = 0.0, 0, []
+        for p, _ in self._members(problem, device):
+            b = np.sort(problem.layers[p].expert_bytes)
+            floor_bytes += float(b[: lo[p]].sum())
+            floor_count += int(lo[p])
+            extra.append(b[lo[p]: hi[p]])
+        extra = np.sort(np.concatenate(extra)) if extra else np.zeros(0)
+        return floor_bytes, floor_count, np.cumsum(extra)
+
+    def most_kept(self, problem, lo, hi, scale: float = 1.0) -> dict[str, int]:
+        """Per device: the most experts it can keep within scale x its cap (per-layer bounds
+        lo..hi, the cheapest experts first). Their sum bounds every plan's kept total."""
+        out = {}
+        for device in self.devices:
+            floor_bytes, floor_count, extra = self._device_sizes(problem, lo, hi, device)
+            cap = scale * self.caps[device]
+            room = cap + 1e-9 * max(1.0, abs(cap)) - floor_bytes  # the slack of over_cap
+            out[device] = floor_count + int(np.searchsorted(extra, room, "right"))
+        return out
+
+    def _budget_precheck(self, problem, lo, hi):
+        k = problem.budget.kept_total(problem)
+        if k is None:
+            return None
+        most = self.most_kept(problem, lo, hi)
+        if k <= sum(most.values()):
+            return None
+        # the binding device: the one whose even share of the kept experts it misses by most
+        total = sum(problem.layers[p].num_experts for d in self.devices for p, _ in self._members(problem, d))
+        worst = None
+        for device in self.devices:
+            members = self._members(problem, device)
+            share = round(k * sum(problem.layers[p].num_experts for p, _ in members) / total)
+            if worst is None or share - most[device] > worst[0]:
+                floor_bytes, floor_count, extra = self._device_sizes(problem, lo, hi, device)
+                more = min(max(share - floor_count, 0), len(extra))
+                need = floor_bytes + (float(extra[more - 1]) if more else 0.0)
+                layers = [problem.layers[p].index for p, _ in members]
+                worst = (share - most[device], device, layers, share, need)
+        lo_s, hi_s = 0.0, 1.0
+        while sum(self.most_kept(problem, lo, hi, hi_s).values()) < k:
+            hi_s *= 2
+        for _ in range(60):
+            mid = (lo_s + hi_s) / 2
+            lo_s, hi_s = (lo_s, mid) if sum(self.most_kept(problem, lo, hi, mid).values()) >= k else (mid, hi_s)
+        caps = sorted({format_bytes(hi_s * c) for c in self.caps.values()})
+        deficit, device, layers, share, need = worst
+        span = f"{layers[0]}-{layers[-1]}" if layers else "none"
+        binding = (
+            f"; device {device} (layers {span}) would keep {share} of them, at least "
+            f"{format_bytes(need)} of routed experts, but holds {most[device]} within its cap "
+            f"{format_bytes(self.caps[device])}" if deficit > 0 else ""
+        )
+        return (
+            f"memory cap: the budget keeps {k} experts, but the {len(self.devices)} devices hold at "
+            f"most {sum(most.values())} within their caps{binding}. Remove at least {problem.total_experts - sum(most.values())} "
+            f"experts (--budget {problem.total_experts - sum(most.values())}), or give the devices at "
+            f"least {' / '.join(caps)} each ({hi_s:.3f} x the caps)"
+        )
+
+
+def _per_device(cap, devices: int, flag: str):
+    """One cap for every device, or a list with one cap per device -> what the class takes."""
+    if isinstance(cap, (list, tuple)):
+        if len(cap) != devices:
+            raise UserError(
+                f"--memory-cap lists {len(cap)} caps but {flag} {devices} places "
+                f"{devices} devices; give one cap per device or a single size"
+            )
+        return {str(d): float(c) for d, c in enumerate(cap)}
+    return cap
 
 
 def _natural(text: str):

@@ -63,3 +63,14 @@ def parse_bytes(text: str) -> float:
     if not math.isfinite(value) or value < 0:
         raise UserError(f"size {text!r} must be a finite, non-negative number of bytes (e.g. 40GB)")
     return value
+
+
+def parse_caps(text: str) -> float | list[float]:
+    """The --memory-cap value: one size for every device ('80GB') or one per device
+    ('80GB,80GB,40GB')."""
+    parts = [part for part in str(text).split(",")]
+    if len(parts) == 1:
+        return parse_bytes(parts[0])
+    if any(not part.strip() for part in parts):
+        raise UserError(f"--memory-cap {text!r}: an empty entry; write e.g. 80GB,80GB,40GB")
+    return [parse_bytes(part) for part in parts]
