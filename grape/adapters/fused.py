@@ -20,7 +20,13 @@ from grape.adapters.base import PRUNING_KEY, MoEAdapter
 from grape.adapters.stored import matches_memory, read_stored
 from grape.errors import ArchitectureError
 from grape.templates.grape_moe_aux import install_uneven_aux_loss
-from grape.templates.grape_pruning import install_masks, install_router_mask, make_block, shrink_layers
+from grape.templates.grape_pruning import (
+    install_masks,
+    install_router_mask,
+    make_block,
+    set_counts,
+    shrink_layers,
+)
 from solvers.scores import ModelIdentity
 
 
@@ -204,13 +210,7 @@ class FusedMoEAdapter(MoEAdapter):
             for name, tensor in _per_expert_tensors(module, n).items():
                 # a fresh contiguous tensor so the removed experts' memory is freed
                 _replace_tensor(module, name, tensor.index_select(0, _index(keep, tensor.device)).contiguous())
-        # every experts backend and the router read these counts: a stale one mis-routes silently
-        for module in (block, router, experts):
-            if hasattr(module, "num_experts"):
-                module.num_experts = kept
-        for module in (block, router):
-            if hasattr(module, "top_k"):
-                module.top_k = top_k
+        set_counts(block, router, experts, kept, top_k)
 
     def mask_experts(self, layer: int, removed: list[int]) -> None:
         router = self.router(layer)

@@ -100,7 +100,11 @@ def shrink_layer(block, router_attr: str, num_experts: int, top_k: int) -> None:
                     sliced = tensor[:num_experts].clone()
                     store[name] = nn.Parameter(sliced, requires_grad=tensor.requires_grad) if isinstance(
                         tensor, nn.Parameter) else sliced
-    # every experts backend and the router read these counts: a stale one mis-routes silently
+    set_counts(block, router, experts, num_experts, top_k)
+
+
+def set_counts(block, router, experts, num_experts: int, top_k: int) -> None:
+    """Every experts backend and the router read these counts: a stale one mis-routes silently."""
     for module in (block, router, experts):
         if hasattr(module, "num_experts"):
             module.num_experts = num_experts
