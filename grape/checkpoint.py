@@ -259,23 +259,28 @@ def pruned_class(base: type) -> type:
     return _PRUNED_CLASSES[base]
 
 
-def load_pruned(path: str | os.PathLike, **from_pretrained_kwargs) -> nn.Module:
-    """Load a checkpoint written by save_pruned (uniform or not) with stock transformers
-    classes and no remote code. Extra keyword arguments go to `from_pretrained` (dtype,
-    device_map, ...). Returns the model in eval mode."""
+def causal_lm_class(path: str | os.PathLike) -> tuple[Any, type]:
+    """(config, the stock causal-LM class) of a checkpoint directory."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise CheckpointError(f"{str(path)!r} has no config.json; it is not a saved checkpoint")
     config = AutoConfig.from_pretrained(path)
     try:
-        base = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+        return config, MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     except KeyError as exc:
         raise CheckpointError(
             f"{str(path)!r}: model type {config.model_type!r} has no causal-LM class in this transformers"
         ) from exc
+
+
+def load_pruned(path: str | os.PathLike, **from_pretrained_kwargs) -> nn.Module:
+    """Load a checkpoint written by save_pruned (uniform or not) with stock transformers
+    classes and no remote code. Extra keyword arguments go to `from_pretrained` (dtype,
+    device_map, ...). Returns the model in eval mode."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{str(path)!r} has no config.json; it is not a saved checkpoint")
+    config, base = causal_lm_class(path)
     model = pruned_class(base).from_pretrained(path, config=config, **from_pretrained_kwargs)
     # the subclass only shapes the layers at construction; afterwards the model is the stock class
     model.__class__ = base

@@ -113,19 +113,12 @@ def build_skeleton(model_dir: str | os.PathLike, dtype: torch.dtype) -> nn.Modul
     """The model from_pretrained would build for `model_dir`, in `dtype`, with every parameter
     on the meta device (buffers real), router masks re-installed; eval mode."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig
     from transformers.modeling_utils import local_torch_dtype
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     from grape.adapters import get_adapter
-    from grape.checkpoint import CheckpointError, pruned_class
+    from grape.checkpoint import causal_lm_class, pruned_class
 
-    config = AutoConfig.from_pretrained(model_dir)
-    try:
-        base = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    except KeyError as exc:
-        raise CheckpointError(f"{str(model_dir)!r}: model type {config.model_type!r} has no "
-                              "causal-LM class in this transformers") from exc
+    config, base = causal_lm_class(model_dir)
     with init_empty_weights(include_buffers=False), local_torch_dtype(dtype, base.__name__):
         model = pruned_class(base)(config)
     model.__class__ = base  # as load_pruned: the subclass only shapes the layers

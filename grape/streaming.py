@@ -122,18 +122,11 @@ def load_skeleton(model_dir: Path, stored: dict[str, StoredTensor]):
     per-layer counts, masks re-installed, as load_pruned does) with its router tensors read
     from the checkpoint; and where each MoE layer's tensors are stored."""
     import torch
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     from grape.adapters import get_adapter
-    from grape.checkpoint import CheckpointError, pruned_class
+    from grape.checkpoint import causal_lm_class, pruned_class
 
-    config = AutoConfig.from_pretrained(model_dir)
-    try:
-        base = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    except KeyError as exc:
-        raise CheckpointError(f"{str(model_dir)!r}: model type {config.model_type!r} has no causal-LM "
-                              "class in this transformers") from exc
+    config, base = causal_lm_class(model_dir)
     with torch.device("meta"):
         model = pruned_class(base)(config)
     model.__class__ = base
