@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from grape.errors import DataError, UserError
+from grape.flags import flag
 
 RESULT_FORMAT = "grape-eval"
 RESULT_VERSION = 1
@@ -45,21 +46,39 @@ Documents = dict[str, list[str]]  # domain -> documents, in a fixed order
 class EvalConfig:
     """How to evaluate. Perplexity fields first, then lm-eval task fields."""
 
-    seq_len: int = 256  # model inputs per window
-    max_tokens_per_domain: int | None = 65_536  # predicted tokens per domain; None = all
-    batch_size: int = 8  # windows per forward pass (also lm-eval's batch size)
+    # the flagged fields are also `grape eval` flags (grape/flags.py)
+    seq_len: int = field(default=256, metadata=flag(
+        "tokens per window; unset: 256, capped at the model's context (a longer explicit value "
+        "is an error)", unset=True))
+    max_tokens_per_domain: int | None = field(default=65_536, metadata=flag(
+        "predicted tokens per domain (0 = all)", name="max_tokens", type=int, zero_none=True))
+    batch_size: int = field(default=8, metadata=flag("windows per forward pass"))
     eos_between_documents: bool = True  # join documents with EOS, as in training-time packing
-    perplexity: bool = True  # False: lm-eval tasks only
-    tasks: tuple[str, ...] = ()  # lm-eval task/group/tag names; "local" = built from the documents
-    task_paths: tuple[str, ...] = ()  # extra lm-eval include paths holding the user's YAML tasks
-    local_task_kinds: tuple[str, ...] = ("scramble", "nextline", "cloze")
-    local_task_examples: int = 100  # examples per domain and kind
+    perplexity: bool = field(default=True, metadata=flag(
+        "skip the NLL/perplexity pass (tasks only)", negate=True))
+    tasks: tuple[str, ...] = field(default=(), metadata=flag(
+        "comma-separated lm-eval tasks: 'local' (multiple-choice tasks built from the held-out "
+        "text, see --task-kinds), names of tasks under --task-path, or built-in task names whose "
+        "data is cached locally; empty: none. Every name is checked before the model is loaded",
+        items=True, empty=""))
+    task_paths: tuple[str, ...] = field(default=(), metadata=flag(
+        "directories (or YAML files) with your own lm-eval task configs", name="task_path",
+        nargs="+", metavar="DIR"))
+    local_task_kinds: tuple[str, ...] = field(default=("scramble", "nextline", "cloze"), metadata=flag(
+        "kinds of local tasks to build for --tasks local: scramble (true next line vs copies with "
+        "two words swapped), nextline (true next line vs lines of other documents), cloze (last "
+        "word of a line vs words of other documents)", name="task_kinds", items=True))
+    local_task_examples: int = field(default=100, metadata=flag(
+        "local task examples per domain and kind", name="task_examples"))
     local_task_dir: str | None = None  # where local tasks are written; None = a temporary dir
-    task_limit: int | None = None  # lm-eval `limit`: examples per task (quick checks only)
-    num_fewshot: int | None = None
-    seed: int = 0
-    progress: bool = True
-    verbose: bool = False  # lm-eval's, datasets' and transformers' own logs while tasks run
+    task_limit: int | None = field(default=None, metadata=flag(
+        "lm-eval limit: examples per task (quick checks only)", type=int))
+    num_fewshot: int | None = field(default=None, metadata=flag("lm-eval few-shot count", type=int))
+    seed: int = field(default=0, metadata=flag("seed of the local tasks and lm-eval"))
+    progress: bool = field(default=True, metadata=flag("hide progress bars", negate=True))
+    verbose: bool = field(default=False, metadata=flag(
+        "show lm-eval's, datasets' and transformers' own logs and progress bars while tasks run "
+        "(quiet by default)"))
 
     def __post_init__(self) -> None:
         # tuples, so a config built from lists (JSON, argparse) stays hashable and comparable

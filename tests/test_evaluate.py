@@ -407,3 +407,20 @@ def test_grape_eval_loads_a_non_uniform_pruned_checkpoint(tokenizer, tmp_path):
     got = json.loads((tmp_path / "out" / "eval.json").read_text())["perplexity"]["domains"]
     direct = evaluate(pruned, tokenizer, {"code": CODE}, quiet(seq_len=16))
     assert got["code"]["nll"] == pytest.approx(direct.domains["code"].nll, abs=1e-5)
+
+
+def test_the_eval_flags_are_generated_from_the_config():
+    """Every flagged EvalConfig field is a `grape eval` flag, and the flags build it back."""
+    from grape.cli import build_parser
+    from grape.commands.eval import config_from_args
+    from grape.evaluation import EvalConfig
+
+    parser = build_parser().verb_parsers["eval"]
+    args = parser.parse_args(["--model", "m", "--out", "o"])
+    assert config_from_args(args) == EvalConfig()
+    args = parser.parse_args(["--model", "m", "--out", "o", "--max-tokens", "0", "--tasks", "local,x",
+                              "--task-path", "a", "b", "--task-kinds", "cloze", "--no-perplexity",
+                              "--seq-len", "64", "--verbose"])
+    assert config_from_args(args) == EvalConfig(
+        max_tokens_per_domain=None, tasks=("local", "x"), task_paths=("a", "b"),
+        local_task_kinds=("cloze",), perplexity=False, seq_len=64, verbose=True)

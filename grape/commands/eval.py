@@ -27,6 +27,8 @@ OUTPUT = DirOutput(signature=(CONFIG_JSON, RESULT_JSON), what="an evaluation fol
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from grape.evaluation import EvalConfig
+    from grape.flags import add_config_arguments
     from grape.modelfiles import MODEL_HELP
 
     parser.add_argument("--model", type=Path, default=None,
@@ -39,37 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "held-out split (grape.testbed)")
     parser.add_argument("--split", default="test", choices=("test", "validation"),
                         help="held-out split used when --data is not given")
-    parser.add_argument("--tasks", default="",
-                        help="comma-separated lm-eval tasks: 'local' (multiple-choice tasks "
-                        "built from the held-out text, see --task-kinds), names of tasks under --task-path, "
-                        "or built-in task names whose data is cached locally; empty: none. Every "
-                        "name is checked before the model is loaded")
     parser.add_argument("--list-tasks", action="store_true",
                         help="print the lm-eval tasks that can run here (local ones, those under "
                         "--task-path, installed ones whose data is cached) and exit")
-    parser.add_argument("--verbose", action="store_true",
-                        help="show lm-eval's, datasets' and transformers' own logs and progress "
-                        "bars while tasks run (quiet by default)")
-    parser.add_argument("--task-path", nargs="+", default=[], metavar="DIR",
-                        help="directories (or YAML files) with your own lm-eval task configs")
-    parser.add_argument("--task-kinds", default="scramble,nextline,cloze",
-                        help="kinds of local tasks to build for --tasks local: scramble (true "
-                        "next line vs copies with two words swapped), nextline (true next line "
-                        "vs lines of other documents), cloze (last word of a line vs words of "
-                        "other documents)")
-    parser.add_argument("--task-examples", type=int, default=100,
-                        help="local task examples per domain and kind")
-    parser.add_argument("--task-limit", type=int, default=None,
-                        help="lm-eval limit: examples per task (quick checks only)")
-    parser.add_argument("--num-fewshot", type=int, default=None, help="lm-eval few-shot count")
-    parser.add_argument("--no-perplexity", action="store_true",
-                        help="skip the NLL/perplexity pass (tasks only)")
-    parser.add_argument("--seq-len", type=int, default=None,
-                        help=f"tokens per window; unset: {DEFAULT_SEQ_LEN}, capped at the model's "
-                        "context (a longer explicit value is an error)")
-    parser.add_argument("--max-tokens", type=int, default=65_536,
-                        help="predicted tokens per domain (0 = all)")
-    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    add_config_arguments(parser, EvalConfig)  # every flagged EvalConfig field (grape/flags.py)
     parser.add_argument("--baseline", type=Path, default=None,
                         help="eval.json of the unpruned model: adds the NLL increase per domain")
     parser.add_argument("--device", default="auto",
@@ -78,30 +53,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16",
                                                             "float16"),
                         help="'auto': float32 on CPU, the checkpoint's dtype on GPU")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the local tasks and lm-eval")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("--out", type=Path, default=None,
                         help="output directory (required unless --list-tasks)")
 
 
 def config_from_args(args: argparse.Namespace):
     from grape.evaluation import EvalConfig
+    from grape.flags import config_from_args as build
 
-    return EvalConfig(
-        seq_len=args.seq_len,
-        max_tokens_per_domain=args.max_tokens or None,
-        batch_size=args.batch_size,
-        perplexity=not args.no_perplexity,
-        tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
-        task_paths=tuple(str(p) for p in args.task_path),
-        local_task_kinds=tuple(k.strip() for k in args.task_kinds.split(",") if k.strip()),
-        local_task_examples=args.task_examples,
-        task_limit=args.task_limit,
-        num_fewshot=args.num_fewshot,
-        seed=args.seed,
-        progress=not args.no_progress,
-        verbose=args.verbose,
-    )
+    return build(EvalConfig, args)
 
 
 def check_device(device: str) -> None:
