@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from grape.adapters import MoEAdapter, get_adapter
 from grape.errors import PlanError, ScoresError
+from grape.flags import flag
 from solvers.plan import Plan
 from solvers.scores import ModelIdentity, Scores
 
@@ -55,9 +56,15 @@ class ApplyConfig:
         top_k then drops to the kept count (a different routing); refused by default.
     """
 
-    method: str = "remove"
+    # the flagged fields are also flags of `grape apply` and `grape run` (grape/flags.py)
+    method: str = field(default="remove", metadata=flag(
+        "remove: slice experts out; merge: fold removed experts into kept ones (weighted by "
+        "calibration counts), then remove; mask: keep weights, the router never selects them",
+        choices=("remove", "merge", "mask")))
     merge_weights: MergeWeights | None = None
-    allow_lower_top_k: bool = False
+    allow_lower_top_k: bool = field(default=False, metadata=flag(
+        "accept a plan keeping fewer experts than top_k in a layer (top_k there drops to the kept "
+        "count); refused by default"))
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -25,13 +25,12 @@ OUTPUT = DirOutput(signature=(PROVENANCE_FILE,), inputs=("model", "plan", "score
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from grape.flags import add_config_arguments
     from grape.modelfiles import MODEL_HELP
+    from grape.pruning import ApplyConfig
 
     parser.add_argument("--model", required=True, help=MODEL_HELP)
     parser.add_argument("--plan", required=True, help="plan JSON written by `grape solve`")
-    parser.add_argument("--method", choices=("remove", "merge", "mask"), default="remove",
-                        help="remove: slice experts out; merge: fold removed experts into kept "
-                        "ones, then remove; mask: keep weights, router never selects them")
     parser.add_argument("--out", required=True, help="output checkpoint directory: new, empty, or a checkpoint grape wrote "
                         "(replaced as a whole); never the model itself or a folder inside it")
     parser.add_argument("--scores", default=None,
@@ -40,9 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dtype to load and save the weights in")
     parser.add_argument("--no-tokenizer", action="store_true",
                         help="do not copy the model's tokenizer into OUT")
-    parser.add_argument("--allow-lower-top-k", action="store_true",
-                        help="accept a plan keeping fewer experts than top_k in a layer (top_k "
-                        "there drops to the kept count); refused by default")
+    add_config_arguments(parser, ApplyConfig)  # --method, --allow-lower-top-k (grape/flags.py)
     parser.add_argument("--in-memory", action="store_true",
                         help="load the whole model and save it (as merge does) instead of streaming "
                         "the checkpoint shard by shard for remove / mask")

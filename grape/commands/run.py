@@ -38,7 +38,9 @@ DESCRIPTION = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from grape.config import add_problem_arguments
+    from grape.flags import add_config_arguments
     from grape.modelfiles import MODEL_HELP
+    from grape.pruning import ApplyConfig
 
     io = parser.add_argument_group("model and data")
     io.add_argument("--model", type=Path, default=None,
@@ -92,13 +94,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     "sequences of --data held out of calibration")
 
     ap = parser.add_argument_group("apply")
-    ap.add_argument("--method", choices=("remove", "merge", "mask"), default="remove",
-                    help="remove: slice experts out; merge: fold removed experts into kept ones "
-                    "(weighted by calibration counts); mask: keep weights, never route to them")
+    add_config_arguments(ap, ApplyConfig)  # --method, --allow-lower-top-k, as in `grape apply`
     ap.add_argument("--no-save", action="store_true", help="do not write the pruned checkpoint")
-    ap.add_argument("--allow-lower-top-k", action="store_true",
-                    help="accept plans keeping fewer experts than top_k in a layer (top_k there "
-                    "drops to the kept count); refused by default")
 
     ev = parser.add_argument_group("evaluation")
     ev.add_argument("--eval-tokens", type=int, default=None,
