@@ -249,23 +249,26 @@ def check_budget(budget: str | float, total_experts: int | None = None) -> None:
 def parse_constraint_spec(spec: str):
     """A registered constraint from ``NAME``, ``NAME:key=value,key=value`` or a JSON object
     ``{"name": NAME, key: value}``; values are read as the field's type (int, float, bool, str)."""
-    from solvers.constraints import CONSTRAINTS
+    from solvers.constraints import CONSTRAINTS, constraint_from_json
 
     text = str(spec).strip()
+    data = None
     if text.startswith("{"):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise UserError(f"--constraint {spec!r} is not valid JSON ({exc.msg})") from None
-        name, raw = str(data.pop("name", "")), data
+        name = str(data.get("name", "")) if isinstance(data, dict) else ""
     else:
         name, _, rest = text.partition(":")
-        raw = dict(_pair(item, spec) for item in rest.split(",") if item.strip())
     cls = CONSTRAINTS.get(name.strip())
     if cls is None or name.strip() == "budget":
         known = ", ".join(sorted(n for n in CONSTRAINTS if n != "budget"))
         raise UserError(f"--constraint {spec!r}: unknown constraint {name!r}; choose from {known} "
                         "(or load a plugin with --plugin)")
+    if data is not None:  # a recorded spec (Constraint.to_json): read as a plan's are read
+        return constraint_from_json(data)
+    raw = dict(_pair(item, spec) for item in rest.split(",") if item.strip())
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(raw) - set(fields))
     if unknown:

@@ -71,6 +71,12 @@ def test_constraint_specs_build_registered_constraints():
     assert parse_constraint_spec("min_kept:count=3").count == 3
     assert parse_constraint_spec('{"name": "multiple_of", "g": 4}').g == 4
     assert parse_constraint_spec("uniform").name == "uniform"
+    # a spec recorded in a plan (Constraint.to_json) is read back the way the plan reads it,
+    # including constraints whose spec is not their constructor's arguments
+    from solvers.constraints import MemoryCap
+
+    cap = MemoryCap.pipeline([0, 1, 2, 3], 2, 1e9)
+    assert parse_constraint_spec(json.dumps(cap.to_json())) == cap
     with pytest.raises(UserError, match="has no setting 'size'"):
         parse_constraint_spec("min_kept:size=3")
     with pytest.raises(UserError, match="key=value"):
