@@ -79,12 +79,6 @@ def load_tokenizer(path: str | os.PathLike):
     return _load(path)
 
 
-def _check_model_dir(path: str | os.PathLike) -> None:
-    from grape.modelfiles import check_model_dir
-
-    check_model_dir(Path(path))
-
-
 # -- the verbs ------------------------------------------------------------------------------
 def calibrate(
     model: nn.Module | str | os.PathLike,

@@ -64,18 +64,11 @@ def config_from_args(args: argparse.Namespace):
     return build(EvalConfig, args)
 
 
-def check_device(device: str) -> None:
-    """--device names a device this machine has (checked before anything is loaded)."""
-    from grape.loading import device_map
-
-    device_map(device)
-
-
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub when loading files
     from grape.evaluation import EvalResult, evaluate, load_documents
     from grape.lmeval_offline import check_eval_tasks
-    from grape.loading import load_model, load_tokenizer
+    from grape.loading import device_map, load_model, load_tokenizer
     from grape.modelfiles import check_model_dir, resolve_model, resolve_seq_len
 
     if args.list_tasks:
@@ -89,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_perplexity:
         args.seq_len = resolve_seq_len(args.seq_len, DEFAULT_SEQ_LEN, model_config, who="grape eval")
     args.seq_len = args.seq_len or DEFAULT_SEQ_LEN
-    check_device(args.device)
+    device_map(args.device)  # a device this machine lacks fails now, as in grape run
     config = config_from_args(args)
     data = _data(args)
     docs = load_documents(data)  # bad data fails before the model is loaded
@@ -149,7 +142,6 @@ __all__ = [
     "DESCRIPTION",
     "HELP",
     "add_arguments",
-    "check_device",
     "config_from_args",
     "list_tasks",
     "run",
