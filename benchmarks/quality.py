@@ -43,6 +43,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import numpy as np
+from fidelity import fidelity
 from quality_methods import (
     CALIBRATION_DOMAIN_METHODS,
     METHODS,
@@ -55,11 +56,12 @@ from quality_methods import (
 )
 
 from grape.outputs import atomic_write_text
+from grape.pipeline import search_tokens
 from solvers.scores import Scores
 
 ZOO = ROOT / "benchmarks" / "zoo"
 RESULTS = ROOT / "benchmarks" / "results"
-ZOO_ORDER = ("qwen3moe-32x4", "deepseekv3-32x4g", "mixtral-8x2")
+ZOO_ORDER = ("qwen3moe-32x4", "deepseekv3-32x4g", "mixtral-8x2", "mixtral-8x2-upcycled", "olmoe-32x4")
 
 
 # -- settings -------------------------------------------------------------------------------------
@@ -81,7 +83,11 @@ class Settings:
     lmeval: str = "some"  # none | some (first model, a few methods, 50%) | all
     lmeval_examples: int = 60  # per domain and task kind
     lmeval_kinds: tuple[str, ...] = ("scramble", "nextline", "cloze")
-    lmeval_methods: tuple[str, ...] = ("uniform-reap", "global-ranking", "exact-measured")
+    lmeval_methods: tuple[str, ...] = ("uniform-reap", "global-ranking", "exact-measured", "grape-run")
+    # the loss-verified search (method grape-run), as `grape run` on the test bed: search
+    # sequences of 256 tokens from each domain's validation split, at most this many passes
+    search_samples: int = 16
+    search_passes: int = 100
 
     def describe(self) -> list[tuple[str, str]]:
         cap = lambda n: "all" if n is None else f"{n:,}"
@@ -106,6 +112,10 @@ class Settings:
              (f"each layer alone loses {', '.join(f'{f:.0%}' for f in self.curve_fractions)} of "
               f"its experts (REAP's choice); validation split, {cap(self.sensitivity_tokens)} "
               "tokens per domain, same windowing")),
+            ("loss-verified search (`grape-run`)",
+             f"grape.search defaults, at most {self.search_passes} forward passes over "
+             f"{self.search_samples} x 256 tokens per domain of the validation split "
+             "(grape.pipeline.search_tokens, as `grape run` on the test bed)"),
             ("solver time limit", f"{self.time_limit:g} s per solve"),
             ("lm-eval (local tasks)", lm if self.lmeval == "none" else
              f"{lm}; kinds {', '.join(self.lmeval_kinds)}, {self.lmeval_examples} examples per "
@@ -287,6 +297,33 @@ def rank_correlation(a: list[float], b: list[float]) -> float | None:
 
 
 # -- one model ------------------------------------------------------------------------------------
+def searcher(base, scores: Scores, search_ids, settings: Settings):
+    """SolveConfig -> the loss-verified search's plan on `base` (method `grape-run`)."""
+    from grape.search import SearchConfig, search
+
+    def run(config):
+        result = search(base, scores, config, search_ids,
+                        SearchConfig(max_passes=settings.search_passes, progress=False))
+        plan = result.best.plan
+        plan.seconds = result.seconds
+        plan.provenance = {**plan.provenance, "search": {"passes": result.passes, "chosen": result.best.name}}
+        log(f"  search: {result.best.name} after {result.passes} passes, {result.seconds:.0f} s")
+        return plan
+
+    return run
+
+
+def masked_nll(base, ids):
+    """Plan -> mean NLL of `base` routed only among the plan's experts, on `ids`."""
+    from grape.sensitivity import masked, mean_nll
+
+    def measure(plan):
+        with masked(base, plan):
+            return mean_nll(base, ids, 8)
+
+    return measure
+
+
 def run_model(name: str, settings: Settings, first: bool, methods: list[Method],
               out_dir: Path) -> dict:
     import torch
@@ -323,9 +360,13 @@ def run_model(name: str, settings: Settings, first: bool, methods: list[Method],
     validation_baseline, _ = validation.nll(base)
     measured, records = measure_layer_curves(base, mixed, validation.nll, validation_baseline,
                                              settings.curve_fractions, settings.time_limit, log)
+    search_ids = search_tokens(default_heldout_files("validation"), tokenizer, seq_len, settings.search_samples)
     rows = run_table(base, mixed, settings.budgets, methods, test.nll, baseline_nll,
                      model_name=name, calibration="mixed", time_limit=settings.time_limit,
-                     measured=measured, evaluate_tasks=test.tasks if lmeval_on else None, tasks_for=tasks_for, log=log)
+                     measured=measured, search=searcher(base, mixed, search_ids, settings),
+                     evaluate_tasks=test.tasks if lmeval_on else None, tasks_for=tasks_for, log=log)
+    removal_rows = [r for r in rows if r.calibration == "mixed" and r.apply == "remove"]
+    fidelity_entries = fidelity(mixed, removal_rows, measured, measure=masked_nll(base, search_ids))
     if first or settings.calibration_domain_all_models:
         domain = settings.calibration_domain
         single = cached_scores(base, tokenizer, name, domain, settings, cache_dir)
@@ -347,6 +388,7 @@ def run_model(name: str, settings: Settings, first: bool, methods: list[Method],
         "baseline_tasks": baseline_tasks,
         "rows": [r.to_json() for r in rows],
         "sensitivity": sensitivity,
+        "fidelity": fidelity_entries,
         "layer_curves": {str(k): v.tolist() for k, v in measured.items()},
         "layer_measurements": records,
         "lmeval_seconds": _mean(test.task_seconds),
@@ -433,6 +475,55 @@ def summary_rows(model: dict, budgets) -> list[str]:
     return out
 
 
+UNIFORM_BASELINES = ("uniform-frequency", "uniform-reap", "uniform-reap-mass")
+
+
+def default_rows(model: dict, budgets) -> list[str]:
+    """The acceptance table of the default (`grape-run`): against the best uniform baseline
+    (the lowest of uniform frequency / REAP / reap_mass at that budget) with the paired standard
+    error, and its ratio to uniform REAP's increase."""
+    rows = [Row.from_json(r) for r in model["rows"] if r["calibration"] == "mixed"]
+    out = []
+    for budget in budgets:
+        at = {r.method: r for r in rows if r.budget == budget}
+        default, reap = at.get("grape-run"), at.get("uniform-reap")
+        uniform = [at[m] for m in UNIFORM_BASELINES if m in at]
+        if default is None or not uniform:
+            continue
+        best = min(uniform, key=lambda r: r.mean_increase)
+        diff, se = paired_difference(default, best)
+        ok = diff <= (se or 0.0)
+        ratio = default.mean_increase / reap.mean_increase if reap and reap.mean_increase > 0 else None
+        if budget == 0.5 and ratio is not None:
+            ok = ok and ratio <= 0.8
+        cells = [model["name"], f"{budget:.0%}", f"`{best.method}` {best.mean_increase:+.4f}",
+                 f"{default.mean_increase:+.4f}",
+                 f"{diff:+.4f}" + ("" if se is None else f" ± {se:.4f}"),
+                 _fmt(ratio, ".2f"), str(default.passes), "yes" if ok else "**no**"]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def fidelity_section(data: dict, budgets) -> list[str]:
+    from fidelity import render
+
+    models = [m for m in data["models"] if m.get("fidelity")]
+    if not models:
+        return []
+    lines = ["## Objective fidelity: which proxy ranks plans like the model does", "",
+             ("Spearman rank correlation, over the plans of the method table at one budget (mixed "
+              "calibration, experts removed), between what each objective predicts for a plan and "
+              "the plan's measured NLL increase on the test split. 1: the proxy orders the plans as "
+              "the model does; 0: unrelated; negative: backwards. The last kind of row is the "
+              "loss-verified search's own yardstick, NLL on its validation-split search tokens "
+              "(benchmarks/fidelity.py)."), "",
+             "| model | predictor | " + " | ".join(f"{b:.0%}" for b in budgets) + " | mean | plans |",
+             "|---|---|" + "---:|" * (len(budgets) + 2)]
+    for model in models:
+        lines += render(model["name"], model["fidelity"], budgets)
+    return lines + [""]
+
+
 def render_markdown(data: dict) -> str:
     settings = data["settings"]
     budgets = settings["budgets"]
@@ -468,6 +559,14 @@ def render_markdown(data: dict) -> str:
         lines.append(f"| `{m.name}` | {m.family}{tag} | {m.about} | {m.describe()} |")
     lines.append("")
     lines += ["## Who wins where", "", "<!-- readme -->",
+              ("**The default (`grape run`: loss-verified search) against the best uniform "
+               "baseline** (the lowest of uniform frequency / REAP / reap_mass at that budget). "
+               "Acceptance: no worse than the best uniform plus one paired standard error, and at "
+               "50% at most 0.8x uniform REAP's increase."), "",
+              ("| model | removed | best uniform | `grape run` default | vs best uniform | "
+               "/ uniform REAP | passes | meets |"),
+              "|---|---:|---|---:|---:|---:|---:|---|",
+              *[line for model in data["models"] for line in default_rows(model, budgets)], "",
               ("Mean NLL increase on held-out test text (nats/token, lower is better) against "
                "the unpruned model; ± is the paired standard error over the evaluation windows. "
                "Mixed-domain calibration."), "",
@@ -478,6 +577,7 @@ def render_markdown(data: dict) -> str:
         lines += summary_rows(model, budgets)
     lines += ["", *[f"- {v}" for model in data["models"] for v in verdicts(model, budgets)],
               "<!-- /readme -->", ""]
+    lines += fidelity_section(data, budgets)
     for model in data["models"]:
         lines += _model_section(model, budgets, data)
     if data.get("lmeval_note"):
@@ -516,7 +616,8 @@ def _model_section(model: dict, budgets, data: dict) -> list[str]:
         lines += [f"### {budget:.0%} of routed experts removed (mixed calibration), best first", "",
                   head, "|" + "---|" * (head.count("|") - 1)]
         for rank, r in enumerate(at, 1):
-            name = f"`{r.method}`" + (" (probe)" if r.method in {p.name for p in PROBES} else "")
+            name = f"`{r.method}`" + (" (probe)" if r.method in {p.name for p in PROBES} else "") \
+                + (f" ({r.passes} passes)" if r.passes else "")
             cells = [str(rank), name, r.apply, " ".join(map(str, r.kept.values())),
                      f"{r.solve_seconds:.2f}", r.status,
                      *[_fmt(r.nll_increase[d]) for d in domains], f"**{r.mean_increase:+.4f}**"]
@@ -696,6 +797,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse", action="store_true",
                         help="keep the results of models already in OUT/quality.json whose weights "
                              "and settings are unchanged; run only the others")
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
+                        help="torch threads (default: up to 2)")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite quality.md and the plots from OUT/quality.json; run nothing")
     args = parser.parse_args(argv)
@@ -717,7 +820,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no trained zoo model {missing or ''}; train with benchmarks/zoo/train.py")
     import torch
 
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     ensure_cache(args.out)
     command = "python benchmarks/quality.py" + (" " + " ".join(argv if argv is not None

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from grape.api import SolveConfig, apply, build_problem
+from grape.sensitivity import interpolate_curve, single_layer_plan
 from solvers.constraints import EntropyGuard
 from solvers.errors import UserError
 from solvers.plan import Plan
@@ -50,13 +51,16 @@ class Method:
     # "calibration": the cost curves in the scores file (block-output error); "measured": the
     # end-to-end NLL increase of each layer pruned alone (measure_layer_curves)
     curves: str = "calibration"
+    # loss-verified allocation (grape.search, the default of `grape run`): the solver's plan is
+    # one seed; the plan applied is the best measured candidate
+    search: bool = False
     about: str = ""
 
     @property
     def plan_key(self) -> tuple:
         """Methods with the same key share one plan (e.g. a remove and a merge variant)."""
         return (self.solver, self.objective, self.criterion, self.normalize, self.entropy_gamma,
-                self.curves)
+                self.curves, self.search)
 
     def solve_config(self, budget: float, time_limit: float) -> SolveConfig:
         constraints = () if self.entropy_gamma is None else (EntropyGuard(self.entropy_gamma),)
@@ -75,6 +79,8 @@ class Method:
                                        "block-output error from calibration"))
         if self.entropy_gamma is not None:
             parts.append(f"entropy guard gamma {self.entropy_gamma:g}")
+        if self.search:
+            parts.append("then loss-verified search (grape.search defaults, validation split)")
         parts.append(f"apply `{self.apply}`")
         return ", ".join(parts)
 
@@ -102,6 +108,10 @@ EXACT_COVERAGE = Method("exact-coverage", "global", "exact", objective="coverage
                         about="integer program: removed reap_mass not covered by a similar kept expert")
 EXACT_CURVES = Method("exact-curves", "global", "exact", objective="curves",
                       about="integer program over measured per-layer output-error curves")
+GRAPE_RUN = Method("grape-run", "loss-verified", "exact", objective="curves", search=True,
+                   about="the default of `grape run`: the exact curves plan, uniform plans per "
+                         "criterion and the program on measured NLL curves as seeds, then measured "
+                         "criterion choice and level switches (grape.search)")
 RELAXATION = Method("relaxation", "global", "relaxation", objective="redundancy",
                     entropy_gamma=ENTROPY_GAMMA,
                     about="convex relaxation of the redundancy program, rounded")
@@ -122,6 +132,7 @@ METHODS: tuple[Method, ...] = (
            "covering it"),
     EXACT_CURVES,
     RELAXATION,
+    GRAPE_RUN,
 )
 
 # improvement experiments: why (or whether) global allocation beats uniform REAP
@@ -178,6 +189,8 @@ class Row:
     tasks: dict[str, float] = field(default_factory=dict)  # lm-eval task -> acc
     eval_seconds: float = 0.0
     windows: dict[str, list[float]] = field(default_factory=dict)  # domain -> per-window NLL
+    passes: int = 0  # forward passes spent choosing the plan (loss-verified search)
+    removed_experts: dict[int, list[int]] = field(default_factory=dict)  # the plan: layer -> removed
 
     @property
     def mean_increase(self) -> float:
@@ -186,12 +199,14 @@ class Row:
     def to_json(self) -> dict:
         out = asdict(self)
         out["kept"] = {str(k): v for k, v in self.kept.items()}
+        out["removed_experts"] = {str(k): v for k, v in self.removed_experts.items()}
         return out
 
     @classmethod
     def from_json(cls, data: dict) -> Row:
         data = dict(data)
         data["kept"] = {int(k): int(v) for k, v in data["kept"].items()}
+        data["removed_experts"] = {int(k): list(v) for k, v in data.get("removed_experts", {}).items()}
         return cls(**data)
 
 
@@ -224,11 +239,19 @@ def nll_increase(nll: dict[str, float], baseline: dict[str, float]) -> dict[str,
 LayerCurves = dict[int, np.ndarray]  # decoder layer -> (N+1,) cost of keeping n experts
 
 
+# a SolveConfig -> the loss-verified search's plan (provenance["search"]["passes"] set)
+Search = Callable[[SolveConfig], Plan]
+
+
 def plan_for(method: Method, scores: Scores, budget: float, time_limit: float,
-             measured: LayerCurves | None = None) -> Plan:
+             measured: LayerCurves | None = None, search: Search | None = None) -> Plan:
     """Build the method's problem from the scores and solve it (the plan's `seconds` is the
     solve time; problem building is a few milliseconds)."""
     config = method.solve_config(budget, time_limit)
+    if method.search:
+        if search is None:
+            raise ValueError(f"{method.name} needs a model to search with (run_table(search=...))")
+        return search(config)
     problem = build_problem(scores, config)
     if method.curves == "measured":
         if measured is None:
@@ -275,27 +298,6 @@ def measure_layer_curves(
     return curves, records
 
 
-def interpolate_curve(points: dict[int, float], n: int) -> np.ndarray:
-    """(n+1,) values through `points` (kept count -> cost): linear in between, made
-    non-increasing in the kept count (keeping more never costs more). Counts below the smallest
-    measured one are not extrapolated: they get a prohibitive price (twice the largest measured
-    cost plus one nat), so the solver goes there only when the budget forces it."""
-    xs = np.array(sorted(points), dtype=float)
-    ys = np.array([points[int(x)] for x in xs])
-    grid = np.arange(n + 1, dtype=float)
-    curve = np.interp(grid, xs, ys)
-    curve[grid < xs[0]] = 2.0 * max(float(ys.max()), 0.0) + 1.0
-    return np.maximum.accumulate(curve[::-1])[::-1]
-
-
-def single_layer_plan(plan: Plan, layer: int) -> Plan:
-    """`plan` restricted to one layer: every other layer keeps all its experts."""
-    return Plan(kept={l: plan.kept[l] if l == layer else sorted(plan.kept[l] + plan.removed[l])
-                      for l in plan.layers},
-                removed={l: plan.removed[l] if l == layer else [] for l in plan.layers},
-                solver="single-layer")
-
-
 def pruned_copy(base, plan: Plan, method: Method, scores: Scores):
     """A deep copy of the unpruned model with the plan applied (merges are frequency-weighted)."""
     model = copy.deepcopy(base)
@@ -326,6 +328,7 @@ def run_table(
     calibration: str = "mixed",
     time_limit: float = 30.0,
     measured: LayerCurves | None = None,
+    search: Search | None = None,
     evaluate_tasks: EvaluateTasks | None = None,
     tasks_for: Callable[[Method, float], bool] = lambda method, budget: False,
     log: Callable[[str], None] = print,
@@ -338,7 +341,7 @@ def run_table(
             if method.plan_key not in plans:
                 try:
                     plans[method.plan_key] = plan_for(method, scores, budget, time_limit,
-                                                      measured)
+                                                      measured, search)
                 except UserError as exc:  # the budget is out of this model's reach
                     plans[method.plan_key] = None
                     log(f"  {model_name} {budget:.0%} {method.name}: no plan ({exc})")
@@ -360,6 +363,8 @@ def run_table(
                 objective=None if math.isnan(plan.objective) else plan.objective,
                 nll=nll, nll_increase=nll_increase(nll, baseline_nll), tasks=tasks,
                 eval_seconds=time.perf_counter() - start, windows=windows,
+                passes=int(plan.provenance.get("search", {}).get("passes", 0)),
+                removed_experts={int(k): list(v) for k, v in plan.removed.items()},
             )
             rows.append(row)
             log(f"  {model_name} [{calibration}] {budget:.0%} {method.name:<26} "

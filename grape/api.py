@@ -161,6 +161,8 @@ def build_problem(scores: Scores | str | os.PathLike, config: SolveConfig | None
         similarity_top_m=config.similarity_top_m,
         min_kept=config.min_kept,
         routing_groups=config.routing_groups,
+        curves=config.curves,
+        deploy_dtype=config.deploy_dtype,
     )
 
 

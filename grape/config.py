@@ -68,6 +68,11 @@ class SolveConfig:
         "per-expert importance read from the scores", "what", choices="criteria"))
     normalize: str = field(default="none", metadata=_flag(
         "how each layer's importance is rescaled before layers meet", "what", choices="normalizations"))
+    curves: str = field(default="auto", metadata=_flag(
+        "layer curves for the curves objective: nll (measured end-to-end NLL increase, stored by "
+        "the search or grape.sensitivity), output (block-output error from calibration), or auto "
+        "(nll when the scores have it for every layer, else output)", "what",
+        choices=("auto", "nll", "output")))
     similarity: str | None = field(default="auto", metadata=_flag(
         "similarity kind for redundancy/coverage: auto (cka if present), cka, cosine, router, or "
         "none", "what"))
@@ -93,15 +98,27 @@ class SolveConfig:
     entropy_gamma: float | None = field(default=None, metadata=_flag(
         "GRAPE entropy guard: allocation entropy >= (1 - GAMMA) log L", metavar="GAMMA", type=float))
     memory_cap: str | None = field(default=None, metadata=_flag(
-        "per-device cap on kept routed-expert bytes (with --pipeline or --expert-parallel): one "
-        "SIZE for every device or one per device, e.g. 80GB,80GB,40GB", metavar="SIZE"))
+        "per-device memory cap (with --pipeline or --expert-parallel) on what a device holds: its "
+        "kept routed experts and, as the scores record them, the other parts of its layers (and "
+        "the KV cache with --max-seq-len); one SIZE for every device or one per device, e.g. "
+        "80GB,80GB,40GB", metavar="SIZE"))
     fit: str | None = field(default=None, metadata=_flag(
         "fit on these GPUs: NxSIZE or NxGPU (2x80GB, 8xH100, 4x141GB); caps every device at its "
         "memory less --kv-reserve, placed as N pipeline stages (or --expert-parallel N)",
         metavar="SPEC"))
     kv_reserve: str | None = field(default=None, metadata=_flag(
-        "with --fit: the part of each device kept free (KV cache, activations), e.g. 20%% or 0.2",
-        metavar="F"))
+        "with --fit: the part of each device kept free (activations, and the KV cache unless "
+        "--max-seq-len counts it), e.g. 20%% or 0.2", metavar="F"))
+    max_seq_len: int | None = field(default=None, metadata=_flag(
+        "with --fit or --memory-cap: count the KV cache of --batch sequences of this many tokens "
+        "on every device (from the attention shape the scores record; on top of --kv-reserve)",
+        metavar="TOKENS", type=int))
+    batch: int | None = field(default=None, metadata=_flag(
+        "with --max-seq-len: sequences served at once (default 1)", metavar="B", type=int))
+    deploy_dtype: str | None = field(default=None, metadata=_flag(
+        "size the model as deployed in this format instead of as its checkpoint stores it: bf16, "
+        "fp16, fp32, fp8 or mxfp4 (fp8/mxfp4 re-size the routed experts only); counts in byte "
+        "budgets and memory caps", metavar="DTYPE"))
     pipeline: int | None = field(default=None, metadata=_flag(
         "placement for --memory-cap: D pipeline stages of contiguous layers", metavar="D", type=int))
     expert_parallel: int | None = field(default=None, metadata=_flag(
@@ -127,6 +144,7 @@ class SolveConfig:
         from solvers.constraints import Budget, parse_caps, parse_min_kept
         from solvers.constraints.fit import parse_fit, parse_reserve
         from solvers.objectives import parse_objective
+        from solvers.sizes import parse_deploy_dtype
 
         if not (isinstance(self.time_limit, (int, float)) and math.isfinite(self.time_limit)
                 and self.time_limit > 0):
@@ -137,12 +155,18 @@ class SolveConfig:
         parse_objective(self.objective)
         parse_min_kept(self.min_kept)
         for name in ("similarity_top_m", "coverage_candidates", "multiple_of", "pipeline",
-                     "expert_parallel"):
+                     "expert_parallel", "max_seq_len", "batch"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise UserError(f"--{name.replace('_', '-')} {value!r} must be a whole number >= 1")
         if self.kv_reserve is not None and self.fit is None:
             raise UserError("--kv-reserve only applies to --fit; give --fit SPEC too")
+        if self.batch is not None and self.max_seq_len is None:
+            raise UserError("--batch sizes the KV cache with --max-seq-len; give --max-seq-len TOKENS too")
+        if self.max_seq_len is not None and self.fit is None and self.memory_cap is None:
+            raise UserError("--max-seq-len counts the KV cache on each device; give --fit SPEC or "
+                            "--memory-cap SIZE too")
+        parse_deploy_dtype(self.deploy_dtype)
         if self.fit is not None:
             if self.memory_cap is not None:
                 raise UserError("give either --fit (caps from the GPUs) or --memory-cap, not both")
@@ -190,9 +214,11 @@ class SolveConfig:
                 pipeline = None if self.expert_parallel is not None else devices
             else:
                 cap, pipeline = parse_caps(self.memory_cap), self.pipeline
-            out.append(MemoryCap.pipeline(scores.model.moe_layers, pipeline, cap)
+            kv = {"max_seq_len": self.max_seq_len, "batch": self.batch or 1} if self.max_seq_len else None
+            out.append(MemoryCap.pipeline(scores.model.moe_layers, pipeline, cap, kv)
                        if pipeline is not None else
-                       MemoryCap.expert_parallel(scores.model.experts_per_layer, self.expert_parallel, cap))
+                       MemoryCap.expert_parallel(scores.model.experts_per_layer, self.expert_parallel,
+                                                 cap, kv))
         out.extend(parse_constraint_spec(spec) for spec in self.constraint)
         return [*out, *self.constraints]
 

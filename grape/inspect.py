@@ -122,6 +122,9 @@ def summarize_scores(path: Path, criterion: str | None = None) -> dict[str, Any]
                                              "dtype", "model_path", "synthetic", "shape") if k in cal},
         "total_experts": sum(scores.model.experts_per_layer.values()),
         "expert_bytes": int(sum(int(ls.expert_bytes.sum()) for ls in scores.layers.values())),
+        "other_bytes": None if scores.sizes is None else scores.sizes.other_bytes(),
+        "sizes": ("routed experts only, at the calibration dtype (scores format version 1)"
+                  if scores.sizes is None else scores.sizes.describe()),
         "layers": layers,
     }
 
@@ -160,6 +163,8 @@ def _plan_summary(plan, where: str) -> dict[str, Any]:
         "kept_per_layer": {str(k): v for k, v in counts.items()},
         "experts_per_layer": {str(k): len(plan.kept[k]) + len(plan.removed[k]) for k in plan.layers},
         "placement": plan.placement,
+        "sizes": prov.get("sizes") or "",
+        "deploy_dtype": prov.get("deploy_dtype"),
     }
 
 
@@ -284,6 +289,16 @@ def _size(n: int) -> str:
     return format_bytes(n)
 
 
+def _sizes_line(summary: dict[str, Any]) -> str:
+    """'  sizes as stored in the checkpoint (bfloat16): routed experts 10 MiB + other parts 3 MiB'."""
+    other = summary.get("other_bytes")
+    if other is None:
+        return f"  sizes: {summary.get('sizes') or '-'}"
+    total = summary["expert_bytes"] + other
+    return (f"  sizes {summary['sizes']}: routed experts {_size(summary['expert_bytes'])} + other "
+            f"parts {_size(other)} = {_size(total)}")
+
+
 def render(summary: dict[str, Any]) -> str:
     kind = summary["kind"]
     from grape.inspect_runs import RENDER
@@ -299,6 +314,7 @@ def render(summary: dict[str, Any]) -> str:
                    f"layers, {len(summary['layers'])} MoE layers, {summary['total_experts']} routed experts "
                    f"({_size(summary['expert_bytes'])}), router fingerprint {m.get('fingerprint') or '-'}"),
                   f"  calibration: {summary['tokens']} tokens; {cal or '-'}",
+                  _sizes_line(summary),
                   f"  created by {summary['created_by']}; statistics fingerprint {summary['fingerprint']}",
                   "", (f"| layer | experts | top_k | never routed | {summary['criterion']} min | median | max "
                        "| output energy | similarity | cost curve |"),
@@ -355,6 +371,7 @@ def _render_plan(p: dict[str, Any]) -> list[str]:
               f"{p['seconds']:.2f} s"),
              f"  budget: {p['budget'] or '-'}; constraints: {', '.join(p['constraints']) or 'none'}",
              f"  model: {p['model_type'] or '-'} {p['model'] or ''}; scores {p['scores_fingerprint'] or '-'}",
+             *([f"  sizes: {p['sizes']}"] if p.get("sizes") else []),
              f"  removes {p['removed']} of {p['total']} experts ({100 * p['removed'] / max(p['total'], 1):.1f}%), "
              f"keeps {p['kept']}; " + ("the same count in every layer (standard checkpoint)"
                                         if p["uniform"] else "different counts per layer")
@@ -366,7 +383,7 @@ def _render_plan(p: dict[str, Any]) -> list[str]:
     if p.get("placement"):
         from solvers.plan import format_placement
 
-        lines += ["", *format_placement(p["placement"]).splitlines()]
+        lines += ["", *format_placement(p["placement"], p.get("sizes") or "").splitlines()]
     return lines
 
 

@@ -117,28 +117,44 @@ def weight_files(path: Path) -> list[Path]:
     return sorted(path.glob("*.safetensors"))
 
 
-def check_safetensors(file: Path) -> None:
-    """The file is a complete safetensors file: a valid header whose tensors all lie inside it.
-    Catches truncated downloads and corrupt files without reading the tensors."""
-    def bad(why: str) -> CheckpointFilesError:
-        return CheckpointFilesError(f"{file} is not a valid safetensors file ({why}); re-download "
-                                    "or re-save the checkpoint")
+def _bad_file(file: Path, why: str) -> CheckpointFilesError:
+    return CheckpointFilesError(f"{file} is not a valid safetensors file ({why}); re-download "
+                                "or re-save the checkpoint")
 
+
+def safetensors_header(file: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file (tensor name -> dtype, shape, data_offsets; plus
+    ``__metadata__``), read without the tensors; a one-line error when it is not one."""
+    return _read_header(file)[0]
+
+
+def _read_header(file: Path) -> tuple[dict[str, Any], int, int]:
+    """(header, header length, file size)."""
     size = file.stat().st_size
     with open(file, "rb") as handle:
         head = handle.read(8)
         if len(head) < 8:
-            raise bad(f"only {size} bytes")
+            raise _bad_file(file, f"only {size} bytes")
         (length,) = struct.unpack("<Q", head)
         if length > min(size - 8, _MAX_HEADER):
-            raise bad(f"header of {length} bytes in a file of {size}")
+            raise _bad_file(file, f"header of {length} bytes in a file of {size}")
         raw = handle.read(length)
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
-        raise bad("the header is not JSON") from None
+        raise _bad_file(file, "the header is not JSON") from None
     if not isinstance(header, dict):
-        raise bad("the header is not a JSON object")
+        raise _bad_file(file, "the header is not a JSON object")
+    return header, length, size
+
+
+def check_safetensors(file: Path) -> None:
+    """The file is a complete safetensors file: a valid header whose tensors all lie inside it.
+    Catches truncated downloads and corrupt files without reading the tensors."""
+    def bad(why: str) -> CheckpointFilesError:
+        return _bad_file(file, why)
+
+    header, length, size = _read_header(file)
     end = 0
     for name, info in header.items():
         if name == "__metadata__":
@@ -261,5 +277,6 @@ __all__ = [
     "read_config",
     "resolve_model",
     "resolve_seq_len",
+    "safetensors_header",
     "weight_files",
 ]

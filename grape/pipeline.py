@@ -24,6 +24,7 @@ from typing import Any
 from grape.calibration import CalibrationConfig
 from grape.config import SolveConfig, check_budget
 from grape.evaluation import EvalConfig
+from grape.errors import DataError
 from grape.search import SearchConfig
 from solvers.errors import UserError
 
@@ -75,6 +76,8 @@ class RunConfig:
         if self.data is None and self.scores is None:
             raise UserError("RunConfig needs calibration data (data=...) or a scores file (scores=...)")
         self.calibration.validate()
+        if self.search is not None:
+            self.search.check_names()
 
     @property
     def saves_checkpoint(self) -> bool:
@@ -108,7 +111,7 @@ def run(config: RunConfig) -> RunResult:
     from grape.pruning import ApplyConfig, apply_plan
     from grape.evaluation import default_heldout_files, evaluate, load_documents
     from grape.lmeval_offline import check_eval_tasks
-    from grape.report import RunReport
+    from grape.report import RunReport, plan_placement
     from solvers._io import atomic_write_text
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local files only
@@ -156,7 +159,7 @@ def run(config: RunConfig) -> RunResult:
     files = {"resolved configuration": "run.recipe.yaml", "plan": "plan.json", "summary": "summary.json"}
     if searching:
         files["search (every measured candidate)"] = "search.json"
-    if config.scores is None:
+    if config.scores is None or (found is not None and found.nll_curves is not None):
         files["scores"] = "scores.npz"
     stages.stop()
 
@@ -190,7 +193,7 @@ def run(config: RunConfig) -> RunResult:
                                                  if k in ("samples", "seq_len", "subsample", "similarity",
                                                           "criterion", "sources")}},
         files=files, seconds=stages.seconds, notes=[MASK_NOTE] if config.method == "mask" else [],
-        scores=scores)
+        scores=scores, placement=plan_placement(plans[solver], scores, config.solve))
     path = report.write(out)
     stages.stop()
     summary = _summary(config, scores, plans, base_eval, evals, stages.seconds)
@@ -243,24 +246,47 @@ def _calibrate_stage(config: RunConfig, searching: bool):
 
 
 def _search_ids_per_source(config: RunConfig, tokenizer):
-    """search_samples sequences from each search-data file: every domain weighs the same, as in
-    the evaluation's mean over domains."""
+    cal = config.calibration
+    return search_tokens(config.search_data, tokenizer, cal.seq_len, config.search_samples)
+
+
+def search_tokens(files, tokenizer, seq_len: int, samples: int, spread: int = 64):
+    """`samples` windows of `seq_len` tokens from each file, stacked: every file (a domain)
+    weighs the same, as in the evaluation's mean over domains. What `grape run --search-data`
+    measures on (the quality benchmark too).
+
+    Windows are packed as the evaluation packs them (documents joined with EOS) and taken
+    evenly spaced over the file's first `spread` x samples x seq_len tokens, so they sample
+    many documents: consecutive windows from the first few documents judge plans by those
+    documents alone, and on the test bed that reversed which criterion looked better."""
+    import numpy as np
     import torch
 
-    from grape.data import load_calibration_data
+    from grape.evaluation import load_documents, pack_windows, token_stream
 
-    cal = config.calibration
-    parts = [load_calibration_data([str(source)], tokenizer, seq_len=cal.seq_len, samples=config.search_samples,
-                                   seed=cal.seed, text_field=cal.text_field, progress=False).input_ids
-             for source in config.search_data]
-    return torch.cat(parts)
+    rows = []
+    for source in files:
+        texts = [t for ts in load_documents([str(source)]).values() for t in ts]
+        stream, _ = token_stream(tokenizer, texts, spread * samples * seq_len)
+        windows = [w[:seq_len] for w in pack_windows(stream, seq_len) if len(w) == seq_len + 1]
+        if not windows:
+            raise DataError(f"--search-data {source}: fewer than {seq_len + 1} tokens of text; give "
+                            "a larger file or a shorter --seq-len")
+        take = np.unique(np.linspace(0, len(windows) - 1, min(samples, len(windows))).round().astype(int))
+        rows += [windows[i] for i in take]
+    return torch.tensor(rows, dtype=torch.long)
 
 
 def _search_stage(config: RunConfig, model, scores, search_ids, plans: dict):
     """Measure candidate plans (grape.search); the best becomes plans["search"] and plan.json."""
     from grape.search import search
 
-    found = search(model, scores, config.solve, search_ids, config.search)
+    found = search(model, scores, config.solve, search_ids, config.search,
+                   cache=config.out / "search.cache.json")
+    if found.nll_curves is not None:  # measured once: `grape solve --scores` can reuse them
+        from grape.sensitivity import with_nll_curves
+
+        with_nll_curves(scores, found.nll_curves).save(config.out / "scores.npz")
     best = found.best.plan
     best.provenance = {**best.provenance, "search": {"chosen": found.best.name, "passes": found.passes,
                                                      "nll": found.best.nll, "unpruned_nll": found.unpruned_nll}}
@@ -363,4 +389,4 @@ def _summary(config: RunConfig, scores, plans, base_eval, evals, seconds) -> dic
 
 run_pipeline = run  # the name the package exports (grape.run_pipeline)
 
-__all__ = ["MASK_NOTE", "RunConfig", "RunResult", "run", "run_pipeline"]
+__all__ = ["MASK_NOTE", "RunConfig", "RunResult", "run", "run_pipeline", "search_tokens"]

@@ -5,7 +5,8 @@ switch), so making a report never touches a notebook's or a GUI's matplotlib sta
 
 * experts kept per layer: one bar group per MoE layer, one bar per plan;
 * NLL before / after per domain: absolute NLL and the increase over the unpruned model;
-* solver table: each solver's objective relative to the best plan found for that objective.
+* solver table: each solver's objective relative to the best plan found for that objective;
+* memory per device (under a memory cap): routed experts, other parts and KV cache against the cap.
 
 Nothing here imports torch; evaluation results are read through their attributes.
 """
@@ -25,6 +26,7 @@ from solvers.plan import Plan
 PLOT_KEPT = "experts_per_layer.png"
 PLOT_NLL = "nll_per_domain.png"
 PLOT_SOLVERS = "solvers.png"
+PLOT_MEMORY = "memory_per_device.png"
 
 
 # -- solver comparison rows ------------------------------------------------------------------
@@ -103,6 +105,70 @@ def kept_table(plans: Mapping[str, Plan], original: Mapping[int, int]) -> str:
     totals = [str(plans[n].num_kept) for n in names]
     lines.append(f"| **total** | {sum(original.values())} | " + " | ".join(totals) + " |")
     return "\n".join(lines)
+
+
+# -- memory per device -----------------------------------------------------------------------
+_GIB = 2**30
+
+
+def plan_placement(plan: Plan, scores: Any, config: Any) -> list[dict]:
+    """The plan's per-device table: its own (a solver's plan), or recomputed under `config`'s
+    memory cap (a searched plan carries none); [] without a memory cap."""
+    if plan.placement:
+        return plan.placement
+    if scores is None or config is None or (config.fit is None and config.memory_cap is None):
+        return []
+    from grape.api import build_problem
+    from solvers.constraints import MemoryCap, kept_mask
+
+    problem = build_problem(scores, config)
+    caps = [c for c in problem.constraints if isinstance(c, MemoryCap)]
+    masks = [kept_mask(plan, problem, p) for p in range(len(problem.layers))]
+    return caps[0].placement_table(problem, masks)
+
+
+def _parts(row: Mapping[str, Any]) -> tuple[int, int, int]:
+    """(experts, other, kv) of a placement row; a row from before the breakdown is experts only."""
+    return int(row.get("experts", row["bytes"])), int(row.get("other", 0)), int(row.get("kv", 0))
+
+
+def placement_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown: what each device holds against its cap."""
+    from solvers.constraints.units import format_bytes
+
+    lines = ["| device | layers | routed experts | other parts | KV cache | total | cap | used |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        layers = row["layers"]
+        span = (f"{layers[0]}-{layers[-1]}" if layers else "-") + f" ({len(layers)})"
+        cells = [format_bytes(v) for v in (*_parts(row), row["bytes"], row["cap"])]
+        used = f"{100 * row['bytes'] / row['cap']:.1f}%" if row["cap"] else "-"
+        lines.append(f"| {row['device']} | {span} | " + " | ".join(cells) + f" | {used} |")
+    return "\n".join(lines)
+
+
+def plot_placement(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
+    """Stacked bars per device (routed experts, other parts, KV cache) against its cap."""
+    fig = _figure(max(4.5, 0.9 * len(rows) + 2.5), 3.4)
+    ax = fig.add_subplot()
+    xs = list(range(len(rows)))
+    parts = [[v / _GIB for v in _parts(row)] for row in rows]
+    bottom = [0.0] * len(rows)
+    for i, label in enumerate(("routed experts", "other parts", "KV cache")):
+        heights = [p[i] for p in parts]
+        if i == 0 or any(heights):
+            ax.bar(xs, heights, bottom=bottom, width=0.6, label=label, color=f"C{i}")
+            bottom = [b + h for b, h in zip(bottom, heights)]
+    caps = [row["cap"] / _GIB for row in rows]
+    ax.hlines(caps, [x - 0.4 for x in xs], [x + 0.4 for x in xs], color="black", linewidth=1.5,
+              label="cap")
+    ax.set_xticks(xs, [str(row["device"]) for row in rows])
+    ax.set_ylim(0, max(caps + bottom) * 1.3)
+    ax.set_xlabel("device")
+    ax.set_ylabel("GiB")
+    ax.set_title("Memory per device against its cap")
+    ax.legend(fontsize="small", loc="upper right", ncol=4)
+    return _save(fig, path)
 
 
 # -- evaluation ------------------------------------------------------------------------------
@@ -303,6 +369,7 @@ class RunReport:
     seconds: dict[str, float] = field(default_factory=dict)  # stage -> wall seconds
     notes: list[str] = field(default_factory=list)
     scores: Any = None  # the Scores the plans came from: its pictures go into the report
+    placement: list[dict] = field(default_factory=list)  # the chosen plan's per-device table
 
     def write(self, out_dir: str | os.PathLike, name: str = "report.md") -> Path:
         out_dir = Path(out_dir)
@@ -318,6 +385,8 @@ class RunReport:
             plots["nll"] = plot_nll(self.base_eval, self.evals, out_dir / PLOT_NLL).name
         if self.solver_rows:
             plots["solvers"] = plot_solvers(self.solver_rows, out_dir / PLOT_SOLVERS).name
+        if self.placement:
+            plots["memory"] = plot_placement(self.placement, out_dir / PLOT_MEMORY).name
         path = out_dir / name
         atomic_write_text(path, self.markdown(plots))
         return path
@@ -352,6 +421,7 @@ class RunReport:
             lines += ["## Experts kept per layer", "", kept_table(self.plans, self.original), ""]
             if "kept" in plots:
                 lines += [f"![experts kept per layer]({plots['kept']})", ""]
+        lines += self._memory_section(plots)
         if self.solver_rows:
             lines += ["## Solvers on these scores", "",
                       ("Every solver on the same problem (budget, objective, constraints); objective "
@@ -374,6 +444,20 @@ class RunReport:
                       *[f"| {k} | {v:.1f} |" for k, v in self.seconds.items()], ""]
         return "\n".join(lines)
 
+    def _memory_section(self, plots: Mapping[str, str]) -> list[str]:
+        if not self.placement:
+            return []
+        main = next(iter(self.plans), None)
+        sizes = self.plans[main].provenance.get("sizes") if main is not None else None
+        lines = ["## Memory per device", "",
+                 ("What each device holds under the memory cap (`--fit` / `--memory-cap`): its kept "
+                  "routed experts, the other parts of its layers (attention, norms, router, shared "
+                  "experts; the embeddings and head where they live) and its KV cache"
+                  + (f"; sizes {sizes}." if sizes else ".")), "", placement_table(self.placement), ""]
+        if "memory" in plots:
+            lines += [f"![memory per device]({plots['memory']})", ""]
+        return lines
+
 
 __all__ = [
     "RunReport",
@@ -381,9 +465,12 @@ __all__ = [
     "fill_excess",
     "kept_table",
     "nll_table",
+    "placement_table",
+    "plan_placement",
     "plot_kept_by_solver",
     "plot_kept_per_layer",
     "plot_nll",
+    "plot_placement",
     "plot_solvers",
     "solver_table",
 ]

@@ -9,11 +9,17 @@ count from every layer. This stage measures instead of assuming:
    *on the search tokens*);
 2. each candidate costs one forward pass over held-out search tokens (tokens calibration did
    not see) with the routers masked to the plan's experts: no weights change, no copy;
-3. a level-switch local search from the best seed (EvoPress-style): move a few experts of the
-   budget from one layer to another, keep the move when the measured loss drops, shrink the
-   step when no move helps; within each layer the experts kept are the best seed's criterion's
-   top ones;
-4. stop at `SearchConfig.max_passes` forward passes and report what was spent.
+3. measured per-layer NLL curves (grape.sensitivity: each layer alone pruned at a few depths,
+   one pass each, when they fit in half the budget) feed the integer program once more: its plan
+   on *measured* costs is one more seed, and the curves are returned to be stored in the scores;
+4. the within-layer criterion is chosen by measurement too: the incumbent's counts under every
+   other criterion's order;
+5. a level-switch local search from the incumbent (EvoPress-style): move a few experts of the
+   budget from one layer to another, keep the move when the measured loss drops by a margin,
+   shrink the step when no move helps; then, with passes left, each layer's own criterion;
+6. stop at `SearchConfig.max_passes` forward passes and report what was spent. With a cache
+   file every measurement is recorded as it is made, so an interrupted search resumes without
+   repeating a pass.
 
     result = search(model, scores, SolveConfig(budget=0.25), search_ids)
     result.best          # a Plan, checked against the problem's constraints
@@ -22,41 +28,86 @@ count from every layer. This stage measures instead of assuming:
 
 from __future__ import annotations
 
-import contextlib
+import json
+import os
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from grape.adapters import get_adapter
 from grape.config import SolveConfig
 from grape.errors import DataError
-from grape.templates.grape_pruning import install_router_mask
+from grape.flags import flag
+from grape.sensitivity import (DEFAULT_FRACTIONS, NllCurves, masked, mean_nll, measure_nll_curves,
+                               nll_curve_passes, sequence_nll, with_nll_curves)
 from solvers.errors import UserError
 from solvers.plan import Plan
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in str(text).split(",") if t.strip())
 
 
 @dataclass(frozen=True)
 class SearchConfig:
     """How much to spend on measuring plans. One pass = one forward over the search tokens."""
 
-    max_passes: int = 200
-    criteria: tuple[str, ...] = ("reap_mass", "frequency", "reap")  # uniform seeds, within-layer orders
-    objectives: tuple[str, ...] = ("additive", "curves")  # integer-program seeds besides the configured one
+    max_passes: int = field(default=200, metadata=flag(
+        "forward passes the search may spend (each measures one plan on the held-out search "
+        "tokens, the unpruned reference included); unset: 100 on the test bed, else 200",
+        name="search_passes", unset=True))
+    # uniform seeds and within-layer orders
+    criteria: tuple[str, ...] = field(default=("reap_mass", "frequency", "reap", "ean"), metadata=flag(
+        "criteria whose uniform plans are seeds and whose within-layer orders are tried",
+        name="search_criteria", items=True))
+    # integer-program seeds besides the configured one
+    objectives: tuple[str, ...] = field(default=("additive", "curves"), metadata=flag(
+        "objectives whose exact plans are seeds besides the configured one", name="search_objectives",
+        items=True))
+    nll_curves: bool = field(default=True, metadata=flag(
+        "skip measuring per-layer NLL curves (one pass per layer and depth; done when they fit in "
+        "half the passes and the scores lack them)", name="search_curves", negate=True))
+    curve_fractions: tuple[float, ...] = DEFAULT_FRACTIONS  # depths at which each layer is measured
     moves_per_round: int = 8  # level switches measured per round of the local search
     # a candidate replaces the incumbent only when its NLL is lower by this many paired standard
     # errors (over search sequences): many comparisons on few tokens otherwise pick noise
-    margin_se: float = 2.0
+    margin_se: float = field(default=2.0, metadata=flag(
+        "a candidate replaces the incumbent only when lower by this many paired standard errors",
+        name="search_margin", type=float))
     batch_size: int = 8  # search sequences per forward
     seed: int = 0
     progress: bool = True
 
     def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        if isinstance(self.criteria, str):
+            set_(self, "criteria", _names(self.criteria))
+        if isinstance(self.objectives, str):
+            set_(self, "objectives", _names(self.objectives))
         for name in ("max_passes", "moves_per_round", "batch_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"search {name} must be at least 1, got {getattr(self, name)}")
+        if not self.criteria:
+            raise UserError("--search-criteria needs at least one criterion (e.g. reap_mass)")
+        if self.margin_se < 0:
+            raise UserError(f"--search-margin {self.margin_se} must be >= 0 (standard errors)")
+        if not all(0 < f < 1 for f in self.curve_fractions):
+            raise UserError("search curve_fractions must lie strictly between 0 and 1")
+
+    def check_names(self) -> None:
+        """Refuse unknown criteria and objectives before any model is loaded."""
+        from solvers.objectives import parse_objective
+        from solvers.scores import CRITERIA
+
+        for name in self.criteria:
+            if name not in CRITERIA:
+                raise UserError(f"--search-criteria: unknown criterion {name!r}; choose from "
+                                f"{', '.join(sorted(CRITERIA))}")
+        for name in self.objectives:
+            parse_objective(name)
 
 
 @dataclass
@@ -82,6 +133,8 @@ class SearchResult:
     tokens_per_pass: int
     seconds: float
     notes: list[str] = field(default_factory=list)
+    nll_curves: NllCurves | None = None  # measured on the search tokens (store with with_nll_curves)
+    reused: int = 0  # measurements read back from the cache instead of measured
 
     def table(self) -> str:
         rows = ["| candidate | mean NLL | increase |", "|---|---:|---:|"]
@@ -93,48 +146,11 @@ class SearchResult:
     def to_json(self) -> dict:
         return {"chosen": self.best.name, "unpruned_nll": self.unpruned_nll, "passes": self.passes,
                 "tokens_per_pass": self.tokens_per_pass, "seconds": self.seconds, "notes": self.notes,
+                "reused_from_cache": self.reused,
+                "nll_curves": self.nll_curves.to_json() if self.nll_curves else None,
                 "candidates": [{"name": c.name, "nll": c.nll,
                                 "kept_per_layer": {str(k): v for k, v in c.plan.kept_counts().items()}}
                                for c in self.candidates]}
-
-
-# -- measuring ----------------------------------------------------------------------------------
-@contextlib.contextmanager
-def masked(model: nn.Module, plan: Plan):
-    """The model routing only among the plan's kept experts (weights untouched), for the block."""
-    adapter = get_adapter(model)
-    routers = []
-    try:
-        for layer in plan.layers:
-            router = adapter.router(layer)
-            if hasattr(router, "_grape_keep"):
-                raise DataError("the model's routers are already masked; search an unmasked model")
-            install_router_mask(router, plan.kept[layer], min(int(router.top_k), len(plan.kept[layer])))
-            routers.append(router)
-        yield model
-    finally:
-        for router in routers:
-            for name in ("forward", "_grape_keep", "_grape_top_k"):
-                router.__dict__.pop(name, None)
-
-
-@torch.no_grad()
-def sequence_nll(model: nn.Module, ids: torch.Tensor, batch_size: int) -> np.ndarray:
-    """Mean next-token NLL (nats) of each row of `ids` (samples, seq_len)."""
-    device = model.get_input_embeddings().weight.device
-    out = []
-    for batch in ids.split(batch_size):
-        batch = batch.to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        target = batch[:, 1:]
-        loss = nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
-        out.append(loss.mean(dim=1).cpu().double().numpy())
-    return np.concatenate(out)
-
-
-def mean_nll(model: nn.Module, ids: torch.Tensor, batch_size: int) -> float:
-    """Mean next-token NLL (nats) over every predicted position of `ids` (equal-length rows)."""
-    return float(sequence_nll(model, ids, batch_size).mean())
 
 
 # -- seeds --------------------------------------------------------------------------------------
@@ -167,56 +183,108 @@ def _key(plan: Plan) -> tuple:
 
 
 # -- the search ---------------------------------------------------------------------------------
-class _Budget:
-    def __init__(self, limit: int):
-        self.limit, self.used = limit, 0
+class _Meter:
+    """Measures plans within the pass budget; with a cache file, reuses earlier measurements of
+    the same plan on the same tokens (an interrupted search resumes) and records each new one."""
+
+    def __init__(self, model, ids, config: SearchConfig, cache: Path | None):
+        self.model, self.ids, self.config, self.cache = model, ids, config, cache
+        self.limit, self.used, self.reused = config.max_passes, 0, 0
+        self.known: dict[str, list[float]] = {}
+        self.tokens_key = _tokens_key(ids)
+        if cache is not None and cache.is_file():
+            try:
+                stored = json.loads(cache.read_text())
+            except (OSError, json.JSONDecodeError):
+                stored = {}
+            if stored.get("tokens") == self.tokens_key:
+                self.known = stored.get("measured", {})
 
     @property
     def left(self) -> int:
         return self.limit - self.used
 
+    def nll(self, name: str, plan: Plan | None) -> np.ndarray:
+        """Per-sequence NLL of the model under `plan` (None: unpruned); one pass, or none when
+        the cache has it."""
+        key = "unpruned" if plan is None else repr(_key(plan))
+        if key in self.known:
+            self.reused += 1
+            out = np.asarray(self.known[key], dtype=np.float64)
+        else:
+            if plan is None:
+                out = sequence_nll(self.model, self.ids, self.config.batch_size)
+            else:
+                with masked(self.model, plan):
+                    out = sequence_nll(self.model, self.ids, self.config.batch_size)
+            self.known[key] = [float(x) for x in out]
+            self._save()
+        self.used += 1
+        if self.config.progress:
+            print(f"    search [{self.used}/{self.limit}] {name}: NLL {float(out.mean()):.4f}", flush=True)
+        return out
+
+    def candidate(self, name: str, plan: Plan) -> Candidate:
+        per_sequence = self.nll(name, plan)
+        return Candidate(name, plan, float(per_sequence.mean()), per_sequence)
+
+    def _save(self) -> None:
+        if self.cache is None:
+            return
+        from solvers._io import atomic_write_text
+
+        self.cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.cache, json.dumps({"tokens": self.tokens_key, "measured": self.known}))
+
+
+def _tokens_key(ids: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(ids.cpu().numpy().astype(np.int64).tobytes()).hexdigest()[:16]
+
 
 def search(model: nn.Module, scores, config: SolveConfig, ids: torch.Tensor,
-           search_config: SearchConfig | None = None) -> SearchResult:
-    """The best plan found by measurement (see the module docstring)."""
+           search_config: SearchConfig | None = None, cache: str | os.PathLike | None = None) -> SearchResult:
+    """The best plan found by measurement (see the module docstring). `cache`: a JSON file
+    of measurements to resume from and add to."""
     from grape.api import build_problem
 
     search_config = search_config or SearchConfig()
+    search_config.check_names()
     if ids.dim() != 2 or ids.shape[1] < 2:
         raise DataError("search tokens must be a (samples, seq_len >= 2) tensor of input ids")
     start = time.perf_counter()
     was_training = model.training
     model.eval()
-    budget = _Budget(search_config.max_passes)
+    meter = _Meter(model, ids, search_config, Path(cache) if cache is not None else None)
+    curves = None
     try:
-        unpruned = mean_nll(model, ids, search_config.batch_size)
-        budget.used += 1  # the unpruned pass is part of the spend
+        unpruned_seq = meter.nll("unpruned", None)
         seeds, notes = seed_plans(scores, config, search_config)
         if not seeds:
             raise UserError("no seed plan could be built for the search: " + "; ".join(notes))
-        candidates = []
-        for name, plan in seeds[: budget.left]:
-            candidates.append(_measure(model, name, plan, ids, search_config, budget))
-        best = _choose_seed(candidates, search_config)
+        candidates = [meter.candidate(name, plan) for name, plan in seeds[: meter.left]]
         problem = build_problem(scores, config)
-        if problem.needs_expert_level():
-            notes.append("local search skipped: a constraint depends on which experts are kept")
+        count_level = not problem.needs_expert_level()
+        best = _choose_seed(candidates, search_config)
+        criterion = _criterion_of(best, problem.provenance.get("criterion", "reap_mass"), search_config.criteria)
+        orders = {layer.index: _order(scores, criterion, layer.index) for layer in problem.layers}
+        if count_level and search_config.nll_curves:
+            curves, best = _curves_seed(model, scores, config, problem, criterion, orders, best, meter,
+                                        search_config, candidates, notes, unpruned_seq)
+        if not count_level:
+            notes.append("criterion choice and local search skipped: a constraint depends on which "
+                         "experts are kept")
         else:
-            best = _local_search(model, problem, scores, best, ids, search_config, budget, candidates)
+            best, orders = _choose_criterion(problem, scores, best, orders, meter, search_config, candidates)
+            best = _local_search(problem, best, orders, meter, search_config, candidates)
+            best, orders = _per_layer_criteria(problem, scores, best, orders, meter, search_config, candidates)
     finally:
         model.train(was_training)
-    return SearchResult(best=best, candidates=candidates, unpruned_nll=unpruned, passes=budget.used,
-                        tokens_per_pass=int(ids.numel()), seconds=time.perf_counter() - start, notes=notes)
-
-
-def _measure(model, name: str, plan: Plan, ids, config: SearchConfig, budget: _Budget) -> Candidate:
-    with masked(model, plan):
-        per_sequence = sequence_nll(model, ids, config.batch_size)
-    budget.used += 1
-    nll = float(per_sequence.mean())
-    if config.progress:
-        print(f"    search [{budget.used}/{budget.limit}] {name}: NLL {nll:.4f}", flush=True)
-    return Candidate(name, plan, nll, per_sequence)
+    return SearchResult(best=best, candidates=candidates, unpruned_nll=float(unpruned_seq.mean()),
+                        passes=meter.used, tokens_per_pass=int(ids.numel()),
+                        seconds=time.perf_counter() - start, notes=notes, nll_curves=curves,
+                        reused=meter.reused)
 
 
 def _choose_seed(candidates: list[Candidate], config: SearchConfig) -> Candidate:
@@ -234,27 +302,98 @@ def _criterion_of(candidate: Candidate, default: str, criteria: tuple[str, ...])
     return next((c for c in criteria if candidate.name == f"uniform {c}"), default)
 
 
-def _local_search(model, problem, scores, best: Candidate, ids, config: SearchConfig,
-                  budget: _Budget, candidates: list[Candidate]) -> Candidate:
+def _order(scores, criterion: str, layer: int) -> np.ndarray:
+    """Experts of `layer` from most to least important under `criterion`."""
+    return np.argsort(-scores.importance(criterion)[layer], kind="stable")
+
+
+def _counts(problem, plan: Plan) -> np.ndarray:
+    return np.array([len(plan.kept[layer.index]) for layer in problem.layers])
+
+
+def _curves_seed(model, scores, config, problem, criterion, orders, best, meter, search_config,
+                 candidates, notes, unpruned_seq):
+    """Measure per-layer NLL curves (when they fit in half the passes left) and add the integer
+    program's plan on them as a candidate; (curves or None, incumbent)."""
+    from grape.api import build_problem, solve
+
+    if all(ls.nll_curve is not None for ls in scores.layers.values()):
+        notes.append("NLL curves: the scores already have them; not measured again")
+        return None, best
+    need = nll_curve_passes(scores, search_config.curve_fractions)
+    if need > meter.left // 2:
+        notes.append(f"NLL curves skipped: {need} passes needed, {meter.left} left "
+                     "(raise --search-passes to measure them)")
+        return None, best
+    curves = measure_nll_curves(model, scores, meter.ids, criterion, search_config.curve_fractions, config,
+                                search_config.batch_size, unpruned_seq, measure=meter.nll)
+    measured = with_nll_curves(scores, curves)
+    cfg = replace(config, objective="curves", curves="nll", solver="exact", criterion=criterion)
+    try:
+        counts = _counts(problem, solve(build_problem(measured, cfg), cfg))
+    except UserError as exc:
+        notes.append(f"seed 'exact curves on measured NLL' skipped: {exc}")
+        return curves, best
+    plan = _plan_from_counts(problem, orders, counts, best.plan)
+    if plan is None or meter.left < 1:
+        return curves, best
+    candidate = meter.candidate(f"exact curves on measured NLL ({criterion} order)", plan)
+    candidates.append(candidate)
+    return curves, candidate if candidate.beats(best, search_config.margin_se) else best
+
+
+def _choose_criterion(problem, scores, best, orders, meter, config, candidates):
+    """The incumbent's counts under every other criterion's within-layer order."""
+    counts = _counts(problem, best.plan)
+    for criterion in config.criteria:
+        trial_orders = {layer.index: _order(scores, criterion, layer.index) for layer in problem.layers}
+        plan = _plan_from_counts(problem, trial_orders, counts, best.plan)
+        if plan is None or _key(plan) in {_key(c.plan) for c in candidates} or meter.left < 1:
+            continue
+        candidate = meter.candidate(f"{criterion} order, incumbent's counts", plan)
+        candidates.append(candidate)
+        if candidate.beats(best, config.margin_se):
+            best, orders = candidate, trial_orders
+    return best, orders
+
+
+def _per_layer_criteria(problem, scores, best, orders, meter, config, candidates):
+    """With passes left: each layer's experts under each other criterion, one layer at a time."""
+    counts = _counts(problem, best.plan)
+    for layer in problem.layers:
+        for criterion in config.criteria:
+            if meter.left < 1:
+                return best, orders
+            trial = {**orders, layer.index: _order(scores, criterion, layer.index)}
+            plan = _plan_from_counts(problem, trial, counts, best.plan)
+            if plan is None or _key(plan) == _key(best.plan):
+                continue
+            candidate = meter.candidate(f"layer {layer.index} in {criterion} order", plan)
+            candidates.append(candidate)
+            if candidate.beats(best, config.margin_se):
+                best, orders = candidate, trial
+    return best, orders
+
+
+def _local_search(problem, best: Candidate, orders, meter: _Meter, config: SearchConfig,
+                  candidates: list[Candidate]) -> Candidate:
     """Level switches between layers around `best`, measured, while passes are left."""
-    criterion = _criterion_of(best, problem.provenance.get("criterion", "reap_mass"), config.criteria)
-    order = {layer: np.argsort(-imp, kind="stable") for layer, imp in scores.importance(criterion).items()}
     allowed = problem.allowed_counts()
-    counts = np.array([len(best.plan.kept[layer.index]) for layer in problem.layers])
+    counts = _counts(problem, best.plan)
     step = max(1, int(round(0.05 * max(layer.num_experts for layer in problem.layers))))
     rng = np.random.default_rng(config.seed)
-    while budget.left > 0 and step >= 1:
-        moves = _moves(counts, allowed, step, rng, min(config.moves_per_round, budget.left))
+    while meter.left > 0 and step >= 1:
+        moves = _moves(counts, allowed, step, rng, min(config.moves_per_round, meter.left))
         improved = False
         for a, b in moves:
             trial = counts.copy()
             trial[a] += step
             trial[b] -= step
-            plan = _plan_from_counts(problem, order, trial, best.plan)
+            plan = _plan_from_counts(problem, orders, trial, best.plan)
             if plan is None:
                 continue
             name = f"switch {step} from layer {problem.layers[b].index} to {problem.layers[a].index}"
-            candidate = _measure(model, name, plan, ids, config, budget)
+            candidate = meter.candidate(name, plan)
             candidates.append(candidate)
             if candidate.beats(best, config.margin_se):
                 best, counts, improved = candidate, trial, True
@@ -275,11 +414,11 @@ def _moves(counts, allowed, step: int, rng, how_many: int) -> list[tuple[int, in
     return [pairs[i] for i in sorted(picks)]
 
 
-def _plan_from_counts(problem, order, counts, template: Plan) -> Plan | None:
-    """Keep each layer's top `counts[p]` experts by the order; None if a constraint objects."""
+def _plan_from_counts(problem, orders, counts, template: Plan) -> Plan | None:
+    """Keep each layer's top `counts[p]` experts by its order; None if a constraint objects."""
     kept, removed = {}, {}
     for p, layer in enumerate(problem.layers):
-        ranked = order[layer.index]
+        ranked = orders[layer.index]
         kept[layer.index] = sorted(int(e) for e in ranked[: counts[p]])
         removed[layer.index] = sorted(int(e) for e in ranked[counts[p]:])
     plan = Plan(kept=kept, removed=removed, status="feasible", solver="search", model=template.model,

@@ -58,6 +58,7 @@ from grape.distributed import (
 )
 from grape.errors import DataError
 from grape.layerwise import LayerLoader, build_skeleton, decoder_layers
+from grape.modelsizes import model_sizes
 from grape.observer import ExpertObserver
 from grape.resume import CalibrationCheckpoint, layer_scores_from_state, layer_scores_state
 from grape.runreport import Meter
@@ -382,7 +383,7 @@ def calibrate_sequential(
     if not world.main:
         return None
     return assemble_scores(identity, layers, tokens, provenance, config, dtype, input_ids,
-                           sampled, report)
+                           sampled, report, sizes=model_sizes(model, identity, model_dir))
 
 
 def _run_layers(run: _Run) -> tuple[dict | None, dict]:

@@ -198,18 +198,27 @@ class Plan:
                             "re-create it with `grape solve`") from exc
 
 
-def format_placement(rows: list[dict]) -> str:
-    """The plan's per-device memory table (kept routed-expert bytes against each cap)."""
+def format_placement(rows: list[dict], sizes: str = "") -> str:
+    """The plan's per-device memory table: what each device holds against its cap. `sizes`: the
+    plan's ``provenance["sizes"]`` (where the byte counts come from)."""
     from solvers.constraints.units import format_bytes
 
-    lines = ["  per device (kept routed-expert bytes; attention, embeddings, shared experts and KV "
-             "cache are not in the scores file, so --kv-reserve must cover them):",
-             f"    {'device':>6}  {'layers':<14} {'kept':>11}  {'cap':>11}  {'used':>6}"]
+    parts = all("other" in row for row in rows) and not sizes.startswith("routed experts only")
+    if parts:
+        head = ("  per device (kept routed experts + other parts + KV cache"
+                + (f"; sizes {sizes}" if sizes else "") + "):")
+        lines = [head, f"    {'device':>6}  {'layers':<14} {'experts':>11} {'other':>11} {'kv':>11}"
+                       f" {'total':>11}  {'cap':>11}  {'used':>6}"]
+    else:
+        lines = ["  per device (kept routed-expert bytes; attention, embeddings, shared experts and KV "
+                 "cache are not in the scores file, so --kv-reserve must cover them):",
+                 f"    {'device':>6}  {'layers':<14} {'kept':>11}  {'cap':>11}  {'used':>6}"]
     for row in rows:
         layers = row["layers"]
-        span = f"{layers[0]}-{layers[-1]}" if layers else "-"
-        span += f" ({len(layers)})"
+        span = (f"{layers[0]}-{layers[-1]}" if layers else "-") + f" ({len(layers)})"
         used = 100 * row["bytes"] / row["cap"] if row["cap"] else float("inf")
-        lines.append(f"    {row['device']:>6}  {span:<14} {format_bytes(row['bytes']):>11}  "
+        middle = (f"{format_bytes(row['experts']):>11} {format_bytes(row['other']):>11} "
+                  f"{format_bytes(row['kv']):>11} " if parts else "")
+        lines.append(f"    {row['device']:>6}  {span:<14} {middle}{format_bytes(row['bytes']):>11}  "
                      f"{format_bytes(row['cap']):>11}  {used:5.1f}%")
     return "\n".join(lines)

@@ -15,6 +15,7 @@ from solvers.constraints import Budget, Constraint, LayerRule, MinKept, RoutingG
 from solvers.errors import UserError
 from solvers.objectives import Objective, parse_objective
 from solvers.scores import Scores
+from solvers.sizes import Footprint, deployed
 
 
 @dataclass
@@ -73,6 +74,8 @@ class Problem:
     constraints: list[Constraint] = field(default_factory=list)
     model: dict = field(default_factory=dict)  # identity of the model (written into plans)
     provenance: dict = field(default_factory=dict)
+    # bytes besides the routed experts, as deployed (solvers.sizes); None: experts only
+    footprint: Footprint | None = None
 
     def __post_init__(self):
         self.layers = sorted(self.layers, key=lambda layer: layer.index)
@@ -170,6 +173,8 @@ def build_problem(
     similarity_top_m: int | None = None,
     min_kept: int | None | str = "top_k",
     routing_groups: bool | str = "auto",
+    curves: str = "auto",
+    deploy_dtype: str | None = None,
 ) -> Problem:
     """Turn calibration scores into a Problem.
 
@@ -179,7 +184,12 @@ def build_problem(
       (symmetrised, the rest set to 0) - smaller integer programs for large N;
     * ``min_kept``: ``"top_k"`` (default: each layer keeps at least its router's top_k),
       an integer, or None for no floor;
-    * ``routing_groups``: ``"auto"`` adds DeepSeek-V3 group rules when the model has n_group > 1.
+    * ``routing_groups``: ``"auto"`` adds DeepSeek-V3 group rules when the model has n_group > 1;
+    * ``curves``: each layer's cost curve (the curves objective): ``"nll"`` the measured NLL
+      curves, ``"output"`` the calibration's block-output error, ``"auto"`` nll when every layer
+      has one, else output;
+    * ``deploy_dtype``: size the model as deployed in this format (``bf16``, ``fp8``, ...;
+      solvers.sizes) instead of as the scores record it.
     """
     if not isinstance(budget, Budget):
         budget = Budget.parse(str(budget))
@@ -190,6 +200,8 @@ def build_problem(
                                          or similarity_top_m < 1):
         raise UserError(f"--similarity-top-m {similarity_top_m!r} must be a whole number >= 1 "
                         "(neighbours kept per expert); leave it unset to keep all")
+    curve_of, curve_source = _curve_source(scores, curves)
+    sizes = deployed(scores, deploy_dtype)
     importance = scores.importance(criterion, normalize)
     kinds = sorted({k for layer in scores.layers.values() for k in layer.similarity})
     if similarity == "auto":
@@ -204,10 +216,10 @@ def build_problem(
             Layer(
                 index=idx,
                 importance=importance[idx],
-                expert_bytes=ls.expert_bytes,
+                expert_bytes=sizes.expert_bytes[idx],
                 top_k=scores.model.top_k.get(idx, 1),
                 similarity=sim,
-                cost_curve=ls.cost_curve,
+                cost_curve=curve_of(ls),
             )
         )
     extra: list[Constraint] = []
@@ -230,8 +242,26 @@ def build_problem(
             "normalize": normalize,
             "similarity": similarity,
             "similarity_top_m": similarity_top_m,
+            "curves": curve_source,
+            "deploy_dtype": sizes.dtype,
+            "sizes": sizes.note,
         },
+        footprint=sizes.footprint,
     )
+
+
+def _curve_source(scores: Scores, curves: str):
+    """(layer scores -> cost curve, the source's name) for the `curves` setting."""
+    has_nll = all(ls.nll_curve is not None for ls in scores.layers.values())
+    if curves not in ("auto", "nll", "output"):
+        raise UserError(f"--curves {curves!r}: choose auto, nll or output")
+    if curves == "nll" and not has_nll:
+        raise UserError("--curves nll needs measured NLL curves in the scores file for every layer; "
+                        "`grape run` (with its search) or grape.sensitivity.measure_nll_curves stores "
+                        "them, or use --curves output")
+    if curves == "nll" or (curves == "auto" and has_nll):
+        return (lambda ls: ls.nll_curve), "nll"
+    return (lambda ls: ls.cost_curve), "output"
 
 
 def sparsify(sim: np.ndarray, m: int) -> np.ndarray:

@@ -20,9 +20,17 @@ Format (version 1): a numpy ``.npz`` archive (``allow_pickle=False``) holding
   ``output_energy``         ()         mean over tokens of ||y(x)||^2, y the MoE block output
   ``similarity/<kind>``     (N, N)     optional; symmetric, e.g. ``cka``, ``cosine``, ``router``
   ``cost_curve``            (N+1,)     optional; entry n = block output error keeping n experts
+  ``nll_curve``             (N+1,)     optional; entry n = measured NLL increase (nats) when only
+                                       this layer keeps n experts (grape.sensitivity)
   ========================  =========  ====================================================
 
 All statistics are float64. ``grape synth`` writes the same format from synthetic numbers.
+
+Version 2 (this writer) adds the sizes as deployed (:mod:`solvers.sizes`): ``expert_bytes`` are
+the bytes of each expert *as the checkpoint stores them* (version 1: at the calibration dtype),
+``layer{l}/expert_params`` (N,) int64 their parameter counts, and ``__meta__["sizes"]`` the
+non-expert parts (per decoder layer, embeddings, head) and the KV-cache shape. Both are
+optional: a file without them (any version-1 file) loads with ``sizes = None``.
 """
 
 from __future__ import annotations
@@ -37,9 +45,10 @@ import numpy as np
 
 from solvers._io import atomic_open
 from solvers.errors import ScoresError
+from solvers.sizes import ModelSizes
 
 FORMAT = "grape.scores"
-VERSION = 1
+VERSION = 2  # 2: expert_bytes as stored in the checkpoint, plus the optional sizes
 STAT_NAMES = ("count", "gate_sum", "norm_sum", "gate_norm_sum", "gate_norm_sq_sum", "norm_max")
 
 
@@ -106,6 +115,9 @@ class LayerScores:
     output_energy: float = 1.0
     similarity: dict[str, np.ndarray] = field(default_factory=dict)  # kind -> (N, N)
     cost_curve: np.ndarray | None = None  # (N+1,)
+    # (N+1,) optional: measured end-to-end NLL increase (nats) when only this layer keeps n
+    # experts (grape.sensitivity); preferred by the curves objective when every layer has one
+    nll_curve: np.ndarray | None = None
 
     @property
     def num_experts(self) -> int:
@@ -172,6 +184,7 @@ class Scores:
     tokens: int
     calibration: dict = field(default_factory=dict)
     created_by: str = "grape"
+    sizes: ModelSizes | None = None  # the checkpoint's sizes (version 2); None in older files
 
     def __post_init__(self) -> None:
         self.validate()
@@ -254,6 +267,12 @@ class Scores:
                 curve = _numeric(layer.cost_curve, f"layer {idx}: cost_curve")
                 if curve.shape != (n + 1,) or not np.all(np.isfinite(curve)):
                     raise ScoresError(f"layer {idx}: cost_curve must be a finite array of shape ({n + 1},)")
+            if layer.nll_curve is not None:
+                curve = _numeric(layer.nll_curve, f"layer {idx}: nll_curve")
+                if curve.shape != (n + 1,) or not np.all(np.isfinite(curve)):
+                    raise ScoresError(f"layer {idx}: nll_curve must be a finite array of shape ({n + 1},)")
+        if self.sizes is not None:
+            self.sizes.validate(self.model.num_hidden_layers, self.model.experts_per_layer)
 
     # -- file round trip ----------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
@@ -266,6 +285,10 @@ class Scores:
             "calibration": self.calibration,
             "created_by": self.created_by,
         }
+        if self.sizes is not None:
+            meta["sizes"] = self.sizes.to_json()
+            for idx, params in self.sizes.expert_params.items():
+                arrays[f"layer{idx}/expert_params"] = np.asarray(params, dtype=np.int64)
         arrays["__meta__"] = np.array(json.dumps(meta))
         for idx, layer in sorted(self.layers.items()):
             prefix = f"layer{idx}/"
@@ -277,6 +300,8 @@ class Scores:
                 arrays[prefix + f"similarity/{kind}"] = np.asarray(sim, dtype=np.float64)
             if layer.cost_curve is not None:
                 arrays[prefix + "cost_curve"] = np.asarray(layer.cost_curve, dtype=np.float64)
+            if layer.nll_curve is not None:
+                arrays[prefix + "nll_curve"] = np.asarray(layer.nll_curve, dtype=np.float64)
         with atomic_open(path, "wb") as handle:
             np.savez_compressed(handle, **arrays)
 
@@ -335,6 +360,7 @@ class Scores:
                 output_energy=float(archive[prefix + "output_energy"]),
                 similarity=sims,
                 cost_curve=archive[prefix + "cost_curve"] if prefix + "cost_curve" in archive.files else None,
+                nll_curve=archive[prefix + "nll_curve"] if prefix + "nll_curve" in archive.files else None,
             )
         return cls(
             model=model,
@@ -342,4 +368,7 @@ class Scores:
             tokens=meta["tokens"],
             calibration=meta.get("calibration", {}),
             created_by=meta.get("created_by", ""),
+            sizes=ModelSizes.from_json(meta["sizes"], {
+                idx: archive[f"layer{idx}/expert_params"] for idx in model.moe_layers
+            }) if meta.get("sizes") else None,
         )

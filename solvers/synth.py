@@ -22,6 +22,7 @@ import numpy as np
 
 from solvers.errors import UserError
 from solvers.scores import LayerScores, ModelIdentity, Scores
+from solvers.sizes import KVShape, ModelSizes, Part
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,91 @@ SHAPES: dict[str, ModelShape] = {
         ModelShape("kimi-k2", "kimi_k2", 61, 1, 384, 8, 1, 7168, 2048, 1, 1),
     )
 }
+
+
+@dataclass(frozen=True)
+class Dense:
+    """What a real model holds besides its routed experts, from its published config.json: the
+    attention (GQA, or DeepSeek's MLA), norms, router, shared experts, dense layers, embeddings."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    dense_intermediate: int = 0  # MLP of the leading dense layers
+    shared_intermediate: int = 0  # the shared experts of a MoE layer, together
+    mla: tuple[int, int, int, int, int] | None = None  # q_lora, kv_lora, qk_nope, qk_rope, v_head
+    qk_norm: int = 0  # elements of the q/k norm weights of a layer
+    qkv_bias: bool = False
+    o_bias: bool = False
+    sinks: bool = False  # gpt-oss: one attention sink per head
+    window: int | None = None  # gpt-oss: a sliding window on every other layer, from layer 0
+    router_bias: bool = False  # a per-expert router bias (gpt-oss, DeepSeek-V3's correction bias)
+    shared_gate: bool = False  # Qwen2-MoE's sigmoid gate of the shared expert
+    tied: bool = False
+
+    def attention_params(self, hidden: int) -> int:
+        if self.mla is not None:
+            q_lora, kv_lora, nope, rope, v_head = self.mla
+            q = hidden * q_lora + q_lora + q_lora * self.heads * (nope + rope) if q_lora else \
+                hidden * self.heads * (nope + rope)
+            kv = hidden * (kv_lora + rope) + kv_lora + kv_lora * self.heads * (nope + v_head)
+            return q + kv + self.heads * v_head * hidden
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        bias = (q + 2 * kv if self.qkv_bias else 0) + (hidden if self.o_bias else 0)
+        return 2 * hidden * q + 2 * hidden * kv + bias + self.qk_norm + (self.heads if self.sinks else 0)
+
+    def kv(self, layers: int) -> KVShape:
+        if self.mla is not None:
+            return KVShape((self.mla[1] + self.mla[3],) * layers, (None,) * layers, 1)
+        windows = tuple(self.window if self.window and i % 2 == 0 else None for i in range(layers))
+        return KVShape((2 * self.kv_heads * self.head_dim,) * layers, windows, self.kv_heads)
+
+
+# real configs (Hugging Face config.json of each release)
+DENSE: dict[str, Dense] = {
+    "mixtral-8x7b": Dense(32, 8, 128, 32000),
+    "mixtral-8x22b": Dense(48, 8, 128, 32768),
+    "deepseek-moe-16b": Dense(16, 16, 128, 102400, dense_intermediate=10944,
+                              shared_intermediate=2 * 1408),
+    "qwen1.5-moe-a2.7b": Dense(16, 16, 128, 151936, shared_intermediate=5632, qkv_bias=True,
+                               shared_gate=True),
+    "olmoe-1b-7b": Dense(16, 16, 128, 50304, qk_norm=2 * 2048),
+    "gpt-oss-20b": Dense(64, 8, 64, 201088, qkv_bias=True, o_bias=True, sinks=True, window=128,
+                         router_bias=True),
+    "gpt-oss-120b": Dense(64, 8, 64, 201088, qkv_bias=True, o_bias=True, sinks=True, window=128,
+                          router_bias=True),
+    "qwen3-30b-a3b": Dense(32, 4, 128, 151936, qk_norm=2 * 128),
+    "qwen3-235b-a22b": Dense(64, 4, 128, 151936, qk_norm=2 * 128),
+    "qwen3-coder-480b": Dense(96, 8, 128, 151936, qk_norm=2 * 128),
+    "deepseek-v3": Dense(128, 128, 0, 129280, dense_intermediate=18432, shared_intermediate=2048,
+                         mla=(1536, 512, 128, 64, 128), router_bias=True),
+    "kimi-k2": Dense(64, 64, 0, 163840, dense_intermediate=18432, shared_intermediate=2048,
+                     mla=(1536, 512, 128, 64, 128), router_bias=True),
+}
+
+
+def shape_sizes(shape: ModelShape, expert_bytes: int) -> ModelSizes | None:
+    """The sizes a checkpoint of `shape` would record, in bf16 (None for a shape not in DENSE)."""
+    dense = DENSE.get(shape.name)
+    if dense is None:
+        return None
+    h, moe = shape.hidden, set(shape.moe_layers)
+    attention = dense.attention_params(h) + 2 * h  # plus the two layer norms
+    router = shape.experts * h + (shape.experts if dense.router_bias else 0)
+    moe_other = router + 3 * h * dense.shared_intermediate + (h if dense.shared_gate else 0)
+    layers = {
+        i: 2 * (attention + (moe_other if i in moe else 3 * h * dense.dense_intermediate))
+        for i in range(shape.num_hidden_layers)
+    }
+    return ModelSizes(
+        dtype="bfloat16", quantization=None, source="synthetic",
+        layers={i: Part(b, b // 2) for i, b in layers.items()},
+        embed=Part(2 * dense.vocab * h, dense.vocab * h),
+        head=Part(2 * (dense.vocab * h + h), dense.vocab * h + h), tied=dense.tied,
+        kv=dense.kv(shape.num_hidden_layers),
+        expert_params={i: np.full(shape.experts, expert_bytes // 2, dtype=np.int64) for i in moe},
+    )
 
 
 def get_shape(name: str) -> ModelShape:
@@ -180,4 +266,5 @@ def synth_scores(
         tokens=tokens,
         calibration={"synthetic": True, "shape": shape.name, "seed": seed},
         created_by="grape synth",
+        sizes=shape_sizes(shape, int(layers[moe[0]].expert_bytes[0])),
     )

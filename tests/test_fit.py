@@ -112,6 +112,8 @@ def test_placement_round_trips_and_the_checker_recomputes_it(scores, tmp_path):
     assert data["placement"] == plan.placement
     again = Plan.load(path)
     assert again.placement == plan.placement and check_plan(again, problem) == []
+    older = [{k: row[k] for k in ("device", "layers", "bytes", "cap")} for row in data["placement"]]
+    assert check_plan(Plan.from_json({**data, "placement": older}), problem) == []  # before the breakdown
     data["placement"][0]["bytes"] -= 1  # a table that does not match the scores
     assert any("placement" in p for p in check_plan(Plan.from_json(data), problem))
     without = _plan(scores, budget=0.5)[1]
@@ -170,3 +172,119 @@ def test_inspect_prints_the_device_table(scores_path, tmp_path, capsys):
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
     assert "per device" in text and "0-3 (4)" in text and "4-7 (4)" in text
+
+
+# -- all parameters and the KV cache (sizes recorded in the scores) -----------------------------
+def _footprint(tied=True, window=None):
+    from solvers.sizes import Footprint, KVShape
+
+    kv = KVShape((8,) * 5, (None, None, window, None, None), heads=2)
+    return Footprint({i: 100 * (i + 1) for i in range(5)}, embed=1000, head=2000, tied=tied,
+                     kv=kv, kv_width=2.0)
+
+
+def test_pipeline_devices_hold_their_layers_the_embeddings_and_the_head():
+    from solvers.sizes import device_parts
+
+    stages = {"0": [1, 2], "1": [3, 4]}  # decoder layer 0 is dense: it goes with layer 1
+    kv = {"max_seq_len": 10, "batch": 3}
+    parts = device_parts(_footprint(window=4), ["0", "1"], stages, kv)
+    per_layer = 8 * 10 * 3 * 2  # K and V elements per token x tokens x batch x bytes
+    assert parts["0"] == (100 + 200 + 300 + 1000, 2 * per_layer + 8 * 4 * 3 * 2)  # windowed layer 2
+    assert parts["1"] == (400 + 500 + 2000 + 1000, 2 * per_layer)  # tied: a copy of the embeddings
+    untied = device_parts(_footprint(tied=False), ["0", "1"], stages, None)
+    assert untied["1"] == (400 + 500 + 2000, 0.0)
+    one = device_parts(_footprint(), ["0"], {"0": [1, 2, 3, 4]}, None)  # one device: one copy
+    assert one["0"] == (1500 + 3000, 0.0)
+
+
+def test_expert_parallel_ranks_split_the_rest_and_the_kv_heads():
+    from solvers.sizes import device_parts
+
+    kv = {"max_seq_len": 10, "batch": 1}
+    total_kv = 5 * 8 * 10 * 2
+    two = device_parts(_footprint(), ["0", "1"], None, kv)
+    assert two["0"] == ((1500 + 3000) / 2, total_kv / 2)
+    four = device_parts(_footprint(), list("0123"), None, kv)  # 2 KV heads: replicated over pairs
+    assert four["3"] == ((1500 + 3000) / 4, total_kv / 2)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"batch": 4}, "--batch sizes the KV cache with --max-seq-len"),
+    ({"max_seq_len": 4096}, "give --fit SPEC or --memory-cap SIZE too"),
+    ({"fit": "2x80GB", "max_seq_len": 0}, "--max-seq-len 0 must be a whole number >= 1"),
+    ({"deploy_dtype": "int4"}, "--deploy-dtype 'int4': choose one of"),
+])
+def test_kv_and_deploy_flags_are_validated_before_any_file(kwargs, words):
+    with pytest.raises(UserError, match=words):
+        SolveConfig(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def real():
+    return synth_scores("qwen3-30b-a3b", seed=0, similarity=False, cost_curve=False)
+
+
+def test_fit_counts_all_parameters_and_the_kv_cache(real, tmp_path):
+    """Qwen3-30B-A3B (48 layers, 4 KV heads of 128) on 2 x 24 GB with 8 x 4096 tokens of KV."""
+    config = SolveConfig(fit="2x24GB", kv_reserve="5%", max_seq_len=4096, batch=8)
+    problem = build_problem(real, config)
+    plan = solve(problem, "exact", time_limit=30)
+    kv_layer = 2 * 4 * 128 * 4096 * 8 * 2  # K and V x heads x head_dim x tokens x batch x bf16
+    sizes = real.sizes
+    for row, layers in zip(plan.placement, ([*range(24)], [*range(24, 48)])):
+        assert row["layers"] == layers and row["kv"] == 24 * kv_layer
+        other = sum(sizes.layers[i].bytes for i in layers)
+        other += sizes.embed.bytes if layers[0] == 0 else sizes.head.bytes
+        assert row["other"] == other and row["bytes"] == row["experts"] + other + row["kv"]
+        assert row["bytes"] <= row["cap"] == int(24e9 * 0.95)
+    assert check_plan(plan, problem) == []
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    recorded = json.loads(path.read_text())["provenance"]["constraint_specs"]
+    cap = next(c for c in recorded if c["name"] == "memory_cap")
+    assert cap["kv"] == {"max_seq_len": 4096, "batch": 8}
+    assert MemoryCap.from_json(cap) == problem.constraints[-1]
+    # without the KV cache the same devices keep more experts
+    assert _plan(real, fit="2x24GB", kv_reserve="5%")[1].num_kept > plan.num_kept
+
+
+def test_kv_cache_needs_the_recorded_attention_shape(scores):
+    with pytest.raises(UserError, match="re-run `grape calibrate`"):
+        build_problem(scores, SolveConfig(fit="2x1GB", max_seq_len=1024))
+
+
+def test_infeasible_fits_name_the_smallest_cap_and_device_count(scores, real):
+    cap = 40 * PER_EXPERT
+    with pytest.raises(InfeasibleError) as err:
+        _plan(scores, fit=f"2x{cap}", budget=0)
+    text = str(err.value)
+    assert "give the devices at least" in text and "(1.600 x the caps)" in text  # 64 of 40 experts
+    assert "or use at least 4 devices of this cap (--pipeline 4, or --fit 4xSIZE)" in text
+    # a device whose other parts and KV cache alone exceed its cap: named, with the numbers
+    with pytest.raises(InfeasibleError) as err:
+        _plan(real, fit="2x24GB", max_seq_len=131072, batch=4)
+    text = str(err.value)
+    assert "device 0 (layers 0-23) holds" in text and "of KV cache" in text
+    assert "even at the per-layer minimum" in text and "its cap 22.35 GiB - " in text
+    assert "or use at least" in text
+
+
+def test_run_report_shows_memory_per_device(real, tmp_path):
+    from grape.report import RunReport, plan_placement
+
+    config = SolveConfig(fit="2x24GB", max_seq_len=4096, batch=8)
+    plan = solve(build_problem(real, config), "exact", time_limit=30)
+    searched = Plan(kept=plan.kept, removed=plan.removed, provenance=plan.provenance)
+    assert plan_placement(searched, real, config) == plan.placement  # recomputed when missing
+    assert plan_placement(searched, real, SolveConfig()) == []
+    report = RunReport(model="m", budget="fit", objective="additive", solver="exact",
+                       method="remove", original=dict(real.model.experts_per_layer),
+                       plans={"exact": plan}, placement=plan.placement)
+    text = report.write(tmp_path).read_text()
+    assert "## Memory per device" in text and "![memory per device](memory_per_device.png)" in text
+    assert "| 0 | 0-23 (24) |" in text and "| 1 | 24-47 (24) |" in text and "KV cache" in text
+    assert (tmp_path / "memory_per_device.png").stat().st_size > 1000
+    plain = RunReport(model="m", budget="0.25", objective="additive", solver="exact",
+                      method="remove", original=dict(real.model.experts_per_layer), plans={"exact": plan})
+    assert "Memory per device" not in plain.markdown()

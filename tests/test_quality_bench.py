@@ -74,8 +74,11 @@ def rows(tiny):
     measured, records = measure_layer_curves(model, scores, evaluate, baseline, time_limit=10,
                                              log=lambda msg: None)
     assert sorted(measured) == [0, 1, 2] and len(records) == 3 * 3  # layers x fractions
+    search_ids = torch.randint(0, 128, (4, 20), generator=torch.Generator().manual_seed(2))
+    settings = quality.replace(quality.FAST, search_passes=12)
     out = run_table(model, scores, BUDGETS, [*METHODS, *PROBES], evaluate, baseline,
                     model_name="tiny", time_limit=10, measured=measured, evaluate_tasks=tasks,
+                    search=quality.searcher(model, scores, search_ids, settings),
                     tasks_for=lambda method, budget: method.name == "uniform-reap" and budget == 0.5,
                     log=lambda msg: None)
     return out, baseline, task_calls
@@ -185,3 +188,25 @@ def test_paired_difference_uses_the_per_window_differences(rows):
                                               "mean": a.mean_increase + 0.15}})
     d2, se2 = paired_difference(shifted, a)
     assert math.isclose(d2, 0.15) and math.isclose(se2, 0.0, abs_tol=1e-9)
+
+
+def test_the_default_searches_within_its_passes_and_fidelity_ranks_the_proxies(rows, tiny):
+    from fidelity import MEASURED, fidelity
+
+    out, _, _ = rows
+    model, scores, held_out = tiny
+    default = [r for r in out if r.method == "grape-run"]
+    assert len(default) == len(BUDGETS) and all(0 < r.passes <= 12 for r in default)
+    assert all(r.passes == 0 for r in out if r.method != "grape-run")
+    removal = [r for r in out if r.apply == "remove"]
+    ids = torch.randint(0, 128, (4, 20), generator=torch.Generator().manual_seed(2))
+    entries = fidelity(scores, removal, measure=quality.masked_nll(model, ids))
+    names = [e["predictor"] for e in entries]
+    assert "additive, reap_mass" in names and names[-1] == MEASURED
+    assert "curves, measured NLL per layer" not in names  # no measured curves were given
+    for e in entries:
+        assert e["plans"] > 0
+        assert all(v is None or -1.0 <= v <= 1.0 for v in e["per_budget"].values())
+    data = {"models": [{"name": "tiny", "fidelity": entries}]}
+    text = "\n".join(quality.fidelity_section(data, BUDGETS))
+    assert "| tiny | additive, reap_mass |" in text

@@ -14,6 +14,10 @@ from grape.search import SearchConfig, masked, mean_nll, search
 from solvers.errors import UserError
 
 
+def curve_passes(result) -> int:
+    return result.nll_curves.passes if result.nll_curves is not None else 0
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     ws = make_workspace(tmp_path_factory.mktemp("search"))
@@ -33,7 +37,7 @@ def test_the_chosen_plan_is_no_worse_than_any_uniform_plan(setup):
                     SearchConfig(max_passes=10, progress=False))
     uniform = [c for c in result.candidates if c.name.startswith("uniform ")]
     assert len(uniform) >= 2 and result.best.nll <= min(c.nll for c in uniform)
-    assert result.passes <= 10 and len(result.candidates) == result.passes - 1
+    assert result.passes <= 10 and len(result.candidates) == result.passes - 1 - curve_passes(result)
     assert result.best.plan.num_removed == 12  # the budget holds for every candidate
     assert all(c.plan.num_removed == 12 for c in result.candidates)
     torch.testing.assert_close(model(input_ids=ids[:2]).logits, before, rtol=0, atol=0)  # unmasked again
@@ -74,3 +78,68 @@ def test_bad_search_settings_are_refused(setup):
         SearchConfig(max_passes=0)
     with pytest.raises(UserError, match="search tokens"):
         search(model, scores, SolveConfig(budget=0.5), ids[0])
+
+
+def test_measured_curves_seed_the_program_and_the_criterion_is_chosen_by_measurement(setup):
+    model, scores, ids = setup
+    result = search(model, scores, SolveConfig(budget=0.5, time_limit=10), ids,
+                    SearchConfig(max_passes=60, moves_per_round=2, progress=False))
+    curves = result.nll_curves
+    assert curves is not None and curves.passes == len(curves.points) > 0
+    names = [c.name for c in result.candidates]
+    assert any(n.startswith("exact curves on measured NLL") for n in names)
+    # other criteria's within-layer orders measured (globally, or one layer at a time)
+    assert any(n.endswith("order") or "order, incumbent's counts" in n for n in names)
+    assert result.passes <= 60 and len(result.candidates) == result.passes - 1 - curves.passes
+    assert result.to_json()["nll_curves"]["passes"] == curves.passes
+
+
+def test_an_interrupted_search_resumes_from_its_cache(setup, tmp_path):
+    model, scores, ids = setup
+    config = SearchConfig(max_passes=9, moves_per_round=2, progress=False)
+    cache = tmp_path / "search.cache.json"
+    first = search(model, scores, SolveConfig(budget=0.5, time_limit=10), ids, config, cache=cache)
+    assert cache.is_file() and first.reused < first.passes  # (a plan met twice is measured once)
+    calls = []
+    hook = model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        again = search(model, scores, SolveConfig(budget=0.5, time_limit=10), ids, config, cache=cache)
+    finally:
+        hook.remove()
+    assert calls == [] and again.reused == again.passes == first.passes  # nothing measured twice
+    assert again.best.plan.kept == first.best.plan.kept and again.best.nll == first.best.nll
+    other = search(model, scores, SolveConfig(budget=0.5, time_limit=10), ids[:3], config, cache=cache)
+    assert other.reused == first.reused and other.unpruned_nll != first.unpruned_nll  # not reused
+
+
+def test_unknown_search_criteria_are_refused_before_measuring(setup):
+    model, scores, ids = setup
+    with pytest.raises(UserError, match="--search-criteria"):
+        search(model, scores, SolveConfig(budget=0.5), ids, SearchConfig(criteria=("bogus",)))
+    with pytest.raises(UserError, match="--search-margin"):
+        SearchConfig(margin_se=-1)
+
+
+def test_search_tokens_spread_over_the_whole_file(tmp_path):
+    import json
+
+    from grape.pipeline import search_tokens
+    from grape.errors import DataError
+
+    ws = make_workspace(tmp_path / "ws")
+    tokenizer = grape.load_tokenizer(ws.model)
+    docs = [f"document {i} " + " ".join(["word"] * 60) for i in range(40)]
+    data = tmp_path / "a.jsonl"
+    data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    ids = search_tokens([data, data], tokenizer, seq_len=16, samples=4)
+    assert ids.shape == (8, 16) and torch.equal(ids[:4], ids[4:])  # each file weighs the same
+    from grape.evaluation import pack_windows, token_stream
+
+    stream, _ = token_stream(tokenizer, docs, 64 * 4 * 16)  # the spread cap: 64 x samples x seq_len
+    full = [w[:16] for w in pack_windows(stream, 16) if len(w) == 17]
+    assert len(full) > 20  # many windows to choose from: the first and last are taken, not 4 in a row
+    assert ids[0].tolist() == full[0] and ids[3].tolist() == full[-1]
+    tiny = tmp_path / "tiny.jsonl"
+    tiny.write_text(json.dumps({"text": "two words"}) + "\n")
+    with pytest.raises(DataError, match="fewer than 17 tokens"):
+        search_tokens([tiny], tokenizer, seq_len=16, samples=4)

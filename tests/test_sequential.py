@@ -33,9 +33,15 @@ QUICK = dict(batch_size=2, subsample=24, progress=False)
 SEQ = 24  # longer than gpt_oss's sliding window (16): the sliding layers mask differently
 
 
-def same_scores(got: Scores, expected: Scores, rtol: float = 1e-5) -> None:
-    """Every array of two scores files: counts exactly, float statistics to `rtol` relative."""
+def same_scores(got: Scores, expected: Scores, rtol: float = 1e-5, stored: bool = True) -> None:
+    """Every array of two scores files: counts exactly, float statistics to `rtol` relative.
+    `stored=False`: the two checkpoints store the weights in different formats, so their byte
+    sizes differ and only the parameter counts are compared."""
     assert got.model == expected.model and got.tokens == expected.tokens
+    for layer, params in expected.sizes.expert_params.items():
+        np.testing.assert_array_equal(got.sizes.expert_params[layer], params)
+    if stored:
+        assert got.sizes.to_json() == expected.sizes.to_json()
     assert got.calibration["subsample_tokens"] == expected.calibration["subsample_tokens"]
     assert sorted(got.layers) == sorted(expected.layers)
     for layer, ls in expected.layers.items():
@@ -44,7 +50,8 @@ def same_scores(got: Scores, expected: Scores, rtol: float = 1e-5) -> None:
         for name in STAT_NAMES:
             np.testing.assert_allclose(other.stats[name], ls.stats[name], rtol=rtol, atol=0,
                                        err_msg=f"layer {layer} {name}")
-        np.testing.assert_array_equal(other.expert_bytes, ls.expert_bytes)
+        if stored:
+            np.testing.assert_array_equal(other.expert_bytes, ls.expert_bytes)
         assert other.output_energy == pytest.approx(ls.output_energy, rel=rtol)
         assert sorted(other.similarity) == sorted(ls.similarity)
         # similarities lie in [-1, 1] and a cost curve falls to 0: entries near 0 are compared
@@ -170,7 +177,13 @@ def test_fp8_experts_are_dequantised_layer_by_layer(tmp_path):
     scores = calibrate_sequential(source, ids, config)
     expected = whole(reference, ids, config)
     scores.model = dataclasses.replace(scores.model, name_or_path=expected.model.name_or_path)
-    same_scores(scores, expected)
+    same_scores(scores, expected, stored=False)
+    # sized as stored: 1-byte weights plus float32 block scales (not the float32 copy's 4 bytes)
+    assert scores.sizes.quantization == "fp8" and expected.sizes.quantization is None
+    for layer, ls in scores.layers.items():
+        params = scores.sizes.expert_params[layer]
+        assert np.all(params < ls.expert_bytes) and np.all(ls.expert_bytes < 1.1 * params)
+        np.testing.assert_array_equal(expected.layers[layer].expert_bytes, 4 * params)
 
 
 def test_mxfp4_experts_are_dequantised_layer_by_layer(tmp_path):
@@ -202,7 +215,13 @@ def test_mxfp4_experts_are_dequantised_layer_by_layer(tmp_path):
     scores = calibrate_sequential(source, ids, config)
     expected = whole(reference, ids, config)
     scores.model = dataclasses.replace(scores.model, name_or_path=expected.model.name_or_path)
-    same_scores(scores, expected)
+    same_scores(scores, expected, stored=False)
+    # sized as stored: 4-bit values, one exponent byte per 32 and float32 biases
+    assert scores.sizes.quantization == "mxfp4"
+    weights, biases = 3 * 32 * 32, 2 * 32 + 32  # gate_up + down weights; their biases
+    for layer, ls in scores.layers.items():
+        np.testing.assert_array_equal(scores.sizes.expert_params[layer], weights + biases)
+        np.testing.assert_array_equal(ls.expert_bytes, weights // 2 + weights // 32 + 4 * biases)
 
 
 @pytest.mark.parametrize("where", ["disk", "cpu"])

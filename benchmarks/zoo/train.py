@@ -142,15 +142,122 @@ def lr_at(step: int, frac_time: float, peak: float, warmup: int, floor: float = 
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
+def upcycle(dense: torch.nn.Module, moe: torch.nn.Module, noise: float, seed: int) -> list[str]:
+    """Copy a dense-equivalent model (one expert, top-1) into an MoE of the same body: every
+    tensor of matching shape is copied; expert tensors (leading dim 1 -> E) are repeated into
+    every expert with Gaussian noise of `noise` times the tensor's std, so experts start alike
+    but not identical; routers (shape (1, h) -> (E, h)) keep their fresh initialisation.
+    Returns the names of the tensors that were left fresh."""
+    gen = torch.Generator().manual_seed(seed)
+    source = dict(dense.named_parameters())
+    fresh = []
+    with torch.no_grad():
+        for name, target in moe.named_parameters():
+            src = source.get(name)
+            if src is not None and src.shape == target.shape:
+                target.copy_(src)
+            elif (src is not None and src.dim() == 3 and src.shape[0] == 1
+                    and src.shape[1:] == target.shape[1:]):
+                base = src.expand_as(target)
+                jitter = torch.randn(target.shape, generator=gen) * (noise * float(src.std()))
+                target.copy_(base + jitter)
+            else:
+                fresh.append(name)
+    return fresh
+
+
+def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+class Phase:
+    """One training run of `model` within a wall-clock budget (warmup + cosine over elapsed
+    time), with periodic evaluation and (when `save` is set) atomic checkpoints."""
+
+    def __init__(self, model, args, spec, streams, val, logf, label: str, save=None):
+        self.model, self.args, self.spec = model, args, spec
+        self.streams, self.val, self.logf, self.label, self.save = streams, val, logf, label, save
+        # the dense phase draws other windows than the MoE phase that follows it
+        self.rng = np.random.default_rng([args.seed, label == "dense"])
+        self.step, self.tokens, self.history = 0, 0, []
+        self.start = time.time()
+
+    def batch(self) -> torch.Tensor:
+        per_domain = self.args.batch // len(DOMAINS)
+        extra = self.args.batch - per_domain * len(DOMAINS)
+        rows = []
+        for i, domain in enumerate(DOMAINS):
+            s = self.streams[domain]
+            for off in self.rng.integers(0, len(s) - SEQ_LEN - 1, size=per_domain + (i < extra)):
+                rows.append(s[off:off + SEQ_LEN])
+        return torch.from_numpy(np.stack(rows).astype(np.int64))
+
+    def run(self, minutes: float) -> None:
+        model, args = self.model, self.args
+        if hasattr(model, "set_experts_implementation"):
+            model.set_experts_implementation("grouped_mm")
+        tap = RouterTap(model)
+        opt = make_optimizer(model, args.lr)
+        model.train()
+        budget_s = minutes * 60
+        self.start = last_save = last_eval = time.time()
+        while (elapsed := time.time() - self.start) < budget_s:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(self.step, elapsed / budget_s, args.lr, args.warmup)
+            x = self.batch()
+            tap.captured.clear()
+            out = model(input_ids=x, labels=x)
+            aux = tap.load_balancing_loss(self.spec.router_score)
+            loss = out.loss + args.aux_coef * aux
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            self.step += 1
+            self.tokens += x.numel()
+            if self.step % 10 == 0:
+                log(self.logf, f"{self.label} step {self.step} lm {out.loss.item():.4f} aux {aux.item():.4f} "
+                               f"lr {opt.param_groups[0]['lr']:.2e} tok/s {self.tokens / (time.time() - self.start):.0f} "
+                               f"elapsed {(time.time() - self.start) / 60:.1f}m")
+            now = time.time()
+            if now - last_eval >= args.eval_every_min * 60:
+                self.evaluate(tap, out.loss.item())
+                last_eval = time.time()
+            if self.save is not None and now - last_save >= args.save_every_min * 60:
+                self.save(self, False)
+                log(self.logf, f"checkpoint at step {self.step}")
+                last_save = time.time()
+        self.evaluate(tap, None)
+        for handle in tap.handles:
+            handle.remove()
+
+    def evaluate(self, tap: RouterTap, train_lm: float | None) -> None:
+        tap.captured.clear()
+        v = evaluate(self.model, self.val)
+        tap.captured.clear()
+        row = {"step": self.step, "minutes": (time.time() - self.start) / 60, "val": v}
+        if train_lm is not None:
+            row["train_lm"] = train_lm
+        self.history.append(row)
+        log(self.logf, f"{self.label} eval step {self.step}: " + " ".join(f"{d}={x:.3f}" for d, x in v.items()))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", choices=sorted(ZOO) + sorted(RETIRED))
-    parser.add_argument("--minutes", type=float, default=30.0, help="wall-clock training budget")
+    parser.add_argument("--minutes", type=float, default=30.0,
+                        help="wall-clock training budget (dense phase included for upcycled models)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--aux-coef", type=float, default=None,
                         help="load-balancing loss weight (default: the model's, see zoo_configs.py)")
+    parser.add_argument("--upcycle-noise", type=float, default=0.1,
+                        help="upcycled models: expert noise, as a fraction of each tensor's std")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save-every-min", type=float, default=10.0)
@@ -164,7 +271,6 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
     spec = {**ZOO, **RETIRED}[args.name]
     if args.aux_coef is None:
         args.aux_coef = spec.aux_coef
@@ -177,83 +283,41 @@ def main(argv: list[str] | None = None) -> int:
     log(logf, "train tokens: " + ", ".join(f"{d}={len(s)}" for d, s in streams.items()))
     val = {d: eval_windows(tokenizer, ZOO_DIR / "heldout" / f"{d}.validation.jsonl", 32) for d in DOMAINS}
 
+    dense_summary = None
+    moe_minutes = args.minutes
     model = T.AutoModelForCausalLM.from_config(spec.make_config())
-    if hasattr(model, "set_experts_implementation"):
-        model.set_experts_implementation("grouped_mm")
+    if spec.upcycle_from is not None:
+        dense_minutes = args.minutes * spec.upcycle_fraction
+        moe_minutes = args.minutes - dense_minutes
+        dense = T.AutoModelForCausalLM.from_config(spec.upcycle_from())
+        log(logf, f"dense phase: {dense_minutes:.1f} min")
+        phase = Phase(dense, args, spec, streams, val, logf, "dense")
+        phase.run(dense_minutes)
+        dense_summary = {"minutes": dense_minutes, "steps": phase.step, "tokens": phase.tokens,
+                         "history": phase.history, "upcycle_noise": args.upcycle_noise}
+        fresh = upcycle(dense, model, args.upcycle_noise, args.seed)
+        log(logf, f"upcycled into {spec.make_config().num_local_experts} experts; fresh tensors: {fresh}")
     n_params = sum(p.numel() for p in model.parameters())
     log(logf, f"params {n_params} ({2 * n_params / 1e6:.2f} MB bf16)")
-    tap = RouterTap(model)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
-    model.train()
 
-    budget_s = args.minutes * 60
-    start = time.time()
-    last_save = last_eval = start
-    step, tokens_seen, history = 0, 0, []
-    summary: dict = {}
-    per_domain = args.batch // len(DOMAINS)
-    counts = [per_domain + (1 if i < args.batch - per_domain * len(DOMAINS) else 0) for i in range(len(DOMAINS))]
-
-    def make_summary(done: bool) -> dict:
+    def summary(phase: Phase, done: bool) -> dict:
+        total_tokens = phase.tokens + (dense_summary["tokens"] if dense_summary else 0)
         return {"name": args.name, "description": spec.description, "params": n_params,
-                "steps": step, "tokens": tokens_seen, "minutes": (time.time() - start) / 60,
+                "steps": phase.step, "tokens": total_tokens,
+                "minutes": (time.time() - phase.start) / 60 + (dense_summary["minutes"] if dense_summary else 0),
                 "budget_minutes": args.minutes, "batch": args.batch, "seq_len": SEQ_LEN,
                 "peak_lr": args.lr, "aux_coef": args.aux_coef, "seed": args.seed,
-                "tokens_per_s": tokens_seen / max(time.time() - start, 1e-9),
-                "finished": done, "val_nll_quick": history[-1]["val"] if history else None,
-                "history": history}
+                "tokens_per_s": phase.tokens / max(time.time() - phase.start, 1e-9),
+                "finished": done, "val_nll_quick": phase.history[-1]["val"] if phase.history else None,
+                "history": phase.history, "upcycled_from_dense": dense_summary}
 
-    while True:
-        elapsed = time.time() - start
-        if elapsed >= budget_s:
-            break
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, elapsed / budget_s, args.lr, args.warmup)
-        rows = []
-        for domain, c in zip(DOMAINS, counts):
-            s = streams[domain]
-            for off in rng.integers(0, len(s) - SEQ_LEN - 1, size=c):
-                rows.append(s[off:off + SEQ_LEN])
-        x = torch.from_numpy(np.stack(rows).astype(np.int64))
-        tap.captured.clear()
-        out = model(input_ids=x, labels=x)
-        aux = tap.load_balancing_loss(spec.router_score)
-        loss = out.loss + args.aux_coef * aux
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-        tokens_seen += x.numel()
-        if step % 10 == 0:
-            log(logf, f"step {step} lm {out.loss.item():.4f} aux {aux.item():.4f} "
-                      f"lr {opt.param_groups[0]['lr']:.2e} tok/s {tokens_seen / (time.time() - start):.0f} "
-                      f"elapsed {(time.time() - start) / 60:.1f}m")
-        now = time.time()
-        if now - last_eval >= args.eval_every_min * 60:
-            tap.captured.clear()
-            v = evaluate(model, val)
-            tap.captured.clear()
-            history.append({"step": step, "minutes": (now - start) / 60, "train_lm": out.loss.item(), "val": v})
-            log(logf, f"eval step {step}: " + " ".join(f"{d}={x:.3f}" for d, x in v.items()))
-            last_eval = time.time()
-        if now - last_save >= args.save_every_min * 60:
-            save_checkpoint(model, tokenizer, args.out / args.name, make_summary(False))
-            log(logf, f"checkpoint at step {step}")
-            last_save = time.time()
+    def save(phase: Phase, done: bool) -> None:
+        save_checkpoint(phase.model, tokenizer, args.out / args.name, summary(phase, done))
 
-    tap.captured.clear()
-    v = evaluate(model, val)
-    tap.captured.clear()
-    history.append({"step": step, "minutes": (time.time() - start) / 60, "val": v})
-    log(logf, f"final eval step {step}: " + " ".join(f"{d}={x:.3f}" for d, x in v.items()))
-    summary = make_summary(True)
-    save_checkpoint(model, tokenizer, args.out / args.name, summary)
-    log(logf, f"saved {args.out / args.name} after {step} steps, {tokens_seen} tokens")
+    phase = Phase(model, args, spec, streams, val, logf, "moe", save=save)
+    phase.run(moe_minutes)
+    save(phase, True)
+    log(logf, f"saved {args.out / args.name} after {phase.step} steps, {phase.tokens} tokens")
     logf.close()
     return 0
 

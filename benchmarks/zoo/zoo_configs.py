@@ -24,6 +24,11 @@ class ZooModel:
     router_score: str  # "softmax" or "sigmoid": how the load-balancing loss reads router logits
     description: str
     aux_coef: float = 0.01  # load-balancing loss weight used by train.py unless --aux-coef is given
+    # Sparse upcycling: train.py first trains this dense-equivalent config (same body, one
+    # expert, top-1) for `upcycle_fraction` of the budget, then copies its FFN into every expert
+    # (plus noise) and trains the MoE for the rest, as Mixtral and Qwen1.5-MoE were made.
+    upcycle_from: Callable[[], T.PretrainedConfig] | None = None
+    upcycle_fraction: float = 0.0
 
 
 def _qwen3moe_32x4() -> T.PretrainedConfig:
@@ -82,6 +87,26 @@ def _mixtral_8x2() -> T.PretrainedConfig:
                                                                  "rope_theta": 10000.0})
 
 
+def _mixtral_upcycled(experts: int = 8, top_k: int = 2) -> T.PretrainedConfig:
+    # Same body as mixtral-8x2 so the two differ only in how their experts began. The dense
+    # phase uses experts=1, top_k=1: the router's softmax over one expert is 1, so the block is
+    # exactly a dense SwiGLU FFN whose weights can be copied into every expert.
+    return T.MixtralConfig(**_COMMON, hidden_size=192, num_hidden_layers=6, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=48, intermediate_size=192,
+                           num_local_experts=experts, num_experts_per_tok=top_k,
+                           router_aux_loss_coef=0.001, sliding_window=None,
+                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+
+
+def _olmoe_32x4() -> T.PretrainedConfig:
+    # OLMoE's routing: softmax over all experts, top-k weights *not* renormalised
+    # (norm_topk_prob False), q/k RMSNorm in attention. Fine-grained like qwen3moe-32x4.
+    return T.OlmoeConfig(**_COMMON, hidden_size=192, num_hidden_layers=6, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=48, num_experts=32,
+                         num_experts_per_tok=4, norm_topk_prob=False, router_aux_loss_coef=0.01,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+
+
 ZOO = {
     m.name: m for m in (
         ZooModel("qwen3moe-32x4", _qwen3moe_32x4, "softmax",
@@ -91,6 +116,12 @@ ZOO = {
                  "(4 groups of 8, 2 picked), 1 small shared expert, every layer MoE", aux_coef=0.001),
         ZooModel("mixtral-8x2", _mixtral_8x2, "softmax",
                  "Mixtral style: 8 large experts, top-2, no shared expert, no balancing loss", aux_coef=0.0),
+        ZooModel("mixtral-8x2-upcycled", _mixtral_upcycled, "softmax",
+                 "Mixtral style, sparse-upcycled: a dense SwiGLU model trained first, its FFN copied "
+                 "into 8 experts (+ noise), then trained as a top-2 MoE", aux_coef=0.001,
+                 upcycle_from=lambda: _mixtral_upcycled(1, 1), upcycle_fraction=1 / 3),
+        ZooModel("olmoe-32x4", _olmoe_32x4, "softmax",
+                 "OLMoE style: 32 fine-grained experts, top-4 without renormalisation, q/k norm"),
     )
 }
 

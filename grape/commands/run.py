@@ -41,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from grape.flags import add_config_arguments
     from grape.modelfiles import MODEL_HELP
     from grape.pruning import ApplyConfig
+    from grape.search import SearchConfig
 
     io = parser.add_argument_group("model and data")
     io.add_argument("--model", type=Path, default=None,
@@ -82,9 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     se = parser.add_argument_group("loss-verified allocation (grape.search)")
     se.add_argument("--no-search", action="store_true",
                     help="apply the solver's plan as it is, without measuring candidates")
-    se.add_argument("--search-passes", type=int, default=None,
-                    help="forward passes the search may spend (each measures one plan on the "
-                    "held-out search tokens); unset: 100 on the test bed, else 200")
+    add_config_arguments(se, SearchConfig)  # --search-passes, --search-criteria, ... (docs/search.md)
     se.add_argument("--search-samples", type=int, default=None,
                     help="search sequences (per --search-data file); unset: 8 (test bed: 16 per "
                     "domain of its validation split)")
@@ -192,6 +191,7 @@ def run_config(args: argparse.Namespace):
     from grape.calibration import CalibrationConfig
     from grape.config import solve_config_from_args
     from grape.evaluation import EvalConfig
+    from grape.flags import config_from_args
     from grape.pipeline import RunConfig
     from grape.search import SearchConfig
 
@@ -212,8 +212,8 @@ def run_config(args: argparse.Namespace):
         method=args.method, save=not args.no_save, allow_lower_top_k=args.allow_lower_top_k,
         baselines=tuple(_names(args.baselines)), compare=not args.no_compare,
         compare_time_limit=args.compare_time_limit, device=args.device, dtype=args.dtype,
-        search=None if args.no_search else SearchConfig(max_passes=args.search_passes, seed=args.seed,
-                                                        progress=progress),
+        search=None if args.no_search else config_from_args(SearchConfig, args, seed=args.seed,
+                                                            progress=progress),
         search_samples=args.search_samples, search_data=args.search_data,
         overwrite=args.overwrite,
     )

@@ -27,11 +27,14 @@ solvers (--solver):
   dp           dynamic program over per-layer curves (per-layer constraints, budget, uniform)
 
 budget (--budget): 0.5 = remove half of all routed experts; 64 = remove exactly 64 experts;
-  free:40GB = removed experts free at least 40 GB; keep:100GiB = kept experts use at most 100 GiB.
+  free:40GB = removed experts free at least 40 GB; keep:100GiB = kept experts use at most 100 GiB
+  (expert sizes as the checkpoint stores them, or as --deploy-dtype bf16|fp16|fp32|fp8|mxfp4).
 
-fit to hardware: --fit 4x80GB (or 8xH100, 4xH200 ...) --kv-reserve 20% caps each of 4 pipeline
-  stages at 80 GB less 20%; --memory-cap 80GB,80GB,40GB --pipeline 3 gives one cap per device.
-  The plan records the per-device table (placement) and this command prints it.
+fit to hardware: --fit 4x80GB (or 8xH100, 4xH200 ...) --kv-reserve 10% caps each of 4 pipeline
+  stages at 80 GB less 10%, counting every parameter a device holds (routed experts, attention,
+  norms, router, shared experts, embeddings / head); --max-seq-len 32768 --batch 8 adds the KV
+  cache. --memory-cap 80GB,80GB,40GB --pipeline 3 gives one cap per device. The plan records
+  the per-device table (placement) and this command prints it.
 """
 
 OUTPUT = FileOutput(PLAN_FILE, inputs=("scores",), what="plan file")
@@ -94,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         )
         print(f"  method: {plan.provenance.get('method', '')}")
         if plan.placement:
-            print(format_placement(plan.placement))
+            print(format_placement(plan.placement, plan.provenance.get("sizes") or ""))
         if plan.provenance.get("repaired"):
             print(f"  repaired: {'; '.join(plan.provenance['repaired'])}")
     return 0

@@ -1,8 +1,9 @@
 """--fit SPEC: per-device memory caps from a GPU count and a size or a named GPU type.
 
 ``2x80GB``, ``8xH100``, ``4x141GB`` (and ``--kv-reserve 20%``: the part of every device kept
-free for the KV cache and activations). The caps count what the scores file sizes: today the
-routed experts only (docs/solvers.md, "Fit a model on N GPUs").
+free for activations, and for the KV cache unless ``--max-seq-len`` counts it). The caps count
+everything the scores file sizes: routed experts, the other parts of each layer, embeddings and
+head, and the KV cache (solvers.constraints.memory; docs/solvers.md, "Fit a model on N GPUs").
 """
 
 from __future__ import annotations

@@ -1,9 +1,17 @@
-"""Per-device memory caps: kept routed-expert bytes on each GPU stay within its cap, under a
-pipeline (whole layers per device) or expert-parallel (experts spread over ranks) placement."""
+"""Per-device memory caps: what each GPU holds stays within its cap, under a pipeline (whole
+layers per device) or expert-parallel (experts spread over ranks) placement.
+
+A device holds its kept routed experts plus, when the scores record the model's sizes
+(solvers.sizes), the other parts of its layers, the embeddings and head where they live, and
+the KV cache of ``--max-seq-len`` x ``--batch`` tokens (:func:`solvers.sizes.device_parts`).
+Those are fixed by the placement, so each cap becomes a cap on the kept expert bytes:
+``sum_{e on d} bytes_e x_e <= cap_d - fixed_d``.
+"""
 
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import ClassVar
 
 import numpy as np
@@ -11,20 +19,22 @@ import numpy as np
 from solvers.constraints.base import Constraint, kept_mask, register_constraint
 from solvers.constraints.units import format_bytes, over_cap
 from solvers.errors import UserError
+from solvers.sizes import device_parts
 
 
 @register_constraint
 class MemoryCap(Constraint):
-    """Kept routed-expert bytes on each device stay within its cap, under a placement.
+    """Everything on each device stays within its cap, under a placement.
 
     ``placement`` is either ``{"layers": {device: [decoder layers]}}`` (pipeline parallel: each
     device holds whole layers) or ``{"experts": {decoder layer: [device of expert 0, 1, ...]}}``
     (expert parallel). ``caps`` maps device -> bytes (one number: the same cap for every device).
+    ``kv``: ``{"max_seq_len": T, "batch": B}`` to count the KV cache, or None.
     """
 
     name: ClassVar[str] = "memory_cap"
 
-    def __init__(self, caps, placement: dict):
+    def __init__(self, caps, placement: dict, kv: dict | None = None):
         if set(placement) not in ({"layers"}, {"experts"}):
             raise UserError("memory cap placement must be {'layers': {...}} or {'experts': {...}}")
         self.kind = next(iter(placement))
@@ -45,9 +55,11 @@ class MemoryCap(Constraint):
         missing = [d for d in self.devices if d not in self.caps]
         if missing:
             raise UserError(f"memory cap: no cap given for devices {missing}")
+        self.kv = None if not kv else {"max_seq_len": int(kv["max_seq_len"]),
+                                       "batch": int(kv.get("batch") or 1)}
 
     @classmethod
-    def pipeline(cls, layer_indices: list[int], devices: int, cap) -> "MemoryCap":
+    def pipeline(cls, layer_indices: list[int], devices: int, cap, kv: dict | None = None) -> MemoryCap:
         """Split the MoE layers into `devices` contiguous stages of near-equal size."""
         if devices < 1:
             raise UserError("pipeline parallel needs at least one device")
@@ -58,10 +70,11 @@ class MemoryCap(Constraint):
             )
         cap = _per_device(cap, devices, "--pipeline")
         stages = np.array_split(np.asarray(sorted(layer_indices)), devices)
-        return cls(cap, {"layers": {str(d): s.tolist() for d, s in enumerate(stages)}})
+        return cls(cap, {"layers": {str(d): s.tolist() for d, s in enumerate(stages)}}, kv)
 
     @classmethod
-    def expert_parallel(cls, experts_per_layer: dict[int, int], devices: int, cap) -> "MemoryCap":
+    def expert_parallel(cls, experts_per_layer: dict[int, int], devices: int, cap,
+                        kv: dict | None = None) -> MemoryCap:
         """Expert e of every layer lives on device e * devices // N (contiguous blocks, as in EP)."""
         if devices < 1:
             raise UserError("expert parallel needs at least one device")
@@ -72,15 +85,9 @@ class MemoryCap(Constraint):
                 "experts of a layer (every rank needs at least one expert of each layer)"
             )
         cap = _per_device(cap, devices, "--expert-parallel")
-        return cls(
-            cap,
-            {
-                "experts": {
-                    layer: [str(e * devices // n) for e in range(n)]
-                    for layer, n in experts_per_layer.items()
-                }
-            },
-        )
+        placement = {layer: [str(e * devices // n) for e in range(n)]
+                     for layer, n in experts_per_layer.items()}
+        return cls(cap, {"experts": placement}, kv)
 
     def to_json(self):
         placement = (
@@ -88,11 +95,12 @@ class MemoryCap(Constraint):
             if self.kind == "layers"
             else {"experts": {str(layer): ds for layer, ds in self.device_of.items()}}
         )
-        return {"name": self.name, "caps": self.caps, "placement": placement}
+        out = {"name": self.name, "caps": self.caps, "placement": placement}
+        return {**out, "kv": self.kv} if self.kv else out
 
     @classmethod
-    def from_json(cls, data: dict) -> "MemoryCap":
-        return cls(data["caps"], data["placement"])
+    def from_json(cls, data: dict) -> MemoryCap:
+        return cls(data["caps"], data["placement"], data.get("kv"))
 
     def __eq__(self, other):
         return isinstance(other, MemoryCap) and self.to_json() == other.to_json()
@@ -101,7 +109,9 @@ class MemoryCap(Constraint):
         caps = sorted(set(self.caps.values()))
         cap_text = format_bytes(caps[0]) if len(caps) == 1 else "per-device caps"
         where = "pipeline stages" if self.kind == "layers" else "expert-parallel ranks"
-        return f"memory cap {cap_text} on {len(self.devices)} {where}"
+        kv = (f", KV cache of {self.kv['batch']} x {self.kv['max_seq_len']} tokens"
+              if self.kv else "")
+        return f"memory cap {cap_text} on {len(self.devices)} {where}{kv}"
 
     def validate(self, problem):
         if self.kind == "layers":
@@ -118,6 +128,10 @@ class MemoryCap(Constraint):
                         f"memory cap: the expert placement of layer {layer.index} must list "
                         f"a device for each of its {layer.num_experts} experts"
                     )
+        footprint = getattr(problem, "footprint", None)
+        if self.kv and (footprint is None or footprint.kv is None):
+            raise UserError("--max-seq-len needs the attention shape, which this scores file does "
+                            "not record; re-run `grape calibrate` (scores format version 2)")
 
     def needs_expert_level(self, problem):
         return self.kind == "experts" or not problem.uniform_bytes_per_layer
@@ -135,15 +149,30 @@ class MemoryCap(Constraint):
                     out.append((p, mask))
         return out
 
+    # -- what a device holds besides its routed experts ------------------------------------------
+    def parts(self, problem) -> dict[str, tuple[float, float]]:
+        """Per device: (other parts, KV cache) in bytes; zeros when the scores record only the
+        routed experts."""
+        footprint = getattr(problem, "footprint", None)
+        if footprint is None:
+            return {d: (0.0, 0.0) for d in self.devices}
+        stages = self.layers_of if self.kind == "layers" else None
+        return device_parts(footprint, self.devices, stages, self.kv)
+
+    def _fixed(self, problem) -> dict[str, float]:
+        return {d: other + kv for d, (other, kv) in self.parts(problem).items()}
+
     def add_to_model(self, form):
+        fixed = self._fixed(form.problem)
         for device in self.devices:
             members = self._members(form.problem, device)
             if not members:
                 continue
             cols, vals = form.kept_bytes_terms([p for p, _ in members], {p: m for p, m in members})
-            form.mip.add_row(cols, vals, -math.inf, self.caps[device])
+            form.mip.add_row(cols, vals, -math.inf, self.caps[device] - fixed[device])
 
     def kept_bytes(self, problem, masks) -> dict[str, float]:
+        """Per device: the bytes of its kept routed experts."""
         return {
             d: float(
                 sum(
@@ -155,18 +184,18 @@ class MemoryCap(Constraint):
         }
 
     def placement_table(self, problem, masks) -> list[dict]:
-        """One row per device: {"device": i, "layers": [...], "bytes": kept bytes, "cap": bytes}
-        (devices numbered 0.. in their natural order; what a plan records as ``placement``)."""
-        used = self.kept_bytes(problem, masks)
-        return [
-            {
-                "device": i,
-                "layers": [problem.layers[p].index for p, _ in self._members(problem, d)],
-                "bytes": int(round(used[d])),
-                "cap": int(math.floor(self.caps[d])),
-            }
-            for i, d in enumerate(self.devices)
-        ]
+        """One row per device (devices numbered 0.. in their natural order; what a plan records
+        as ``placement``): {"device": i, "layers": [MoE layers], "bytes": all it holds, "cap":
+        bytes, "experts": kept routed-expert bytes, "other": other parts, "kv": KV cache}."""
+        used, parts = self.kept_bytes(problem, masks), self.parts(problem)
+        rows = []
+        for i, d in enumerate(self.devices):
+            experts, other, kv = (round(v) for v in (used[d], *parts[d]))
+            rows.append({"device": i,
+                         "layers": [problem.layers[p].index for p, _ in self._members(problem, d)],
+                         "bytes": experts + other + kv, "cap": int(math.floor(self.caps[d])),
+                         "experts": experts, "other": other, "kv": kv})
+        return rows
 
     def count_violations(self, problem, counts):
         if self.needs_expert_level(problem):
@@ -175,42 +204,52 @@ class MemoryCap(Constraint):
         return self._over(problem, masks)
 
     def _over(self, problem, masks):
-        used = self.kept_bytes(problem, masks)
-        return [
-            f"memory cap: device {d} holds {format_bytes(used[d])} of kept experts, above its cap "
-            f"{format_bytes(self.caps[d])}"
-            for d in self.devices
-            if over_cap(used[d], self.caps[d])
-        ]
+        used, parts = self.kept_bytes(problem, masks), self.parts(problem)
+        out = []
+        for d in self.devices:
+            other, kv = parts[d]
+            if over_cap(used[d] + other + kv, self.caps[d]):
+                rest = f" plus {format_bytes(other + kv)} of other parts and KV cache" if other + kv else ""
+                out.append(f"memory cap: device {d} holds {format_bytes(used[d])} of kept experts"
+                           f"{rest}, above its cap {format_bytes(self.caps[d])}")
+        return out
 
     def check(self, plan, problem):
         masks = [kept_mask(plan, problem, p) for p in range(len(problem.layers))]
         return self._over(problem, masks)
 
+    # -- infeasibility, with numbers and the smallest fix -----------------------------------------
+    def _least(self, problem, lo, device) -> float:
+        """The fewest expert bytes the device can keep: must-keep experts and, on a pipeline
+        stage, each layer's cheapest lo experts."""
+        rules, least = problem.layer_rules(), 0.0
+        for p, mask in self._members(problem, device):
+            b = problem.layers[p].expert_bytes
+            forced = float(b[mask & rules[p].keep].sum())
+            if self.kind == "layers":
+                forced = max(forced, float(np.sort(b)[: lo[p]].sum()))
+            least += forced
+        return least
+
     def precheck(self, problem, lo, hi):
-        rules = problem.layer_rules()
+        parts = self.parts(problem)
         for device in self.devices:
-            least = 0.0
-            for p, mask in self._members(problem, device):
-                b = problem.layers[p].expert_bytes
-                forced = float(b[mask & rules[p].keep].sum())
-                if self.kind == "layers":
-                    forced = max(forced, float(np.sort(b)[: lo[p]].sum()))
-                least += forced
-            if over_cap(least, self.caps[device]):
-                return (
-                    f"memory cap: device {device} must hold at least {format_bytes(least)} of kept "
-                    f"experts (per-layer minimums and must-keep), above its cap "
-                    f"{format_bytes(self.caps[device])}"
-                )
+            least, (other, kv) = self._least(problem, lo, device), parts[device]
+            if over_cap(least + other + kv, self.caps[device]):
+                layers = [problem.layers[p].index for p, _ in self._members(problem, device)]
+                holds = _holding(other, kv)
+                return (f"memory cap: device {device} (layers {_span(layers)})"
+                        + (f" holds {holds};" if holds else ":")
+                        + f" even at the per-layer minimum (and must-keep) its experts need "
+                        f"{format_bytes(least)} > {_room(self.caps[device], other + kv)}; "
+                        f"{self._remedy(problem, lo, hi, None)}")
         if self.kind == "layers":
             return self._budget_precheck(problem, lo, hi)
         return None
 
-    # -- how many experts the devices can hold (pipeline placements) ---------------------------
     def _device_sizes(self, problem, lo, hi, device):
-        """(bytes that must stay: each layer's cheapest lo experts, forced count, the bytes of the
-        further experts the device could keep, cheapest first)."""
+        """(bytes that must stay: each layer's cheapest lo experts, forced count, the cumulative
+        bytes of the further experts the device could keep, cheapest first)."""
         floor_bytes, floor_count, extra = 0.0, 0, []
         for p, _ in self._members(problem, device):
             b = np.sort(problem.layers[p].expert_bytes)
@@ -221,15 +260,65 @@ class MemoryCap(Constraint):
         return floor_bytes, floor_count, np.cumsum(extra)
 
     def most_kept(self, problem, lo, hi, scale: float = 1.0) -> dict[str, int]:
-        """Per device: the most experts it can keep within scale x its cap (per-layer bounds
-        lo..hi, the cheapest experts first). Their sum bounds every plan's kept total."""
-        out = {}
+        """Per device: the most experts it can keep within scale x its cap less what else it
+        holds (per-layer bounds lo..hi, the cheapest experts first). Their sum bounds every
+        plan's kept total."""
+        out, fixed = {}, self._fixed(problem)
         for device in self.devices:
             floor_bytes, floor_count, extra = self._device_sizes(problem, lo, hi, device)
             cap = scale * self.caps[device]
-            room = cap + 1e-9 * max(1.0, abs(cap)) - floor_bytes  # the slack of over_cap
+            room = cap + 1e-9 * max(1.0, abs(cap)) - fixed[device] - floor_bytes  # over_cap's slack
             out[device] = floor_count + int(np.searchsorted(extra, room, "right"))
         return out
+
+    def _fits(self, problem, lo, hi, k: int | None, scale: float = 1.0) -> bool:
+        """Every device holds its least within scale x its cap, and (pipeline, count budget)
+        the devices hold at least k experts together."""
+        fixed = self._fixed(problem)
+        if any(over_cap(self._least(problem, lo, d) + fixed[d], scale * self.caps[d])
+               for d in self.devices):
+            return False
+        if self.kind != "layers" or k is None:
+            return True
+        return sum(self.most_kept(problem, lo, hi, scale).values()) >= k
+
+    def _remedy(self, problem, lo, hi, k: int | None) -> str:
+        """The smallest common scale of the caps that fits, and the fewest devices of these caps
+        that would (same kind of placement), in words."""
+        hi_s = 1.0
+        for _ in range(64):
+            if self._fits(problem, lo, hi, k, hi_s):
+                break
+            hi_s *= 2
+        else:
+            return "no cap makes this fit; relax the per-layer rules or the budget"
+        lo_s = 0.0
+        for _ in range(50):
+            mid = (lo_s + hi_s) / 2
+            lo_s, hi_s = (lo_s, mid) if self._fits(problem, lo, hi, k, mid) else (mid, hi_s)
+        caps = " / ".join(sorted({format_bytes(hi_s * c) for c in self.caps.values()}))
+        text = f"give the devices at least {caps} each ({hi_s:.3f} x the caps)"
+        more = self._fewest_devices(problem, lo, hi, k)
+        if more is not None:
+            flag = "--pipeline" if self.kind == "layers" else "--expert-parallel"
+            text += f", or use at least {more} devices of this cap ({flag} {more}, or --fit {more}xSIZE)"
+        return text
+
+    def _fewest_devices(self, problem, lo, hi, k: int | None) -> int | None:
+        """The fewest devices of this one cap (standard placement) that fit, or None."""
+        caps = set(self.caps.values())
+        if len(caps) != 1:
+            return None
+        cap = caps.pop()
+        if self.kind == "layers":
+            limit, build = len(problem.layers), partial(MemoryCap.pipeline, problem.layer_indices)
+        else:
+            experts = {layer.index: layer.num_experts for layer in problem.layers}
+            limit, build = min(experts.values()), partial(MemoryCap.expert_parallel, experts)
+        for n in range(len(self.devices) + 1, limit + 1):
+            if build(n, cap, self.kv)._fits(problem, lo, hi, k):
+                return n
+        return None
 
     def _budget_precheck(self, problem, lo, hi):
         k = problem.budget.kept_total(problem)
@@ -238,9 +327,18 @@ class MemoryCap(Constraint):
         most = self.most_kept(problem, lo, hi)
         if k <= sum(most.values()):
             return None
-        # the binding device: the one whose even share of the kept experts it misses by most
+        binding = self._binding(problem, lo, hi, k, most)
+        removals = problem.total_experts - sum(most.values())
+        return (
+            f"memory cap: the budget keeps {k} experts, but the {len(self.devices)} devices hold at "
+            f"most {sum(most.values())} within their caps{binding}. Remove at least {removals} "
+            f"experts (--budget {removals}), or {self._remedy(problem, lo, hi, k)}"
+        )
+
+    def _binding(self, problem, lo, hi, k: int, most: dict[str, int]) -> str:
+        """The device that misses its even share of the k kept experts by most, in words."""
         total = sum(problem.layers[p].num_experts for d in self.devices for p, _ in self._members(problem, d))
-        worst = None
+        parts, worst = self.parts(problem), None
         for device in self.devices:
             members = self._members(problem, device)
             share = round(k * sum(problem.layers[p].num_experts for p, _ in members) / total)
@@ -250,26 +348,32 @@ class MemoryCap(Constraint):
                 need = floor_bytes + (float(extra[more - 1]) if more else 0.0)
                 layers = [problem.layers[p].index for p, _ in members]
                 worst = (share - most[device], device, layers, share, need)
-        lo_s, hi_s = 0.0, 1.0
-        while sum(self.most_kept(problem, lo, hi, hi_s).values()) < k:
-            hi_s *= 2
-        for _ in range(60):
-            mid = (lo_s + hi_s) / 2
-            lo_s, hi_s = (lo_s, mid) if sum(self.most_kept(problem, lo, hi, mid).values()) >= k else (mid, hi_s)
-        caps = sorted({format_bytes(hi_s * c) for c in self.caps.values()})
         deficit, device, layers, share, need = worst
-        span = f"{layers[0]}-{layers[-1]}" if layers else "none"
-        binding = (
-            f"; device {device} (layers {span}) would keep {share} of them, at least "
-            f"{format_bytes(need)} of routed experts, but holds {most[device]} within its cap "
-            f"{format_bytes(self.caps[device])}" if deficit > 0 else ""
-        )
-        return (
-            f"memory cap: the budget keeps {k} experts, but the {len(self.devices)} devices hold at "
-            f"most {sum(most.values())} within their caps{binding}. Remove at least {problem.total_experts - sum(most.values())} "
-            f"experts (--budget {problem.total_experts - sum(most.values())}), or give the devices at "
-            f"least {' / '.join(caps)} each ({hi_s:.3f} x the caps)"
-        )
+        if deficit <= 0:
+            return ""
+        other, kv = parts[device]
+        holds = _holding(other, kv)
+        return (f"; device {device} (layers {_span(layers)}) would keep {share} of them, at least "
+                f"{format_bytes(need)} of routed experts, but " + (f"beside {holds} it " if holds else "")
+                + f"holds {most[device]} within {_room(self.caps[device], other + kv)}")
+
+
+def _span(layers: list[int]) -> str:
+    return f"{layers[0]}-{layers[-1]}" if layers else "none"
+
+
+def _holding(other: float, kv: float) -> str:
+    """'9.10 GiB of other parts (attention, ...) and 2.00 GiB of KV cache', or ''."""
+    if not other and not kv:
+        return ""
+    cache = f" and {format_bytes(kv)} of KV cache" if kv else ""
+    return (f"{format_bytes(other)} of other parts (attention, norms, router, shared experts, "
+            f"embeddings/head){cache}")
+
+
+def _room(cap: float, fixed: float) -> str:
+    """'its cap 80 GB' or 'its cap 80 GB - 9.1 GB'."""
+    return f"its cap {format_bytes(cap)}" + (f" - {format_bytes(fixed)}" if fixed else "")
 
 
 def _per_device(cap, devices: int, flag: str):
