@@ -113,9 +113,9 @@ class Settings:
               f"its experts (REAP's choice); validation split, {cap(self.sensitivity_tokens)} "
               "tokens per domain, same windowing")),
             ("loss-verified search (`grape-run`)",
-             f"grape.search defaults, at most {self.search_passes} forward passes over "
-             f"{self.search_samples} x 256 tokens per domain of the validation split "
-             "(grape.pipeline.search_tokens, as `grape run` on the test bed)"),
+             (f"grape.search defaults, at most {self.search_passes} forward passes over "
+              f"{self.search_samples} x 256 tokens per domain of the validation split "
+              "(grape.pipeline.search_tokens, as `grape run` on the test bed)")),
             ("solver time limit", f"{self.time_limit:g} s per solve"),
             ("lm-eval (local tasks)", lm if self.lmeval == "none" else
              f"{lm}; kinds {', '.join(self.lmeval_kinds)}, {self.lmeval_examples} examples per "
@@ -786,6 +786,26 @@ def ensure_cache(out_dir: Path) -> None:
                                   "benchmarks/quality.py\n*\n!.gitignore\n")
 
 
+def merge(out: Path, others: list[Path]) -> int:
+    """OUT/quality.json plus the models of each other run (same settings and method table)."""
+    data = json.loads((out / "quality.json").read_text(encoding="utf-8"))
+    for other in others:
+        extra = json.loads((other / "quality.json").read_text(encoding="utf-8"))
+        if extra["settings"] != data["settings"] or extra["methods"] != data["methods"]:
+            raise SystemExit(f"{other / 'quality.json'}: other settings or methods than {out / 'quality.json'}; "
+                             "rerun it with the same command")
+        names = {m["name"] for m in extra["models"]}
+        data["models"] = [m for m in data["models"] if m["name"] not in names] + extra["models"]
+        data["command"] += f"; merged with `{extra['command']}`"
+        data["seconds"] += extra["seconds"]
+    order = {name: i for i, name in enumerate(ZOO_ORDER)}
+    data["models"].sort(key=lambda m: order.get(m["name"], len(order)))
+    settings = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in data["settings"].items()})
+    write_report(data, settings, out)
+    log(f"merged {len(data['models'])} models into {out / 'quality.json'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -799,9 +819,18 @@ def main(argv: list[str] | None = None) -> int:
                              "and settings are unchanged; run only the others")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
                         help="torch threads (default: up to 2)")
+    parser.add_argument("--no-first-studies", action="store_true",
+                        help="no model counts as the first one (whose extra studies, single-domain "
+                             "calibration and lm-eval, run in the fast mode): for a second process "
+                             "running more models beside another, merged later with --merge")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="DIR",
+                        help="add the models of DIR/quality.json (same settings and methods) to "
+                             "OUT/quality.json, in zoo order, and rewrite the report; run nothing")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite quality.md and the plots from OUT/quality.json; run nothing")
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge(args.out, args.merge)
     if args.report_only:
         data = json.loads((args.out / "quality.json").read_text(encoding="utf-8"))
         write_report(data, Settings(**{k: tuple(v) if isinstance(v, list) else v
@@ -848,8 +877,9 @@ def main(argv: list[str] | None = None) -> int:
             data["models"].append({**previous[name], "reused": True})
         else:
             log(f"== {name}")
-            result = run_model(name, settings, i == 0, methods, args.out)
-            data["models"].append({**result, "digest": digest, "first": i == 0})
+            first = i == 0 and not args.no_first_studies
+            result = run_model(name, settings, first, methods, args.out)
+            data["models"].append({**result, "digest": digest, "first": first})
         data["seconds"] = time.perf_counter() - start
         write_report(data, settings, args.out)  # after every model: a partial run still reports
     log(f"wrote {args.out / 'quality.md'} in {data['seconds'] / 60:.1f} min")

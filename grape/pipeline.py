@@ -23,8 +23,8 @@ from typing import Any
 
 from grape.calibration import CalibrationConfig
 from grape.config import SolveConfig, check_budget
-from grape.evaluation import EvalConfig
 from grape.errors import DataError
+from grape.evaluation import EvalConfig
 from grape.search import SearchConfig
 from solvers.errors import UserError
 
@@ -108,10 +108,9 @@ class _Stages:
 
 def run(config: RunConfig) -> RunResult:
     """Run every stage; see the module docstring. Checks that need no model come first."""
-    from grape.pruning import ApplyConfig, apply_plan
     from grape.evaluation import default_heldout_files, evaluate, load_documents
     from grape.lmeval_offline import check_eval_tasks
-    from grape.report import RunReport, plan_placement
+    from grape.pruning import ApplyConfig, apply_plan
     from solvers._io import atomic_write_text
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local files only
@@ -173,11 +172,7 @@ def run(config: RunConfig) -> RunResult:
     baselines = [n for n in plans if n != solver]
     if baselines:  # each from a fresh copy of the model
         stages.start("baselines", f"applying and evaluating the baselines ({', '.join(baselines)})")
-        for name in baselines:
-            baseline_model = _load_model(config)
-            apply_plan(baseline_model, plans[name], method)
-            evals[name] = evaluate(baseline_model, tokenizer, docs, config.evaluation, name=f"{label} ({name})")
-            del baseline_model
+        evals.update(_baselines(config, plans, baselines, method, tokenizer, docs))
         stages.stop()
     for name, result in evals.items():
         _write_eval(out / "eval" / f"{name}.json", result, base_eval)
@@ -185,16 +180,7 @@ def run(config: RunConfig) -> RunResult:
     files["eval (unpruned)"] = "eval/unpruned.json"
 
     stages.start("report", "writing the report")
-    report = RunReport(
-        model=str(config.model), budget=str(config.solve.budget), objective=config.solve.objective,
-        solver=solver, method=config.method, original=dict(scores.model.experts_per_layer), plans=plans,
-        base_eval=base_eval, evals=evals, solver_rows=rows,
-        calibration={"tokens": scores.tokens, **{k: v for k, v in scores.calibration.items()
-                                                 if k in ("samples", "seq_len", "subsample", "similarity",
-                                                          "criterion", "sources")}},
-        files=files, seconds=stages.seconds, notes=[MASK_NOTE] if config.method == "mask" else [],
-        scores=scores, placement=plan_placement(plans[solver], scores, config.solve))
-    path = report.write(out)
+    path = _write_report(config, scores, solver, plans, base_eval, evals, rows, files, stages.seconds)
     stages.stop()
     summary = _summary(config, scores, plans, base_eval, evals, stages.seconds)
     if found is not None:
@@ -204,6 +190,36 @@ def run(config: RunConfig) -> RunResult:
 
 
 # -- stages -------------------------------------------------------------------------------------
+def _baselines(config: RunConfig, plans, names, method, tokenizer, docs) -> dict:
+    """Each baseline plan applied to a fresh copy of the model and evaluated."""
+    from grape.evaluation import evaluate
+    from grape.pruning import apply_plan
+
+    evals = {}
+    for name in names:
+        model = _load_model(config)
+        apply_plan(model, plans[name], method)
+        evals[name] = evaluate(model, tokenizer, docs, config.evaluation, name=f"{config.model.name} ({name})")
+        del model
+    return evals
+
+
+def _write_report(config: RunConfig, scores, solver: str, plans, base_eval, evals, rows, files,
+                  seconds) -> Path:
+    from grape.report import RunReport, plan_placement
+
+    report = RunReport(
+        model=str(config.model), budget=str(config.solve.budget), objective=config.solve.objective,
+        solver=solver, method=config.method, original=dict(scores.model.experts_per_layer), plans=plans,
+        base_eval=base_eval, evals=evals, solver_rows=rows,
+        calibration={"tokens": scores.tokens, **{k: v for k, v in scores.calibration.items()
+                                                 if k in ("samples", "seq_len", "subsample", "similarity",
+                                                          "criterion", "sources")}},
+        files=files, seconds=seconds, notes=[MASK_NOTE] if config.method == "mask" else [],
+        scores=scores, placement=plan_placement(plans[solver], scores, config.solve))
+    return report.write(config.out)
+
+
 def _load_model(config: RunConfig):
     from grape.loading import load_model
 

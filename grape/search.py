@@ -41,8 +41,16 @@ from torch import nn
 from grape.config import SolveConfig
 from grape.errors import DataError
 from grape.flags import flag
-from grape.sensitivity import (DEFAULT_FRACTIONS, NllCurves, masked, mean_nll, measure_nll_curves,
-                               nll_curve_passes, sequence_nll, with_nll_curves)
+from grape.sensitivity import (
+    DEFAULT_FRACTIONS,
+    NllCurves,
+    masked,
+    mean_nll,
+    measure_nll_curves,
+    nll_curve_passes,
+    sequence_nll,
+    with_nll_curves,
+)
 from solvers.errors import UserError
 from solvers.plan import Plan
 
@@ -117,7 +125,7 @@ class Candidate:
     nll: float  # mean NLL per predicted search token (nats)
     per_sequence: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)  # mean NLL of each
 
-    def beats(self, other: "Candidate", margin_se: float) -> bool:
+    def beats(self, other: Candidate, margin_se: float) -> bool:
         """Lower NLL than `other` by more than `margin_se` paired standard errors."""
         diff = self.per_sequence - other.per_sequence
         se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0

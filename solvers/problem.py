@@ -11,7 +11,14 @@ from functools import cached_property
 
 import numpy as np
 
-from solvers.constraints import Budget, Constraint, LayerRule, MinKept, RoutingGroups, parse_min_kept
+from solvers.constraints import (
+    Budget,
+    Constraint,
+    LayerRule,
+    MinKept,
+    RoutingGroups,
+    parse_min_kept,
+)
 from solvers.errors import UserError
 from solvers.objectives import Objective, parse_objective
 from solvers.scores import Scores
@@ -202,26 +209,11 @@ def build_problem(
                         "(neighbours kept per expert); leave it unset to keep all")
     curve_of, curve_source = _curve_source(scores, curves)
     sizes = deployed(scores, deploy_dtype)
-    importance = scores.importance(criterion, normalize)
     kinds = sorted({k for layer in scores.layers.values() for k in layer.similarity})
     if similarity == "auto":
         similarity = "cka" if "cka" in kinds else (kinds[0] if kinds else None)
-    sims = scores.similarity(similarity) if similarity else {}
-    layers = []
-    for idx, ls in sorted(scores.layers.items()):
-        sim = sims.get(idx)
-        if sim is not None and similarity_top_m:
-            sim = sparsify(sim, similarity_top_m)
-        layers.append(
-            Layer(
-                index=idx,
-                importance=importance[idx],
-                expert_bytes=sizes.expert_bytes[idx],
-                top_k=scores.model.top_k.get(idx, 1),
-                similarity=sim,
-                cost_curve=curve_of(ls),
-            )
-        )
+    layers = _layers(scores, scores.importance(criterion, normalize), similarity, similarity_top_m,
+                     sizes, curve_of)
     extra: list[Constraint] = []
     if min_kept is not None and not any(isinstance(c, MinKept) for c in constraints):
         extra.append(MinKept(None if min_kept == "top_k" else min_kept))
@@ -248,6 +240,19 @@ def build_problem(
         },
         footprint=sizes.footprint,
     )
+
+
+def _layers(scores: Scores, importance, similarity, similarity_top_m, sizes, curve_of) -> list[Layer]:
+    """One Layer per MoE layer of the scores: importance, deployed sizes, similarity, curve."""
+    sims = scores.similarity(similarity) if similarity else {}
+    layers = []
+    for idx, ls in sorted(scores.layers.items()):
+        sim = sims.get(idx)
+        if sim is not None and similarity_top_m:
+            sim = sparsify(sim, similarity_top_m)
+        layers.append(Layer(index=idx, importance=importance[idx], expert_bytes=sizes.expert_bytes[idx],
+                            top_k=scores.model.top_k.get(idx, 1), similarity=sim, cost_curve=curve_of(ls)))
+    return layers
 
 
 def _curve_source(scores: Scores, curves: str):

@@ -210,3 +210,35 @@ def test_the_default_searches_within_its_passes_and_fidelity_ranks_the_proxies(r
     data = {"models": [{"name": "tiny", "fidelity": entries}]}
     text = "\n".join(quality.fidelity_section(data, BUDGETS))
     assert "| tiny | additive, reap_mass |" in text
+
+
+def test_the_default_table_and_merging_two_runs(rows, tmp_path):
+    import json
+    from dataclasses import asdict
+
+    out, baseline, _ = rows
+    model = {"name": "tiny", "model_type": "qwen3_moe",
+             "experts_per_layer": {"0": 8, "1": 8, "2": 8}, "top_k": {"0": 2, "1": 2, "2": 2},
+             "n_group": None, "baseline_nll": baseline, "baseline_tasks": {},
+             "rows": [r.to_json() for r in out], "sensitivity": [], "seconds": 2.0}
+    table = quality.default_rows(model, BUDGETS)
+    assert len(table) == len(BUDGETS) and all(line.startswith("| tiny |") for line in table)
+    best = min((r for r in out if r.budget == 0.25 and r.method in quality.UNIFORM_BASELINES),
+               key=lambda r: r.mean_increase)
+    assert f"`{best.method}` {best.mean_increase:+.4f}" in table[0]
+    settings = quality.replace(quality.FAST, budgets=BUDGETS)
+    base = {"command": "a", "date": "today", "machine": "cpu", "seconds": 1.0,
+            "settings": json.loads(json.dumps(asdict(settings))), "settings_text": settings.describe(),
+            "methods": [asdict(m) for m in (*METHODS, *PROBES)]}
+    for name, where in (("qwen3moe-32x4", "a"), ("olmoe-32x4", "b")):
+        (tmp_path / where).mkdir()
+        data = {**base, "command": where, "models": [{**model, "name": name}]}
+        (tmp_path / where / "quality.json").write_text(json.dumps(data))
+    assert quality.main(["--out", str(tmp_path / "a"), "--merge", str(tmp_path / "b")]) == 0
+    merged = json.loads((tmp_path / "a" / "quality.json").read_text())
+    assert [m["name"] for m in merged["models"]] == ["qwen3moe-32x4", "olmoe-32x4"]
+    assert "merged with `b`" in merged["command"] and (tmp_path / "a" / "quality.md").is_file()
+    other = {**base, "settings": {**base["settings"], "search_passes": 1}, "models": []}
+    (tmp_path / "b" / "quality.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="other settings"):
+        quality.main(["--out", str(tmp_path / "a"), "--merge", str(tmp_path / "b")])
