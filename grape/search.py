@@ -200,6 +200,9 @@ class _Meter:
         self.limit, self.used, self.reused = config.max_passes, 0, 0
         self.known: dict[str, list[float]] = {}
         self.tokens_key = _tokens_key(ids)
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=self.limit, desc="search", unit="pass", leave=False, disable=not config.progress)
         if cache is not None and cache.is_file():
             try:
                 stored = json.loads(cache.read_text())
@@ -228,8 +231,8 @@ class _Meter:
             self.known[key] = [float(x) for x in out]
             self._save()
         self.used += 1
-        if self.config.progress:
-            print(f"    search [{self.used}/{self.limit}] {name}: NLL {float(out.mean()):.4f}", flush=True)
+        self.bar.update(1)
+        self.bar.set_postfix_str(f"{name}: NLL {float(out.mean()):.4f}"[:70])
         return out
 
     def candidate(self, name: str, plan: Plan) -> Candidate:
@@ -288,6 +291,7 @@ def search(model: nn.Module, scores, config: SolveConfig, ids: torch.Tensor,
             best = _local_search(problem, best, orders, meter, search_config, candidates)
             best, orders = _per_layer_criteria(problem, scores, best, orders, meter, search_config, candidates)
     finally:
+        meter.bar.close()
         model.train(was_training)
     return SearchResult(best=best, candidates=candidates, unpruned_nll=float(unpruned_seq.mean()),
                         passes=meter.used, tokens_per_pass=int(ids.numel()),
