@@ -63,6 +63,9 @@ class RunConfig:
     # sequences from each), e.g. a validation split shaped like the evaluation; None: held-out
     # calibration text (the last search_samples rows packed after calibration's)
     search_data: list[str] | None = None
+    # with search_data: the finalists are measured once more on confirm_samples windows per file
+    # (grape.search's confirmation; 0: none)
+    confirm_samples: int = 128
 
     def __post_init__(self) -> None:
         from grape.compare import solver_names
@@ -137,7 +140,8 @@ def run(config: RunConfig) -> RunResult:
     solver, found = config.solve.solver, None
     if searching:  # the plan applied is the best measured candidate; the solver's becomes a baseline
         stages.start("search", f"loss-verified allocation: at most {config.search.max_passes} forward "
-                     f"passes of {search_ids.numel()} held-out tokens")
+                     f"passes of {search_ids[0].numel()} held-out tokens"
+                     + (f", then the finalists on {search_ids[1].numel()}" if search_ids[1] is not None else ""))
         found = _search_stage(config, model, scores, search_ids, plans)
         solver = "search"
         stages.stop()
@@ -245,7 +249,7 @@ def _calibrate_stage(config: RunConfig, searching: bool):
                                      samples=(cal.samples if fresh else 0) + held_out,
                                      seed=cal.seed if fresh else cal.seed + 1, text_field=cal.text_field,
                                      progress=cal.progress)
-    search_ids = data.input_ids[data.samples - held_out:] if held_out else None
+    search_ids = (data.input_ids[data.samples - held_out:], None) if held_out else None
     if searching and config.search_data is not None:
         search_ids = _search_ids_per_source(config, tokenizer)
     if config.scores is not None:
@@ -262,8 +266,12 @@ def _calibrate_stage(config: RunConfig, searching: bool):
 
 
 def _search_ids_per_source(config: RunConfig, tokenizer):
+    """(search ids, confirmation ids or None) from the search-data files."""
     cal = config.calibration
-    return search_tokens(config.search_data, tokenizer, cal.seq_len, config.search_samples)
+    ids = search_tokens(config.search_data, tokenizer, cal.seq_len, config.search_samples)
+    confirm = (search_tokens(config.search_data, tokenizer, cal.seq_len, config.confirm_samples)
+               if config.confirm_samples > 0 else None)
+    return ids, confirm
 
 
 def search_tokens(files, tokenizer, seq_len: int, samples: int, spread: int = 64):
@@ -297,14 +305,16 @@ def _search_stage(config: RunConfig, model, scores, search_ids, plans: dict):
     """Measure candidate plans (grape.search); the best becomes plans["search"] and plan.json."""
     from grape.search import search
 
-    found = search(model, scores, config.solve, search_ids, config.search,
-                   cache=config.out / "search.cache.json")
+    ids, confirm_ids = search_ids
+    found = search(model, scores, config.solve, ids, config.search, cache=config.out / "search.cache.json",
+                   confirm_ids=confirm_ids)
     if found.nll_curves is not None:  # measured once: `grape solve --scores` can reuse them
         from grape.sensitivity import with_nll_curves
 
         with_nll_curves(scores, found.nll_curves).save(config.out / "scores.npz")
     best = found.best.plan
     best.provenance = {**best.provenance, "search": {"chosen": found.best.name, "passes": found.passes,
+                                                     "tokens_measured": found.tokens_measured,
                                                      "nll": found.best.nll, "unpruned_nll": found.unpruned_nll}}
     plans["search"] = best
     best.save(config.out / "plan.json")
@@ -313,7 +323,9 @@ def _search_stage(config: RunConfig, model, scores, search_ids, plans: dict):
 
     atomic_write_text(config.out / "search.json", json.dumps(found.to_json(), indent=2) + "\n")
     print(f"    search: chose {found.best.name} (search NLL {found.best.nll:.4f}, unpruned "
-          f"{found.unpruned_nll:.4f}) after {found.passes} passes, {found.seconds:.0f} s", flush=True)
+          f"{found.unpruned_nll:.4f}) after {found.passes} passes"
+          + (f" and {len(found.confirmed)} confirmation passes" if found.confirmed else "")
+          + f" ({found.tokens_measured:,} tokens), {found.seconds:.0f} s", flush=True)
     return found
 
 

@@ -78,6 +78,9 @@ class SearchConfig:
     nll_curves: bool = field(default=True, metadata=flag(
         "skip measuring per-layer NLL curves (one pass per layer and depth; done when they fit in "
         "half the passes and the scores lack them)", name="search_curves", negate=True))
+    confirm: bool = field(default=True, metadata=flag(
+        "skip the final check on the larger confirmation tokens (when the caller gives them)",
+        name="search_confirm", negate=True))
     curve_fractions: tuple[float, ...] = DEFAULT_FRACTIONS  # depths at which each layer is measured
     moves_per_round: int = 8  # level switches measured per round of the local search
     # a candidate replaces the incumbent only when its NLL is lower by this many paired standard
@@ -143,6 +146,13 @@ class SearchResult:
     notes: list[str] = field(default_factory=list)
     nll_curves: NllCurves | None = None  # measured on the search tokens (store with with_nll_curves)
     reused: int = 0  # measurements read back from the cache instead of measured
+    confirmed: list[dict] = field(default_factory=list)  # finalists' NLL on the confirmation tokens
+    confirm_tokens: int = 0  # tokens per confirmation pass
+
+    @property
+    def tokens_measured(self) -> int:
+        """Every token of every forward pass: search passes plus confirmation passes."""
+        return self.passes * self.tokens_per_pass + len(self.confirmed) * self.confirm_tokens
 
     def table(self) -> str:
         rows = ["| candidate | mean NLL | increase |", "|---|---:|---:|"]
@@ -154,7 +164,8 @@ class SearchResult:
     def to_json(self) -> dict:
         return {"chosen": self.best.name, "unpruned_nll": self.unpruned_nll, "passes": self.passes,
                 "tokens_per_pass": self.tokens_per_pass, "seconds": self.seconds, "notes": self.notes,
-                "reused_from_cache": self.reused,
+                "reused_from_cache": self.reused, "confirmed": self.confirmed,
+                "confirm_tokens": self.confirm_tokens, "tokens_measured": self.tokens_measured,
                 "nll_curves": self.nll_curves.to_json() if self.nll_curves else None,
                 "candidates": [{"name": c.name, "nll": c.nll,
                                 "kept_per_layer": {str(k): v for k, v in c.plan.kept_counts().items()}}
@@ -255,9 +266,13 @@ def _tokens_key(ids: torch.Tensor) -> str:
 
 
 def search(model: nn.Module, scores, config: SolveConfig, ids: torch.Tensor,
-           search_config: SearchConfig | None = None, cache: str | os.PathLike | None = None) -> SearchResult:
+           search_config: SearchConfig | None = None, cache: str | os.PathLike | None = None,
+           confirm_ids: torch.Tensor | None = None) -> SearchResult:
     """The best plan found by measurement (see the module docstring). `cache`: a JSON file
-    of measurements to resume from and add to."""
+    of measurements to resume from and add to. `confirm_ids`: more held-out tokens (typically
+    several times `ids`) on which the finalists - every uniform seed and the search's choice -
+    are measured once more, and the final choice made, so that a difference the small search
+    sample shows by chance does not decide."""
     from grape.api import build_problem
 
     search_config = search_config or SearchConfig()
@@ -290,13 +305,38 @@ def search(model: nn.Module, scores, config: SolveConfig, ids: torch.Tensor,
             best, orders = _choose_criterion(problem, scores, best, orders, meter, search_config, candidates)
             best = _local_search(problem, best, orders, meter, search_config, candidates)
             best, orders = _per_layer_criteria(problem, scores, best, orders, meter, search_config, candidates)
+        confirmed = []
+        if confirm_ids is not None and search_config.confirm:
+            best, confirmed = _confirm(model, best, candidates, confirm_ids, search_config, cache)
     finally:
         meter.bar.close()
         model.train(was_training)
     return SearchResult(best=best, candidates=candidates, unpruned_nll=float(unpruned_seq.mean()),
                         passes=meter.used, tokens_per_pass=int(ids.numel()),
                         seconds=time.perf_counter() - start, notes=notes, nll_curves=curves,
-                        reused=meter.reused)
+                        reused=meter.reused, confirmed=confirmed,
+                        confirm_tokens=int(confirm_ids.numel()) if confirmed else 0)
+
+
+def _confirm(model, best: Candidate, candidates: list[Candidate], ids: torch.Tensor, config: SearchConfig,
+             cache) -> tuple[Candidate, list[dict]]:
+    """The final choice on the confirmation tokens, by the seed rule: the best uniform plan there
+    is the incumbent, and the search's choice replaces it only by `margin_se` paired standard
+    errors. Returns (the chosen search candidate, each finalist's confirmation NLL)."""
+    if ids.dim() != 2 or ids.shape[1] < 2:
+        raise DataError("confirmation tokens must be a (samples, seq_len >= 2) tensor of input ids")
+    finalists = [c for c in candidates if c.name.startswith("uniform ")]
+    if best not in finalists:
+        finalists.append(best)
+    path = Path(cache).with_suffix(".confirm.json") if cache is not None else None
+    meter = _Meter(model, ids, replace(config, max_passes=len(finalists)), path)
+    try:
+        measured = [meter.candidate(c.name, c.plan) for c in finalists]
+    finally:
+        meter.bar.close()
+    chosen = _choose_seed(measured, config)
+    record = [{"name": c.name, "nll": c.nll, "chosen": c is chosen} for c in measured]
+    return finalists[measured.index(chosen)], record
 
 
 def _choose_seed(candidates: list[Candidate], config: SearchConfig) -> Candidate:

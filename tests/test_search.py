@@ -143,3 +143,21 @@ def test_search_tokens_spread_over_the_whole_file(tmp_path):
     tiny.write_text(json.dumps({"text": "two words"}) + "\n")
     with pytest.raises(DataError, match="fewer than 17 tokens"):
         search_tokens([tiny], tokenizer, seq_len=16, samples=4)
+
+
+def test_the_final_choice_is_confirmed_on_more_tokens(setup):
+    model, scores, ids = setup
+    config = SearchConfig(max_passes=10, moves_per_round=2, progress=False)
+    result = search(model, scores, SolveConfig(budget=0.5, time_limit=10), ids[:3], config, confirm_ids=ids)
+    names = [c["name"] for c in result.confirmed]
+    uniform = [c.name for c in result.candidates if c.name.startswith("uniform ")]
+    assert set(uniform) <= set(names) and sum(c["chosen"] for c in result.confirmed) == 1
+    chosen = next(c for c in result.confirmed if c["chosen"])
+    assert chosen["name"] == result.best.name
+    # by the seed rule: the lowest uniform on the confirmation tokens unless clearly beaten
+    lowest_uniform = min((c for c in result.confirmed if c["name"] in uniform), key=lambda c: c["nll"])
+    assert chosen["nll"] <= lowest_uniform["nll"]
+    assert result.tokens_measured == result.passes * ids[:3].numel() + len(result.confirmed) * ids.numel()
+    off = search(model, scores, SolveConfig(budget=0.5, time_limit=10), ids[:3],
+                 SearchConfig(max_passes=10, moves_per_round=2, progress=False, confirm=False), confirm_ids=ids)
+    assert off.confirmed == [] and off.tokens_measured == off.passes * ids[:3].numel()

@@ -87,6 +87,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     se.add_argument("--search-samples", type=int, default=None,
                     help="search sequences (per --search-data file); unset: 8 (test bed: 16 per "
                     "domain of its validation split)")
+    se.add_argument("--confirm-samples", type=int, default=128,
+                    help="with --search-data: windows per file on which the finalists (every "
+                    "uniform seed and the search's choice) are measured once more before the final "
+                    "choice; 0: no confirmation")
     se.add_argument("--search-data", nargs="+", default=None, metavar="FILE",
                     help="files the search measures on, each weighted equally (e.g. one per "
                     "domain of a validation split); unset: the test bed's validation split, else "
@@ -151,6 +155,8 @@ def resolve_settings(args: argparse.Namespace) -> None:
                 "search_samples"):
         if getattr(args, key) < 1:
             raise DataError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
+    if args.confirm_samples < 0:
+        raise DataError(f"--confirm-samples must be 0 (no confirmation) or more, got {args.confirm_samples}")
     device_map(args.device)  # a device this machine lacks fails now
     _check_min_kept(args, model_config)
 
@@ -215,6 +221,7 @@ def run_config(args: argparse.Namespace):
         search=None if args.no_search else config_from_args(SearchConfig, args, seed=args.seed,
                                                             progress=progress),
         search_samples=args.search_samples, search_data=args.search_data,
+        confirm_samples=args.confirm_samples,
         overwrite=args.overwrite,
     )
 
