@@ -177,7 +177,7 @@ def cached_scores(model, tokenizer, name: str, calibration: str, settings: Setti
            f"-sub{settings.subsample}-{digest}.npz")
     path = cache_dir / key
     if path.exists():
-        log(f"  scores from cache: {path.relative_to(ROOT)}")
+        log(f"  scores from cache: {path}")
         return Scores.load(path)
     start = time.perf_counter()
     texts = calibration_texts(None if calibration == "mixed" else calibration)
@@ -186,7 +186,7 @@ def cached_scores(model, tokenizer, name: str, calibration: str, settings: Setti
     scores = grape.calibrate(model, [texts], config, tokenizer=tokenizer)  # one in-memory source
     scores.calibration["data_name"] = calibration
     scores.save(path)
-    log(f"  calibrated [{calibration}] in {time.perf_counter() - start:.0f} s -> {path.relative_to(ROOT)}")
+    log(f"  calibrated [{calibration}] in {time.perf_counter() - start:.0f} s -> {path}")
     return scores
 
 
