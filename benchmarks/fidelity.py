@@ -38,8 +38,9 @@ class Predictor:
 
 PREDICTORS: tuple[Predictor, ...] = (
     Predictor("additive, reap_mass"),
-    Predictor("additive, reap"),
-    Predictor("additive, frequency"),
+    Predictor("additive, reap", criterion="reap"),
+    Predictor("additive, frequency", criterion="frequency"),
+    Predictor("additive, ean", criterion="ean"),
     Predictor("additive, reap_mass / layer RMS", normalize="layer_energy"),
     Predictor("coverage, reap_mass", objective="coverage"),
     Predictor("redundancy (GRAPE)", objective="redundancy"),
@@ -135,4 +136,11 @@ def _fmt(v: float | None) -> str:
     return "" if v is None else f"{v:+.2f}"
 
 
-__all__ = ["MEASURED", "PREDICTORS", "Predictor", "fidelity", "rank_correlation", "render"]
+def refresh(entry: list[dict], scores, rows: Sequence, measured_curves=None) -> list[dict]:
+    """The proxies recomputed from the scores (after a change to the predictor table); the
+    search-token entry, which needs the model, is kept as it was measured."""
+    kept = [e for e in entry if e["predictor"] == MEASURED]
+    return [e for e in fidelity(scores, rows, measured_curves) if e["predictor"] != MEASURED] + kept
+
+
+__all__ = ["MEASURED", "PREDICTORS", "Predictor", "fidelity", "rank_correlation", "refresh", "render"]

@@ -792,6 +792,22 @@ def ensure_cache(out_dir: Path) -> None:
                                   "benchmarks/quality.py\n*\n!.gitignore\n")
 
 
+def refresh_fidelity(data: dict, dirs: list[Path]) -> None:
+    """Recompute each model's proxy fidelity from its cached mixed-calibration scores (found in
+    DIR/cache/), so a fix to the predictor table needs no rerun; models without a cache keep theirs."""
+    import numpy as np
+    from fidelity import refresh
+
+    for model in data["models"]:
+        found = [p for d in dirs for p in sorted((d / "cache").glob(f"{model['name']}-mixed-*.npz"))
+                 if p.name.endswith(f"-{model.get('digest', '')}.npz")]
+        if not found or not model.get("fidelity"):
+            continue
+        rows = [Row.from_json(r) for r in model["rows"] if r["calibration"] == "mixed" and r["apply"] == "remove"]
+        curves = {int(k): np.asarray(v) for k, v in model.get("layer_curves", {}).items()} or None
+        model["fidelity"] = refresh(model["fidelity"], Scores.load(found[0]), rows, curves)
+
+
 def merge(out: Path, others: list[Path]) -> int:
     """OUT/quality.json plus the models of each other run (same settings and method table)."""
     data = json.loads((out / "quality.json").read_text(encoding="utf-8"))
@@ -806,6 +822,7 @@ def merge(out: Path, others: list[Path]) -> int:
         data["seconds"] += extra["seconds"]
     order = {name: i for i, name in enumerate(ZOO_ORDER)}
     data["models"].sort(key=lambda m: order.get(m["name"], len(order)))
+    refresh_fidelity(data, [out, *others])
     settings = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in data["settings"].items()})
     write_report(data, settings, out)
     log(f"merged {len(data['models'])} models into {out / 'quality.json'}")
