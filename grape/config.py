@@ -27,6 +27,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from solvers.errors import UserError
 
 class BudgetError(UserError):
@@ -123,6 +125,10 @@ class SolveConfig:
         "placement for --memory-cap: D pipeline stages of contiguous layers", metavar="D", type=int))
     expert_parallel: int | None = field(default=None, metadata=_flag(
         "placement for --memory-cap: expert e on rank e*D//N in every layer", metavar="D", type=int))
+    stages: str = field(default="even", metadata=_flag(
+        "pipeline stage boundaries: even (the same number of MoE layers per device) or balanced "
+        "(contiguous ranges chosen so the fullest device holds the least, counting every "
+        "parameter and the embeddings/head where they sit)", choices=("even", "balanced")))
     constraint: tuple[str, ...] = field(default=(), metadata=_flag(
         "any registered constraint (plugins included) as NAME or NAME:key=value,key=value; "
         "repeatable", metavar="SPEC", action="append"))
@@ -167,6 +173,12 @@ class SolveConfig:
             raise UserError("--max-seq-len counts the KV cache on each device; give --fit SPEC or "
                             "--memory-cap SIZE too")
         parse_deploy_dtype(self.deploy_dtype)
+        if self.stages not in ("even", "balanced"):
+            raise UserError(f"--stages {self.stages!r}: choose even or balanced")
+        if self.stages == "balanced" and (self.expert_parallel is not None
+                                          or (self.fit is None and self.pipeline is None)):
+            raise UserError("--stages balanced places pipeline stages: give --fit SPEC or "
+                            "--memory-cap SIZE --pipeline D (not --expert-parallel)")
         if self.fit is not None:
             if self.memory_cap is not None:
                 raise UserError("give either --fit (caps from the GPUs) or --memory-cap, not both")
@@ -215,12 +227,34 @@ class SolveConfig:
             else:
                 cap, pipeline = parse_caps(self.memory_cap), self.pipeline
             kv = {"max_seq_len": self.max_seq_len, "batch": self.batch or 1} if self.max_seq_len else None
-            out.append(MemoryCap.pipeline(scores.model.moe_layers, pipeline, cap, kv)
+            out.append(MemoryCap.pipeline(scores.model.moe_layers, pipeline, cap, kv,
+                                          stages=self._balanced_stages(scores, pipeline))
                        if pipeline is not None else
                        MemoryCap.expert_parallel(scores.model.experts_per_layer, self.expert_parallel,
                                                  cap, kv))
         out.extend(parse_constraint_spec(spec) for spec in self.constraint)
         return [*out, *self.constraints]
+
+    def _balanced_stages(self, scores, devices: int) -> list[list[int]] | None:
+        """With --stages balanced: the contiguous MoE-layer ranges that minimise the fullest
+        device's bytes at full size (solvers.constraints.memory.balanced_stages); else None."""
+        if self.stages != "balanced":
+            return None
+        from solvers.constraints.memory import balanced_stages
+        from solvers.sizes import deployed
+
+        sizes = deployed(scores, self.deploy_dtype)
+        layers = sorted(scores.model.moe_layers)
+        weights = [float(np.sum(sizes.expert_bytes[i])) for i in layers]
+        extra_first = extra_last = 0.0
+        if sizes.footprint is not None:
+            fp = sizes.footprint
+            for i, layer in enumerate(layers):  # a decoder layer goes with the next MoE layer
+                below = layers[i - 1] if i else -1
+                weights[i] += sum(fp.layers.get(d, 0) for d in range(below + 1, layer + 1))
+            weights[-1] += sum(fp.layers.get(d, 0) for d in range(layers[-1] + 1, fp.num_hidden_layers))
+            extra_first, extra_last = float(fp.embed), float(fp.head + (fp.embed if fp.tied else 0))
+        return balanced_stages(layers, devices, weights, extra_first, extra_last)
 
     def to_json(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "constraints"}

@@ -288,3 +288,48 @@ def test_run_report_shows_memory_per_device(real, tmp_path):
     plain = RunReport(model="m", budget="0.25", objective="additive", solver="exact",
                       method="remove", original=dict(real.model.experts_per_layer), plans={"exact": plan})
     assert "Memory per device" not in plain.markdown()
+
+
+def test_balanced_stages_minimise_the_fullest_device():
+    import itertools
+
+    from solvers.constraints.memory import balanced_stages
+
+    weights = [5.0, 1.0, 1.0, 1.0, 1.0, 5.0, 2.0]
+    layers = list(range(10, 17))
+    for devices in (1, 2, 3, 4):
+        stages = balanced_stages(layers, devices, weights, first=3.0, last=1.0)
+        assert [x for s in stages for x in s] == layers and all(stages)
+
+        def worst(cuts):
+            bounds = [0, *cuts, len(weights)]
+            return max(sum(weights[a:b]) + (3.0 if a == 0 else 0) + (1.0 if b == len(weights) else 0)
+                       for a, b in zip(bounds, bounds[1:]))
+
+        brute = min(worst(c) for c in itertools.combinations(range(1, len(weights)), devices - 1))
+        sizes = [len(s) for s in stages]
+        assert worst(list(itertools.accumulate(sizes))[:-1]) == brute
+
+
+def test_balanced_stages_need_a_pipeline_and_never_need_more_removals(tmp_path):
+    from dataclasses import replace
+
+    from grape.api import build_problem, solve
+    from grape.config import SolveConfig
+    from solvers.synth import synth_scores
+
+    with pytest.raises(UserError, match="--stages balanced"):
+        SolveConfig(stages="balanced")
+    with pytest.raises(UserError, match="--stages balanced"):
+        SolveConfig(fit="2x80GB", expert_parallel=2, budget=0.25, stages="balanced")
+    scores = synth_scores("qwen3-30b-a3b", seed=0, similarity=False, cost_curve=False)
+    # equal counts in every layer (vLLM): the fullest device decides. On 5 x 12 GB, stages of
+    # near-equal layer counts leave the embeddings' device too full for 122 experts per layer;
+    # balanced stages move layers off it and fit them
+    config = SolveConfig(fit="5x12GB", uniform=True, budget=48 * (128 - 122), time_limit=20)
+    with pytest.raises(UserError):
+        solve(build_problem(scores, config), config)
+    balanced = replace(config, stages="balanced")
+    plan = solve(build_problem(scores, balanced), balanced)
+    assert set(plan.kept_counts().values()) == {122}
+    assert check_plan(plan, build_problem(scores, balanced)) == []

@@ -59,8 +59,10 @@ class MemoryCap(Constraint):
                                        "batch": int(kv.get("batch") or 1)}
 
     @classmethod
-    def pipeline(cls, layer_indices: list[int], devices: int, cap, kv: dict | None = None) -> MemoryCap:
-        """Split the MoE layers into `devices` contiguous stages of near-equal size."""
+    def pipeline(cls, layer_indices: list[int], devices: int, cap, kv: dict | None = None,
+                 stages: list[list[int]] | None = None) -> MemoryCap:
+        """Split the MoE layers into `devices` contiguous stages: `stages` when given (e.g.
+        :func:`balanced_stages`), else of near-equal size."""
         if devices < 1:
             raise UserError("pipeline parallel needs at least one device")
         if devices > len(layer_indices):
@@ -69,8 +71,9 @@ class MemoryCap(Constraint):
                 f"{len(layer_indices)} MoE layers (each device holds whole layers)"
             )
         cap = _per_device(cap, devices, "--pipeline")
-        stages = np.array_split(np.asarray(sorted(layer_indices)), devices)
-        return cls(cap, {"layers": {str(d): s.tolist() for d, s in enumerate(stages)}}, kv)
+        if stages is None:
+            stages = [s.tolist() for s in np.array_split(np.asarray(sorted(layer_indices)), devices)]
+        return cls(cap, {"layers": {str(d): list(s) for d, s in enumerate(stages)}}, kv)
 
     @classmethod
     def expert_parallel(cls, experts_per_layer: dict[int, int], devices: int, cap,
@@ -390,3 +393,32 @@ def _per_device(cap, devices: int, flag: str):
 
 def _natural(text: str):
     return (0, int(text)) if str(text).isdigit() else (1, str(text))
+
+
+def balanced_stages(layers: list[int], devices: int, weights: list[float], first: float = 0.0,
+                    last: float = 0.0) -> list[list[int]]:
+    """`devices` contiguous, non-empty ranges of `layers` (in order) minimising the largest
+    range's weight, where the first range also carries `first` (embeddings) and the last `last`
+    (head): the linear-partition dynamic program, O(L^2 D)."""
+    n = len(layers)
+    if not 1 <= devices <= n:
+        raise UserError(f"cannot place {n} MoE layers on {devices} pipeline devices")
+    prefix = np.concatenate([[0.0], np.cumsum(weights)])
+
+    def cost(i: int, j: int) -> float:  # layers[i:j] as one stage
+        return prefix[j] - prefix[i] + (first if i == 0 else 0.0) + (last if j == n else 0.0)
+
+    best = np.full((devices + 1, n + 1), np.inf)
+    cut = np.zeros((devices + 1, n + 1), dtype=int)
+    best[0][0] = 0.0
+    for d in range(1, devices + 1):
+        for j in range(d, n - (devices - d) + 1):
+            for i in range(d - 1, j):
+                value = max(best[d - 1][i], cost(i, j))
+                if value < best[d][j]:
+                    best[d][j], cut[d][j] = value, i
+    bounds, j = [], n
+    for d in range(devices, 0, -1):
+        bounds.append((cut[d][j], j))
+        j = cut[d][j]
+    return [layers[i:j] for i, j in reversed(bounds)]
