@@ -15,14 +15,14 @@ Used by benchmarks/quality.py (`fidelity` in quality.json, a table in quality.md
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.stats import spearmanr
 
 from grape.api import SolveConfig, build_problem
+from grape.sensitivity import with_nll_curves
 from solvers.errors import UserError
 from solvers.plan import Plan
 
@@ -55,15 +55,6 @@ def plan_of(removed: dict[int, list[int]], experts_per_layer: dict[int, int]) ->
     return Plan(kept=kept, removed={layer: sorted(removed.get(layer, [])) for layer in experts_per_layer})
 
 
-def with_curves(scores, curves: dict[int, np.ndarray] | None):
-    """`scores` whose layers carry `curves` as their measured NLL curves (None: unchanged)."""
-    if curves is None:
-        return scores
-    out = copy.copy(scores)
-    out.layers = {i: replace(ls, nll_curve=np.asarray(curves[i], dtype=np.float64)) for i, ls in scores.layers.items()}
-    return out
-
-
 def rank_correlation(predicted: Sequence[float], measured: Sequence[float]) -> float | None:
     """Spearman's rho (ties averaged); None with fewer than 3 plans or a constant side."""
     if len(predicted) < 3 or np.ptp(predicted) == 0 or np.ptp(measured) == 0:
@@ -76,7 +67,7 @@ def fidelity(scores, rows: Sequence, measured_curves: dict[int, np.ndarray] | No
     """One entry per predictor: {"predictor", "per_budget": {budget: rho}, "mean", "plans"}.
     `rows`: the benchmark's Rows (mixed calibration, remove); `measure(plan)`: NLL of the model
     under the plan on the search tokens (the search's yardstick), if given."""
-    scores = with_curves(scores, measured_curves)
+    scores = scores if measured_curves is None else with_nll_curves(scores, measured_curves)
     experts = dict(scores.model.experts_per_layer)
     budgets = sorted({r.budget for r in rows})
     plans: dict[float, list[tuple[Plan, float]]] = {}

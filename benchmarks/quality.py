@@ -200,7 +200,7 @@ class Evaluator:
 
     def __init__(self, tokenizer, docs, seq_len: int, max_tokens: int | None, batch: int,
                  settings: Settings, task_dir: Path):
-        from grape.evaluation import EvalConfig, pack_windows, token_stream
+        from grape.evaluation import EvalConfig, pack_windows, spread_windows, token_stream
 
         self.tokenizer, self.docs, self.batch = tokenizer, docs, batch
         self.windows = {}
@@ -208,9 +208,7 @@ class Evaluator:
             stream, _ = token_stream(tokenizer, texts, None)
             windows = pack_windows(stream, seq_len)
             if max_tokens is not None and max_tokens < len(windows) * seq_len:
-                take = np.unique(np.linspace(0, len(windows) - 1, math.ceil(max_tokens / seq_len))
-                                 .round().astype(int))
-                windows = [windows[i] for i in take]
+                windows = spread_windows(windows, math.ceil(max_tokens / seq_len))
             self.windows[domain] = windows
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.task_config = EvalConfig(seq_len=seq_len, perplexity=False, tasks=("local",),

@@ -400,6 +400,15 @@ def token_stream(tokenizer, documents: Sequence[str], max_tokens: int | None,
     return stream, used
 
 
+def spread_windows(windows: Sequence, count: int) -> list:
+    """At most `count` of `windows`, evenly spaced from the first to the last, so a sample of a
+    split covers all its documents instead of the first few."""
+    import numpy as np
+
+    take = np.unique(np.linspace(0, len(windows) - 1, min(count, len(windows))).round().astype(int))
+    return [windows[i] for i in take]
+
+
 def pack_windows(stream: Sequence[int], seq_len: int) -> list[list[int]]:
     """Windows of up to seq_len + 1 tokens with stride seq_len: a window's inputs are all but its
     last token and its labels all but its first, so each token after the first is predicted
@@ -529,6 +538,7 @@ __all__ = [
     "evaluate",
     "load_documents",
     "pack_windows",
+    "spread_windows",
     "window_losses",
     "token_stream",
 ]

@@ -283,10 +283,9 @@ def search_tokens(files, tokenizer, seq_len: int, samples: int, spread: int = 64
     evenly spaced over the file's first `spread` x samples x seq_len tokens, so they sample
     many documents: consecutive windows from the first few documents judge plans by those
     documents alone, and on the test bed that reversed which criterion looked better."""
-    import numpy as np
     import torch
 
-    from grape.evaluation import load_documents, pack_windows, token_stream
+    from grape.evaluation import load_documents, pack_windows, spread_windows, token_stream
 
     rows = []
     for source in files:
@@ -296,8 +295,7 @@ def search_tokens(files, tokenizer, seq_len: int, samples: int, spread: int = 64
         if not windows:
             raise DataError(f"--search-data {source}: fewer than {seq_len + 1} tokens of text; give "
                             "a larger file or a shorter --seq-len")
-        take = np.unique(np.linspace(0, len(windows) - 1, min(samples, len(windows))).round().astype(int))
-        rows += [windows[i] for i in take]
+        rows += spread_windows(windows, samples)
     return torch.tensor(rows, dtype=torch.long)
 
 

@@ -294,7 +294,7 @@ def search(model: nn.Module, scores, config: SolveConfig, ids: torch.Tensor,
         count_level = not problem.needs_expert_level()
         best = _choose_seed(candidates, search_config)
         criterion = _criterion_of(best, problem.provenance.get("criterion", "reap_mass"), search_config.criteria)
-        orders = {layer.index: _order(scores, criterion, layer.index) for layer in problem.layers}
+        orders = _orders(scores, criterion)
         if count_level and search_config.nll_curves:
             curves, best = _curves_seed(model, scores, config, problem, criterion, orders, best, meter,
                                         search_config, candidates, notes, unpruned_seq)
@@ -354,9 +354,9 @@ def _criterion_of(candidate: Candidate, default: str, criteria: tuple[str, ...])
     return next((c for c in criteria if candidate.name == f"uniform {c}"), default)
 
 
-def _order(scores, criterion: str, layer: int) -> np.ndarray:
-    """Experts of `layer` from most to least important under `criterion`."""
-    return np.argsort(-scores.importance(criterion)[layer], kind="stable")
+def _orders(scores, criterion: str) -> dict[int, np.ndarray]:
+    """Each layer's experts from most to least important under `criterion`."""
+    return {layer: np.argsort(-imp, kind="stable") for layer, imp in scores.importance(criterion).items()}
 
 
 def _counts(problem, plan: Plan) -> np.ndarray:
@@ -394,36 +394,40 @@ def _curves_seed(model, scores, config, problem, criterion, orders, best, meter,
     return curves, candidate if candidate.beats(best, search_config.margin_se) else best
 
 
+def _adopt(name: str, plan: Plan, trial, best: Candidate, orders, meter, config, candidates):
+    """Measure `plan` (made with the `trial` orders); (incumbent, its orders) afterwards."""
+    candidate = meter.candidate(name, plan)
+    candidates.append(candidate)
+    return (candidate, trial) if candidate.beats(best, config.margin_se) else (best, orders)
+
+
 def _choose_criterion(problem, scores, best, orders, meter, config, candidates):
     """The incumbent's counts under every other criterion's within-layer order."""
     counts = _counts(problem, best.plan)
     for criterion in config.criteria:
-        trial_orders = {layer.index: _order(scores, criterion, layer.index) for layer in problem.layers}
-        plan = _plan_from_counts(problem, trial_orders, counts, best.plan)
+        trial = _orders(scores, criterion)
+        plan = _plan_from_counts(problem, trial, counts, best.plan)
         if plan is None or _key(plan) in {_key(c.plan) for c in candidates} or meter.left < 1:
             continue
-        candidate = meter.candidate(f"{criterion} order, incumbent's counts", plan)
-        candidates.append(candidate)
-        if candidate.beats(best, config.margin_se):
-            best, orders = candidate, trial_orders
+        best, orders = _adopt(f"{criterion} order, incumbent's counts", plan, trial, best, orders, meter,
+                              config, candidates)
     return best, orders
 
 
 def _per_layer_criteria(problem, scores, best, orders, meter, config, candidates):
     """With passes left: each layer's experts under each other criterion, one layer at a time."""
     counts = _counts(problem, best.plan)
+    by_criterion = {criterion: _orders(scores, criterion) for criterion in config.criteria}
     for layer in problem.layers:
-        for criterion in config.criteria:
+        for criterion, ranked in by_criterion.items():
             if meter.left < 1:
                 return best, orders
-            trial = {**orders, layer.index: _order(scores, criterion, layer.index)}
+            trial = {**orders, layer.index: ranked[layer.index]}
             plan = _plan_from_counts(problem, trial, counts, best.plan)
             if plan is None or _key(plan) == _key(best.plan):
                 continue
-            candidate = meter.candidate(f"layer {layer.index} in {criterion} order", plan)
-            candidates.append(candidate)
-            if candidate.beats(best, config.margin_se):
-                best, orders = candidate, trial
+            best, orders = _adopt(f"layer {layer.index} in {criterion} order", plan, trial, best, orders,
+                                  meter, config, candidates)
     return best, orders
 
 
@@ -432,7 +436,7 @@ def _local_search(problem, best: Candidate, orders, meter: _Meter, config: Searc
     """Level switches between layers around `best`, measured, while passes are left."""
     allowed = problem.allowed_counts()
     counts = _counts(problem, best.plan)
-    step = max(1, int(round(0.05 * max(layer.num_experts for layer in problem.layers))))
+    step = max(1, round(0.05 * max(layer.num_experts for layer in problem.layers)))
     rng = np.random.default_rng(config.seed)
     while meter.left > 0 and step >= 1:
         moves = _moves(counts, allowed, step, rng, min(config.moves_per_round, meter.left))

@@ -166,13 +166,15 @@ def measure_nll_curves(model: nn.Module, scores, ids: torch.Tensor, criterion: s
     return NllCurves(curves, criterion, tuple(float(f) for f in fractions), int(ids.numel()), passes, records)
 
 
-def with_nll_curves(scores, curves: NllCurves):
-    """A copy of `scores` whose layers carry the measured curves (and the calibration record
-    says how they were measured)."""
+def with_nll_curves(scores, curves: NllCurves | dict[int, np.ndarray]):
+    """A copy of `scores` whose layers carry the measured curves; given NllCurves, the
+    calibration record also says how they were measured."""
+    per_layer = curves.curves if isinstance(curves, NllCurves) else curves
     out = copy.copy(scores)
-    out.layers = {i: replace(ls, nll_curve=np.asarray(curves.curves[i], dtype=np.float64))
+    out.layers = {i: replace(ls, nll_curve=np.asarray(per_layer[i], dtype=np.float64))
                   for i, ls in scores.layers.items()}
-    out.calibration = {**scores.calibration, "nll_curves": curves.to_json()}
+    if isinstance(curves, NllCurves):
+        out.calibration = {**scores.calibration, "nll_curves": curves.to_json()}
     return out
 
 
