@@ -177,8 +177,10 @@ def cached_scores(model, tokenizer, name: str, calibration: str, settings: Setti
            f"-sub{settings.subsample}-{digest}.npz")
     path = cache_dir / key
     if path.exists():
-        log(f"  scores from cache: {path}")
-        return Scores.load(path)
+        cached = Scores.load(path)
+        if cached.has_criterion("reconstruction"):  # older caches lack it: calibrate again
+            log(f"  scores from cache: {path}")
+            return cached
     start = time.perf_counter()
     texts = calibration_texts(None if calibration == "mixed" else calibration)
     config = grape.CalibrationConfig(samples=settings.calib_samples, seq_len=settings.calib_seq_len,
@@ -328,7 +330,10 @@ def masked_nll(base, ids):
 
 
 def run_model(name: str, settings: Settings, first: bool, methods: list[Method],
-              out_dir: Path) -> dict:
+              out_dir: Path, previous: dict | None = None) -> dict:
+    """Every method on one zoo model. `previous`: this model's entry of an earlier run with the
+    same settings; then only `methods` are run and every other row, the layer study and the
+    single-domain rows are kept from it (the unpruned NLL is measured again and must match)."""
     import torch
 
     import grape
@@ -354,24 +359,35 @@ def run_model(name: str, settings: Settings, first: bool, methods: list[Method],
 
     start = time.perf_counter()
     baseline_nll, baseline_windows = test.nll(base)
-    baseline_tasks = test.tasks(base) if lmeval_on else {}
+    if previous is not None:
+        _same_baseline(previous, baseline_nll)
+    baseline_tasks = test.tasks(base) if lmeval_on and previous is None else (previous or {}).get(
+        "baseline_tasks", {})
     log(f"{name}: unpruned NLL {json.dumps({d: round(v, 4) for d, v in baseline_nll.items()})}"
         f" ({time.perf_counter() - start:.0f} s)")
     mixed = cached_scores(base, tokenizer, name, "mixed", settings, cache_dir)
     # per-layer end-to-end curves on the validation split: the sensitivity study, and the
     # cost curves of the `exact-measured` probe
-    validation_baseline, _ = validation.nll(base)
-    measured, records = measure_layer_curves(base, mixed, validation.nll, validation_baseline,
-                                             settings.curve_fractions, settings.time_limit, log)
+    if previous is None:
+        validation_baseline, _ = validation.nll(base)
+        measured, records = measure_layer_curves(base, mixed, validation.nll, validation_baseline,
+                                                 settings.curve_fractions, settings.time_limit, log)
+    else:
+        import numpy as np
+
+        measured = {int(k): np.asarray(v) for k, v in previous["layer_curves"].items()}
+        records = previous["layer_measurements"]
     search_ids = search_tokens(default_heldout_files("validation"), tokenizer, seq_len, settings.search_samples)
     confirm_ids = search_tokens(default_heldout_files("validation"), tokenizer, seq_len, settings.confirm_samples)
     rows = run_table(base, mixed, settings.budgets, methods, test.nll, baseline_nll,
                      model_name=name, calibration="mixed", time_limit=settings.time_limit,
                      measured=measured, search=searcher(base, mixed, search_ids, settings, confirm_ids),
                      evaluate_tasks=test.tasks if lmeval_on else None, tasks_for=tasks_for, log=log)
+    if previous is not None:
+        rows = _with_kept_rows(rows, previous, {m.name for m in methods})
     removal_rows = [r for r in rows if r.calibration == "mixed" and r.apply == "remove"]
     fidelity_entries = fidelity(mixed, removal_rows, measured, measure=masked_nll(base, search_ids))
-    if first or settings.calibration_domain_all_models:
+    if (first or settings.calibration_domain_all_models) and previous is None:
         domain = settings.calibration_domain
         single = cached_scores(base, tokenizer, name, domain, settings, cache_dir)
         rows += run_table(base, single, [settings.calibration_domain_budget],
@@ -398,6 +414,24 @@ def run_model(name: str, settings: Settings, first: bool, methods: list[Method],
         "lmeval_seconds": _mean(test.task_seconds),
         "seconds": time.perf_counter() - start,
     }
+
+
+def _same_baseline(previous: dict, baseline_nll: dict[str, float]) -> None:
+    """A partial rerun keeps rows measured earlier: only if the unpruned model measures the same."""
+    old = previous["baseline_nll"]
+    if set(old) != set(baseline_nll) or any(abs(old[d] - baseline_nll[d]) > 1e-6 for d in old):
+        raise SystemExit(f"{previous['name']}: the unpruned NLL differs from the previous run "
+                         f"({old} vs {baseline_nll}); rerun every method")
+
+
+def _with_kept_rows(rows: list[Row], previous: dict, rerun: set[str]) -> list[Row]:
+    """The new rows plus the previous run's rows of the methods not rerun, in table order."""
+    known = {m.name for m in (*METHODS, *PROBES, *CALIBRATION_DOMAIN_METHODS)}
+    kept = [Row.from_json(r) for r in previous["rows"]
+            if (r["method"] not in rerun or r["calibration"] != "mixed") and r["method"] in known]
+    order = {m.name: i for i, m in enumerate((*METHODS, *PROBES))}
+    both = kept + rows
+    return sorted(both, key=lambda r: (r.calibration != "mixed", r.budget, order.get(r.method, len(order))))
 
 
 # -- report ---------------------------------------------------------------------------------------
@@ -827,6 +861,21 @@ def merge(out: Path, others: list[Path]) -> int:
     return 0
 
 
+def _earlier_models(out: Path, settings: Settings, only: list[str] | None,
+                    methods: list[Method]) -> dict[str, dict]:
+    """For --only: the models of OUT/quality.json, which must share the settings."""
+    if not only:
+        return {}
+    unknown = sorted(set(only) - {m.name for m in methods})
+    if unknown:
+        raise SystemExit(f"--only: unknown methods {unknown}; see benchmarks/quality_methods.py")
+    path = out / "quality.json"
+    old = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    if old.get("settings") != json.loads(json.dumps(asdict(settings))):
+        raise SystemExit(f"--only needs {path} from a run with the same settings; run every method")
+    return {m["name"]: m for m in old["models"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -847,6 +896,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="DIR",
                         help="add the models of DIR/quality.json (same settings and methods) to "
                              "OUT/quality.json, in zoo order, and rewrite the report; run nothing")
+    parser.add_argument("--only", nargs="+", default=None, metavar="METHOD",
+                        help="run only these methods (e.g. after a change to one of them) and keep "
+                             "every other row of OUT/quality.json, which must have the same "
+                             "settings; the unpruned NLL is measured again and must match")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite quality.md and the plots from OUT/quality.json; run nothing")
     args = parser.parse_args(argv)
@@ -890,6 +943,13 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     methods = [*METHODS, *PROBES]
     previous = reusable(args.out / "quality.json", settings) if args.reuse else {}
+    earlier = _earlier_models(args.out, settings, args.only, methods)
+    before = 0.0  # seconds spent on the rows a partial rerun keeps
+    if args.only:
+        previous_run = json.loads((args.out / "quality.json").read_text(encoding="utf-8"))
+        data["command"] += f"; the other rows from `{previous_run['command']}`"
+        before = previous_run.get("seconds", 0.0)
+        methods = [m for m in methods if m.name in args.only]
     for i, name in enumerate(models):
         digest = file_digest(ZOO / "models" / name / "model.safetensors")
         if name in previous and previous[name].get("digest") == digest \
@@ -899,9 +959,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             log(f"== {name}")
             first = i == 0 and not args.no_first_studies
-            result = run_model(name, settings, first, methods, args.out)
+            if name in earlier:  # a partial rerun keeps the model's role (its extra studies)
+                first = bool(earlier[name].get("first", first))
+            result = run_model(name, settings, first, methods, args.out, earlier.get(name))
             data["models"].append({**result, "digest": digest, "first": first})
-        data["seconds"] = time.perf_counter() - start
+        data["seconds"] = before + time.perf_counter() - start
         write_report(data, settings, args.out)  # after every model: a partial run still reports
     log(f"wrote {args.out / 'quality.md'} in {data['seconds'] / 60:.1f} min")
     for model in data["models"]:

@@ -94,6 +94,10 @@ UNIFORM_FREQUENCY = Method("uniform-frequency", "uniform", "uniform", criterion=
                            about="same count per layer, drop the least-routed experts")
 UNIFORM_REAP = Method("uniform-reap", "uniform", "uniform", criterion="reap",
                       about="REAP's protocol: same count per layer, rank by REAP saliency")
+UNIFORM_RECONSTRUCTION = Method(
+    "uniform-reconstruction", "uniform", "uniform", criterion="reconstruction",
+    about="same count per layer, experts chosen by greedy elimination on the layer's output error "
+          "with tokens re-routed (criterion `reconstruction`)")
 GLOBAL_RANKING = Method("global-ranking", "global", "ranking",
                         about="drop the globally least important experts (reap_mass)")
 GRAPE_ALG1 = Method("grape-alg1", "global", "grape", objective="redundancy",
@@ -122,6 +126,7 @@ METHODS: tuple[Method, ...] = (
     UNIFORM_REAP,
     _merge(UNIFORM_REAP, "REAP's plan, each removed expert merged into its nearest kept expert "
            "(weight cosine), frequency-weighted"),
+    UNIFORM_RECONSTRUCTION,
     GLOBAL_RANKING,
     GRAPE_ALG1,
     _merge(GRAPE_ALG1, "Algorithm 1's clusters merged, frequency-weighted"),

@@ -61,7 +61,7 @@ from grape.scoring import (  # noqa: F401 - the measurements, importable from he
     token_grams,
 )
 from solvers.errors import ScoresError
-from solvers.scores import CRITERIA, NORMALIZATIONS, LayerScores, Scores
+from solvers.scores import CRITERIA, NORMALIZATIONS, OPTIONAL_STATS, LayerScores, Scores
 
 
 # -- configuration --------------------------------------------------------------------------
@@ -82,6 +82,9 @@ class CalibrationConfig:
     subsample: int = field(default=256, metadata=flag(
         "tokens per MoE layer on which every expert is evaluated (similarity, cost curves)"))
     cost_curves: bool = field(default=True, metadata=flag("skip the layer cost curves", negate=True))
+    reconstruction: bool = field(default=True, metadata=flag(
+        "skip the greedy re-routed elimination order on the subsample (criterion `reconstruction`; "
+        "also off with --subsample 0)", negate=True))
     criterion: str = field(default="reap_mass", metadata=flag(
         "expert order for the cost curves; recorded for the solver", choices=lambda: sorted(CRITERIA)))
     normalize: str = field(default="none", metadata=flag(
@@ -102,6 +105,9 @@ class CalibrationConfig:
             raise ScoresError(
                 f"unknown criterion {self.criterion!r}; choose one of {sorted(CRITERIA)}"
             )
+        if self.criterion in OPTIONAL_STATS and not (self.reconstruction and self.subsample > 0):
+            raise DataError(f"criterion {self.criterion!r} is measured on the subsample; drop "
+                            "--no-reconstruction / --subsample 0, or choose another --criterion")
         if self.normalize not in NORMALIZATIONS:
             raise ScoresError(
                 f"unknown normalisation {self.normalize!r}; choose one of {sorted(NORMALIZATIONS)}"
@@ -114,7 +120,8 @@ class CalibrationConfig:
 
     @property
     def needs_subsample(self) -> bool:
-        return self.cost_curves or any(k in OUTPUT_SIMILARITIES for k in self.similarity)
+        return (self.cost_curves or (self.reconstruction and self.subsample > 0)
+                or any(k in OUTPUT_SIMILARITIES for k in self.similarity))
 
 
 # -- the verb -------------------------------------------------------------------------------

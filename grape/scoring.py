@@ -3,6 +3,8 @@
 * similarity between the experts of a layer: ``cka`` and ``cosine`` from their outputs on the
   layer's token subsample, ``router`` from the router weights (no data);
 * the layer cost curve: the routed output's error keeping the n most important experts;
+* the ``reconstruction`` criterion: the order in which greedy elimination on the layer's own
+  output error (tokens re-routed around each removal) would remove the experts;
 * :func:`layer_scores`: one MoE layer's LayerScores from its observation;
 * :func:`assemble_scores`: the Scores of a run, with the calibration settings and the model's
   sizes as its checkpoint stores them (grape.modelsizes), so byte budgets and memory caps do not
@@ -140,7 +142,8 @@ def token_grams(outputs: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def cost_curve(
-    adapter: MoEAdapter, layer: int, hidden: torch.Tensor, outputs: torch.Tensor, order: np.ndarray
+    adapter: MoEAdapter, layer: int, hidden: torch.Tensor, outputs: torch.Tensor, order: np.ndarray,
+    grams: torch.Tensor | None = None,
 ) -> np.ndarray:
     """Block output error against the number of experts kept, (E+1,) float64.
 
@@ -156,7 +159,7 @@ def cost_curve(
     weights and G_t the per-token Gram matrix of the expert outputs, the error of token t is
     d_t^T G_t d_t with d_t = W_E[t] - W_n[t]: one Gram per layer, then O(T E^2) per n."""
     num_experts = adapter.num_experts(layer)
-    grams = token_grams(outputs)
+    grams = token_grams(outputs) if grams is None else grams
     full = dense_weights(*adapter.route(layer, hidden), num_experts).to(grams.device)
 
     def error(diff: torch.Tensor) -> float:
@@ -169,6 +172,63 @@ def cost_curve(
         pruned = dense_weights(*adapter.route_masked(layer, hidden, removed), num_experts)
         curve[kept] = error(full - pruned.to(grams.device))
     return np.nan_to_num(curve, nan=curve[0], posinf=curve[0])
+
+
+def _bilinear_errors(index: torch.Tensor, coeff: torch.Tensor, grams: torch.Tensor) -> torch.Tensor:
+    """Per-token ||sum_i coeff[t, i] f_{index[t, i]}(x_t)||^2 from the Gram matrices: (T,) float64.
+    Repeated indices are fine (the expansion counts every pair), so the full and the pruned
+    routing can be concatenated as they are."""
+    rows = torch.arange(index.shape[0], device=index.device)[:, None, None]
+    block = grams[rows, index[:, :, None], index[:, None, :]]  # (T, m, m)
+    return torch.einsum("ti,tij,tj->t", coeff, block, coeff).clamp_min(0)
+
+
+@torch.no_grad()
+def reconstruction_order(
+    adapter: MoEAdapter, layer: int, hidden: torch.Tensor, grams: torch.Tensor
+) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy backward elimination on the layer's own output: (order, errors), both (E,).
+
+    Starting from every expert, each step removes the expert whose removal (the tokens routed
+    around it with `adapter.route_masked`, as the pruned model routes) least increases the
+    block output error mean_x ||y_E(x) - y(x)||^2; order[k] is the k-th expert removed and
+    errors[k] the error once order[:k+1] are gone. Unlike a per-expert score (REAP, frequency)
+    this sees substitution: an expert whose tokens fall back on a similar one costs little.
+    Cost: E^2/2 masked routings of the subsample, O(T k^2) each with the Gram matrices;
+    ties go to the lower expert index, so the order is deterministic."""
+    num_experts = adapter.num_experts(layer)
+    full_index, full_weight = adapter.route(layer, hidden)
+    full_index, full_weight = full_index.to(grams.device), full_weight.to(grams.device, torch.float64)
+
+    def error(removed: list[int]) -> float:
+        index, weight = adapter.route_masked(layer, hidden, removed)
+        both = torch.cat([full_index, index.to(grams.device)], dim=1)
+        coeff = torch.cat([full_weight, -weight.to(grams.device, torch.float64)], dim=1)
+        return float(_bilinear_errors(both, coeff, grams).mean())
+
+    removed: list[int] = []
+    errors = []
+    for _ in range(num_experts - 1):
+        trial = {e: error(removed + [e]) for e in range(num_experts) if e not in removed}
+        best = min(trial, key=lambda e: (trial[e], e))
+        removed.append(best)
+        errors.append(trial[best])
+    removed += [e for e in range(num_experts) if e not in removed]
+    errors.append(float(_bilinear_errors(full_index, full_weight, grams).mean()))  # nothing left
+    return np.array(removed, dtype=np.int64), np.nan_to_num(np.array(errors, dtype=np.float64))
+
+
+def reconstruction_importance(order: np.ndarray, errors: np.ndarray) -> np.ndarray:
+    """The `reconstruction` criterion: each expert's importance is the block output error once
+    it and every expert removed before it are gone (made non-decreasing along the order, with a
+    tiny step so the greedy order is exactly the criterion's order). Comparable across layers
+    in units of output energy, like the cost curves; it orders experts, its sum is not a cost."""
+    level = np.maximum.accumulate(np.maximum(np.asarray(errors, dtype=np.float64), 0.0))
+    scale = max(float(level[-1]), 1e-30)
+    value = level + scale * 1e-9 * np.arange(1, len(order) + 1)
+    out = np.zeros(len(order), dtype=np.float64)
+    out[np.asarray(order)] = value
+    return out
 
 
 @contextlib.contextmanager
@@ -194,20 +254,24 @@ def layer_scores(
         for kind in config.similarity
         if kind in WEIGHT_SIMILARITIES
     }
-    curve = None
+    curve, stats = None, dict(obs.stats)
     if config.needs_subsample and obs.samples is not None:
         outputs = all_expert_outputs(adapter, layer, obs.samples)
         for kind in config.similarity:
             if kind in OUTPUT_SIMILARITIES:
                 similarity[kind] = OUTPUT_SIMILARITIES[kind](outputs)
+        grams = token_grams(outputs) if config.cost_curves or config.reconstruction else None
+        if config.reconstruction:
+            stats["reconstruction"] = reconstruction_importance(
+                *reconstruction_order(adapter, layer, obs.samples, grams))
         if config.cost_curves:
-            importance = CRITERIA[config.criterion](obs.stats, tokens)
+            importance = CRITERIA[config.criterion](stats, tokens)
             order = np.argsort(importance, kind="stable")
-            curve = cost_curve(adapter, layer, obs.samples, outputs, order)
-        del outputs
+            curve = cost_curve(adapter, layer, obs.samples, outputs, order, grams)
+        del outputs, grams
     return LayerScores(
         layer=layer,
-        stats=obs.stats,
+        stats=stats,
         expert_bytes=np.asarray(adapter.expert_bytes(layer), dtype=np.int64),
         output_energy=obs.output_energy,
         similarity=similarity,

@@ -68,9 +68,10 @@ class SearchConfig:
         "tokens, the unpruned reference included); unset: 100 on the test bed, else 200",
         name="search_passes", unset=True))
     # uniform seeds and within-layer orders
-    criteria: tuple[str, ...] = field(default=("reap_mass", "frequency", "reap", "ean"), metadata=flag(
-        "criteria whose uniform plans are seeds and whose within-layer orders are tried",
-        name="search_criteria", items=True))
+    criteria: tuple[str, ...] = field(
+        default=("reconstruction", "reap_mass", "frequency", "reap", "ean"), metadata=flag(
+            "criteria whose uniform plans are seeds and whose within-layer orders are tried (those "
+            "the scores file lacks are skipped with a note)", name="search_criteria", items=True))
     # integer-program seeds besides the configured one
     objectives: tuple[str, ...] = field(default=("additive", "curves"), metadata=flag(
         "objectives whose exact plans are seeds besides the configured one", name="search_objectives",
@@ -277,6 +278,7 @@ def search(model: nn.Module, scores, config: SolveConfig, ids: torch.Tensor,
 
     search_config = search_config or SearchConfig()
     search_config.check_names()
+    search_config, lacking = _available_criteria(scores, search_config)
     if ids.dim() != 2 or ids.shape[1] < 2:
         raise DataError("search tokens must be a (samples, seq_len >= 2) tensor of input ids")
     start = time.perf_counter()
@@ -287,6 +289,7 @@ def search(model: nn.Module, scores, config: SolveConfig, ids: torch.Tensor,
     try:
         unpruned_seq = meter.nll("unpruned", None)
         seeds, notes = seed_plans(scores, config, search_config)
+        notes[:0] = lacking
         if not seeds:
             raise UserError("no seed plan could be built for the search: " + "; ".join(notes))
         candidates = [meter.candidate(name, plan) for name, plan in seeds[: meter.left]]
@@ -316,6 +319,18 @@ def search(model: nn.Module, scores, config: SolveConfig, ids: torch.Tensor,
                         seconds=time.perf_counter() - start, notes=notes, nll_curves=curves,
                         reused=meter.reused, confirmed=confirmed,
                         confirm_tokens=int(confirm_ids.numel()) if confirmed else 0)
+
+
+def _available_criteria(scores, config: SearchConfig) -> tuple[SearchConfig, list[str]]:
+    """`config` with only the criteria the scores can compute (an older file has no
+    `reconstruction`), and a note for each one dropped."""
+    have = tuple(c for c in config.criteria if scores.has_criterion(c))
+    if not have:
+        raise UserError(f"--search-criteria {','.join(config.criteria)}: none is in the scores file; "
+                        "add reap_mass (always available) or re-run `grape calibrate`")
+    notes = [f"criterion {c!r} skipped: not in the scores file (re-run `grape calibrate` to record it)"
+             for c in config.criteria if c not in have]
+    return replace(config, criteria=have), notes
 
 
 def _confirm(model, best: Candidate, candidates: list[Candidate], ids: torch.Tensor, config: SearchConfig,

@@ -22,6 +22,9 @@ Format (version 1): a numpy ``.npz`` archive (``allow_pickle=False``) holding
   ``cost_curve``            (N+1,)     optional; entry n = block output error keeping n experts
   ``nll_curve``             (N+1,)     optional; entry n = measured NLL increase (nats) when only
                                        this layer keeps n experts (grape.sensitivity)
+  ``reconstruction``        (N,)       optional; the criterion of that name: block output error
+                                       once e and the experts greedy re-routed elimination removed
+                                       before it are gone (grape.scoring.reconstruction_order)
   ========================  =========  ====================================================
 
 All statistics are float64. ``grape synth`` writes the same format from synthetic numbers.
@@ -50,6 +53,9 @@ from solvers.sizes import ModelSizes
 FORMAT = "grape.scores"
 VERSION = 2  # 2: expert_bytes as stored in the checkpoint, plus the optional sizes
 STAT_NAMES = ("count", "gate_sum", "norm_sum", "gate_norm_sum", "gate_norm_sq_sum", "norm_max")
+# per-expert statistics a scores file may have (stored beside the others, same checks); each is
+# also a criterion of the same name, available only where every layer has it
+OPTIONAL_STATS = ("reconstruction",)
 
 
 @dataclass(frozen=True)
@@ -159,6 +165,9 @@ CRITERIA = {
     "man": lambda s, t: _safe_div(s["norm_sum"], s["count"]),
     "msan": lambda s, t: _safe_div(s["gate_norm_sq_sum"], s["count"]),
     "max_norm": lambda s, t: np.asarray(s["norm_max"], dtype=np.float64),
+    # greedy elimination on the layer's output error with tokens re-routed around each removal:
+    # sees substitution between experts, which no per-expert statistic does (grape.scoring)
+    "reconstruction": lambda s, t: np.asarray(s["reconstruction"], dtype=np.float64),
 }
 
 # How a layer's scores are rescaled before they meet other layers' in one global problem.
@@ -198,11 +207,22 @@ class Scores:
             raise ScoresError(
                 f"unknown normalisation {normalize!r}; choose one of {sorted(NORMALIZATIONS)}"
             )
+        if criterion in OPTIONAL_STATS and not self.has_criterion(criterion):
+            raise ScoresError(
+                f"criterion {criterion!r} is not in this scores file (calibrated before GRAPE recorded "
+                "it, or with --no-reconstruction / --subsample 0); re-run `grape calibrate`, or choose "
+                f"one of {sorted(c for c in CRITERIA if c not in OPTIONAL_STATS)}")
         out = {}
         for idx, layer in sorted(self.layers.items()):
             value = np.asarray(CRITERIA[criterion](layer.stats, self.tokens), dtype=np.float64)
             out[idx] = NORMALIZATIONS[normalize](value, layer)
         return out
+
+    def has_criterion(self, criterion: str) -> bool:
+        """Whether `criterion` can be computed from this file (optional statistics may be absent)."""
+        if criterion not in CRITERIA:
+            return False
+        return criterion not in OPTIONAL_STATS or all(criterion in ls.stats for ls in self.layers.values())
 
     def similarity(self, kind: str) -> dict[int, np.ndarray]:
         missing = [i for i, layer in self.layers.items() if kind not in layer.similarity]
@@ -234,7 +254,7 @@ class Scores:
             )
         for idx, layer in self.layers.items():
             n = self.model.experts_per_layer[idx]
-            for name in STAT_NAMES:
+            for name in STAT_NAMES + tuple(k for k in OPTIONAL_STATS if k in layer.stats):
                 if name not in layer.stats:
                     raise ScoresError(f"layer {idx}: statistic {name!r} is missing")
                 arr = _numeric(layer.stats[name], f"layer {idx}: statistic {name!r}")
@@ -292,7 +312,7 @@ class Scores:
         arrays["__meta__"] = np.array(json.dumps(meta))
         for idx, layer in sorted(self.layers.items()):
             prefix = f"layer{idx}/"
-            for name in STAT_NAMES:
+            for name in STAT_NAMES + tuple(k for k in OPTIONAL_STATS if k in layer.stats):
                 arrays[prefix + name] = np.asarray(layer.stats[name], dtype=np.float64)
             arrays[prefix + "expert_bytes"] = np.asarray(layer.expert_bytes, dtype=np.int64)
             arrays[prefix + "output_energy"] = np.array(float(layer.output_energy))
@@ -355,7 +375,8 @@ class Scores:
             }
             layers[idx] = LayerScores(
                 layer=idx,
-                stats={name: archive[prefix + name] for name in STAT_NAMES},
+                stats={name: archive[prefix + name] for name in STAT_NAMES + OPTIONAL_STATS
+                       if name in STAT_NAMES or prefix + name in archive.files},
                 expert_bytes=archive[prefix + "expert_bytes"],
                 output_energy=float(archive[prefix + "output_energy"]),
                 similarity=sims,

@@ -242,3 +242,20 @@ def test_the_default_table_and_merging_two_runs(rows, tmp_path):
     (tmp_path / "b" / "quality.json").write_text(json.dumps(other))
     with pytest.raises(SystemExit, match="other settings"):
         quality.main(["--out", str(tmp_path / "a"), "--merge", str(tmp_path / "b")])
+
+
+def test_a_partial_rerun_keeps_the_other_rows_and_checks_the_baseline(rows):
+    out, baseline, _ = rows
+    previous = {"name": "tiny", "baseline_nll": dict(baseline),
+                "rows": [r.to_json() for r in out]}
+    rerun = [r for r in out if r.method == "uniform-reap"]
+    fresh = [quality.replace(r, nll_increase={d: v + 1.0 for d, v in r.nll_increase.items()}) for r in rerun]
+    merged = quality._with_kept_rows(fresh, previous, {"uniform-reap"})
+    assert len(merged) == len(out)  # one row per (method, budget), as before
+    assert [r for r in merged if r.method == "uniform-reap"] == sorted(fresh, key=lambda r: r.budget)
+    assert [r.budget for r in merged] == sorted(r.budget for r in merged)
+    quality._same_baseline(previous, dict(baseline))
+    with pytest.raises(SystemExit, match="differs from the previous run"):
+        quality._same_baseline(previous, {d: v + 0.01 for d, v in baseline.items()})
+    with pytest.raises(SystemExit, match="unknown methods"):
+        quality._earlier_models(Path("."), quality.FAST, ["nope"], list(METHODS))

@@ -120,6 +120,24 @@ def test_unknown_search_criteria_are_refused_before_measuring(setup):
         SearchConfig(margin_se=-1)
 
 
+def test_the_reconstruction_criterion_is_a_seed_and_skipped_where_the_scores_lack_it(setup):
+    import copy
+    from dataclasses import replace
+
+    model, scores, ids = setup
+    config = SearchConfig(max_passes=8, moves_per_round=2, nll_curves=False, progress=False)
+    result = search(model, scores, SolveConfig(budget=0.5, time_limit=10), ids, config)
+    assert "uniform reconstruction" in [c.name for c in result.candidates]
+    older = copy.copy(scores)  # a file calibrated before the criterion existed
+    older.layers = {i: replace(ls, stats={k: v for k, v in ls.stats.items() if k != "reconstruction"})
+                    for i, ls in scores.layers.items()}
+    result = search(model, older, SolveConfig(budget=0.5, time_limit=10), ids, config)
+    assert "uniform reconstruction" not in [c.name for c in result.candidates]
+    assert any("'reconstruction' skipped" in n for n in result.notes)
+    with pytest.raises(UserError, match="none is in the scores file"):
+        search(model, older, SolveConfig(budget=0.5), ids, replace(config, criteria=("reconstruction",)))
+
+
 def test_search_tokens_spread_over_the_whole_file(tmp_path):
     import json
 
