@@ -387,12 +387,19 @@ def _curves_seed(model, scores, config, problem, criterion, orders, best, meter,
     if all(ls.nll_curve is not None for ls in scores.layers.values()):
         notes.append("NLL curves: the scores already have them; not measured again")
         return None, best
-    need = nll_curve_passes(scores, search_config.curve_fractions)
-    if need > meter.left // 2:
-        notes.append(f"NLL curves skipped: {need} passes needed, {meter.left} left "
+    total = sum(ls.num_experts for ls in scores.layers.values())
+    fractions = _curve_depths(scores, search_config.curve_fractions, best.plan.num_removed / max(total, 1),
+                              meter.left // 2)
+    if not fractions:
+        need = nll_curve_passes(scores, search_config.curve_fractions[:1])
+        notes.append(f"NLL curves skipped: even one depth needs {need} passes, {meter.left} left "
                      "(raise --search-passes to measure them)")
         return None, best
-    curves = measure_nll_curves(model, scores, meter.ids, criterion, search_config.curve_fractions, config,
+    if len(fractions) < len(search_config.curve_fractions):
+        notes.append(f"NLL curves at {len(fractions)} of {len(search_config.curve_fractions)} depths "
+                     f"({', '.join(f'{f:.0%}' for f in fractions)} removed), the ones nearest the "
+                     "budget, to stay within half the passes left")
+    curves = measure_nll_curves(model, scores, meter.ids, criterion, fractions, config,
                                 search_config.batch_size, unpruned_seq, measure=meter.nll)
     measured = with_nll_curves(scores, curves)
     cfg = replace(config, objective="curves", curves="nll", solver="exact", criterion=criterion)
@@ -407,6 +414,15 @@ def _curves_seed(model, scores, config, problem, criterion, orders, best, meter,
     candidate = meter.candidate(f"exact curves on measured NLL ({criterion} order)", plan)
     candidates.append(candidate)
     return curves, candidate if candidate.beats(best, search_config.margin_se) else best
+
+
+def _curve_depths(scores, fractions: tuple[float, ...], budget: float, passes: int) -> tuple[float, ...]:
+    """As many of `fractions` as `passes` allow (one pass per layer and depth), nearest the
+    budget's removed fraction first; ascending. On a 48-94-layer model all three depths would
+    take most of the passes, one or two still give the program measured costs where it decides."""
+    fit = passes // max(nll_curve_passes(scores, (0.5,)), 1)
+    nearest = sorted(fractions, key=lambda f: (abs(f - budget), f))[:fit]
+    return tuple(sorted(nearest))
 
 
 def _adopt(name: str, plan: Plan, trial, best: Candidate, orders, meter, config, candidates):

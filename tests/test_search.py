@@ -138,6 +138,23 @@ def test_the_reconstruction_criterion_is_a_seed_and_skipped_where_the_scores_lac
         search(model, older, SolveConfig(budget=0.5), ids, replace(config, criteria=("reconstruction",)))
 
 
+def test_curves_at_fewer_depths_when_the_passes_are_short(setup):
+    from grape.search import _curve_depths, seed_plans
+
+    model, scores, ids = setup
+    layers = len(scores.layers)
+    assert _curve_depths(scores, (0.25, 0.5, 0.75), 0.3, 3 * layers) == (0.25, 0.5, 0.75)
+    assert _curve_depths(scores, (0.25, 0.5, 0.75), 0.3, 2 * layers + 1) == (0.25, 0.5)
+    assert _curve_depths(scores, (0.25, 0.5, 0.75), 0.7, layers) == (0.75,)
+    assert _curve_depths(scores, (0.25, 0.5, 0.75), 0.5, layers - 1) == ()
+    config, solve = SearchConfig(moves_per_round=2, progress=False), SolveConfig(budget=0.5, time_limit=10)
+    seeds = len(seed_plans(scores, solve, config)[0])
+    short = SearchConfig(max_passes=1 + seeds + 2 * layers + 1, moves_per_round=2, progress=False)
+    result = search(model, scores, solve, ids, short)
+    assert result.nll_curves is not None and result.nll_curves.fractions == (0.5,)
+    assert any("1 of 3 depths" in n for n in result.notes)
+
+
 def test_search_tokens_spread_over_the_whole_file(tmp_path):
     import json
 
