@@ -82,6 +82,10 @@ class SearchConfig:
     confirm: bool = field(default=True, metadata=flag(
         "skip the final check on the larger confirmation tokens (when the caller gives them)",
         name="search_confirm", negate=True))
+    # besides every uniform seed and the choice, the best other candidates on the search tokens
+    # are confirmed too: a real gain that the small search sample showed by less than the margin
+    # gets a second, larger hearing (the margin rule still decides, so uniform stays the floor)
+    runners_up: int = 2
     curve_fractions: tuple[float, ...] = DEFAULT_FRACTIONS  # depths at which each layer is measured
     moves_per_round: int = 8  # level switches measured per round of the local search
     # a candidate replaces the incumbent only when its NLL is lower by this many paired standard
@@ -104,6 +108,8 @@ class SearchConfig:
                 raise UserError(f"search {name} must be at least 1, got {getattr(self, name)}")
         if not self.criteria:
             raise UserError("--search-criteria needs at least one criterion (e.g. reap_mass)")
+        if self.runners_up < 0:
+            raise UserError(f"search runners_up must be >= 0, got {self.runners_up}")
         if self.margin_se < 0:
             raise UserError(f"--search-margin {self.margin_se} must be >= 0 (standard errors)")
         if not all(0 < f < 1 for f in self.curve_fractions):
@@ -336,13 +342,21 @@ def _available_criteria(scores, config: SearchConfig) -> tuple[SearchConfig, lis
 def _confirm(model, best: Candidate, candidates: list[Candidate], ids: torch.Tensor, config: SearchConfig,
              cache) -> tuple[Candidate, list[dict]]:
     """The final choice on the confirmation tokens, by the seed rule: the best uniform plan there
-    is the incumbent, and the search's choice replaces it only by `margin_se` paired standard
-    errors. Returns (the chosen search candidate, each finalist's confirmation NLL)."""
+    is the incumbent, and the search's choice - or one of the `runners_up` next-best candidates
+    that beat every uniform plan on the search tokens - replaces it only by `margin_se` paired
+    standard errors. Returns (the chosen search candidate, each finalist's confirmation NLL)."""
     if ids.dim() != 2 or ids.shape[1] < 2:
         raise DataError("confirmation tokens must be a (samples, seq_len >= 2) tensor of input ids")
-    finalists = [c for c in candidates if c.name.startswith("uniform ")]
-    if best not in finalists:
-        finalists.append(best)
+    uniform = [c for c in candidates if c.name.startswith("uniform ")]
+    floor = min((c.nll for c in uniform), default=float("inf"))
+    finalists = uniform + ([best] if best not in uniform else [])
+    seen, wanted = {_key(c.plan) for c in finalists}, len(finalists) + config.runners_up
+    for c in sorted(candidates, key=lambda c: c.nll):
+        if len(finalists) >= wanted or c.nll >= floor:
+            break
+        if _key(c.plan) not in seen:
+            finalists.append(c)
+            seen.add(_key(c.plan))
     path = Path(cache).with_suffix(".confirm.json") if cache is not None else None
     meter = _Meter(model, ids, replace(config, max_passes=len(finalists)), path)
     try:

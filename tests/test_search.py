@@ -155,6 +155,29 @@ def test_curves_at_fewer_depths_when_the_passes_are_short(setup):
     assert any("1 of 3 depths" in n for n in result.notes)
 
 
+def test_runners_up_that_beat_every_uniform_plan_get_a_second_hearing(setup):
+    from grape.search import Candidate, _confirm, _key
+
+    model, scores, ids = setup
+    found = search(model, scores, SolveConfig(budget=0.5, time_limit=10), ids[:3],
+                   SearchConfig(max_passes=12, moves_per_round=3, nll_curves=False, progress=False))
+    uniform = [c for c in found.candidates if c.name.startswith("uniform ")]
+    floor = min(c.nll for c in uniform)
+    # make three non-uniform candidates look better than every uniform one on the search tokens
+    others = [c for c in found.candidates if not c.name.startswith("uniform ")
+              and _key(c.plan) not in {_key(u.plan) for u in uniform}]
+    assert len(others) >= 3
+    staged = [Candidate(c.name, c.plan, floor - 0.1 * (i + 1), c.per_sequence) for i, c in enumerate(others[:3])]
+    best = staged[-1]  # the lowest
+    candidates = uniform + staged
+    chosen, record = _confirm(model, best, candidates, ids, SearchConfig(runners_up=1, progress=False), None)
+    names = [r["name"] for r in record]
+    assert names == [c.name for c in uniform] + [best.name, staged[1].name]  # best, then one runner-up
+    _, record = _confirm(model, best, candidates, ids, SearchConfig(runners_up=0, progress=False), None)
+    assert [r["name"] for r in record] == [c.name for c in uniform] + [best.name]
+    assert chosen in candidates
+
+
 def test_search_tokens_spread_over_the_whole_file(tmp_path):
     import json
 
