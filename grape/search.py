@@ -8,7 +8,8 @@ count from every layer. This stage measures instead of assuming:
    under every importance criterion (so the result is never worse than the best uniform plan
    *on the search tokens*);
 2. each candidate costs one forward pass over held-out search tokens (tokens calibration did
-   not see) with the routers masked to the plan's experts: no weights change, no copy;
+   not see) with the routers masked to the plan's experts: no weights change, no copy; the
+   decoder layers a plan shares with one measured before are not run again (grape.prefix);
 3. measured per-layer NLL curves (grape.sensitivity: each layer alone pruned at a few depths,
    one pass each, when they fit in half the budget) feed the integer program once more: its plan
    on *measured* costs is one more seed, and the curves are returned to be stored in the scores;
@@ -41,6 +42,7 @@ from torch import nn
 from grape.config import SolveConfig
 from grape.errors import DataError
 from grape.flags import flag
+from grape.prefix import DEFAULT_MAX_BYTES, PrefixReuse
 from grape.sensitivity import (
     DEFAULT_FRACTIONS,
     NllCurves,
@@ -94,6 +96,9 @@ class SearchConfig:
         "a candidate replaces the incumbent only when lower by this many paired standard errors",
         name="search_margin", type=float))
     batch_size: int = 8  # search sequences per forward
+    # memory for the decoder-layer inputs kept so that a plan sharing its first layers with one
+    # measured before runs only the layers after them (grape.prefix; 0: full passes only)
+    reuse_bytes: int = DEFAULT_MAX_BYTES
     seed: int = 0
     progress: bool = True
 
@@ -155,6 +160,9 @@ class SearchResult:
     reused: int = 0  # measurements read back from the cache instead of measured
     confirmed: list[dict] = field(default_factory=list)  # finalists' NLL on the confirmation tokens
     confirm_tokens: int = 0  # tokens per confirmation pass
+    # decoder layers actually computed over the search tokens, in full passes (prefix reuse makes
+    # it fewer than `passes`; measurements read from the cache compute nothing)
+    computed_passes: float = 0.0
 
     @property
     def tokens_measured(self) -> int:
@@ -173,6 +181,7 @@ class SearchResult:
                 "tokens_per_pass": self.tokens_per_pass, "seconds": self.seconds, "notes": self.notes,
                 "reused_from_cache": self.reused, "confirmed": self.confirmed,
                 "confirm_tokens": self.confirm_tokens, "tokens_measured": self.tokens_measured,
+                "computed_passes": round(self.computed_passes, 2),
                 "nll_curves": self.nll_curves.to_json() if self.nll_curves else None,
                 "candidates": [{"name": c.name, "nll": c.nll,
                                 "kept_per_layer": {str(k): v for k, v in c.plan.kept_counts().items()}}
@@ -216,6 +225,7 @@ class _Meter:
     def __init__(self, model, ids, config: SearchConfig, cache: Path | None):
         self.model, self.ids, self.config, self.cache = model, ids, config, cache
         self.limit, self.used, self.reused = config.max_passes, 0, 0
+        self.prefix = PrefixReuse(model, ids, config.batch_size, config.reuse_bytes)
         self.known: dict[str, list[float]] = {}
         self.tokens_key = _tokens_key(ids)
         from tqdm.auto import tqdm
@@ -241,11 +251,7 @@ class _Meter:
             self.reused += 1
             out = np.asarray(self.known[key], dtype=np.float64)
         else:
-            if plan is None:
-                out = sequence_nll(self.model, self.ids, self.config.batch_size)
-            else:
-                with masked(self.model, plan):
-                    out = sequence_nll(self.model, self.ids, self.config.batch_size)
+            out = self.prefix.nll(plan)
             self.known[key] = [float(x) for x in out]
             self._save()
         self.used += 1
@@ -324,6 +330,7 @@ def search(model: nn.Module, scores, config: SolveConfig, ids: torch.Tensor,
                         passes=meter.used, tokens_per_pass=int(ids.numel()),
                         seconds=time.perf_counter() - start, notes=notes, nll_curves=curves,
                         reused=meter.reused, confirmed=confirmed,
+                        computed_passes=meter.prefix.layers_run / len(meter.prefix.layers),
                         confirm_tokens=int(confirm_ids.numel()) if confirmed else 0)
 
 
