@@ -89,7 +89,7 @@ def _read_json(path: Path) -> Any:
 
 # -- summaries ------------------------------------------------------------------------------
 def summarize_scores(path: Path, criterion: str | None = None) -> dict[str, Any]:
-    from solvers.scores import Scores
+    from solvers.scores import CRITERIA, Scores
 
     scores = Scores.load(path)
     criterion = criterion or scores.calibration.get("criterion") or "reap_mass"
@@ -118,6 +118,7 @@ def summarize_scores(path: Path, criterion: str | None = None) -> dict[str, Any]
         "created_by": scores.created_by,
         "fingerprint": scores.fingerprint(),
         "criterion": criterion,
+        "criteria": [c for c in CRITERIA if scores.has_criterion(c)],  # what --criterion may name
         "calibration": {k: cal[k] for k in ("sources", "samples", "seq_len", "subsample", "seed",
                                              "dtype", "model_path", "synthetic", "shape") if k in cal},
         "total_experts": sum(scores.model.experts_per_layer.values()),
@@ -314,6 +315,7 @@ def render(summary: dict[str, Any]) -> str:
                    f"layers, {len(summary['layers'])} MoE layers, {summary['total_experts']} routed experts "
                    f"({_size(summary['expert_bytes'])}), router fingerprint {m.get('fingerprint') or '-'}"),
                   f"  calibration: {summary['tokens']} tokens; {cal or '-'}",
+                  f"  criteria: {', '.join(summary['criteria'])}",
                   _sizes_line(summary),
                   f"  created by {summary['created_by']}; statistics fingerprint {summary['fingerprint']}",
                   "", (f"| layer | experts | top_k | never routed | {summary['criterion']} min | median | max "

@@ -136,7 +136,11 @@ def test_compare_and_synth(ws, pipeline, capsys):
     assert main(["synth", "--shape", "mixtral-8x7b", "--out", str(synth)]) == 0
     capsys.readouterr()
     assert main(["inspect", str(synth), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["total_experts"] == 32 * 8
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["total_experts"] == 32 * 8
+    assert "reap" in summary["criteria"] and "reconstruction" not in summary["criteria"]  # synthetic
+    assert main(["inspect", str(pipeline["scores"]), "--json"]) == 0
+    assert "reconstruction" in json.loads(capsys.readouterr().out)["criteria"]  # calibrated
 
 
 def test_run_in_process_with_a_recipe(ws, tmp_path):
