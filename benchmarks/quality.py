@@ -173,8 +173,9 @@ def cached_scores(model, tokenizer, name: str, calibration: str, settings: Setti
     import grape
 
     digest = file_digest(ZOO / "models" / name / "model.safetensors")
+    # the reconstruction order's rows (CalibrationConfig's default) are part of what was measured
     key = (f"{name}-{calibration}-{settings.calib_samples}x{settings.calib_seq_len}"
-           f"-sub{settings.subsample}-{digest}.npz")
+           f"-sub{settings.subsample}-rec{grape.CalibrationConfig().reconstruction_tokens}-{digest}.npz")
     path = cache_dir / key
     if path.exists():
         cached = Scores.load(path)

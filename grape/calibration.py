@@ -85,6 +85,10 @@ class CalibrationConfig:
     reconstruction: bool = field(default=True, metadata=flag(
         "skip the greedy re-routed elimination order on the subsample (criterion `reconstruction`; "
         "also off with --subsample 0)", negate=True))
+    reconstruction_tokens: int = field(default=2048, metadata=flag(
+        "tokens per MoE layer for the reconstruction order (more than --subsample: the greedy makes "
+        "E-1 choices, and 256 tokens leave them noisy; similarity and cost curves use --subsample "
+        "of them)"))
     criterion: str = field(default="reap_mass", metadata=flag(
         "expert order for the cost curves; recorded for the solver", choices=lambda: sorted(CRITERIA)))
     normalize: str = field(default="none", metadata=flag(
@@ -98,6 +102,8 @@ class CalibrationConfig:
                 raise DataError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.subsample < 0:
             raise DataError(f"subsample must be >= 0 tokens per layer, got {self.subsample}")
+        if self.reconstruction_tokens < 1:
+            raise DataError(f"reconstruction_tokens must be at least 1, got {self.reconstruction_tokens}")
         unknown = [k for k in self.similarity if k not in SIMILARITIES]
         if unknown:
             raise ScoresError(f"unknown similarity {unknown}; choose from {list(SIMILARITIES)}")
@@ -117,6 +123,14 @@ class CalibrationConfig:
                 "similarity from outputs (cka, cosine) and cost curves need a token "
                 "subsample; set subsample > 0 (e.g. 256) or ask only for 'router'"
             )
+
+    @property
+    def sample_quota(self) -> int:
+        """Rows of each MoE layer's input the observer keeps: `subsample`, or more for the
+        reconstruction order (similarity and cost curves take `subsample` of them)."""
+        if not self.needs_subsample:
+            return 0
+        return max(self.subsample, self.reconstruction_tokens if self.reconstruction and self.subsample > 0 else 0)
 
     @property
     def needs_subsample(self) -> bool:
@@ -226,7 +240,7 @@ def plan_batches(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
     batches = list(input_ids.split(config.batch_size))
     masks = ([None] * len(batches) if attention_mask is None
              else list(attention_mask.split(config.batch_size)))
-    quota = config.subsample if config.needs_subsample else 0
+    quota = config.sample_quota
     available = [b.numel() if m is None else int(m.sum()) for b, m in zip(batches, masks)]
     rows = sample_plan(quota, per_call_quota(quota, len(batches)), available)
     return BatchPlan(batches, masks, rows, share(len(batches), world))
@@ -300,7 +314,7 @@ def calibrate(
                             input_ids, attention_mask, world)
     was_training = model.training
     model.eval()
-    sample_tokens = config.subsample if config.needs_subsample else 0
+    sample_tokens = config.sample_quota
     observer = ExpertObserver(model, adapter, sample_tokens=sample_tokens, seed=config.seed)
     try:
         with torch.no_grad(), observer:

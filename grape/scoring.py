@@ -141,6 +141,14 @@ def token_grams(outputs: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def expert_grams(adapter: MoEAdapter, layer: int, hidden: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """token_grams of every expert's outputs on `hidden`, (T, E, E) float64, computed `chunk`
+    rows at a time so that the (E, T, H) outputs never exist all at once (E x H x 2048 values
+    would be gigabytes on a 256-expert model)."""
+    return torch.cat([token_grams(all_expert_outputs(adapter, layer, part)) for part in hidden.split(chunk)])
+
+
+@torch.no_grad()
 def cost_curve(
     adapter: MoEAdapter, layer: int, hidden: torch.Tensor, outputs: torch.Tensor, order: np.ndarray,
     grams: torch.Tensor | None = None,
@@ -231,6 +239,15 @@ def reconstruction_importance(order: np.ndarray, errors: np.ndarray) -> np.ndarr
     return out
 
 
+def shared_rows(samples: torch.Tensor, count: int) -> torch.Tensor:
+    """`count` of the kept rows, evenly spaced (the observer keeps them in call order, so they
+    span every batch): the subsample of the similarity and the cost curves."""
+    if samples.shape[0] <= count:
+        return samples
+    index = torch.linspace(0, samples.shape[0] - 1, count).round().long().to(samples.device)
+    return samples[index]
+
+
 @contextlib.contextmanager
 def onloaded(modules: list[nn.Module]):
     """Give accelerate-offloaded modules (weights on `meta`, loaded per forward) their real
@@ -256,19 +273,21 @@ def layer_scores(
     }
     curve, stats = None, dict(obs.stats)
     if config.needs_subsample and obs.samples is not None:
-        outputs = all_expert_outputs(adapter, layer, obs.samples)
+        if config.reconstruction and config.subsample > 0:  # on every kept row
+            grams = expert_grams(adapter, layer, obs.samples)
+            stats["reconstruction"] = reconstruction_importance(
+                *reconstruction_order(adapter, layer, obs.samples, grams))
+            del grams
+        rows = shared_rows(obs.samples, config.subsample)
+        outputs = all_expert_outputs(adapter, layer, rows)
         for kind in config.similarity:
             if kind in OUTPUT_SIMILARITIES:
                 similarity[kind] = OUTPUT_SIMILARITIES[kind](outputs)
-        grams = token_grams(outputs) if config.cost_curves or config.reconstruction else None
-        if config.reconstruction:
-            stats["reconstruction"] = reconstruction_importance(
-                *reconstruction_order(adapter, layer, obs.samples, grams))
         if config.cost_curves:
             importance = CRITERIA[config.criterion](stats, tokens)
             order = np.argsort(importance, kind="stable")
-            curve = cost_curve(adapter, layer, obs.samples, outputs, order, grams)
-        del outputs, grams
+            curve = cost_curve(adapter, layer, rows, outputs, order)
+        del outputs
     return LayerScores(
         layer=layer,
         stats=stats,
@@ -301,7 +320,10 @@ def assemble_scores(identity, layers: dict[int, LayerScores], tokens: int, prove
         **provenance,
         **{k: v for k, v in dataclasses.asdict(config).items() if k != "progress"},
         "similarity": list(config.similarity),
-        "subsample_tokens": {str(layer): int(n) for layer, n in sorted(sampled.items())},
+        # rows of the similarity and cost curves; the reconstruction order ran on all kept rows
+        "subsample_tokens": {str(layer): min(int(n), config.subsample) for layer, n in sorted(sampled.items())},
+        **({"reconstruction_tokens": {str(layer): int(n) for layer, n in sorted(sampled.items())}}
+           if config.reconstruction and config.subsample > 0 else {}),
         "cost_curve": "mean squared error of the routed output keeping the n best experts"
         if config.cost_curves
         else None,

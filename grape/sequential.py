@@ -370,7 +370,7 @@ def calibrate_sequential(
     scratch = Path(checkpoint) if checkpoint else Path(tempfile.gettempdir())
     hidden = HiddenStates(shape, dtype, where, device, scratch)
     model.model.rotary_emb.to(device)
-    quota = config.subsample if config.needs_subsample else 0
+    quota = config.sample_quota
     try:
         with ExpertObserver(model, adapter, sample_tokens=quota, seed=config.seed) as observer:
             run = _Run(model, loader, observer, plan, _local_rows(plan), hidden,

@@ -249,6 +249,8 @@ def test_scores_file_round_trip_and_identity(qwen_scores, tmp_path):
     assert scores.calibration["subsample_tokens"] == {
         str(layer): 24 for layer in adapter.moe_blocks()
     }
+    # the reconstruction order runs on more rows: here every one of the 96 tokens
+    assert scores.calibration["reconstruction_tokens"] == {str(layer): 96 for layer in adapter.moe_blocks()}
     scores.save(tmp_path / "scores.npz")
     loaded = Scores.load(tmp_path / "scores.npz")
     assert loaded.model == scores.model and loaded.fingerprint() == scores.fingerprint()
@@ -427,25 +429,29 @@ def _dense(index, weights, n):
     return out.scatter_add_(1, index, weights.double())
 
 
-def _subsample(model, adapter, layer, config):
-    """Re-run the observer as calibrate does to get the same subsample rows."""
+def _subsample(model, adapter, layer, config, every=False):
+    """Re-run the observer as calibrate does to get the same subsample rows: the ones similarity
+    and cost curves use, or (every=True) all the rows kept, on which the reconstruction order runs."""
     from grape.observer import per_call_quota
+    from grape.scoring import shared_rows
 
     ids = tiny_input_ids(6, 16)
     batches = ids.split(config.batch_size)
+    quota = config.sample_quota
     with (
         torch.no_grad(),
         ExpertObserver(
             model,
             adapter,
-            sample_tokens=config.subsample,
-            sample_per_call=per_call_quota(config.subsample, len(batches)),
+            sample_tokens=quota,
+            sample_per_call=per_call_quota(quota, len(batches)),
             seed=config.seed,
         ) as observer,
     ):
         for batch in batches:
             model(batch)
-    return observer.results()[layer].samples
+    rows = observer.results()[layer].samples
+    return rows if every else shared_rows(rows, config.subsample)
 
 
 def test_calibrate_on_an_offloaded_device_map(tmp_path):
