@@ -72,10 +72,15 @@ def differences(got, expected) -> dict:
     similarities and cost curves relative to their largest entry."""
     from solvers.scores import STAT_NAMES
 
-    counts, stats, scaled = True, 0.0, 0.0
+    counts, stats, scaled, order = True, 0.0, 0.0, True
     for layer, ls in expected.layers.items():
         other = got.layers[layer]
         counts &= bool(np.array_equal(other.stats["count"], ls.stats["count"]))
+        if "reconstruction" in ls.stats:  # the greedy's choices, not only its values
+            order &= bool(np.array_equal(np.argsort(other.stats["reconstruction"], kind="stable"),
+                                         np.argsort(ls.stats["reconstruction"], kind="stable")))
+            a, b = other.stats["reconstruction"], ls.stats["reconstruction"]
+            stats = max(stats, float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-300))))
         for name in STAT_NAMES:
             a, b = other.stats[name], ls.stats[name]
             stats = max(stats, float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-300))))
@@ -84,7 +89,7 @@ def differences(got, expected) -> dict:
         arrays.append((other.cost_curve, ls.cost_curve))
         for a, b in arrays:
             scaled = max(scaled, float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300)))
-    return {"counts_equal": counts, "stats_rel": stats, "matrices_rel": scaled,
+    return {"counts_equal": counts, "stats_rel": stats, "matrices_rel": scaled, "order_equal": order,
             "identity_equal": got.model == expected.model and got.tokens == expected.tokens}
 
 
@@ -201,16 +206,20 @@ def report(result: dict) -> str:
                      f"{row['hidden_states'] or '-'} |")
     if result.get("equality"):
         lines += ["", "## Equality with the single-process whole-model pass (zoo models)", "",
-                  "Counts compared exactly; statistics and output energy: largest relative "
-                  "difference; similarity matrices and cost curves: largest difference relative "
-                  "to the largest entry. Acceptance: counts equal, floats within 1e-5.", "",
-                  "| model | run | counts equal | identity equal | statistics | similarity, "
-                  "cost curves | acceptance |", "|---|---|---|---|---:|---:|---|"]
+                  "Counts compared exactly; statistics (the `reconstruction` criterion included) "
+                  "and output energy: largest relative difference; similarity matrices and cost "
+                  "curves: largest difference relative to the largest entry; reconstruction "
+                  "order: the greedy's removal order in every layer. Acceptance: counts and "
+                  "orders equal, floats within 1e-5.", "",
+                  "| model | run | counts equal | identity equal | reconstruction order equal | "
+                  "statistics | similarity, cost curves | acceptance |",
+                  "|---|---|---|---|---|---:|---:|---|"]
         for row in result["equality"]:
-            ok = row["counts_equal"] and row["identity_equal"] and \
+            order = row.get("order_equal", "-")
+            ok = row["counts_equal"] and row["identity_equal"] and order is not False and \
                 max(row["stats_rel"], row["matrices_rel"]) <= 1e-5
             lines.append(f"| {row['model']} | {row['run']} | {row['counts_equal']} | "
-                         f"{row['identity_equal']} | {row['stats_rel']:.1e} | "
+                         f"{row['identity_equal']} | {order} | {row['stats_rel']:.1e} | "
                          f"{row['matrices_rel']:.1e} | {'pass' if ok else 'FAIL'} |")
     lines += ["", "## Projected device memory of sequential mode (bf16, 1024 x 2048 tokens)", "",
               "One MoE decoder layer (FP8 experts dequantised to bf16) counted on the meta device "

@@ -259,3 +259,13 @@ def test_a_partial_rerun_keeps_the_other_rows_and_checks_the_baseline(rows):
         quality._same_baseline(previous, {d: v + 0.01 for d, v in baseline.items()})
     with pytest.raises(SystemExit, match="unknown methods"):
         quality._earlier_models(Path("."), quality.FAST, ["nope"], list(METHODS))
+
+
+def test_the_reconstruction_study_renders_its_rows():
+    import reconstruction_study
+
+    data = {"command": "python benchmarks/reconstruction_study.py", "date": "today", "minutes": 1.0,
+            "rows": [{"model": "m", "calibration": how, "budget": 0.5, "tokens": 16384,
+                      "reconstruction": 0.06, "reap": 0.09, "ratio": 0.06 / 0.09} for how in ("packed", "spread")]}
+    text = reconstruction_study.render(data)
+    assert "| m | packed | 50% | +0.0600 | +0.0900 | 0.67 |" in text and "| m | spread |" in text
