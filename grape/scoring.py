@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 import grape
 from grape.adapters.base import MoEAdapter
@@ -186,9 +187,33 @@ def _bilinear_errors(index: torch.Tensor, coeff: torch.Tensor, grams: torch.Tens
     """Per-token ||sum_i coeff[t, i] f_{index[t, i]}(x_t)||^2 from the Gram matrices: (T,) float64.
     Repeated indices are fine (the expansion counts every pair), so the full and the pruned
     routing can be concatenated as they are."""
-    rows = torch.arange(index.shape[0], device=index.device)[:, None, None]
-    block = grams[rows, index[:, :, None], index[:, None, :]]  # (T, m, m)
+    tokens, num_experts, m = grams.shape[0], grams.shape[1], index.shape[1]
+    flat = (index[:, :, None] * num_experts + index[:, None, :]).reshape(tokens, m * m)
+    block = grams.reshape(tokens, num_experts * num_experts).gather(1, flat).reshape(tokens, m, m)
     return torch.einsum("ti,tij,tj->t", coeff, block, coeff).clamp_min(0)
+
+
+class _ProjectionMemo(TorchFunctionMode):
+    """While active, a linear projection of the same input memory by the same weight returns
+    the first result: every trial of the greedy routes the same rows, so the router's logits
+    are computed once per layer instead of E^2/2 times (the mask of `route_masked` is applied
+    on top of the returned logits, out of place). The first input of each key is held, so its
+    memory cannot be reused by another tensor while the memo lives."""
+
+    def __init__(self):
+        super().__init__()
+        self.memo: dict[tuple, tuple] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not nn.functional.linear or not args or not isinstance(args[0], torch.Tensor):
+            return func(*args, **kwargs)
+        x = args[0]
+        key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype,
+               *(id(a) for a in args[1:]), *sorted((k, id(v)) for k, v in kwargs.items()))
+        if key not in self.memo:
+            self.memo[key] = (args, func(*args, **kwargs))
+        return self.memo[key][1]
 
 
 @torch.no_grad()
@@ -208,8 +233,11 @@ def reconstruction_order(
     full_index, full_weight = adapter.route(layer, hidden)
     full_index, full_weight = full_index.to(grams.device), full_weight.to(grams.device, torch.float64)
 
+    memo = _ProjectionMemo()
+
     def error(removed: list[int]) -> float:
-        index, weight = adapter.route_masked(layer, hidden, removed)
+        with memo:
+            index, weight = adapter.route_masked(layer, hidden, removed)
         both = torch.cat([full_index, index.to(grams.device)], dim=1)
         coeff = torch.cat([full_weight, -weight.to(grams.device, torch.float64)], dim=1)
         return float(_bilinear_errors(both, coeff, grams).mean())
