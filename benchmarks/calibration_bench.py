@@ -160,7 +160,7 @@ SHARED = dict(hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2
 
 
 def projection(samples: int = 1024, seq_len: int = 2048, subsample: int = 256,
-               batch_size: int = 4) -> list[dict]:
+               batch_size: int = 4, reconstruction: int = 2048) -> list[dict]:
     """Device memory of sequential mode, bf16, for the real shapes (counted on meta)."""
     import transformers as T
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3DecoderLayer
@@ -178,6 +178,10 @@ def projection(samples: int = 1024, seq_len: int = 2048, subsample: int = 256,
         # the subsample pass: every expert's output on the subsample rows (bf16) and the
         # per-token Gram matrices of the cost curves (float64)
         post = 2 * experts * subsample * config.hidden_size + 8 * subsample * experts ** 2 * 2
+        # the reconstruction order: its kept rows (bf16), their Gram matrices (float64) and one
+        # 256-row chunk of every expert's output while the Grams are built
+        post = max(post, 2 * reconstruction * config.hidden_size + 8 * reconstruction * experts ** 2
+                   + 2 * experts * 256 * config.hidden_size)
         batch = 4 * batch_size * seq_len * config.hidden_size * 8  # activations, generous
         rows.append({"model": name, "layer_gb": layer_bytes / GB, "hidden_gb": hidden / GB,
                      "load_transient_gb": routed / GB, "post_pass_gb": post / GB,
@@ -225,7 +229,8 @@ def report(result: dict) -> str:
               "One MoE decoder layer (FP8 experts dequantised to bf16) counted on the meta device "
               "from the real configuration; loading briefly holds the per-expert tensors and "
               "their fused stack; hidden states of 1024 x 2048 tokens in bf16; the subsample "
-              "pass (256 tokens) or one batch of activations, whichever is larger.", "",
+              "pass (256 tokens; the reconstruction order's 2048 rows and their float64 Gram "
+              "matrices) or one batch of activations, whichever is larger.", "",
               "| model | layer | + loading transient | hidden states | subsample pass | "
               "peak, hidden states on the GPU | peak, hidden states in host memory |",
               "|---|---:|---:|---:|---:|---:|---:|"]
