@@ -313,6 +313,7 @@ def _search_stage(config: RunConfig, model, scores, search_ids, plans: dict):
     best = found.best.plan
     best.provenance = {**best.provenance, "search": {"chosen": found.best.name, "passes": found.passes,
                                                      "tokens_measured": found.tokens_measured,
+                                                     "computed_passes": round(found.computed_passes, 2),
                                                      "nll": found.best.nll, "unpruned_nll": found.unpruned_nll}}
     plans["search"] = best
     best.save(config.out / "plan.json")
@@ -321,7 +322,8 @@ def _search_stage(config: RunConfig, model, scores, search_ids, plans: dict):
 
     atomic_write_text(config.out / "search.json", json.dumps(found.to_json(), indent=2) + "\n")
     print(f"    search: chose {found.best.name} (search NLL {found.best.nll:.4f}, unpruned "
-          f"{found.unpruned_nll:.4f}) after {found.passes} passes"
+          f"{found.unpruned_nll:.4f}) after {found.passes} passes ({found.computed_passes:.1f} computed, "
+          "the rest reused layers or cached measurements)"
           + (f" and {len(found.confirmed)} confirmation passes" if found.confirmed else "")
           + f" ({found.tokens_measured:,} tokens), {found.seconds:.0f} s", flush=True)
     return found

@@ -92,6 +92,9 @@ def test_measured_curves_seed_the_program_and_the_criterion_is_chosen_by_measure
     assert any(n.endswith("order") or "order, incumbent's counts" in n for n in names)
     assert result.passes <= 60 and len(result.candidates) == result.passes - 1 - curves.passes
     assert result.to_json()["nll_curves"]["passes"] == curves.passes
+    # single-layer curve points and level switches rerun only the layers after their prefix
+    assert 0 < result.computed_passes < result.passes
+    assert result.to_json()["computed_passes"] == round(result.computed_passes, 2)
 
 
 def test_an_interrupted_search_resumes_from_its_cache(setup, tmp_path):
