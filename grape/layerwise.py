@@ -129,6 +129,28 @@ def build_skeleton(model_dir: str | os.PathLike, dtype: torch.dtype) -> nn.Modul
     return model.eval()
 
 
+class PassThrough(nn.Module):
+    """Stands in for a decoder layer: returns its input unchanged and, given `record`, calls it
+    with the arguments the layer was called with. Attribute reads go to the real layer (a
+    model's forward may read e.g. `attention_type` from its layers)."""
+
+    def __init__(self, layer: nn.Module, record=None):
+        super().__init__()
+        self.record = record
+        object.__setattr__(self, "_wrapped", layer)  # not a submodule: no parameters here
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if self.record is not None:
+            self.record(args, kwargs)
+        return hidden_states
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_wrapped"), name)
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layers (model.model.layers in every supported family)."""
     layers = getattr(getattr(model, "model", None), "layers", None)

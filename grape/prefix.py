@@ -28,29 +28,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from grape.layerwise import decoder_layers
+from grape.layerwise import PassThrough, decoder_layers
 from grape.sensitivity import masked
 from solvers.plan import Plan
 
 DEFAULT_MAX_BYTES = 1 << 30  # 1 GiB of stored layer inputs
-
-
-class _Identity(nn.Module):
-    """A skipped decoder layer: returns its input; attribute reads go to the real layer (a
-    model's forward may read e.g. `attention_type` from its layers)."""
-
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        object.__setattr__(self, "_wrapped", layer)  # not a submodule: no parameters here
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return hidden_states
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(object.__getattribute__(self, "_wrapped"), name)
 
 
 @contextlib.contextmanager
@@ -58,7 +40,7 @@ def _skipping(layers: nn.ModuleList, count: int):
     originals = [layers[i] for i in range(count)]
     try:
         for i, layer in enumerate(originals):
-            layers[i] = _Identity(layer)
+            layers[i] = PassThrough(layer)
         yield
     finally:
         for i, layer in enumerate(originals):
@@ -81,7 +63,7 @@ class PrefixReuse:
         self.layers_run = 0
 
     def nll(self, plan: Plan | None) -> np.ndarray:
-        kept = _kept(plan, self.model)
+        kept = _kept(plan)
         start, states = self._reference(kept)
         record = {b: [] for b in self.boundaries if b > start}
         hooks = [self.layers[b].register_forward_pre_hook(
@@ -134,23 +116,17 @@ class PrefixReuse:
             self.stored.popitem(last=False)
 
 
-def _moe_layers(model: nn.Module) -> list[int]:
-    from grape.adapters import get_adapter
-
-    return sorted(get_adapter(model).moe_blocks())
-
-
-def _kept(plan: Plan | None, model: nn.Module) -> dict[int, tuple]:
-    """Each MoE layer's kept experts; the unpruned model keeps all (an empty marker)."""
+def _kept(plan: Plan | None) -> dict[int, tuple]:
+    """The kept experts of each MoE layer that loses any; a layer not listed keeps all (so the
+    unpruned model is {})."""
     if plan is None:
-        return {layer: ("all",) for layer in _moe_layers(model)}
-    return {layer: tuple(plan.kept[layer]) if plan.removed[layer] else ("all",) for layer in plan.layers}
+        return {}
+    return {layer: tuple(plan.kept[layer]) for layer in plan.layers if plan.removed[layer]}
 
 
 def _first_difference(a: dict[int, tuple], b: dict[int, tuple], count: int) -> int:
     """The first decoder layer whose kept experts differ between `a` and `b` (count: none)."""
-    differ = [layer for layer in set(a) | set(b) if a.get(layer, ("all",)) != b.get(layer, ("all",))]
-    return min(differ, default=count)
+    return min((layer for layer in set(a) | set(b) if a.get(layer) != b.get(layer)), default=count)
 
 
 def _evenly(candidates: range, count: int) -> tuple[int, ...]:

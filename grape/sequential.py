@@ -57,7 +57,7 @@ from grape.distributed import (
     reduce_layer,
 )
 from grape.errors import DataError
-from grape.layerwise import LayerLoader, build_skeleton, decoder_layers
+from grape.layerwise import LayerLoader, PassThrough, build_skeleton, decoder_layers
 from grape.modelsizes import model_sizes
 from grape.observer import ExpertObserver
 from grape.resume import CalibrationCheckpoint, layer_scores_from_state, layer_scores_state
@@ -135,25 +135,6 @@ class HiddenStates:
 
 
 # -- the arguments the model's forward gives each layer ------------------------------------
-class _Stub(nn.Module):
-    """Stands in for a decoder layer: records its arguments, returns its input unchanged."""
-
-    def __init__(self, index: int, layer: nn.Module, sink: dict):
-        super().__init__()
-        self.index, self.sink = index, sink
-        object.__setattr__(self, "_wrapped", layer)  # not a submodule
-
-    def forward(self, hidden_states, *args, **kwargs):
-        self.sink[self.index] = (args, kwargs)
-        return hidden_states
-
-    def __getattr__(self, name):  # attributes a forward may read, e.g. `attention_type`
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(object.__getattribute__(self, "_wrapped"), name)
-
-
 @contextlib.contextmanager
 def _stubbed(model: nn.Module):
     layers, inner = decoder_layers(model), model.model
@@ -161,7 +142,7 @@ def _stubbed(model: nn.Module):
     originals, norm = list(layers), getattr(inner, "norm", None)
     try:
         for index, layer in enumerate(originals):
-            layers[index] = _Stub(index, layer, sink)
+            layers[index] = PassThrough(layer, lambda args, kwargs, i=index: sink.__setitem__(i, (args, kwargs)))
         if norm is not None:
             inner.norm = nn.Identity()  # its weight stays on meta; its output is not used
         yield sink
