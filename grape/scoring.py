@@ -151,8 +151,7 @@ def expert_grams(adapter: MoEAdapter, layer: int, hidden: torch.Tensor, chunk: i
 
 @torch.no_grad()
 def cost_curve(
-    adapter: MoEAdapter, layer: int, hidden: torch.Tensor, outputs: torch.Tensor, order: np.ndarray,
-    grams: torch.Tensor | None = None,
+    adapter: MoEAdapter, layer: int, hidden: torch.Tensor, outputs: torch.Tensor, order: np.ndarray
 ) -> np.ndarray:
     """Block output error against the number of experts kept, (E+1,) float64.
 
@@ -168,7 +167,7 @@ def cost_curve(
     weights and G_t the per-token Gram matrix of the expert outputs, the error of token t is
     d_t^T G_t d_t with d_t = W_E[t] - W_n[t]: one Gram per layer, then O(T E^2) per n."""
     num_experts = adapter.num_experts(layer)
-    grams = token_grams(outputs) if grams is None else grams
+    grams = token_grams(outputs)
     full = dense_weights(*adapter.route(layer, hidden), num_experts).to(grams.device)
 
     def error(diff: torch.Tensor) -> float:

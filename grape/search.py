@@ -354,7 +354,7 @@ def _confirm(model, best: Candidate, candidates: list[Candidate], ids: torch.Ten
     standard errors. Returns (the chosen search candidate, each finalist's confirmation NLL)."""
     if ids.dim() != 2 or ids.shape[1] < 2:
         raise DataError("confirmation tokens must be a (samples, seq_len >= 2) tensor of input ids")
-    uniform = [c for c in candidates if c.name.startswith("uniform ")]
+    uniform = _uniform(candidates)
     floor = min((c.nll for c in uniform), default=float("inf"))
     finalists = uniform + ([best] if best not in uniform else [])
     seen, wanted = {_key(c.plan) for c in finalists}, len(finalists) + config.runners_up
@@ -375,10 +375,15 @@ def _confirm(model, best: Candidate, candidates: list[Candidate], ids: torch.Ten
     return finalists[measured.index(chosen)], record
 
 
+def _uniform(candidates: list[Candidate]) -> list[Candidate]:
+    """The uniform seeds among `candidates` (the plans the result must never be worse than)."""
+    return [c for c in candidates if c.name.startswith("uniform ")]
+
+
 def _choose_seed(candidates: list[Candidate], config: SearchConfig) -> Candidate:
     """The best uniform seed is the incumbent; another seed replaces it only when it is
     clearly (margin_se paired standard errors) better on the search tokens."""
-    uniform = [c for c in candidates if c.name.startswith("uniform ")]
+    uniform = _uniform(candidates)
     best = min(uniform or candidates, key=lambda c: c.nll)
     for c in sorted(candidates, key=lambda c: c.nll):
         if c is not best and c.beats(best, config.margin_se):
