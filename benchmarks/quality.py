@@ -178,10 +178,8 @@ def cached_scores(model, tokenizer, name: str, calibration: str, settings: Setti
            f"-sub{settings.subsample}-rec{grape.CalibrationConfig().reconstruction_tokens}-{digest}.npz")
     path = cache_dir / key
     if path.exists():
-        cached = Scores.load(path)
-        if cached.has_criterion("reconstruction"):  # older caches lack it: calibrate again
-            log(f"  scores from cache: {path}")
-            return cached
+        log(f"  scores from cache: {path}")
+        return Scores.load(path)
     start = time.perf_counter()
     texts = calibration_texts(None if calibration == "mixed" else calibration)
     config = grape.CalibrationConfig(samples=settings.calib_samples, seq_len=settings.calib_seq_len,
@@ -862,11 +860,11 @@ def merge(out: Path, others: list[Path]) -> int:
     return 0
 
 
-def _earlier_models(out: Path, settings: Settings, only: list[str] | None,
-                    methods: list[Method]) -> dict[str, dict]:
-    """For --only: the models of OUT/quality.json, which must share the settings."""
+def _previous_run(out: Path, settings: Settings, only: list[str] | None,
+                  methods: list[Method]) -> dict | None:
+    """For --only: OUT/quality.json, which must share the settings (None without --only)."""
     if not only:
-        return {}
+        return None
     unknown = sorted(set(only) - {m.name for m in methods})
     if unknown:
         raise SystemExit(f"--only: unknown methods {unknown}; see benchmarks/quality_methods.py")
@@ -874,7 +872,7 @@ def _earlier_models(out: Path, settings: Settings, only: list[str] | None,
     old = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
     if old.get("settings") != json.loads(json.dumps(asdict(settings))):
         raise SystemExit(f"--only needs {path} from a run with the same settings; run every method")
-    return {m["name"]: m for m in old["models"]}
+    return old
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -944,10 +942,10 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     methods = [*METHODS, *PROBES]
     previous = reusable(args.out / "quality.json", settings) if args.reuse else {}
-    earlier = _earlier_models(args.out, settings, args.only, methods)
+    previous_run = _previous_run(args.out, settings, args.only, methods)
+    earlier = {m["name"]: m for m in previous_run["models"]} if previous_run else {}
     before = 0.0  # seconds spent on the rows a partial rerun keeps
-    if args.only:
-        previous_run = json.loads((args.out / "quality.json").read_text(encoding="utf-8"))
+    if previous_run:
         data["command"] += f"; the other rows from `{previous_run['command']}`"
         before = previous_run.get("seconds", 0.0)
         methods = [m for m in methods if m.name in args.only]

@@ -258,7 +258,7 @@ def test_a_partial_rerun_keeps_the_other_rows_and_checks_the_baseline(rows):
     with pytest.raises(SystemExit, match="differs from the previous run"):
         quality._same_baseline(previous, {d: v + 0.01 for d, v in baseline.items()})
     with pytest.raises(SystemExit, match="unknown methods"):
-        quality._earlier_models(Path("."), quality.FAST, ["nope"], list(METHODS))
+        quality._previous_run(Path("."), quality.FAST, ["nope"], list(METHODS))
 
 
 def test_the_reconstruction_study_renders_its_rows():
