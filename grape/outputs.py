@@ -73,33 +73,110 @@ def _overlap(out: Path, source: Path) -> str | None:
     return None
 
 
+# An input folder is walked to find the files it really reads; past this many entries the rest
+# is not looked at (a model folder holds tens of files, a dataset folder at most thousands).
+_WALK_LIMIT = 50_000
+
+
+def _entries(path: Path):
+    """The files (and linked folders) an input reads: itself, or what lies under the folder."""
+    if not path.is_dir():
+        yield path
+        return
+    seen = 0
+    for root, dirs, files in os.walk(path):  # links to folders are listed, not entered
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            seen += 1
+            if seen > _WALK_LIMIT:
+                return
+            yield Path(root, name)
+
+
+def _real_files(inputs: dict[str, Path]) -> tuple[dict[Path, str], dict[tuple[int, int], str]]:
+    """Where each input's files really are: realpath -> the input flag, and for files with
+    several hard links, (device, inode) -> the input flag."""
+    real: dict[Path, str] = {}
+    inodes: dict[tuple[int, int], str] = {}
+    for name, source in inputs.items():
+        for entry in _entries(source):
+            try:
+                info = entry.stat()
+            except OSError:  # a dangling link reads nothing
+                continue
+            real.setdefault(Path(os.path.realpath(entry)), name)
+            if info.st_nlink > 1 and not entry.is_dir():
+                inodes.setdefault((info.st_dev, info.st_ino), name)
+    return real, inodes
+
+
+def _shared_inode(out: Path, inodes: dict[tuple[int, int], str]) -> tuple[Path, str] | None:
+    """A file under `out` that is a hard link of an input's file."""
+    if not inodes or not out.exists():
+        return None
+    for entry in _entries(out):
+        try:
+            info = entry.stat()
+        except OSError:
+            continue
+        name = inodes.get((info.st_dev, info.st_ino))
+        if name is not None:
+            return entry, name
+    return None
+
+
 def check_not_input(out: Path, inputs: dict[str, Path], flag: str = "--out") -> None:
-    """Refuse an output that is an input, lies inside one, or contains one."""
+    """Refuse an output that is an input, lies inside one, or contains one; compared on the
+    files the inputs really read, so links are followed: a model folder of symlinks (the Hugging
+    Face cache's snapshots/ -> blobs/) protects the blobs, and hard links are found by inode."""
     for name, source in inputs.items():
         relation = _overlap(out, source)
         if relation:
             raise OutputError(f"{flag} {str(out)!r} {relation} the input {name} {str(source)!r}; "
                               "writing there would destroy it. Choose another output path")
+    real, inodes = _real_files(inputs)
+    target = out.resolve()
+    for path, name in real.items():
+        if path == target or target in path.parents:
+            raise OutputError(f"{flag} {str(out)!r} holds {str(path)!r}, a file the input {name} "
+                              f"{str(inputs[name])!r} reads through a link; writing there would "
+                              "destroy it. Choose another output path")
+    shared = _shared_inode(out, inodes)
+    if shared is not None:
+        entry, name = shared
+        raise OutputError(f"{flag} {str(out)!r}: {str(entry)!r} is a hard link of a file the input "
+                          f"{name} {str(inputs[name])!r} reads; writing there would destroy it. "
+                          "Choose another output path")
 
 
 def _as_path(item: object) -> Path | None:
-    """An existing path named by a flag value; `DOMAIN=FILE` values name FILE."""
+    """An existing path named by a flag value; `DOMAIN=FILE` values name FILE, and a Hub id
+    (owner/name) names its snapshot in the local cache."""
     text = str(item)
     for candidate in (text, text.split("=", 1)[-1]):
         if Path(candidate).exists():
             return Path(candidate)
-    return None
+    from grape.modelfiles import _HUB_ID, cached_model
+
+    if not _HUB_ID.match(text):
+        return None
+    try:
+        return cached_model(text)  # the local cache only; nothing is downloaded
+    except (OSError, ValueError, UserError):
+        return None
 
 
 def input_paths(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, Path]:
-    """The existing input paths among the flags `names` (single values or lists of them)."""
+    """The existing input paths among the flags `names` (single values or lists of them; the
+    items of a list are told apart as --flag[i])."""
     found: dict[str, Path] = {}
     for name in names:
         value = getattr(args, name, None)
-        for item in value if isinstance(value, (list, tuple)) else [value]:
+        items = value if isinstance(value, (list, tuple)) else [value]
+        for i, item in enumerate(items):
             path = None if item is None else _as_path(item)
             if path is not None:
-                found[f"--{name.replace('_', '-')}"] = path
+                flag = f"--{name.replace('_', '-')}"
+                found[flag if len(items) == 1 else f"{flag}[{i}]"] = path
     return found
 
 
