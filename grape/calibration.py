@@ -42,7 +42,7 @@ from grape.flags import flag
 from grape.modelfiles import check_seq_len
 from grape.modelsizes import model_sizes
 from grape.observer import ExpertObserver, per_call_quota, sample_plan
-from grape.resume import CalibrationCheckpoint, run_key
+from grape.resume import CalibrationCheckpoint, run_key, weight_files_key
 from grape.runreport import Meter
 from grape.scoring import (  # noqa: F401 - the measurements, importable from here as before
     OUTPUT_SIMILARITIES,
@@ -259,10 +259,12 @@ def prepare_input(data, config: CalibrationConfig, model_config: dict):
 
 def run_settings(config: CalibrationConfig, mode: str, world: World, dtype, identity) -> dict:
     """What changes a run's result (the resume key hashes it with the tokens): every setting
-    but the progress bars, the mode, the world size, the dtype and the model."""
+    but the progress bars, the mode, the world size, the dtype and the model (its routers'
+    fingerprint, and its weight files: a fine-tune may keep the routers)."""
     fields = {k: v for k, v in dataclasses.asdict(config).items() if k != "progress"}
     return {**fields, "mode": mode, "world_size": world.size, "dtype": str(dtype),
-            "model": identity.fingerprint, "grape": grape.__version__}
+            "model": identity.fingerprint, "weights": weight_files_key(identity.name_or_path),
+            "grape": grape.__version__}
 
 
 def open_checkpoint(directory, settings: dict, input_ids, attention_mask, world: World,

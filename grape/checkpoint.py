@@ -19,7 +19,10 @@ Layout of the output directory (see docs/checkpoints.md):
 * tokenizer files when a tokenizer is given.
 
 The directory is written in a temporary sibling and renamed into place, so a crash never
-leaves a half-written checkpoint under the final name.
+leaves a half-written checkpoint under the final name. A mount point cannot be renamed over: it
+is staged inside itself and its entries are replaced one by one. A write the disk refuses is
+one DiskError naming the checkpoint, with its size against the free space; what a killed run
+staged (``.NAME.grape-HOST-PID-XXXXXXXX.tmp`` / ``.old``) the next run removes (solvers._io).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import shutil
 import tempfile
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -40,9 +43,17 @@ import grape
 from grape.adapters import get_adapter
 from grape.adapters.base import read_block
 from grape.pruning import APPLIED_METHOD_ATTR, APPLIED_PLAN_ATTR
+from grape.modelchecks import check_loaded
 from grape.errors import UserError
 from grape.outputs import check_not_input
-from solvers._io import atomic_write_text, give_default_mode
+from solvers._io import (
+    atomic_write_text,
+    disk_errors,
+    give_default_mode,
+    is_staging_name,
+    raise_disk_error,
+    staging_prefix,
+)
 from solvers.plan import Plan
 
 PLAN_FILE = "grape_plan.json"
@@ -84,32 +95,24 @@ def save_pruned(
 
     final = Path(path)
     _check_target(final, model, overwrite)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    give_default_mode(tmp)  # mkdtemp makes it 0700; the checkpoint gets what the umask allows
     saved_auto_map = getattr(config, "auto_map", None)
     try:
-        if needs_remote_code:
-            config.auto_map = {**(saved_auto_map or {}), "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{REMOTE_CLASS}"}
-        elif saved_auto_map and "AutoModelForCausalLM" in saved_auto_map:
-            config.auto_map = {k: v for k, v in saved_auto_map.items() if k != "AutoModelForCausalLM"} or None
-        model.save_pretrained(tmp)
-        _finish_config(tmp / "config.json", adapter, base_architecture)
-        if needs_remote_code:
-            _write_modeling_file(tmp / MODELING_FILE, base_architecture, adapter)
-        if plan is not None:
-            plan.save(tmp / PLAN_FILE)
-        record = _provenance(model, plan, non_uniform, needs_remote_code) | dict(provenance or {})
-        atomic_write_text(tmp / PROVENANCE_FILE, json.dumps(record, indent=2, default=str) + "\n")
-        write_model_card(tmp, config, base_architecture, record)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for written in tmp.rglob("*"):  # save_pretrained writes its shards through temp files too
-            give_default_mode(written)
-        _replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with staged_directory(final, _state_bytes(model)) as tmp:
+            if needs_remote_code:
+                config.auto_map = {**(saved_auto_map or {}), "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{REMOTE_CLASS}"}
+            elif saved_auto_map and "AutoModelForCausalLM" in saved_auto_map:
+                config.auto_map = {k: v for k, v in saved_auto_map.items() if k != "AutoModelForCausalLM"} or None
+            model.save_pretrained(tmp)
+            _finish_config(tmp / "config.json", adapter, base_architecture)
+            if needs_remote_code:
+                _write_modeling_file(tmp / MODELING_FILE, base_architecture, adapter)
+            if plan is not None:
+                plan.save(tmp / PLAN_FILE)
+            record = _provenance(model, plan, non_uniform, needs_remote_code) | dict(provenance or {})
+            atomic_write_text(tmp / PROVENANCE_FILE, json.dumps(record, indent=2, default=str) + "\n")
+            write_model_card(tmp, config, base_architecture, record)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
     finally:
         if saved_auto_map is None:
             with contextlib.suppress(AttributeError):
@@ -117,6 +120,39 @@ def save_pruned(
         else:
             config.auto_map = saved_auto_map
     return final
+
+
+def _state_bytes(model: nn.Module) -> int:
+    """About what the weights take on disk (for the message when they do not fit)."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+@contextlib.contextmanager
+def staged_directory(final: Path, needed: int | None = None) -> Iterator[Path]:
+    """A fresh staging folder that becomes `final` when the block succeeds. On any failure
+    (Ctrl-C and SIGTERM too) it is removed, and a write the disk refused becomes one DiskError
+    naming `final`, with `needed` bytes against the free space there."""
+    with disk_errors(final, needed):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=staging_prefix(final.name), suffix=".tmp",
+                                    dir=_staging_home(final)))
+    try:
+        give_default_mode(tmp)  # mkdtemp makes it 0700; the checkpoint gets what the umask allows
+        yield tmp
+        for written in tmp.rglob("*"):  # save_pretrained writes its shards through temp files too
+            give_default_mode(written)
+        _replace_dir(tmp, final)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise_disk_error(exc, final, needed, ours=(tmp, final))  # not an input's read error
+        raise
+
+
+def _staging_home(final: Path) -> Path:
+    """Where `final` is staged: beside it, on the same filesystem, so that the last step is one
+    atomic rename; inside it when it is a mount point, whose parent is another filesystem and
+    which cannot be renamed over (EBUSY)."""
+    return final if os.path.ismount(final) else final.parent
 
 
 def _check_target(final: Path, model: nn.Module, overwrite: bool) -> None:
@@ -230,16 +266,49 @@ def _provenance(model: nn.Module, plan: Plan | None, non_uniform: bool, remote_c
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
+    if os.path.ismount(final):
+        _replace_contents(tmp, final)
+        return
     if not final.exists():
         os.replace(tmp, final)
         return
     if not final.is_dir():
         raise CheckpointError(f"{str(final)!r} exists and is not a directory; choose another output path")
-    # os.replace cannot swap non-empty directories: move the old one aside first
-    old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
-    os.replace(final, old / final.name)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    # os.replace cannot swap non-empty directories: move the old one aside first, and back when
+    # the new one cannot be moved in (a kill in between: the next run puts it back, solvers._io)
+    old = Path(tempfile.mkdtemp(prefix=staging_prefix(final.name), suffix=".old", dir=final.parent))
+    try:
+        os.replace(final, old / final.name)
+        os.replace(tmp, final)
+    except BaseException:
+        if not os.path.lexists(final) and os.path.lexists(old / final.name):
+            os.replace(old / final.name, final)
+        raise
+    finally:
+        if final.exists():  # never remove the previous output while it is the only copy
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _replace_contents(tmp: Path, final: Path) -> None:
+    """Replace a mount point's contents with the staged ones (a mount point cannot be renamed
+    over): each staged entry is renamed into place (atomic per entry, same filesystem), then the
+    previous output's other entries go. Staging entries, this run's or a live run's, stay."""
+    staged = set(os.listdir(tmp))
+    for name in sorted(staged):
+        _remove_entry(final / name, keep_file=not (tmp / name).is_dir())
+        os.replace(tmp / name, final / name)
+    for name in os.listdir(final):
+        if name not in staged and not is_staging_name(name):
+            _remove_entry(final / name)
+    tmp.rmdir()
+
+
+def _remove_entry(path: Path, keep_file: bool = False) -> None:
+    """Remove `path` if it exists; `keep_file`: a plain file stays, for os.replace to swap it."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif os.path.lexists(path) and not keep_file:
+        path.unlink()
 
 
 # -- loading --------------------------------------------------------------------------------
@@ -264,7 +333,9 @@ def causal_lm_class(path: str | os.PathLike) -> tuple[Any, type]:
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    config = AutoConfig.from_pretrained(path)
+    # GRAPE's loader uses transformers' own classes only; explicit False: None would prompt on
+    # stdin when config.json's auto_map names code of the model folder
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     try:
         return config, MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     except KeyError as exc:
@@ -281,7 +352,9 @@ def load_pruned(path: str | os.PathLike, **from_pretrained_kwargs) -> nn.Module:
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{str(path)!r} has no config.json; it is not a saved checkpoint")
     config, base = causal_lm_class(path)
-    model = pruned_class(base).from_pretrained(path, config=config, **from_pretrained_kwargs)
+    model, info = pruned_class(base).from_pretrained(path, config=config, output_loading_info=True,
+                                                     **from_pretrained_kwargs)
+    check_loaded(path, info)  # parameters the weights lack would run on random values
     # the subclass only shapes the layers at construction; afterwards the model is the stock class
     model.__class__ = base
     adapter = get_adapter(model)

@@ -4,7 +4,9 @@
     add_arguments(parser) -> None   its flags
     run(args) -> int                its work; exit status
 
-User errors (solvers.errors.UserError) print one line and exit 2, with no traceback.
+User errors (solvers.errors.UserError) print one line and exit 2, with no traceback; so does
+a write the disk refuses (full, file-size limit, read-only, busy: solvers._io.DiskError). Ctrl-C
+exits 130 and SIGTERM 143, each with one line, after the same cleanup.
 A verb that writes declares `OUTPUT` (grape.outputs.DirOutput / FileOutput): it gets
 --overwrite, and its --out is checked before it runs.
 Every verb also takes --recipe FILE, and writes its resolved options beside its outputs
@@ -16,11 +18,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 
 from grape import recipe
 from grape.config import load_plugins
-from grape.outputs import add_overwrite_argument
+from grape.outputs import add_overwrite_argument, clean_leftovers
+from solvers._io import describe_disk_error, disk_cause
 from solvers.errors import UserError
 
 VERBS = ("calibrate", "solve", "apply", "eval", "compare", "inspect", "synth", "run")
@@ -61,9 +65,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             if output is not None:
                 add_overwrite_argument(p, output)
         recipe.add_recipe_argument(p)
-        p.add_argument("--plugin", action="append", default=None, metavar="MODULE",
-                       help="import MODULE first: its objective terms, constraints and solvers "
-                       "register themselves (repeatable; the grape.plugins entry points load always)")
+        p.add_argument("--plugin", action="append", default=None, metavar="FILE.py|MODULE",
+                       help="load a plugin first: a .py file (./my_plugin.py) or an installed / "
+                       "PYTHONPATH module; its objective terms, constraints and solvers register "
+                       "themselves (repeatable; the grape.plugins entry points load always; the "
+                       "working directory is never searched)")
         p.set_defaults(_run=module.run, _output=output)
         parser.verb_parsers[verb] = p
     return parser
@@ -111,10 +117,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"grape: error: {exc}", file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
+    previous = _raise_on_sigterm()
     try:
         load_plugins(args.plugin or ())  # a recipe's plugins (already-imported ones are free)
         if args._output is not None:
             args._output.check(args)  # a bad --out fails now, before any model or data is read
+            clean_leftovers(args._output, args)  # what killed runs staged for this --out
         status = int(args._run(args) or 0)
         if status == 0:
             recipe.write_resolved(args, args.verb)
@@ -123,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"grape {args.verb}: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print(f"grape {args.verb}: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM  # 143, what a shell reports for a process SIGTERM ended
     except KeyboardInterrupt:
         print(f"grape {args.verb}: interrupted", file=sys.stderr)
         return 130
@@ -131,6 +142,38 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
+    except (OSError, RuntimeError) as exc:
+        # last resort for a write the disk refused where no writer named its file: one line
+        cause = disk_cause(exc)
+        if cause is None:
+            raise
+        print(f"grape {args.verb}: error: {describe_disk_error(cause, cause.filename)}",
+              file=sys.stderr)
+        return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt so that every cleanup
+    (staging folders removed, files closed) runs; a subclass, so code treating Ctrl-C treats it
+    the same."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not cut the cleanup short
+    raise Terminated()
+
+
+def _raise_on_sigterm():
+    """Install the SIGTERM handler; returns the previous one (None when it cannot be installed:
+    outside the main thread, as in an embedding application)."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:
+        return None
+    return signal.SIG_DFL if previous is None else previous  # None: one not set from Python
 
 
 if __name__ == "__main__":

@@ -179,9 +179,29 @@ def _jsonl_documents(unit: _Unit, text_field: str) -> list[str]:
                 f"{unit.path}:{_line_number(unit.path, offset)} has no {text_field!r} field (it "
                 f"has {keys}); pass --text-field with the name of the field holding the text"
             )
-        if record[text_field]:
-            docs.append(str(record[text_field]))
+        value = record[text_field]
+        if not _is_text(value):  # the line number is counted only on this error path
+            raise _not_text(value, text_field, f"{unit.path}:{_line_number(unit.path, offset)}")
+        if value:
+            docs.append(value)
     return docs
+
+
+def _is_text(value: Any) -> bool:
+    """A document's text is a string, or null for none. Numbers, lists and objects are not:
+    stringified, they would calibrate on "[1, 2]" or "{'a': ...}" instead of the intended text."""
+    return value is None or isinstance(value, str)
+
+
+def _not_text(value: Any, text_field: str, where: str) -> DataError:
+    if isinstance(value, bool):
+        kind = "a boolean"
+    elif isinstance(value, (int, float)):
+        kind = "a number"
+    else:
+        kind = {list: "a list", dict: "an object"}.get(type(value), f"a {type(value).__name__}")
+    return DataError(f"{where}: field {text_field!r} holds {kind} ({str(value)[:40]}), not a "
+                     "string; --text-field must name the field holding the text")
 
 
 def _text_documents(unit: _Unit) -> list[str]:
@@ -314,7 +334,9 @@ def _row_text(row: Any, text_field: str, where: str) -> str:
                 f"{where} has no {text_field!r} column (it has {sorted(row)}); set "
                 "text_field to the column holding the text"
             )
-        return str(row[text_field] or "")
+        if not _is_text(row[text_field]):
+            raise _not_text(row[text_field], text_field, where)
+        return row[text_field] or ""
     raise DataError(
         f"{where} yields {type(row).__name__} rows; expected dicts with a "
         f"{text_field!r} field or strings"

@@ -8,15 +8,19 @@ runs, comparisons, recipes and settings files are in grape.inspect_runs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from solvers.errors import UserError
+from solvers.inputfiles import input_kind, read_input, require_regular
 
 
 class InspectError(UserError):
@@ -34,6 +38,8 @@ def detect(path: Path) -> str:
         raise InspectError(f"{str(path)!r} does not exist; pass {ACCEPTED}")
     if path.is_dir():
         return _detect_dir(path)
+    # a device (/dev/zero) would be read forever; a pipe only once (see readable_once)
+    require_regular(path, "file GRAPE wrote", InspectError)
     if zipfile.is_zipfile(path):
         return "scores"
     if path.suffix.lower() == ".png":
@@ -190,6 +196,7 @@ def summarize_checkpoint(path: Path) -> dict[str, Any]:
     config = _read_json(path / "config.json")
     if not isinstance(config, dict):
         raise InspectError(f"{str(path / 'config.json')!r} is not a JSON object")
+    from grape.modelfiles import model_code_files
     from grape.templates.grape_pruning import read_block  # no torch: only the config is read
 
     block = read_block(config)
@@ -218,6 +225,7 @@ def summarize_checkpoint(path: Path) -> dict[str, Any]:
         "uniform": not per_layer,
         "masked_experts": sum(len(v) for v in masked.values()),
         "needs_trust_remote_code": bool(auto_map),
+        "remote_code_files": model_code_files(config),  # only its own code loads it: GRAPE refuses
         "loads_in_vllm": not per_layer and not masked,
         "pruned_by_grape": bool(provenance),
         "provenance": {k: provenance.get(k) for k in ("source_model", "method", "solver", "objective",
@@ -253,9 +261,31 @@ SUMMARIES = {"scores": summarize_scores, "plan": summarize_plan, "eval": summari
              "settings": _summarize_settings}
 
 
+@contextlib.contextmanager
+def readable_once(path: str | os.PathLike) -> Iterator[Path]:
+    """`path` itself, or for a pipe (`<(cat plan.json)`, a FIFO) a temporary regular file holding
+    what it carried, read once and at most PIPE_LIMIT bytes: detecting the kind and then loading
+    it look at the content twice, and a pipe gives it only once."""
+    if input_kind(path) != "pipe":
+        yield Path(path)
+        return
+    data = read_input(path, "file GRAPE wrote", InspectError)
+    with tempfile.TemporaryDirectory(prefix="grape-inspect-") as tmp:
+        copy = Path(tmp) / Path(path).name
+        copy.write_bytes(data)
+        yield copy
+
+
 def inspect_path(path: str | os.PathLike, criterion: str | None = None) -> dict[str, Any]:
     """A JSON-able summary of whatever `path` holds (its "kind" says what it is)."""
-    path = Path(path)
+    with readable_once(path) as readable:
+        summary = _inspect(readable, criterion)
+    if summary.get("path") == str(readable):  # a pipe's copy: name the path given
+        summary["path"] = str(path)
+    return summary
+
+
+def _inspect(path: Path, criterion: str | None) -> dict[str, Any]:
     kind = detect(path)
     if kind == "scores":
         return summarize_scores(path, criterion)
@@ -342,7 +372,11 @@ def render(summary: dict[str, Any]) -> str:
         s = summary
         grape_line = ("pruned by GRAPE: " + ", ".join(f"{k} {v}" for k, v in s["provenance"].items())
                       if s["pruned_by_grape"] else "not a GRAPE-pruned checkpoint (no grape_provenance.json)")
-        if s["needs_trust_remote_code"]:
+        if s.get("remote_code_files"):
+            loads = (f"model type not in transformers: loading runs the folder's own code "
+                     f"({', '.join(s['remote_code_files'])}); grape refuses it (eval with "
+                     "--trust-remote-code only)")
+        elif s["needs_trust_remote_code"]:
             loads = ("per-layer expert counts: load with grape.load / load_pruned, or "
                      "AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True); not vLLM")
         else:

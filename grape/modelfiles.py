@@ -12,6 +12,7 @@ import json
 import os
 import re
 import struct
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -89,13 +90,95 @@ def read_config(path: Path) -> dict[str, Any]:
     return data
 
 
-def check_model_dir(path: Path) -> dict[str, Any]:
-    """The directory holds a readable config.json and intact safetensors files; returns the
-    config. Reads headers only."""
+def check_model_dir(path: Path, trust_remote_code: bool = False) -> dict[str, Any]:
+    """The directory holds a readable config.json and intact safetensors files, and loads
+    without running code from its folder (unless `trust_remote_code`); returns the config.
+    Reads headers only."""
     config = read_config(path)
+    check_remote_code(path, config, trust_remote_code)
     for shard in weight_files(resolve_model(path)):
         check_safetensors(shard)
+    # values the model is built from, and weights for every layer it declares (a bad config
+    # would otherwise fail deep inside transformers, or run on random values)
+    from grape.modelchecks import check_config_values, check_layers_covered
+
+    check_config_values(resolve_model(path), config)
+    check_layers_covered(resolve_model(path), config)
     return config
+
+
+# -- remote code ------------------------------------------------------------------------------
+class RemoteCodeError(UserError):
+    """A model or tokenizer folder that loads only by running Python code from that folder."""
+
+
+REMOTE_CODE_FIX = ("GRAPE never runs it unless asked: only `grape eval --trust-remote-code` (or "
+                   "trust_remote_code=True in Python) loads such a model, and pruning needs an "
+                   "architecture built into transformers")
+
+
+def builtin_model_type(model_type: Any) -> bool:
+    """transformers has its own classes for this model_type (read without importing torch)."""
+    try:
+        from transformers.models.auto.auto_mappings import CONFIG_MAPPING_NAMES as names
+    except ImportError:  # another transformers layout: the full mapping (imports torch)
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES as names
+    if model_type in names:
+        return True
+    # types a program registered with AutoConfig.register (a plugin may) count as built in
+    auto = sys.modules.get("transformers.models.auto.configuration_auto")
+    return auto is not None and isinstance(model_type, str) and model_type in auto.CONFIG_MAPPING
+
+
+def auto_map_files(auto_map: Any) -> list[str]:
+    """The .py files an auto_map names: "module.Class" -> module.py, "owner/repo--module.Class"
+    -> owner/repo:module.py; values may be lists ([slow, fast] tokenizers, with None)."""
+    refs = auto_map.values() if isinstance(auto_map, dict) else auto_map or ()
+    files = set()
+    for ref in refs:
+        for one in ref if isinstance(ref, (list, tuple)) else [ref]:
+            if isinstance(one, str) and "." in one:
+                repo, _, dotted = one.rpartition("--")
+                module = dotted.rsplit(".", 1)[0].replace(".", "/") + ".py"
+                files.add(f"{repo}:{module}" if repo else module)
+    return sorted(files)
+
+
+def model_code_files(config: dict[str, Any]) -> list[str]:
+    """The .py files transformers would have to run to load this config.json's model: those its
+    auto_map names, when its model_type is not built into transformers; [] when it is (then the
+    built-in classes load it and its auto_map is ignored unless code is trusted)."""
+    auto_map = config.get("auto_map")
+    if not auto_map or builtin_model_type(config.get("model_type")):
+        return []
+    return auto_map_files(auto_map)
+
+
+def remote_code_files(path: str | os.PathLike) -> list[str]:
+    """Every .py file the auto_maps of a folder's config.json and tokenizer_config.json name:
+    what transformers may run from it when code is trusted (it then prefers them)."""
+    files = []
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            data = json.loads((Path(path) / name).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            continue
+        if isinstance(data, dict):
+            files += auto_map_files(data.get("auto_map"))
+    return sorted(set(files))
+
+
+def check_remote_code(path: str | os.PathLike, config: dict[str, Any],
+                      trust_remote_code: bool = False) -> list[str]:
+    """Refuse, in one line, a model that loads only by running code from its folder, unless
+    `trust_remote_code`; returns the files that would run ([] when none)."""
+    files = model_code_files(config)
+    if files and not trust_remote_code:
+        raise RemoteCodeError(
+            f"model {path} has model type {config.get('model_type')!r}, which transformers does "
+            f"not have: loading it would run code from the model folder ({', '.join(files)}); "
+            f"{REMOTE_CODE_FIX}")
+    return files
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -265,16 +348,23 @@ def parse_device_map(spec: str, offload_folder: str | None = None) -> Any:
 
 __all__ = [
     "MODEL_HELP",
+    "REMOTE_CODE_FIX",
     "CheckpointFilesError",
+    "RemoteCodeError",
+    "auto_map_files",
+    "builtin_model_type",
     "check_device",
     "check_model_dir",
+    "check_remote_code",
     "check_safetensors",
     "check_seq_len",
     "cached_model",
     "context_length",
     "hf_cache_roots",
+    "model_code_files",
     "parse_device_map",
     "read_config",
+    "remote_code_files",
     "resolve_model",
     "resolve_seq_len",
     "safetensors_header",

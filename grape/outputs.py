@@ -11,7 +11,12 @@ module; ``grape.cli`` adds ``--overwrite`` and calls :meth:`check` before the ve
 * an existing directory is used only when it is empty or was written by the same verb (it holds
   that verb's signature file); otherwise ``--overwrite`` is required, and an existing file is
   replaced only when it is a file of the same kind the tool wrote, or with ``--overwrite``;
-* the place must be creatable: the nearest existing ancestor is a writable directory.
+* the place must be creatable: the nearest existing ancestor is a writable directory (a mount
+  point: itself, since it is written into, not renamed over);
+* a resolved recipe is never written over a recipe grape did not write, even with --overwrite.
+
+A write the disk refuses is a :class:`DiskError` (one line, with the size against the free
+space); :func:`clean_leftovers` removes what killed runs staged for the same output.
 
 The library's own writers (``solvers._io``, ``grape.checkpoint``) give files and folders the
 permissions the umask allows (0644 / 0755 by default), not the 0600 / 0700 of temporary files.
@@ -30,6 +35,7 @@ from typing import Callable
 
 # re-exported: the public names of the atomic writers every GRAPE output goes through
 from solvers._io import atomic_open, atomic_write_text, give_default_mode, umask  # noqa: F401
+from solvers._io import DiskError, remove_stale_staging  # noqa: F401
 from solvers.errors import UserError
 
 
@@ -49,7 +55,8 @@ def check_creatable(path: Path, flag: str = "--out") -> None:
     """`path` can be created or replaced: the nearest existing folder above it is a directory in
     which this process can really create a file (tried with a temporary file, since permission
     bits say nothing for root, read-only mounts or /proc)."""
-    parent = _nearest_existing(path.parent)
+    # a mount point is written into (grape.checkpoint stages inside it), not renamed over
+    parent = path if os.path.ismount(path) else _nearest_existing(path.parent)
     if not parent.is_dir():
         raise OutputError(f"{flag} {str(path)!r}: {str(parent)!r} is a file, not a directory; "
                           "choose another output path")
@@ -207,6 +214,9 @@ class DirOutput:
         if not out.is_dir():
             raise OutputError(f"{flag} {str(out)!r} exists and is not a directory; choose a "
                               "directory path")
+        verb = getattr(args, "verb", None)
+        if verb and not self.replaces:  # written into: a recipe of yours there would be replaced
+            _check_recipe(out, out / f"{verb}.recipe.yaml", flag)
         if getattr(args, "overwrite", False) or self.owns(out):
             return
         if any(out.iterdir()):
@@ -261,16 +271,22 @@ class FileOutput:
         if out.is_dir():
             raise OutputError(f"{flag} {str(out)!r} is a directory; give the path of the {self.what} "
                               "to write")
+        # --overwrite replaces the output, never a file of yours beside it
+        _check_recipe(out, out.with_name(f"{out.stem}.recipe.yaml"), flag)  # recipe.config_path
         if getattr(args, "overwrite", False):
             return
         if out.exists() and not self.ours(out):
             raise OutputError(f"{flag} {str(out)!r} exists and is not a {self.what} grape wrote; "
                               "choose another name, or pass --overwrite to replace it")
-        recipe = out.with_name(f"{out.stem}.recipe.yaml")  # grape.recipe.config_path
-        if recipe.exists() and not _is_resolved_recipe(recipe):
-            raise OutputError(f"{flag} {str(out)!r}: the resolved configuration would replace "
-                              f"{str(recipe)!r}, which grape did not write; choose another name, "
-                              "or pass --overwrite")
+
+
+def _check_recipe(out: Path, recipe: Path, flag: str) -> None:
+    """Refuse to write the resolved configuration over `recipe` unless grape wrote it, whatever
+    --overwrite says: that flag is about the output, and a hand-written recipe is not part of it."""
+    if os.path.lexists(recipe) and not _is_resolved_recipe(recipe):
+        raise OutputError(f"{flag} {str(out)!r}: the resolved configuration would replace "
+                          f"{str(recipe)!r}, which grape did not write; choose another output "
+                          "name, or move that file away")
 
 
 def _is_resolved_recipe(path: Path) -> bool:
@@ -279,6 +295,29 @@ def _is_resolved_recipe(path: Path) -> bool:
             return handle.readline().startswith("# resolved configuration of `grape ")
     except (OSError, UnicodeDecodeError):
         return False
+
+
+# -- leftovers of killed runs ------------------------------------------------------------------
+def clean_leftovers(output: DirOutput | FileOutput, args: argparse.Namespace,
+                    say: Callable[[str], None] = print) -> None:
+    """Remove what killed runs staged for this --out (solvers._io.remove_stale_staging: GRAPE's
+    own names, this machine, processes that are gone) and say so in one line."""
+    value = getattr(args, output.flag, None)
+    if value is None:
+        return
+    out = Path(value)
+    removed, restored = remove_stale_staging(out)
+    if isinstance(output, FileOutput):  # and its resolved recipe's (recipe.config_path)
+        removed += remove_stale_staging(out.with_name(f"{out.stem}.recipe.yaml"))[0]
+    verb = getattr(args, "verb", None) or "grape"
+    for path in restored:
+        say(f"grape {verb}: put back {str(path)!r}, which a killed run had moved aside")
+    if removed:
+        from solvers.constraints.units import format_bytes
+
+        total = format_bytes(sum(size for _, size in removed))
+        names = ", ".join(str(path) for path, _ in removed)
+        say(f"grape {verb}: removed {len(removed)} leftover(s) of killed runs ({total}): {names}")
 
 
 def add_overwrite_argument(parser: argparse.ArgumentParser, output: DirOutput | FileOutput) -> None:
@@ -293,6 +332,7 @@ __all__ = [
     "atomic_open",
     "atomic_write_text",
     "DirOutput",
+    "DiskError",
     "FileOutput",
     "OutputError",
     "PLAN_FILE",
@@ -300,6 +340,7 @@ __all__ = [
     "add_overwrite_argument",
     "check_creatable",
     "check_not_input",
+    "clean_leftovers",
     "give_default_mode",
     "input_paths",
     "umask",

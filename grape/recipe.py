@@ -49,6 +49,7 @@ from typing import Any
 
 from solvers._io import atomic_write_text
 from solvers.errors import UserError
+from solvers.inputfiles import read_input, refuse_special
 
 RECIPE_SUFFIXES = (".yaml", ".yml", ".toml", ".json")
 # options whose values are paths: relative ones in a recipe are read from the recipe's folder
@@ -68,13 +69,20 @@ class RecipeError(UserError):
 def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
     """The recipe at `path` as a dict (YAML, TOML or JSON, chosen by suffix)."""
     path = Path(path)
-    if not path.is_file():
+    # a device (/dev/zero) is refused; a pipe (`--recipe <(...)`, no suffix) is read once as
+    # YAML, which also reads JSON
+    kind = refuse_special(path, "recipe file", RecipeError)
+    if kind not in ("file", "pipe"):
         raise RecipeError(f"recipe file {str(path)!r} does not exist; pass a .yaml, .toml or .json file")
-    suffix = path.suffix.lower()
+    suffix = ".yaml" if kind == "pipe" else path.suffix.lower()
     if suffix not in RECIPE_SUFFIXES:
         raise RecipeError(f"recipe file {str(path)!r}: unknown suffix {suffix!r}; use one of "
                           f"{', '.join(RECIPE_SUFFIXES)}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = read_input(path, "recipe file", RecipeError).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"recipe file {str(path)!r} is not UTF-8 text ({exc.reason} at byte "
+                          f"{exc.start})") from None
     try:
         if suffix == ".toml":
             data = _toml_loads(text)

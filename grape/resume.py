@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ import torch
 
 from grape.distributed import World, barrier
 from grape.errors import DataError
+from solvers._io import disk_errors, remove_stale_staging, staging_prefix
 
 MANIFEST = "grape_calibration_checkpoint.json"
 PROGRESS = "progress.json"
@@ -57,13 +59,38 @@ def run_key(settings: dict, tensors: Iterable[torch.Tensor | None]) -> str:
     return digest.hexdigest()[:24]
 
 
+def weight_files_key(model_dir: str | os.PathLike | None) -> str:
+    """A hash of a model folder's config and weight files (name, size, modification time), read
+    without opening them; "" when `model_dir` is not a folder (a model built in memory)."""
+    if not model_dir or not Path(model_dir).is_dir():
+        return ""
+    digest = hashlib.sha256()
+    for pattern in ("config.json", "*.safetensors", "*.bin"):
+        for file in sorted(Path(model_dir).glob(pattern)):
+            info = file.stat()
+            digest.update(f"{file.name}:{info.st_size}:{info.st_mtime_ns};".encode())
+    return digest.hexdigest()[:16]
+
+
 def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    # a GRAPE staging name (solvers._io), so the next run removes what a killed one left; a
+    # write the disk refuses becomes one line naming the checkpoint file
+    with disk_errors(path):
+        fd, name = tempfile.mkstemp(prefix=staging_prefix(path.name), suffix=".tmp",
+                                    dir=path.parent)
+        os.close(fd)
+        try:
+            write(Path(name))
+            os.replace(name, path)
+        finally:
+            Path(name).unlink(missing_ok=True)
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    # through a Python file: a refused write then keeps its OSError (as the RuntimeError's
+    # context), which torch's own file writer reduces to "unexpected pos"
+    with open(path, "wb") as handle:
+        torch.save(obj, handle)
 
 
 @dataclass
@@ -88,21 +115,38 @@ class CalibrationCheckpoint:
     def path(self, name: str) -> Path:
         return self.directory / name
 
+    def run_path(self, name: str) -> Path:
+        """A raw file of this run (no room for the key inside it): the key is in its name."""
+        return self.directory / f"{self.key}-{name}"
+
     # -- tensors and objects ----------------------------------------------------------------
+    # Every saved state carries the run key: two commands with other settings writing to the
+    # same --out share this folder, and the manifest alone cannot stop one of them saving its
+    # state after the other took the folder over.
     def save(self, name: str, obj: Any) -> None:
-        """torch.save `obj` (tensors, numbers, lists, dicts) atomically."""
-        _atomic(self.path(name), lambda tmp: torch.save(obj, tmp))
+        """torch.save `obj` (tensors, numbers, lists, dicts) atomically, with the run key."""
+        keyed = {"run_key": self.key, "state": obj}
+        _atomic(self.path(name), lambda tmp: _torch_save(keyed, tmp))
 
     def load(self, name: str) -> Any | None:
+        """What `save` wrote under `name` in this run; None (with a notice) for another run's."""
         path = self.path(name)
         if not path.is_file():
             return None
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            saved = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - an unreadable file is a checkpoint we lack
             say_bad = f"{path} cannot be read ({exc.__class__.__name__}); it is ignored"
             print(f"grape calibrate: {say_bad}")
             return None
+        return self._own(saved, path, "state")
+
+    def _own(self, saved: Any, path: Path, field: str) -> Any | None:
+        if isinstance(saved, dict) and saved.get("run_key") == self.key and field in saved:
+            return saved[field]
+        print(f"grape calibrate: {path} was saved by another run (other settings or data); it is "
+              "ignored and that part is measured again")
+        return None
 
     def remove(self, name: str) -> None:
         self.path(name).unlink(missing_ok=True)
@@ -112,16 +156,18 @@ class CalibrationCheckpoint:
         """Record `progress` once every rank has written its files (rank 0 writes)."""
         barrier(self.world)
         if self.world.main:
-            text = json.dumps(progress, sort_keys=True)
+            text = json.dumps({"run_key": self.key, "progress": progress}, sort_keys=True)
             _atomic(self.path(PROGRESS), lambda tmp: tmp.write_text(text))
         barrier(self.world)
 
     def progress(self) -> dict | None:
+        """The committed progress of this run; None when there is none (or another run's)."""
         path = self.path(PROGRESS)
         try:
-            return json.loads(path.read_text()) if path.is_file() else None
+            saved = json.loads(path.read_text()) if path.is_file() else None
         except (OSError, ValueError):
             return None
+        return None if saved is None else self._own(saved, path, "progress")
 
 
 def discard(directory: str | os.PathLike) -> None:
@@ -143,12 +189,24 @@ def _prepare(directory: Path, key: str, say: Callable[[str], None]) -> None:
             found = None
         if found == key:
             say(f"grape calibrate: resuming from the checkpoint in {directory}")
+            _remove_leftovers(directory, say)
             return
         say(f"grape calibrate: {directory} holds the checkpoint of another run (other settings "
             "or data); starting over")
         shutil.rmtree(directory)
     directory.mkdir(parents=True)
     _atomic(manifest, lambda tmp: tmp.write_text(json.dumps({"key": key}) + "\n"))
+
+
+def _remove_leftovers(directory: Path, say: Callable[[str], None]) -> None:
+    """Temporary files a killed run left in the checkpoint folder (a hidden-states scratch file
+    can be as large as the calibration set's activations)."""
+    removed, _ = remove_stale_staging(directory)
+    if removed:
+        from solvers.constraints.units import format_bytes
+
+        say(f"grape calibrate: removed {len(removed)} temporary file(s) of a killed run "
+            f"({format_bytes(sum(size for _, size in removed))}) from {directory}")
 
 
 # -- layer scores as plain tensors (loadable with weights_only=True) ---------------------------
@@ -179,4 +237,4 @@ def layer_scores_from_state(state: dict):
 
 
 __all__ = ["CalibrationCheckpoint", "MANIFEST", "discard", "layer_scores_from_state",
-           "layer_scores_state", "partial_dir", "run_key"]
+           "layer_scores_state", "partial_dir", "run_key", "weight_files_key"]

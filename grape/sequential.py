@@ -62,6 +62,7 @@ from grape.modelsizes import model_sizes
 from grape.observer import ExpertObserver
 from grape.resume import CalibrationCheckpoint, layer_scores_from_state, layer_scores_state
 from grape.runreport import Meter
+from solvers._io import atomic_open, staging_prefix
 from solvers.scores import Scores
 
 STORAGE = ("auto", "device", "cpu", "disk")
@@ -96,7 +97,10 @@ class HiddenStates:
         numel = shape[0] * shape[1] * shape[2]
         if where == "disk":  # a file in the checkpoint folder (else the temporary folder)
             scratch.mkdir(parents=True, exist_ok=True)
-            self.file = scratch / f"hidden-{os.getpid()}.scratch"
+            # a GRAPE staging name: a killed run's scratch is removed by the next run resuming here
+            fd, name = tempfile.mkstemp(prefix=staging_prefix("hidden"), suffix=".tmp", dir=scratch)
+            os.close(fd)
+            self.file = Path(name)
             self.data = torch.from_file(str(self.file), shared=True, size=numel,
                                         dtype=dtype).view(shape)
         elif where == "cpu":
@@ -112,12 +116,11 @@ class HiddenStates:
         self.data[rows].copy_(value)
 
     def save(self, path: Path) -> None:
-        """Raw bytes, sequence by sequence (bounded extra memory), renamed into place."""
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as handle:
+        """Raw bytes, sequence by sequence (bounded extra memory), renamed into place (the
+        temporary file removed on failure; a refused write is one line naming `path`)."""
+        with atomic_open(path, "wb") as handle:
             for row in self.data:
                 handle.write(row.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        os.replace(tmp, path)
 
     def load(self, path: Path) -> None:
         width = self.data[0].numel() * self.data.element_size()
@@ -263,9 +266,10 @@ class _Run:
         if self.store is None:
             return
         tag = self.world.tag()
-        self.hidden.save(self.store.path(f"{tag}.hidden-{done}.bin"))
+        # raw bytes, no room for the run key inside: it is in the file's name
+        self.hidden.save(self.store.run_path(f"{tag}.hidden-{done}.bin"))
         self.store.commit({"layers_done": done})
-        self.store.remove(f"{tag}.hidden-{done - 1}.bin")
+        self.store.run_path(f"{tag}.hidden-{done - 1}.bin").unlink(missing_ok=True)
 
     def restore(self) -> tuple[int, dict, dict]:
         """(decoder layers already done, their scores owned here, subsample rows); every rank
@@ -278,7 +282,7 @@ class _Run:
     def _restore_here(self) -> tuple[int, dict, dict]:
         progress = self.store.progress() if self.store is not None else None
         done = int(progress["layers_done"]) if progress else 0
-        hidden_file = self.store.path(f"{self.world.tag()}.hidden-{done}.bin") if done else None
+        hidden_file = self.store.run_path(f"{self.world.tag()}.hidden-{done}.bin") if done else None
         if done == 0 or not hidden_file.is_file():
             return 0, {}, {}
         self.hidden.load(hidden_file)
@@ -386,7 +390,7 @@ def _run_layers(run: _Run) -> tuple[dict | None, dict]:
 def _config(model_dir):
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(model_dir)
+    return AutoConfig.from_pretrained(model_dir, trust_remote_code=False)  # never prompt
 
 
 __all__ = ["HiddenStates", "STORAGE", "calibrate_sequential", "choose_storage",

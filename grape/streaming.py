@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -259,13 +258,13 @@ def write_checkpoint(model, plan: Plan | None, tensors: list[StoredTensor], fina
         _check_target,
         _finish_config,
         _provenance,
-        _replace_dir,
         _stock_class_name,
         _write_modeling_file,
         layout,
+        staged_directory,
         write_model_card,
     )
-    from solvers._io import atomic_write_text, give_default_mode
+    from solvers._io import atomic_write_text
 
     adapter = get_adapter(model)
     adapter.sync_config()
@@ -273,10 +272,7 @@ def write_checkpoint(model, plan: Plan | None, tensors: list[StoredTensor], fina
     non_uniform, needs_remote_code = layout(config)
     base_architecture = _stock_class_name(model)
     _check_target(final, model, overwrite)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    give_default_mode(tmp)
-    try:
+    with staged_directory(final, sum(t.nbytes for t in tensors)) as tmp:
         _set_auto_map(config, needs_remote_code, f"{MODELING_FILE[:-3]}.{REMOTE_CLASS}")
         config.architectures = [base_architecture]
         config.save_pretrained(tmp)
@@ -293,12 +289,6 @@ def write_checkpoint(model, plan: Plan | None, tensors: list[StoredTensor], fina
         write_model_card(tmp, config, base_architecture, record)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        for written in tmp.rglob("*"):
-            give_default_mode(written)
-        _replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 
@@ -314,13 +304,26 @@ def _write_weights(tmp: Path, tensors: list[StoredTensor], max_shard_size, progr
 def _copy_remote_code(config, source: Path, target: Path) -> None:
     """The source's own code files that the kept auto_map entries name (e.g. DeepSeek-V3's
     configuration_deepseek.py), so `trust_remote_code=True` still finds them; GRAPE's own
-    modeling file is written separately."""
+    modeling file is written separately. Only files directly in the model folder are copied: a
+    config is input, and an entry such as "../../x.Class" or "/abs/x.Class" must not carry a
+    file from elsewhere on this machine into the output."""
     for reference in (getattr(config, "auto_map", None) or {}).values():
         for item in reference if isinstance(reference, (list, tuple)) else [reference]:
             module = str(item).split("--")[-1].rsplit(".", 1)[0] if item else ""
+            if module and not _plain_module_name(module):
+                print(f"grape apply: auto_map entry {str(item)!r} names a file outside the model "
+                      "folder; not copied")
+                continue
             file = source / f"{module}.py"
             if module and file.is_file() and not (target / file.name).exists():
                 shutil.copyfile(file, target / file.name)
+
+
+def _plain_module_name(module: str) -> bool:
+    """A file name in the model folder itself: no folder part, not absolute, not `..`. Checked
+    by name, not by resolving links: the Hub cache's files are links into its blob store."""
+    return module not in (".", "..") and "/" not in module and "\\" not in module \
+        and not Path(module).is_absolute() and Path(module).name == module
 
 
 def _set_auto_map(config, needs_remote_code: bool, remote: str) -> None:

@@ -26,6 +26,7 @@ import numpy as np
 
 from solvers._io import atomic_write_text
 from solvers.errors import PlanError
+from solvers.inputfiles import read_input
 
 FORMAT = "grape.plan"
 VERSION = 1
@@ -182,9 +183,10 @@ class Plan:
             raise PlanError(f"plan file {str(path)!r} does not exist; create one with `grape solve`")
         if os.path.isdir(path):
             raise PlanError(f"{str(path)!r} is a directory, not a plan file (JSON)")
+        # /dev/zero would be read forever; a pipe is read once, with a size limit
+        raw = read_input(path, "plan file (JSON)", PlanError)
         try:
-            with open(path, encoding="utf-8") as handle:
-                data = json.load(handle)
+            data = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise PlanError(f"plan file {str(path)!r} is not valid JSON: {exc}") from exc
         if not isinstance(data, dict):

@@ -48,6 +48,7 @@ import numpy as np
 
 from solvers._io import atomic_open
 from solvers.errors import ScoresError
+from solvers.inputfiles import require_regular
 from solvers.sizes import ModelSizes
 
 FORMAT = "grape.scores"
@@ -331,6 +332,8 @@ class Scores:
             raise ScoresError(f"scores file {str(path)!r} does not exist")
         if os.path.isdir(path):
             raise ScoresError(f"{str(path)!r} is a directory, not a scores file (.npz)")
+        # a device (/dev/zero) or a pipe: numpy would read it forever, or not at all
+        require_regular(path, "scores file (.npz)", ScoresError)
         try:
             archive = np.load(path, allow_pickle=False)
             meta = json.loads(str(archive["__meta__"]))

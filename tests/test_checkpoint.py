@@ -277,6 +277,7 @@ def test_grape_apply_command(tmp_path, capsys):
     model.save_pretrained(source)
     tiny_tokenizer().save_pretrained(source)
     plan = non_uniform_plan(model, "deepseek_v3")
+    plan.model = get_adapter(model).identity().to_json()  # grape apply checks it against --model
     plan.save(tmp_path / "plan.json")
     expected = logits(apply_plan(model, plan))
 
@@ -290,6 +291,7 @@ def test_grape_apply_command(tmp_path, capsys):
 
     # a broken group plan is a user error: one line, exit 2
     bad = plan_for(build("deepseek_v3"), {1: [0, 1, 2, 4, 5, 6], 2: [0, 1, 2, 3, 4, 5]})
+    bad.model = plan.model
     bad.save(tmp_path / "bad.json")
     status = grape_main(["apply", "--model", str(source), "--plan", str(tmp_path / "bad.json"),
                          "--out", str(tmp_path / "bad_out")])

@@ -379,7 +379,8 @@ def test_grape_eval_bad_path_exits_2_with_one_line(tmp_path, capsys, flag, needl
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"text": "hello world", "domain": "x"}) + "\n")
     (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "config.json").write_text("{}")  # a model that passes the cheap checks
+    # a model that passes the cheap checks (config.json names a type transformers has)
+    (tmp_path / "model" / "config.json").write_text('{"model_type": "llama"}')
     args = {"--model": str(tmp_path / "model"), "--data": str(data)}
     args[flag] = str(tmp_path / "missing")
     argv = ["eval", "--out", str(tmp_path / "out")] + [x for kv in args.items() for x in kv]

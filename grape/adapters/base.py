@@ -11,6 +11,8 @@ the model's current numbering; `hidden` arguments are 2-D (tokens, hidden_size).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -28,6 +30,10 @@ _REGISTRY: dict[str, type["MoEAdapter"]] = {}
 PRUNING_KEY = BLOCK_KEY
 
 
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def register_adapter(cls: type["MoEAdapter"]) -> type["MoEAdapter"]:
     for model_type in cls.model_types:
         _REGISTRY[model_type] = cls
@@ -36,6 +42,18 @@ def register_adapter(cls: type["MoEAdapter"]) -> type["MoEAdapter"]:
 
 def supported_model_types() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def check_model_config(config: dict, where: str) -> bool:
+    """Validate a config.json (a dict) with its family's adapter before any model is built;
+    False when no adapter handles its model_type (nothing checked)."""
+    import grape.adapters  # noqa: F401 - importing the package registers every family
+
+    adapter = _REGISTRY.get(config.get("model_type"))
+    if adapter is None:
+        return False
+    adapter.check_config(config, where)
+    return True
 
 
 def get_adapter(model: nn.Module) -> "MoEAdapter":
@@ -58,10 +76,32 @@ class MoEAdapter(ABC):
     router_attr: ClassVar[str] = "gate"
     # config keys carrying the routed-expert count; checkpoints write all of them
     expert_count_keys: ClassVar[tuple[str, ...]] = ("num_experts", "num_local_experts")
+    # config key of the experts each token is routed to
+    top_k_key: ClassVar[str] = "num_experts_per_tok"
 
     def __init__(self, model: nn.Module):
         self.model = model
         self.config = model.config
+
+    @classmethod
+    def check_config(cls, config: dict, where: str) -> None:
+        """Refuse config.json values (a dict; `where` names the file) the family's model cannot
+        be built from: an expert count that is missing or not a whole number >= 1, a top_k
+        outside 1..experts. transformers would fail deep inside, or run nonsense."""
+        counts = {key: config[key] for key in cls.expert_count_keys if config.get(key) is not None}
+        if not counts:
+            raise ArchitectureError(f"{where} has no expert count; a {config.get('model_type')} "
+                                    f"config needs {' or '.join(cls.expert_count_keys)} (routed "
+                                    "experts per MoE layer)")
+        for key, value in counts.items():
+            if not _whole(value) or value < 1:
+                raise ArchitectureError(f"{where}: {key} is {value!r}; it must be a whole number "
+                                        "of experts, at least 1")
+        key, experts = next(iter(counts.items()))
+        top_k = config.get(cls.top_k_key)
+        if not _whole(top_k) or not 1 <= top_k <= experts:
+            raise ArchitectureError(f"{where}: {cls.top_k_key} is {top_k!r}; it must be a whole "
+                                    f"number of experts per token from 1 to {key} ({experts})")
 
     # -- structure ------------------------------------------------------------------------
     @abstractmethod
@@ -100,6 +140,34 @@ class MoEAdapter(ABC):
             return self.route(layer, hidden)
         with _MaskRouterColumns(self.router(layer), self.num_experts(layer), removed):
             return self.route(layer, hidden)
+
+    def router_logits(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """(logits, top_k_index, top_k_weights): `route`, with the output of the router's
+        E-wide linear projection kept (None if the router makes none). `route_rows` routes
+        rows from these logits without projecting them again."""
+        capture = _RouterLogits(self.num_experts(layer))
+        with capture:
+            index, weight = self.route(layer, hidden)
+        return capture.logits, index, weight
+
+    def route_rows(self, layer: int, logits: torch.Tensor, removed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`route_masked` for rows that each mask their own experts: `logits` [n, E] are rows of
+        `router_logits`, `removed` [n, E] bool. Row by row the same operations on the same
+        values as `route_masked(layer, those rows, that row's removed experts)`, so the same
+        routing; many masks of the greedy reconstruction order (grape.scoring) in one call."""
+        router = self.router(layer)
+        width = router.weight.shape[-1]
+        # the projection is replaced by `logits`: its input only has to have the right shape
+        rows = torch.zeros((), dtype=router.weight.dtype, device=logits.device).expand(logits.shape[0], width)
+        with _RouterLogits(self.num_experts(layer), logits), _MaskRows(router, self.num_experts(layer), removed):
+            return self.route(layer, rows)
+
+    def removal_effect(self, layer: int) -> "RemovalEffect | None":
+        """Which tokens' `route_masked` routing the removal of one expert can change (see
+        RemovalEffect), so the reconstruction order re-evaluates only those; None (the
+        default): unknown, every removal is evaluated on every token. Families whose
+        `route_masked` is overridden must say None or describe the override."""
+        return None
 
     @abstractmethod
     def expert_forward(self, layer: int, hidden: torch.Tensor, expert: int) -> torch.Tensor:
@@ -193,4 +261,79 @@ class _MaskRouterColumns(TorchFunctionMode):
                 and out.dim() >= 1 and out.shape[-1] == self.num_experts):
             index = torch.tensor(self.removed, dtype=torch.long, device=out.device)
             out = out.index_fill(-1, index, float("-inf"))
+        return out
+
+
+@dataclass(frozen=True)
+class RemovalEffect:
+    """What masking one expert j does to `route_masked`'s routing of a token. Always: a token
+    with j among its chosen experts is re-routed. The rest keep their experts, and
+
+    * rescale False: their weights too (top-k then renormalised, or a weight that depends on
+      the expert's own score only); rescale True: their weights are multiplied by
+      Z / (Z - exp(l_j)), with l the router logits and Z the sum of exp(l) over the remaining
+      experts (softmax over every remaining expert, not renormalised over the chosen);
+    * groups > 1 (group-limited routing: `groups` contiguous groups, a group scored by the sum
+      of its `group_top` best `choice` scores, the best `topk_group` groups eligible): a
+      token for which j is among the `group_top` best of its group may also be re-routed.
+
+    `choice` maps the logits to the scores the router ranks experts by (None: the logits, or
+    any function increasing in them, such as a softmax). Ties are the caller's concern.
+
+    `strength` (optional) maps the logits to per-expert values the chosen experts' weights are
+    proportional to (`softmax_strength`, or a sigmoid), `renormalise` saying whether the
+    chosen weights then sum to a constant (top-k renormalisation) or not (a softmax over
+    every expert: rescale; or the expert's own score): with them, the weights after removing
+    one chosen expert follow from the current weights without running the router."""
+
+    rescale: bool = False
+    groups: int = 1
+    topk_group: int = 1
+    group_top: int = 0
+    choice: Callable[[torch.Tensor], torch.Tensor] | None = None
+    strength: Callable[[torch.Tensor], torch.Tensor] | None = None
+    renormalise: bool = False
+
+
+def softmax_strength(logits: torch.Tensor) -> torch.Tensor:
+    """RemovalEffect.strength of a softmax router: exp(logit), up to a factor per row."""
+    return torch.softmax(logits.to(torch.float64), dim=-1)
+
+
+class _RouterLogits(TorchFunctionMode):
+    """While active, the output of the router's E-wide linear projection (the logits) is
+    recorded in `logits`, or, when the mode is given logits, replaced by them."""
+
+    def __init__(self, num_experts: int, logits: torch.Tensor | None = None):
+        super().__init__()
+        self.num_experts = int(num_experts)
+        self.replace = logits is not None
+        self.logits = logits
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not nn.functional.linear:
+            return func(*args, **kwargs)
+        weight = args[1] if len(args) > 1 else kwargs.get("weight")
+        if self.replace and weight is not None and weight.shape[0] == self.num_experts:
+            return self.logits
+        out = func(*args, **kwargs)
+        if not self.replace and self.logits is None and out.shape[-1] == self.num_experts:
+            self.logits = out
+        return out
+
+
+class _MaskRows(_MaskRouterColumns):
+    """_MaskRouterColumns with a removed set per row: `removed` [n, E] bool, applied by
+    masked_fill (the same -inf at the same places as index_fill for that row's set)."""
+
+    def __init__(self, router: nn.Module, num_experts: int, removed: torch.Tensor):
+        super().__init__(router, num_experts, [])
+        self.mask = removed
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if (self._masks(func, args) and isinstance(out, torch.Tensor) and out.is_floating_point()
+                and out.shape == self.mask.shape):
+            out = out.masked_fill(self.mask, float("-inf"))
         return out

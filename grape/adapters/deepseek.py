@@ -14,7 +14,9 @@ eligible groups must hold at least top_k experts.
 
 from __future__ import annotations
 
-from grape.adapters.base import register_adapter
+import torch
+
+from grape.adapters.base import RemovalEffect, register_adapter, softmax_strength
 from grape.adapters.fused import FusedMoEAdapter
 from grape.errors import ArchitectureError
 
@@ -33,6 +35,24 @@ class DeepseekV3Adapter(FusedMoEAdapter):
         if not self.group_limited():
             return None, None
         return int(self.config.n_group), int(self.config.topk_group)
+
+    def removal_effect(self, layer: int) -> RemovalEffect | None:
+        """V3: a weight is the expert's own sigmoid score (renormalised over the chosen), so
+        only the groups reach other tokens: a group is scored by its best two of sigmoid +
+        correction bias, the router's choice score. V2 (below): softmax over every expert."""
+        if self.router_masked(layer):
+            return None
+        router = self.router(layer)
+        groups, top = int(router.num_group), int(router.topk_group)
+        grouped = self.group_limited() and 1 < groups and top < groups
+
+        def choice(logits):  # the router's own operations (float32 logits in, as it computes)
+            return logits.sigmoid() + router.e_score_correction_bias
+
+        return RemovalEffect(groups=groups if grouped else 1, topk_group=top if grouped else 1,
+                             group_top=2 if grouped else 0, choice=choice,
+                             strength=lambda logits: logits.to(torch.float64).sigmoid(),
+                             renormalise=bool(router.norm_topk_prob))
 
     def _rule(self) -> str:
         n_group, topk_group = self.routing_groups()
@@ -88,3 +108,14 @@ class DeepseekV2Adapter(DeepseekV3Adapter):
 
     def group_limited(self) -> bool:
         return getattr(self.config, "topk_method", "greedy") == "group_limited_greedy"
+
+    def removal_effect(self, layer: int) -> RemovalEffect | None:
+        # softmax over every expert, scaled, never renormalised; a group scored by its maximum
+        if self.router_masked(layer):
+            return None
+        router = self.router(layer)
+        groups, top = int(router.num_group), int(router.topk_group)
+        grouped = self.group_limited() and 1 < groups and top < groups
+        return RemovalEffect(rescale=True, groups=groups if grouped else 1,
+                             topk_group=top if grouped else 1, group_top=1 if grouped else 0,
+                             strength=softmax_strength)

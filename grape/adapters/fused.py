@@ -94,6 +94,11 @@ class FusedMoEAdapter(MoEAdapter):
         router = self.router(layer)
         return int(getattr(router, "_grape_top_k", router.top_k))
 
+    def router_masked(self, layer: int) -> bool:
+        """Whether `mask_experts` replaced the router's forward (its projection is then only
+        as wide as the kept experts, so no RemovalEffect describes it)."""
+        return hasattr(self.router(layer), "_grape_keep")
+
     # -- computation ----------------------------------------------------------------------
     def route(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # the model's own router module: softmax / sigmoid / bias-corrected / group-limited

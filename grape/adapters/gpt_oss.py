@@ -3,7 +3,7 @@ experts with biases and a transposed, interleaved gate/up layout: `gate_up_proj 
 (gate = even columns, up = odd), `down_proj [E, I, H]`. The fused base handles both through
 the experts module's own `is_transposed` / `has_bias` flags and `_apply_gate`."""
 
-from grape.adapters.base import register_adapter
+from grape.adapters.base import RemovalEffect, register_adapter, softmax_strength
 from grape.adapters.fused import FusedMoEAdapter
 
 
@@ -12,3 +12,9 @@ class GptOssAdapter(FusedMoEAdapter):
     model_types = ("gpt_oss",)
     router_attr = "router"
     expert_count_keys = ("num_local_experts", "num_experts")
+
+    def removal_effect(self, layer: int) -> RemovalEffect | None:
+        # softmax over the k chosen logits: other tokens' routing is unchanged
+        if self.router_masked(layer):
+            return None
+        return RemovalEffect(strength=softmax_strength, renormalise=True)

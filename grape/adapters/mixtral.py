@@ -1,7 +1,7 @@
 """Mixtral: softmax router `mlp.gate`, top-k weights always renormalised, fused experts. The
 block also stores `top_k` (kept in step on surgery)."""
 
-from grape.adapters.base import register_adapter
+from grape.adapters.base import RemovalEffect, register_adapter, softmax_strength
 from grape.adapters.fused import FusedMoEAdapter
 
 
@@ -10,3 +10,9 @@ class MixtralAdapter(FusedMoEAdapter):
     model_types = ("mixtral",)
     router_attr = "gate"
     expert_count_keys = ("num_local_experts", "num_experts")
+
+    def removal_effect(self, layer: int) -> RemovalEffect | None:
+        # weights renormalised over the chosen experts: other tokens' routing is unchanged
+        if self.router_masked(layer):
+            return None
+        return RemovalEffect(strength=softmax_strength, renormalise=True)

@@ -1,7 +1,7 @@
 """OLMoE: softmax top-k router `mlp.gate` (`norm_topk_prob` optional), fused experts, every
 decoder layer sparse."""
 
-from grape.adapters.base import register_adapter
+from grape.adapters.base import RemovalEffect, register_adapter, softmax_strength
 from grape.adapters.fused import FusedMoEAdapter
 
 
@@ -10,3 +10,11 @@ class OlmoeAdapter(FusedMoEAdapter):
     model_types = ("olmoe",)
     router_attr = "gate"
     expert_count_keys = ("num_experts", "num_local_experts")
+
+    def removal_effect(self, layer: int) -> RemovalEffect | None:
+        # softmax over every expert; without norm_topk_prob the chosen weights are not
+        # renormalised, so masking an expert rescales every other token's weights
+        if self.router_masked(layer):
+            return None
+        norm = bool(self.router(layer).norm_topk_prob)
+        return RemovalEffect(rescale=not norm, strength=softmax_strength, renormalise=norm)

@@ -1,7 +1,7 @@
 """Qwen2-MoE / Qwen1.5-MoE: softmax top-k router `mlp.gate`, fused routed experts, plus a
 sigmoid-gated shared expert (`mlp.shared_expert`) that is always on and never pruned."""
 
-from grape.adapters.base import register_adapter
+from grape.adapters.base import RemovalEffect, register_adapter, softmax_strength
 from grape.adapters.fused import FusedMoEAdapter
 
 
@@ -10,3 +10,11 @@ class Qwen2MoeAdapter(FusedMoEAdapter):
     model_types = ("qwen2_moe",)
     router_attr = "gate"
     expert_count_keys = ("num_experts", "num_local_experts")
+
+    def removal_effect(self, layer: int) -> RemovalEffect | None:
+        # softmax over every expert; without norm_topk_prob the chosen weights are not
+        # renormalised, so masking an expert rescales every other token's weights
+        if self.router_masked(layer):
+            return None
+        norm = bool(self.router(layer).norm_topk_prob)
+        return RemovalEffect(rescale=not norm, strength=softmax_strength, renormalise=norm)

@@ -2,7 +2,7 @@
 optional top-k renormalisation (`norm_topk_prob`), fused experts, no shared expert. Layers in
 `mlp_only_layers` or off the `decoder_sparse_step` grid are dense and are skipped."""
 
-from grape.adapters.base import register_adapter
+from grape.adapters.base import RemovalEffect, register_adapter, softmax_strength
 from grape.adapters.fused import FusedMoEAdapter
 
 
@@ -11,3 +11,11 @@ class Qwen3MoeAdapter(FusedMoEAdapter):
     model_types = ("qwen3_moe",)
     router_attr = "gate"
     expert_count_keys = ("num_experts", "num_local_experts")
+
+    def removal_effect(self, layer: int) -> RemovalEffect | None:
+        # softmax over every expert; without norm_topk_prob the chosen weights are not
+        # renormalised, so masking an expert rescales every other token's weights
+        if self.router_masked(layer):
+            return None
+        norm = bool(self.router(layer).norm_topk_prob)
+        return RemovalEffect(rescale=not norm, strength=softmax_strength, renormalise=norm)

@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dtype to load and save the weights in")
     parser.add_argument("--no-tokenizer", action="store_true",
                         help="do not copy the model's tokenizer into OUT")
+    parser.add_argument("--skip-model-check", action="store_true",
+                        help="apply a plan that records no model (no `model` block, e.g. written "
+                        "by hand) without checking it was made for --model; refused by default")
     add_config_arguments(parser, ApplyConfig)  # --method, --allow-lower-top-k (grape/flags.py)
     parser.add_argument("--in-memory", action="store_true",
                         help="load the whole model and save it (as merge does) instead of streaming "
@@ -66,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     model_config = check_model_dir(args.model)
     plan = Plan.load(args.plan)
     precheck_plan(plan, model_config, args.allow_lower_top_k)
+    require_model_block(plan, args.plan, args.skip_model_check)
     if args.scores and args.method != "merge":
         raise PlanError("--scores only weights a merge; drop it or use --method merge")
     check_method(model_config, args.method)
@@ -141,12 +145,29 @@ def precheck_plan(plan, model_config: dict, allow_lower_top_k: bool) -> None:
         check_top_k(plan, top_k)
 
 
+def require_model_block(plan, path: str, skip: bool) -> None:
+    """A plan without its `model` block cannot be checked against the model (type, expert counts,
+    router fingerprint), so a plan for another model of the same shape would apply silently:
+    refused unless --skip-model-check says the check is knowingly skipped."""
+    from grape.errors import PlanError
+
+    if not plan.model and not skip:
+        raise PlanError(f"plan file {path} records no model (its `model` block is missing or "
+                        "empty), so it cannot be checked against --model; make the plan with "
+                        "`grape solve`, or pass --skip-model-check to apply it unchecked")
+
+
 def _tokenizer(path: str):
     """The model's tokenizer if it has one; a model directory without one is fine."""
     from transformers import AutoTokenizer
 
+    from grape.modelfiles import remote_code_files
+
     try:
-        return AutoTokenizer.from_pretrained(path)
+        # explicit False: None would prompt on stdin for a tokenizer class of the folder's own code
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError, TypeError, KeyError):
-        print(f"grape apply: no tokenizer found at {path}; the checkpoint has none")
+        files = remote_code_files(path)
+        why = f" that loads without running its code ({', '.join(files)})" if files else ""
+        print(f"grape apply: no tokenizer found at {path}{why}; the checkpoint has none")
         return None

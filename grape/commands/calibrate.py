@@ -162,7 +162,8 @@ def _choose(args, placement, world):
     if args.mode != "auto":
         return choose_mode(args.mode, 0, 0, "", None)
     device = torch.device("cuda" if uses_cuda(placement) else "cpu")
-    dtype = resolve_dtype(args.dtype, device, AutoConfig.from_pretrained(args.model))
+    config = AutoConfig.from_pretrained(args.model, trust_remote_code=False)  # never prompt
+    dtype = resolve_dtype(args.dtype, device, config)
     needed = model_bytes(build_skeleton(args.model, dtype), dtype)
     capacity, where = whole_capacity(placement, world)
     return choose_mode("auto", needed, capacity, where, describe(read_config(args.model)))

@@ -55,6 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="'auto': float32 on CPU, the checkpoint's dtype on GPU")
     parser.add_argument("--out", type=Path, default=None,
                         help="output directory (required unless --list-tasks)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let transformers run the .py files that the model's or tokenizer's "
+                        "auto_map names (config.json, tokenizer_config.json), as "
+                        "trust_remote_code=True does; they are listed first. Needed only for a "
+                        "model type transformers does not have; without it such a model is refused")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -78,7 +83,9 @@ def run(args: argparse.Namespace) -> int:
             raise DataError(f"grape eval needs --{flag} (or --list-tasks to see the tasks that run here)")
     # everything that needs no weights first: bad settings fail in a second
     args.model = resolve_model(args.model)
-    model_config = check_model_dir(args.model)
+    model_config = check_model_dir(args.model, trust_remote_code=args.trust_remote_code)
+    if args.trust_remote_code:
+        _announce_remote_code(args.model, args.tokenizer)
     if not args.no_perplexity:
         args.seq_len = resolve_seq_len(args.seq_len, DEFAULT_SEQ_LEN, model_config, who="grape eval")
     args.seq_len = args.seq_len or DEFAULT_SEQ_LEN
@@ -92,12 +99,14 @@ def run(args: argparse.Namespace) -> int:
             raise DataError(f"lm-eval task path {p} does not exist; pass a directory holding "
                             "lm-eval task YAML files.")
     check_eval_tasks(config, docs)  # a task that cannot run offline fails before any model work
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
-    model = load_model(args.model, args.device, args.dtype, moe_only=False)
+    tokenizer = load_tokenizer(args.tokenizer or args.model, trust_remote_code=args.trust_remote_code)
+    model = load_model(args.model, args.device, args.dtype, moe_only=False,
+                       trust_remote_code=args.trust_remote_code)
     resolved = {"model": str(args.model.resolve()),
                 "tokenizer": str((args.tokenizer or args.model).resolve()),
                 "data": [str(d) for d in data], "device": args.device, "dtype": args.dtype,
                 "baseline": str(args.baseline) if args.baseline else None,
+                "trust_remote_code": args.trust_remote_code,
                 "eval": asdict(config)}
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / CONFIG_JSON, json.dumps(resolved, indent=2) + "\n")
@@ -108,6 +117,18 @@ def run(args: argparse.Namespace) -> int:
     print(markdown)
     print(f"wrote {args.out / RESULT_JSON} and {args.out / RESULT_MD}")
     return 0
+
+
+def _announce_remote_code(model: Path, tokenizer: Path | None) -> None:
+    """With --trust-remote-code, say in one line which files of the folders transformers may
+    run (what their auto_maps name), before any of them is loaded."""
+    from grape.modelfiles import remote_code_files, resolve_model
+
+    folders = [model] + ([resolve_model(tokenizer)] if tokenizer else [])
+    named = [f"{folder / f}" for folder in dict.fromkeys(folders) if folder.is_dir()
+             for f in remote_code_files(folder)]
+    if named:
+        print(f"grape eval: --trust-remote-code: transformers may run {', '.join(named)}")
 
 
 def _data(args: argparse.Namespace) -> list:

@@ -41,13 +41,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from grape.inspect import inspect_path, render, scores_path
+    from grape.inspect import inspect_path, readable_once, render, scores_path
 
-    source = scores_path(args.path) if args.plot is not None else None  # a wrong kind fails first
-    summary = inspect_path(args.path, args.criterion)
-    print(json.dumps(summary, indent=2) if args.json else render(summary))
-    if source is not None:
-        _plot(source, args.plot, args.criterion)
+    # a pipe (`<(cat plan.json)`) is read once, into a temporary file every step below reads
+    with readable_once(args.path) as path:
+        source = scores_path(path) if args.plot is not None else None  # a wrong kind fails first
+        summary = inspect_path(path, args.criterion)
+        if summary.get("path") == str(path):
+            summary["path"] = str(args.path)
+        print(json.dumps(summary, indent=2) if args.json else render(summary))
+        if source is not None:
+            _plot(source, args.plot, args.criterion)
     return 0
 
 

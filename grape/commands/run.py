@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from grape.errors import DataError
-from grape.outputs import DirOutput
+from grape.outputs import DirOutput, clean_leftovers
 
 TESTBED = "the embedded test-bed model (grape.testbed, a Qwen3-MoE with 32 experts per layer)"
 
@@ -232,6 +232,7 @@ def run(args: argparse.Namespace) -> int:
 
     resolve_settings(args)
     OUTPUT.check(args)
+    clean_leftovers(OUTPUT, args)  # --out may only be known now (the default runs/<model>)
     config = run_config(args)  # every flag is checked here, before the model is loaded
     args.out.mkdir(parents=True, exist_ok=True)
     write_resolved(args, "run")  # also on failure: the configuration is what one debugs first
