@@ -132,8 +132,8 @@ FAULTS = [
 ]
 
 
-# apply, calibrate and solve stay in the quick suite; the other writers are the slow set
-SLOW_FAULTS = ("apply in memory", "calibrate checkpoint", "run")
+# apply and solve stay in the quick suite; the other writers are the slow set (CI)
+SLOW_FAULTS = ("apply in memory", "calibrate checkpoint", "calibrate scores", "run")
 
 
 @pytest.mark.parametrize("case, argv, limit, kept, named", [

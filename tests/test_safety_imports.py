@@ -139,9 +139,10 @@ HEAVY = ("calibrate", "apply-merge", "eval", "run")  # load a model: seconds eac
 def _cases():
     for entry in ENTRY_POINTS:
         for verb in LIGHT + HEAVY:
-            # one model-loading verb through `python -m grape` stays in the quick suite; the
-            # rest load a model for seconds each: the slow set (run by CI, scripts/test.sh --all)
-            slow = verb in HEAVY and (entry, verb) != ("module", "calibrate")
+            # the issue's two reproductions (solve imported cython.py, apply GPU and plotting
+            # modules) through `python -m grape` stay in the quick suite; the other runs start
+            # an interpreter for seconds each: the slow set (CI, scripts/test.sh --all)
+            slow = (entry, verb) not in (("module", "solve"), ("module", "apply"))
             yield pytest.param(entry, verb, marks=[pytest.mark.slow] if slow else [],
                                id=f"{entry}-{verb}")
 
@@ -187,7 +188,10 @@ def _check_plugin_plan(out: Path) -> None:
     assert "shared_load" in json.dumps(plan.provenance)
 
 
-@pytest.mark.parametrize("entry", ENTRY_POINTS)
+QUICK_ENTRY = ["module", pytest.param("script", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("entry", QUICK_ENTRY)
 def test_a_plugin_file_in_the_working_directory_loads_and_nothing_else(entry, made, bait, tmp_path):
     """The documented form, `--plugin ./my_grape_plugin.py`, from a folder full of bait."""
     folder, markers = bait
@@ -222,7 +226,7 @@ def test_a_plugin_module_loads_from_pythonpath(made, bait, tmp_path):
     assert ran(markers) == []
 
 
-@pytest.mark.parametrize("entry", ENTRY_POINTS)
+@pytest.mark.parametrize("entry", QUICK_ENTRY)
 @pytest.mark.parametrize("plugin, says", [
     ("no_such_grape_plugin", "cannot be imported"),
     ("my_grape_plugin", "cannot be imported"),  # only in the working directory: not searched

@@ -144,7 +144,8 @@ def test_inspect_describes_a_remote_code_model_without_running_it(evil):
     assert _ran(evil["markers"]) == []
 
 
-@pytest.mark.parametrize("verb", ["calibrate", pytest.param("eval", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("verb", ["calibrate", "eval"])
 def test_a_remote_code_tokenizer_is_refused_in_one_line(verb, ws, evil):
     argv = verb_argv(verb, ws, ws.model, evil["tmp"] / "out", tokenizer=evil["tokenizer"])
     proc = grape(argv, evil["tmp"], evil["tmp"])
@@ -152,6 +153,7 @@ def test_a_remote_code_tokenizer_is_refused_in_one_line(verb, ws, evil):
     assert _ran(evil["markers"]) == []
 
 
+@pytest.mark.slow
 def test_eval_runs_remote_code_only_when_trusted_and_says_which(ws, evil):
     argv = verb_argv("eval", ws, evil["model"], evil["tmp"] / "out") + ["--trust-remote-code"]
     proc = grape(argv, evil["tmp"], evil["tmp"])
