@@ -197,7 +197,7 @@ def _write_modeling_file(target: Path, base_architecture: str, adapter) -> None:
     template = resources.files("grape").joinpath("templates", MODELING_FILE).read_text()
     text = template.replace("__GRAPE_BASE_ARCHITECTURE__", base_architecture).replace(
         "__GRAPE_ROUTER_ATTR__", adapter.router_attr
-    )
+    ).replace("__GRAPE_BLOCK_ATTR__", getattr(adapter, "block_attr", "mlp"))
     atomic_write_text(target, text)
     # the remote-code class imports the load hook and the per-layer balancing loss from siblings
     for sibling in (AUX_FILE, PRUNING_FILE):

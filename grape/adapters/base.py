@@ -44,6 +44,29 @@ def supported_model_types() -> list[str]:
     return sorted(_REGISTRY)
 
 
+# MoE model types GRAPE knows and refuses -> the specific reason (grape/adapters/refused.py)
+_REFUSED: dict[str, str] = {}
+
+
+def refuse_model_types(reasons: dict[str, str]) -> None:
+    """Record why these model types are refused; get_adapter says it instead of the generic line."""
+    _REFUSED.update(reasons)
+
+
+def refusal_reason(model_type) -> str | None:
+    """The one line get_adapter raises for `model_type`; None when it is supported."""
+    import grape.adapters  # noqa: F401 - importing the package registers every family
+
+    if model_type in _REGISTRY:
+        return None
+    why = _REFUSED.get(model_type)
+    if why is not None:
+        return f"model type {model_type!r} is not supported: {why}"
+    return (f"model type {model_type!r} is not supported; GRAPE supports "
+            f"{', '.join(supported_model_types())}. Adding a family is one adapter class in "
+            "grape/adapters/ (see docs/extending.md).")
+
+
 def check_model_config(config: dict, where: str) -> bool:
     """Validate a config.json (a dict) with its family's adapter before any model is built;
     False when no adapter handles its model_type (nothing checked)."""
@@ -62,11 +85,7 @@ def get_adapter(model: nn.Module) -> "MoEAdapter":
 
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in _REGISTRY:
-        raise ArchitectureError(
-            f"model type {model_type!r} is not supported; GRAPE supports "
-            f"{', '.join(supported_model_types())}. Adding a family is one adapter class in "
-            "grape/adapters/ (see docs/extending.md)."
-        )
+        raise ArchitectureError(refusal_reason(model_type))
     return _REGISTRY[model_type](model)
 
 

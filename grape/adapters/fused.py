@@ -56,6 +56,9 @@ class FusedMoEAdapter(MoEAdapter):
 
     # attribute of the MoE block that holds the router
     router_attr: ClassVar[str] = "gate"
+    # attribute of the decoder layer that holds the MoE block (Llama-4 / Jamba: feed_forward,
+    # Nemotron-H: mixer)
+    block_attr: ClassVar[str] = "mlp"
     # config keys that carry the routed-expert count (all are written on save)
     expert_count_keys: ClassVar[tuple[str, ...]] = ("num_experts", "num_local_experts")
     top_k_key: ClassVar[str] = "num_experts_per_tok"
@@ -67,7 +70,7 @@ class FusedMoEAdapter(MoEAdapter):
     def moe_blocks(self) -> dict[int, nn.Module]:
         blocks = {}
         for idx, layer in enumerate(self.decoder_layers()):
-            mlp = getattr(layer, "mlp", None)
+            mlp = getattr(layer, self.block_attr, None)
             if mlp is not None and hasattr(mlp, "experts") and hasattr(mlp, self.router_attr):
                 blocks[idx] = mlp
         return blocks
@@ -211,7 +214,8 @@ class FusedMoEAdapter(MoEAdapter):
         kept = len(keep)
         top_k = min(self.top_k(layer), kept)
         block, router, experts = self.block(layer), self.router(layer), self.experts(layer)
-        for module in (router, experts):
+        # the block's own per-expert tensors too (MiniMax-M2 keeps its correction bias there)
+        for module in (block, router, experts):
             for name, tensor in _per_expert_tensors(module, n).items():
                 # a fresh contiguous tensor so the removed experts' memory is freed
                 _replace_tensor(module, name, tensor.index_select(0, _index(keep, tensor.device)).contiguous())

@@ -93,7 +93,8 @@ def shrink_layer(block, router_attr: str, num_experts: int, top_k: int) -> None:
 
     router, experts = getattr(block, router_attr), block.experts
     old = int(experts.num_experts)
-    for module in (router, experts):
+    # the block's own per-expert tensors too (MiniMax-M2 keeps its correction bias there)
+    for module in (block, router, experts):
         for store in (module._parameters, module._buffers):
             for name, tensor in list(store.items()):
                 if tensor is not None and tensor.dim() >= 1 and tensor.shape[0] == old:
@@ -141,6 +142,9 @@ def masked_router_forward(self, hidden_states, *args, **kwargs):
         }
     view.num_experts = len(self._grape_keep)
     view.top_k = self._grape_top_k
+    # per-expert arguments (MiniMax-M2 passes the block's correction bias) are sliced alike
+    args = [a.index_select(0, keep_index) if isinstance(a, torch.Tensor) and a.dim() == 1 and a.shape[0] == n_full
+            else a for a in args]
     logits, weights, index = cls.forward(view, hidden_states, *args, **kwargs)
     full_logits = logits.new_full((*logits.shape[:-1], n_full), float("-inf"))
     full_logits[..., keep_index] = logits

@@ -16,6 +16,8 @@ from .grape_pruning import apply_block
 # filled in by GRAPE when the checkpoint is written
 BASE_ARCHITECTURE = "__GRAPE_BASE_ARCHITECTURE__"
 ROUTER_ATTR = "__GRAPE_ROUTER_ATTR__"
+# the decoder layer's attribute holding the MoE block (mlp; feed_forward, mixer in some families)
+BLOCK_ATTR = "__GRAPE_BLOCK_ATTR__"
 
 _Base = getattr(transformers, BASE_ARCHITECTURE)
 
@@ -23,6 +25,6 @@ _Base = getattr(transformers, BASE_ARCHITECTURE)
 class GrapePrunedForCausalLM(_Base):
     def __init__(self, config):
         super().__init__(config)
-        uneven = apply_block(config, lambda layer: self.model.layers[layer].mlp, ROUTER_ATTR)
+        uneven = apply_block(config, lambda layer: getattr(self.model.layers[layer], BLOCK_ATTR), ROUTER_ATTR)
         if uneven:  # layers of different sizes: the stock balancing loss cannot cope
             install_uneven_aux_loss(self, ROUTER_ATTR)

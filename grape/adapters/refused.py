@@ -1,0 +1,61 @@
+"""Why GRAPE refuses the MoE model types of transformers it has no adapter for. get_adapter
+raises these lines; scripts/moe_families.py lists every MoE model type with its line
+(docs/families.md). A type that gains an adapter is simply no longer refused."""
+
+from grape.adapters.base import refuse_model_types
+
+_MULTIMODAL = ("a multimodal wrapper (vision/audio towers; the expert counts live in its "
+               "text_config): GRAPE prunes text-only decoders")
+_UNVERIFIED = ("standard transformers v5 layout (fused experts + router), but no adapter yet: it "
+               "needs a tiny-config exactness test (remove == mask) before GRAPE accepts it")
+_NOT_FUSED = ("its experts are not the transformers v5 fused experts interface "
+              "(experts(hidden, top_k_index, top_k_weights)), which GRAPE's surgery and "
+              "calibration rely on")
+_ENCODER_DECODER = "an encoder-decoder / non-generative MoE; GRAPE prunes decoder-only causal LMs"
+
+
+def _text_of(text_type: str) -> str:
+    return f"{_MULTIMODAL}; load the text decoder as {text_type!r}, which GRAPE supports"
+
+
+refuse_model_types({
+    # multimodal wrappers
+    **dict.fromkeys(("aria", "deepseek_ocr2", "diffusion_gemma", "ernie4_5_vl_moe", "glm4v_moe",
+                     "glm5_next", "hy_v4_vl", "inkling2", "inkling2_loop", "inkling_mm_model",
+                     "minimax_m3_vl", "mistral4", "mistral_large4", "muse_spark", "qwen3_omni_moe",
+                     "qwen3_omni_moe_thinker", "qwen3_vl_moe", "step3p7", "unlimited_ocr",
+                     "gemma4"), _MULTIMODAL),
+    "qwen3_5_moe": _text_of("qwen3_5_moe_text"),
+    # not decoder-only LMs
+    **dict.fromkeys(("switch_transformers", "nllb-moe", "openai_privacy_filter"), _ENCODER_DECODER),
+    "vitpose_backbone": "a vision backbone with per-dataset expert heads, not a routed-MoE language model",
+    # special routing or layout
+    "llama4": ("Llama-4's router scales each expert's input by its sigmoid score (not the "
+               "output) and its experts module runs every expert on every token without the "
+               "(index, weights) interface; it needs its own adapter"),
+    "llama4_text": ("Llama-4's router scales each expert's input by its sigmoid score (not the "
+                    "output) and its experts module runs every expert on every token without the "
+                    "(index, weights) interface; it needs its own adapter"),
+    "ernie4_5_moe": ("ERNIE-4.5's correction bias is a [1, E] parameter of a child module "
+                     "(gate.moe_statics), which GRAPE's expert slicing and router masks do not "
+                     "cover yet"),
+    "hunyuan_v1_moe": ("Hunyuan's router projection is a child module (gate.wg) and its "
+                       "expert counts may be per-layer lists; neither is handled yet"),
+    "afmoe": ("AFMoE's router projection is a child module (router.gate) fed the block's "
+              "expert_bias; not handled yet"),
+    "deepseek_v4": ("DeepSeek-V4's first layers are hash-routed (the expert is a function of the "
+                    "token id) and the others use sqrt-softplus scores; neither routing is "
+                    "handled yet"),
+    "gemma4_text": ("Gemma-4's routed experts are attributes of the decoder layer itself, beside "
+                    "a dense MLP, not a separate MoE block; it needs its own adapter"),
+    "longcat_flash": ("LongCat-Flash routes to zero-computation (identity) experts as well as "
+                      "real ones, and " + _NOT_FUSED),
+    "doge": "Doge's CDMoE experts are retrieved product-key embedding rows, not routed FFN experts",
+    **dict.fromkeys(("dbrx", "jetmoe"), f"{_NOT_FUSED}"),
+    # the standard layout, not yet verified here
+    **dict.fromkeys(("aria_text", "axk1", "axk2", "bailing_hybrid", "beam", "dots3_note",
+                     "dots3_note_text", "flint", "glm_moe_dsa", "granitemoe_swa", "hy_v3", "hy_v4",
+                     "inkling2_loop_text", "inkling2_text", "inkling_text", "kolibri1", "laguna",
+                     "lara_mini", "mellum", "mimo_v2_flash", "minimax_m3_vl_text", "qwen4_exp",
+                     "qwen4_exp_text", "solar_open", "zaya"), _UNVERIFIED),
+})

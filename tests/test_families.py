@@ -1,0 +1,199 @@
+"""The families added by declaration (grape/adapters/{deepseek_like,minimax_m2,lfm2_moe,
+qwen3_next,standard}.py), each from a tiny random config: the adapter routes as the block does
+and its experts add up to the block's output; physical removal equals masking and equals the
+original with the removed experts' router scores at -inf; a uniform checkpoint reloads in stock
+transformers; calibration gives finite scores. Also prints the MoE families of the installed
+transformers (scripts/moe_families.py), a listing that never fails."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers as T
+from tiny_families import NEW_FAMILIES, make_family
+from tiny_models import tiny_input_ids
+
+from grape.adapters import get_adapter
+from grape.calibration import CalibrationConfig, calibrate
+from grape.checkpoint import save_pruned
+from grape.errors import ArchitectureError
+from grape.pruning import ApplyConfig, apply_plan
+from solvers.plan import Plan
+
+IDS = tiny_input_ids(batch=2, seq=12)
+# sparsemixer takes |logit| of every expert: a -inf logit makes NaN, so Phi-3.5-MoE is checked
+# against masking (the router run on the kept experts' rows) instead
+NO_INF_REFERENCE = {"phimoe"}
+
+
+def _grouped(adapter) -> bool:
+    n_group, _ = adapter.routing_groups()
+    return bool(n_group and n_group > 1)
+
+
+def _plan(adapter, kind: str) -> Plan:
+    layers = sorted(adapter.moe_blocks())
+    if kind == "uniform":
+        kept = {layer: [0, 2, 5, 7] for layer in layers}
+    else:  # grouped routers (2 groups of 4) keep the same number in each group
+        # (Phi-3.5-MoE's sparsemixer always picks two: no single-expert layer either)
+        choices = ([[1, 2, 3, 4, 6, 7], [0, 2, 5, 7]] if _grouped(adapter) or adapter.config.model_type == "phimoe"
+                   else [[0, 2, 5, 7], [1, 2, 3, 4, 6, 7], [3]])
+        kept = {layer: choices[i % len(choices)] for i, layer in enumerate(layers)}
+    removed = {layer: [e for e in range(8) if e not in keep] for layer, keep in kept.items()}
+    return Plan(kept=kept, removed=removed)
+
+
+@contextlib.contextmanager
+def router_scores_at_minus_inf(adapter, removed: dict[int, list[int]]):
+    """The stock model, except every router projection has the removed experts' columns at -inf
+    and every selection-only bias (router's or block's) is -inf there too."""
+    routers = {}
+    for layer, experts in removed.items():
+        router = adapter.router(layer)
+        routers[router.weight.data_ptr()] = experts
+        for module in (router, adapter.block(layer)):
+            for name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+                if name.endswith(("e_score_correction_bias", "expert_bias")):
+                    tensor.data[experts] = float("-inf")
+    original = F.linear
+
+    def linear(x, weight, bias=None):
+        out = original(x, weight, bias)
+        columns = routers.get(weight.data_ptr())
+        if columns:
+            out = out.clone()
+            out[..., columns] = float("-inf")
+        return out
+
+    F.linear = linear
+    try:
+        yield
+    finally:
+        F.linear = original
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+@pytest.fixture(scope="module", params=NEW_FAMILIES)
+def family_model(request):
+    return request.param, make_family(request.param)
+
+
+def test_route_and_experts_are_what_the_block_applies(family_model):
+    family, model = family_model
+    adapter = get_adapter(model)
+    assert adapter.moe_blocks() and type(adapter).__name__ != "MoEAdapter"
+    hidden = torch.randn(24, 32, generator=torch.Generator().manual_seed(1))
+    for layer in adapter.moe_blocks():
+        assert adapter.num_experts(layer) == 8 and adapter.top_k(layer) == 2
+        seen = {}
+        handle = adapter.experts(layer).register_forward_pre_hook(
+            lambda _m, args, _kw: seen.update(index=args[1], weights=args[2]), with_kwargs=True)
+        with torch.no_grad():
+            adapter.block(layer)(hidden.unsqueeze(0))
+            index, weights = adapter.route(layer, hidden)
+        handle.remove()
+        assert torch.equal(index, seen["index"]) and torch.equal(weights, seen["weights"])
+        # the experts' routed output is the gate-weighted sum of expert_forward
+        rows = hidden[:6]
+        with torch.no_grad():
+            index, weights = adapter.route(layer, rows)
+            routed = adapter.experts(layer)(rows, index, weights)
+            slow = torch.stack([sum(weights[t, j] * adapter.expert_forward(layer, rows[t:t + 1], int(index[t, j]))[0]
+                                    for j in range(index.shape[1])) for t in range(rows.shape[0])])
+        torch.testing.assert_close(routed, slow, rtol=1e-5, atol=1e-6)
+        assert sum(adapter.expert_bytes(layer)) == sum(
+            p.numel() * p.element_size() for p in adapter.experts(layer).parameters())
+    assert get_adapter(make_family(family)).identity().fingerprint == adapter.identity().fingerprint
+
+
+@pytest.mark.parametrize("kind", ["uniform", pytest.param("non_uniform", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_remove_equals_mask_equals_minus_inf(family, kind):
+    model = make_family(family)
+    plan = _plan(get_adapter(model), kind)
+    original = logits(model)
+    masked = apply_plan(copy.deepcopy(model), plan, ApplyConfig("mask", allow_lower_top_k=True))
+    reference = logits(masked)
+    if family not in NO_INF_REFERENCE:
+        stock = copy.deepcopy(model)
+        with router_scores_at_minus_inf(get_adapter(stock), plan.removed):
+            reference = logits(stock)
+        torch.testing.assert_close(logits(masked), reference, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(reference, original, atol=1e-3)  # the plan changes the output
+    removed = apply_plan(model, plan, ApplyConfig("remove", allow_lower_top_k=True))
+    torch.testing.assert_close(logits(removed), reference, rtol=1e-5, atol=1e-5)
+    adapter = get_adapter(removed)
+    for layer, keep in plan.kept.items():
+        for module in (adapter.router(layer), adapter.experts(layer), adapter.block(layer)):
+            if hasattr(module, "num_experts"):
+                assert module.num_experts == len(keep)
+    assert adapter.identity().experts_per_layer == plan.kept_counts()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_uniform_checkpoint_reloads_in_stock_transformers(family, tmp_path):
+    model = make_family(family)
+    adapter = get_adapter(model)
+    apply_plan(model, _plan(adapter, "uniform"), ApplyConfig("remove"))
+    out = save_pruned(model, tmp_path / family)
+    config = json.loads((out / "config.json").read_text())
+    for key in type(adapter).expert_count_keys:
+        if key in config:
+            assert config[key] == 4, key
+    stock = T.AutoModelForCausalLM.from_pretrained(out)
+    torch.testing.assert_close(logits(stock), logits(model), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_calibration_gives_finite_scores(family):
+    model = make_family(family)
+    config = CalibrationConfig(batch_size=2, subsample=16, progress=False, reconstruction=False)
+    scores = calibrate(model, tiny_input_ids(2, 12), config)
+    adapter = get_adapter(model)
+    assert sorted(scores.layers) == sorted(adapter.moe_blocks())
+    for layer in scores.layers.values():
+        for name, values in layer.stats.items():
+            assert np.isfinite(values).all(), name
+        if layer.cost_curve is not None:
+            assert np.isfinite(layer.cost_curve).all()
+
+
+def test_latent_nemotron_h_is_refused():
+    model = make_family("nemotron_h")
+    model.config.moe_latent_size = 16
+    with pytest.raises(ArchitectureError, match="latent MoE"):
+        get_adapter(model)
+
+
+def test_moe_families_of_transformers_are_listed(capsys):
+    """Prints every MoE model type with GRAPE's answer; informative only, never fails."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / "moe_families.py"
+    spec = importlib.util.spec_from_file_location("moe_families", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        rows = module.report()
+    except Exception as exc:  # noqa: BLE001 - a listing, never a failure
+        print(f"moe_families could not run: {exc!r}")
+        return
+    supported = [r["model_type"] for r in rows if r["supported"]]
+    with capsys.disabled():
+        print(f"\n{len(rows)} MoE model types, {len(supported)} supported: {', '.join(supported)}")
+        for row in rows:
+            if not row["supported"]:
+                print(f"  refused {row['model_type']}: {row['detail']}")

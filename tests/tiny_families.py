@@ -1,0 +1,82 @@
+"""Tiny random models of the families added after the first seven (tests/test_families.py):
+hidden 32, 3 decoder layers (4 for Nemotron-H's mamba/moe/attention pattern), 8 routed experts,
+top-2, plus each family's dense layers, shared experts and hybrid attention kept small."""
+
+from __future__ import annotations
+
+import torch
+import transformers as T
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+from tiny_models import _COMMON
+
+# DeepSeek-style multi-head latent attention, small
+_MLA = dict(num_key_value_heads=4, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4,
+            v_head_dim=8, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+# DeepSeek-V3 router: 8 experts in 2 groups, 1 group per token; first layer dense
+_V3 = dict(intermediate_size=48, moe_intermediate_size=16, n_shared_experts=1, num_experts_per_tok=2,
+           n_group=2, topk_group=1, routed_scaling_factor=1.5)
+_DENSE_FIRST = dict(mlp_layer_types=["dense", "sparse", "sparse"])
+# Gated-DeltaNet linear attention between full-attention layers
+_LINEAR = dict(layer_types=["linear_attention", "full_attention", "linear_attention"],
+               linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+               linear_value_head_dim=8, linear_conv_kernel_dim=4, head_dim=8)
+
+CONFIGS = {
+    "glm4_moe": dict(**_V3, n_routed_experts=8, first_k_dense_replace=1, head_dim=8),
+    "glm4_moe_lite": dict(**_V3, **_MLA, **_DENSE_FIRST, n_routed_experts=8, q_lora_rank=None, head_dim=4),
+    "deepseek_v32": dict(**_V3, **_MLA, **_DENSE_FIRST, n_routed_experts=8, q_lora_rank=16, head_dim=4,
+                         first_k_dense_replace=1, index_topk=8, index_n_heads=2, index_head_dim=8,
+                         layer_types=["indexed_attention"] * 3),
+    "dots1": dict(**_V3, n_routed_experts=8, first_k_dense_replace=1, head_dim=8),
+    "kimi_linear": dict(**_V3, **_MLA, **_DENSE_FIRST, num_local_experts=8, q_lora_rank=None,
+                        layer_types=["linear_attention", "full_attention", "linear_attention"],
+                        linear_head_dim=8, linear_num_heads=4),
+    "exaone_moe": dict(**_V3, **_DENSE_FIRST, num_experts=8, num_shared_experts=1, first_k_dense_replace=1,
+                       head_dim=8, layer_types=["sliding_attention", "sliding_attention", "full_attention"]),
+    # mamba, moe, attention, moe (latent MoE is refused: see NemotronHAdapter)
+    "nemotron_h": dict(**{**_V3, "intermediate_size": 48}, num_hidden_layers=4, n_routed_experts=8,
+                       layers_block_type=["mamba", "moe", "attention", "moe"],
+                       moe_shared_expert_intermediate_size=16, mamba_num_heads=4, mamba_head_dim=8,
+                       ssm_state_size=8, n_groups=1, head_dim=8),
+    "minimax_m2": dict(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, head_dim=8),
+    "qwen3_next": dict(**_LINEAR, intermediate_size=48, moe_intermediate_size=16,
+                       shared_expert_intermediate_size=24, num_experts=8, num_experts_per_tok=2),
+    "qwen3_5_moe_text": dict(**_LINEAR, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                             num_experts=8, num_experts_per_tok=2),
+    "lfm2_moe": dict(intermediate_size=48, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2,
+                     num_dense_layers=1, layer_types=["conv", "full_attention", "conv"]),
+    "flex_olmo": dict(intermediate_size=16, num_experts=8, num_experts_per_tok=2),
+    "minimax": dict(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, head_dim=8,
+                    layer_types=["full_attention", "linear_attention", "full_attention"]),
+    "cohere2_moe": dict(intermediate_size=16, num_experts=8, num_experts_per_tok=2, head_dim=8,
+                        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                        mlp_layer_types=["sparse"] * 3),
+    "phimoe": dict(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2),
+    "granitemoe": dict(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2),
+    "granitemoeshared": dict(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2,
+                             shared_intermediate_size=24),
+    "granitemoehybrid": dict(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2,
+                             shared_intermediate_size=24, layer_types=["mamba", "attention", "mamba"],
+                             mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=1),
+    # MoE on layer 1 only (period 2, offset 1); no mamba kernels on CPU
+    "jamba": dict(intermediate_size=16, num_experts=8, num_experts_per_tok=2, expert_layer_period=2,
+                  expert_layer_offset=1, attn_layer_period=2, attn_layer_offset=0, mamba_d_state=8,
+                  mamba_d_conv=4, mamba_expand=2, use_mamba_kernels=False),
+}
+NEW_FAMILIES = tuple(CONFIGS)
+
+
+def make_family(model_type: str, seed: int = 0) -> torch.nn.Module:
+    """A tiny random model; routers and correction biases scaled as in tiny_models.make_tiny."""
+    torch.manual_seed(seed)
+    config = CONFIG_MAPPING[model_type](**{**_COMMON, **CONFIGS[model_type]})
+    model = T.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2 or "bias" in name:
+                param.normal_(0.0, 0.2)
+        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+            if name.endswith(("e_score_correction_bias", "expert_bias")):
+                tensor.normal_(0.0, 0.1)
+    return model.eval()
