@@ -300,7 +300,7 @@ def rank_correlation(a: list[float], b: list[float]) -> float | None:
 # -- one model ------------------------------------------------------------------------------------
 def searcher(base, scores: Scores, search_ids, settings: Settings, confirm_ids=None):
     """SolveConfig -> the loss-verified search's plan on `base` (method `grape-run`)."""
-    from grape.search import SearchConfig, search
+    from grape.loss_search import SearchConfig, search
 
     def run(config):
         result = search(base, scores, config, search_ids,

@@ -6,6 +6,8 @@ The Python API (grape/api.py), one verb per stage, each imported on first use so
     scores  = grape.calibrate(model, data, grape.CalibrationConfig(...), tokenizer=tok)
     problem = grape.build_problem(scores, grape.SolveConfig(budget=0.25, objective="redundancy"))
     plan    = grape.solve(problem, grape.SolveConfig(solver="exact"))
+    found   = grape.search(model, scores, ["val.jsonl"], grape.SolveConfig(budget=0.25),
+                           grape.SearchConfig(), tokenizer=tok)        # found.best.plan
     model   = grape.apply(model, plan, grape.ApplyConfig("remove"))
     path    = grape.save(model, "pruned/", plan=plan, tokenizer=tok)
     model   = grape.load("pruned/")
@@ -13,7 +15,8 @@ The Python API (grape/api.py), one verb per stage, each imported on first use so
     run     = grape.run_pipeline(grape.RunConfig(model="moe/", out="runs/x", data=["corpus/"]))
 
 The work is done in modules named for their stage, not for the verb (grape.calibration,
-grape.pruning, grape.evaluation, ...), so `grape.calibrate` is always the function.
+grape.pruning, grape.evaluation, grape.search_stage, ...), so `grape.calibrate` and
+`grape.search` are always the functions.
 """
 
 import importlib
@@ -27,6 +30,7 @@ _LAZY = {
     "apply": "grape.api",
     "evaluate": "grape.api",
     "solve": "grape.api",
+    "search": "grape.api",
     "build_problem": "grape.api",
     "save": "grape.api",
     "load": "grape.api",
@@ -44,6 +48,8 @@ _LAZY = {
     "EvalConfig": "grape.evaluation",
     "EvalResult": "grape.evaluation",
     "ApplyConfig": "grape.pruning",
+    "SearchConfig": "grape.search_config",
+    "SearchResult": "grape.search_config",
     "Scores": "solvers.scores",
     "Plan": "solvers.plan",
     "UserError": "solvers.errors",

@@ -8,6 +8,8 @@
                              tokenizer=tok)                              # -> Scores (save: scores.save)
     problem = grape.build_problem(scores, grape.SolveConfig(budget=0.25, objective="redundancy"))
     plan = grape.solve(problem, grape.SolveConfig(solver="exact"))      # -> Plan (plan.save)
+    found = grape.search(model, scores, ["val/prose.jsonl"], grape.SolveConfig(budget=0.25),
+                         grape.SearchConfig(max_passes=100), tokenizer=tok)  # found.best.plan
     grape.apply(model, plan, grape.ApplyConfig("remove"))               # in place
     grape.save(model, "pruned/", plan=plan, tokenizer=tok)
     result = grape.evaluate(grape.load("pruned/"), tok, None, grape.EvalConfig(max_tokens_per_domain=8192))
@@ -25,9 +27,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from grape.config import BudgetError, check_budget  # noqa: F401 - part of the API
-from grape.config import SolveConfig as _SolveConfig
 from solvers.errors import UserError
+from solvers.spec import BudgetError, SolveConfig, check_budget  # noqa: F401 - part of the API
 
 if TYPE_CHECKING:  # pragma: no cover - only for annotations; the imports below are lazy
     import torch
@@ -35,15 +36,12 @@ if TYPE_CHECKING:  # pragma: no cover - only for annotations; the imports below 
 
     from grape.pruning import ApplyConfig
     from grape.calibration import CalibrationConfig
+    from grape.search_config import SearchConfig, SearchResult
     from grape.data import CalibrationData
     from grape.evaluation import EvalConfig, EvalResult
     from solvers.plan import Plan
     from solvers.problem import Problem
     from solvers.scores import Scores
-
-
-# -- configuration: grape.config.SolveConfig (re-exported here) ---------------------------------
-SolveConfig = _SolveConfig
 
 
 # -- artifacts from paths -------------------------------------------------------------------
@@ -138,32 +136,11 @@ def _fit_seq_len(config: CalibrationConfig, model: nn.Module) -> CalibrationConf
 def build_problem(scores: Scores | str | os.PathLike, config: SolveConfig | None = None,
                   **overrides) -> Problem:
     """The allocation problem for `scores` (a Scores object or a scores file) under `config`;
-    keyword arguments override config fields (``build_problem(scores, budget=0.5)``)."""
-    from solvers.objectives import parse_objective
-    from solvers.problem import build_problem as _build
+    keyword arguments override config fields (``build_problem(scores, budget=0.5)``). The
+    mapping is :func:`solvers.spec.build_problem` (torch-free)."""
+    from solvers.spec import build_problem as _build
 
-    config = replace(config or SolveConfig(), **overrides)
-    scores = load_scores(scores)
-    check_budget(config.budget, sum(scores.model.experts_per_layer.values()))
-    objective = parse_objective(config.objective)
-    if config.coverage_candidates is not None:
-        for _, term in objective.terms:
-            if hasattr(term, "candidates"):
-                term.candidates = int(config.coverage_candidates)
-    return _build(
-        scores,
-        budget=str(config.budget),
-        objective=objective,
-        constraints=config.constraint_objects(scores),
-        criterion=config.criterion,
-        normalize=config.normalize,
-        similarity=config.similarity,
-        similarity_top_m=config.similarity_top_m,
-        min_kept=config.min_kept,
-        routing_groups=config.routing_groups,
-        curves=config.curves,
-        deploy_dtype=config.deploy_dtype,
-    )
+    return _build(load_scores(scores), config, **overrides)
 
 
 def solve(problem: Problem | Scores | str | os.PathLike, config: SolveConfig | None = None,
@@ -177,6 +154,51 @@ def solve(problem: Problem | Scores | str | os.PathLike, config: SolveConfig | N
     if not isinstance(problem, Problem):
         problem = build_problem(problem, config)
     return _solve(problem, solver=config.solver, time_limit=config.time_limit)
+
+
+def search(model: nn.Module | str | os.PathLike, scores: Scores | str | os.PathLike,
+           data: torch.Tensor | str | os.PathLike | Sequence[str | os.PathLike],
+           config: SolveConfig | None = None, search_config: SearchConfig | None = None, *,
+           plan: Plan | str | os.PathLike | None = None, tokenizer: Any = None,
+           out: str | os.PathLike | None = None) -> SearchResult:
+    """The loss-verified search (the stage `grape search` and `grape run` run): candidate plans
+    measured on held-out `data` (search-data files, `search_config.samples` windows from each and
+    the finalists confirmed on `confirm_samples`; or a 2-D tensor of input ids, no confirmation),
+    from `plan` or `config`'s solver; `result.best.plan` is the choice. With `out`, writes
+    plan.json, search.json and the resume cache there as `grape search --out` does."""
+    from grape.search_config import SearchConfig
+    from grape.search_stage import run_search, search_ids, sequence_length
+
+    search_config = search_config or SearchConfig()
+    search_config.check_names()
+    scores = load_scores(scores)
+    plan = load_plan(plan) if plan is not None else None
+    if config is None:  # a plan brings its own budget
+        config = SolveConfig(budget=plan.num_removed) if plan is not None else SolveConfig()
+    model, tokenizer = _model_and_tokenizer(model, tokenizer, need_tokenizer=not _is_ids(data))
+    if _is_ids(data):
+        ids, confirm_ids = data, None
+    else:
+        files = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+        ids, confirm_ids = search_ids(files, tokenizer, sequence_length(scores, search_config), search_config)
+    return run_search(model, scores, config, ids, confirm_ids, search_config,
+                      out=Path(out) if out is not None else None, plan=plan)
+
+
+def _is_ids(data: Any) -> bool:
+    return hasattr(data, "dim") and hasattr(data, "dtype")  # a tensor (without importing torch)
+
+
+def _model_and_tokenizer(model, tokenizer, need_tokenizer: bool):
+    """A loaded model (a path is loaded as every verb loads it) and, when needed, a tokenizer
+    (default: the one in the model directory)."""
+    if isinstance(model, (str, os.PathLike)):
+        if tokenizer is None and need_tokenizer:
+            tokenizer = load_tokenizer(model)
+        model = load(model)
+    if need_tokenizer and tokenizer is None:
+        raise UserError("search: search-data files need a tokenizer; pass tokenizer=... or a tensor of ids")
+    return model, tokenizer
 
 
 def apply(model: nn.Module, plan: Plan | str | os.PathLike,
@@ -223,5 +245,6 @@ __all__ = [
     "load_scores",
     "load_tokenizer",
     "save",
+    "search",
     "solve",
 ]

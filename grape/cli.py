@@ -27,7 +27,7 @@ from grape.outputs import add_overwrite_argument, clean_leftovers
 from solvers._io import describe_disk_error, disk_cause
 from solvers.errors import UserError
 
-VERBS = ("calibrate", "solve", "apply", "eval", "compare", "inspect", "synth", "run")
+VERBS = ("calibrate", "solve", "search", "apply", "eval", "compare", "inspect", "synth", "run")
 
 
 def _available_verbs() -> dict[str, object]:
@@ -47,7 +47,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="grape",
         description="Global expert pruning for Mixture-of-Experts language models: "
-        "calibrate -> solve -> apply -> eval.",
+        "calibrate -> solve -> search -> apply -> eval.",
     )
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)

@@ -11,10 +11,17 @@ import time
 from pathlib import Path
 
 from solvers.errors import InfeasibleError, UserError
-from solvers.registry import solver_names  # noqa: F401 - the verbs' choice lists read it here
+from solvers.solve import solver_names  # noqa: F401 - the verbs' choice lists read it here
 
 ALL = "all"
-OBJECTIVES = ("additive", "redundancy", "coverage", "curves")
+
+
+def objective_names() -> list[str]:
+    """What `--objectives all` runs: every registered objective term, plugins' included (a
+    plugin is loaded before the verb's flags are read), in registration order."""
+    from solvers.registry import objective_names as registered
+
+    return registered()
 
 
 def compare_solvers(scores, config, objectives, solvers, progress=None, plan_dir: Path | None = None):
@@ -27,10 +34,10 @@ def compare_solvers(scores, config, objectives, solvers, progress=None, plan_dir
     ``<objective>.<solver>.json``."""
     from dataclasses import replace
 
-    from grape.api import BudgetError, build_problem
     from grape.report import SolverRow, fill_excess
     from solvers.constraints import precheck
     from solvers.solve import solve
+    from solvers.spec import BudgetError, build_problem
 
     rows = []
     for objective in objectives:
@@ -71,4 +78,4 @@ def safe_name(text: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
 
 
-__all__ = ["ALL", "OBJECTIVES", "compare_solvers", "safe_name", "solver_names"]
+__all__ = ["ALL", "compare_solvers", "objective_names", "safe_name", "solver_names"]

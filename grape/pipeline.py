@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from grape.calibration import CalibrationConfig
-from grape.config import SolveConfig, check_budget
-from grape.errors import DataError
 from grape.evaluation import EvalConfig
-from grape.search import SearchConfig
+from grape.search_config import SearchConfig
+from grape.search_stage import search_tokens  # noqa: F401 - documented here (docs/search.md)
 from solvers.errors import UserError
+from solvers.spec import SolveConfig, check_budget
 
 MASK_NOTE = ("method `mask` keeps every weight (the routers skip the removed experts), so no smaller "
              "checkpoint was written; use `--method remove` for one")
@@ -55,17 +55,14 @@ class RunConfig:
     device: str = "auto"
     dtype: str = "auto"
     overwrite: bool = False  # replace an out/checkpoint GRAPE did not write
-    # loss-verified allocation (grape.search): candidates measured on `search_samples` held-out
-    # sequences of the calibration text; None: apply the solver's plan as it is
+    # the loss-verified search (grape.search_stage, the same stage as `grape search`); None:
+    # apply the solver's plan as it is
     search: SearchConfig | None = field(default_factory=SearchConfig)
-    search_samples: int = 8
-    # where the search tokens come from: files whose domains are weighted equally (search_samples
-    # sequences from each), e.g. a validation split shaped like the evaluation; None: held-out
-    # calibration text (the last search_samples rows packed after calibration's)
+    # where the search tokens come from: files whose domains are weighted equally
+    # (search.samples sequences from each, the finalists confirmed on search.confirm_samples),
+    # e.g. a validation split shaped like the evaluation; None: held-out calibration text (the
+    # last search.samples rows packed after calibration's)
     search_data: list[str] | None = None
-    # with search_data: the finalists are measured once more on confirm_samples windows per file
-    # (grape.search's confirmation; 0: none)
-    confirm_samples: int = 128
 
     def __post_init__(self) -> None:
         from grape.compare import solver_names
@@ -81,6 +78,8 @@ class RunConfig:
         self.calibration.validate()
         if self.search is not None:
             self.search.check_names()
+            if self.search.seq_len is None:  # search windows as long as calibration's
+                self.search = replace(self.search, seq_len=self.calibration.seq_len)
 
     @property
     def saves_checkpoint(self) -> bool:
@@ -124,7 +123,8 @@ def run(config: RunConfig) -> RunResult:
     out.mkdir(parents=True, exist_ok=True)
     searching = config.search is not None and (config.scores is None or config.data is not None
                                                or config.search_data is not None)
-    stages = _Stages(5 + searching + config.saves_checkpoint + bool(config.baselines))
+    # with a search, the solver's own plan is evaluated as a baseline too
+    stages = _Stages(5 + searching + config.saves_checkpoint + bool(config.baselines or searching))
 
     stages.start("calibrate", f"calibrating {config.model}" if config.scores is None else
                  f"reading scores {config.scores}")
@@ -232,7 +232,7 @@ def _load_model(config: RunConfig):
 
 def _calibrate_stage(config: RunConfig, searching: bool):
     """(tokenizer, model, scores, search ids): the search's sequences are packed with the
-    calibration ones and held out of calibration (the last `search_samples` rows)."""
+    calibration ones and held out of calibration (the last `search.samples` rows)."""
     from grape.adapters import get_adapter
     from grape.calibration import calibrate
     from grape.data import CalibrationData, load_calibration_data
@@ -241,7 +241,7 @@ def _calibrate_stage(config: RunConfig, searching: bool):
 
     tokenizer = load_tokenizer(config.tokenizer or config.model)
     cal = config.calibration
-    held_out = config.search_samples if searching and config.search_data is None else 0
+    held_out = config.search.samples if searching and config.search_data is None else 0
     data = None
     if config.data is not None and (config.scores is None or held_out):
         fresh = config.scores is None
@@ -251,7 +251,9 @@ def _calibrate_stage(config: RunConfig, searching: bool):
                                      progress=cal.progress)
     search_ids = (data.input_ids[data.samples - held_out:], None) if held_out else None
     if searching and config.search_data is not None:
-        search_ids = _search_ids_per_source(config, tokenizer)
+        from grape.search_stage import search_ids as ids_from_files
+
+        search_ids = ids_from_files(config.search_data, tokenizer, config.search.seq_len, config.search)
     if config.scores is not None:
         scores = Scores.load(config.scores)  # read before the model: a bad file fails fast
         model = _load_model(config)
@@ -265,80 +267,29 @@ def _calibrate_stage(config: RunConfig, searching: bool):
     return tokenizer, model, scores, search_ids
 
 
-def _search_ids_per_source(config: RunConfig, tokenizer):
-    """(search ids, confirmation ids or None) from the search-data files."""
-    cal = config.calibration
-    ids = search_tokens(config.search_data, tokenizer, cal.seq_len, config.search_samples)
-    confirm = (search_tokens(config.search_data, tokenizer, cal.seq_len, config.confirm_samples)
-               if config.confirm_samples > 0 else None)
-    return ids, confirm
-
-
-def search_tokens(files, tokenizer, seq_len: int, samples: int, spread: int = 64):
-    """`samples` windows of `seq_len` tokens from each file, stacked: every file (a domain)
-    weighs the same, as in the evaluation's mean over domains. What `grape run --search-data`
-    measures on (the quality benchmark too).
-
-    Windows are packed as the evaluation packs them (documents joined with EOS) and taken
-    evenly spaced over the file's first `spread` x samples x seq_len tokens, so they sample
-    many documents: consecutive windows from the first few documents judge plans by those
-    documents alone, and on the test bed that reversed which criterion looked better."""
-    import torch
-
-    from grape.evaluation import load_documents, pack_windows, spread_windows, token_stream
-
-    rows = []
-    for source in files:
-        texts = [t for ts in load_documents([str(source)]).values() for t in ts]
-        stream, _ = token_stream(tokenizer, texts, spread * samples * seq_len)
-        windows = [w[:seq_len] for w in pack_windows(stream, seq_len) if len(w) == seq_len + 1]
-        if not windows:
-            raise DataError(f"--search-data {source}: fewer than {seq_len + 1} tokens of text; give "
-                            "a larger file or a shorter --seq-len")
-        rows += spread_windows(windows, samples)
-    return torch.tensor(rows, dtype=torch.long)
-
-
 def _search_stage(config: RunConfig, model, scores, search_ids, plans: dict):
-    """Measure candidate plans (grape.search); the best becomes plans["search"] and plan.json."""
-    from grape.search import search
+    """The search stage (grape.search_stage, as `grape search`): the best measured candidate
+    becomes plans["search"] and plan.json; the solver's plan moves to plans/<solver>.json."""
+    from grape.search_stage import describe, run_search
 
     ids, confirm_ids = search_ids
-    found = search(model, scores, config.solve, ids, config.search, cache=config.out / "search.cache.json",
-                   confirm_ids=confirm_ids)
-    if found.nll_curves is not None:  # measured once: `grape solve --scores` can reuse them
-        from grape.sensitivity import with_nll_curves
-
-        with_nll_curves(scores, found.nll_curves).save(config.out / "scores.npz")
-    best = found.best.plan
-    best.provenance = {**best.provenance, "search": {"chosen": found.best.name, "passes": found.passes,
-                                                     "tokens_measured": found.tokens_measured,
-                                                     "computed_passes": round(found.computed_passes, 2),
-                                                     "nll": found.best.nll, "unpruned_nll": found.unpruned_nll}}
-    plans["search"] = best
-    best.save(config.out / "plan.json")
+    found = run_search(model, scores, config.solve, ids, confirm_ids, config.search, out=config.out)
+    plans["search"] = found.best.plan
     plans[config.solve.solver].save(config.out / "plans" / f"{config.solve.solver}.json")
-    from solvers._io import atomic_write_text
-
-    atomic_write_text(config.out / "search.json", json.dumps(found.to_json(), indent=2) + "\n")
-    print(f"    search: chose {found.best.name} (search NLL {found.best.nll:.4f}, unpruned "
-          f"{found.unpruned_nll:.4f}) after {found.passes} passes ({found.computed_passes:.1f} computed, "
-          "the rest reused layers or cached measurements)"
-          + (f" and {len(found.confirmed)} confirmation passes" if found.confirmed else "")
-          + f" ({found.tokens_measured:,} tokens), {found.seconds:.0f} s", flush=True)
+    print("    " + describe(found), flush=True)
     return found
 
 
 def _solve_stage(config: RunConfig, scores):
-    from grape.api import build_problem, solve
     from grape.compare import compare_solvers, solver_names
+    from solvers.spec import build_problem, plan_for
 
     solver, out = config.solve.solver, config.out
     problem = build_problem(scores, config.solve)
-    plans = {solver: solve(problem, config.solve)}
+    plans = {solver: plan_for(scores, config.solve, problem)}
     plans[solver].save(out / "plan.json")
     for name in config.baselines:
-        plans[name] = solve(problem, replace(config.solve, solver=name))
+        plans[name] = plan_for(scores, replace(config.solve, solver=name), problem)
         plans[name].save(out / "plans" / f"{name}.json")
     rows = []
     if config.compare:

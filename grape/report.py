@@ -118,8 +118,8 @@ def plan_placement(plan: Plan, scores: Any, config: Any) -> list[dict]:
         return plan.placement
     if scores is None or config is None or (config.fit is None and config.memory_cap is None):
         return []
-    from grape.api import build_problem
     from solvers.constraints import MemoryCap, kept_mask
+    from solvers.spec import build_problem
 
     problem = build_problem(scores, config)
     caps = [c for c in problem.constraints if isinstance(c, MemoryCap)]

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from grape.adapters import get_adapter
-from grape.config import SolveConfig
+from solvers.spec import SolveConfig
 from grape.errors import DataError
 from grape.templates.grape_pruning import install_router_mask
 from solvers.errors import UserError
@@ -114,13 +114,13 @@ def single_layer_plan(plan: Plan, layer: int) -> Plan:
 def uniform_plan(scores, fraction: float, criterion: str, config: SolveConfig | None = None) -> Plan:
     """The uniform plan removing `fraction` of every layer by `criterion`, under the structural
     count rules of `config` (minimum kept, routing groups, multiples) and nothing else."""
-    from grape.api import solve
+    from solvers.spec import plan_for
 
     base = config or SolveConfig()
     cfg = SolveConfig(budget=fraction, solver="uniform", objective="additive", criterion=criterion,
                       min_kept=base.min_kept, routing_groups=base.routing_groups,
                       multiple_of=base.multiple_of)
-    return solve(scores, cfg)
+    return plan_for(scores, cfg)
 
 
 def measure_nll_curves(model: nn.Module, scores, ids: torch.Tensor, criterion: str = "reap_mass",

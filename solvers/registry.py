@@ -2,7 +2,9 @@
 
 A solver declares what it accepts as class attributes (objective terms, constraint names, and
 whether it handles constraints on *which* experts are kept); :func:`solvers.solve.solve` refuses
-the rest in one place, through :func:`refusal`, naming a solver that accepts it.
+the rest in one place, through :func:`refusal`, naming a solver that accepts it. The solver
+modules import this one, so it imports none of them: the list with the built-in solvers
+registered is :func:`solvers.solve.solver_names`.
 """
 
 from __future__ import annotations
@@ -21,13 +23,6 @@ PREFERRED = ("exact", "greedy", "relaxation", "uniform", "dp")
 def register_solver(cls):
     SOLVERS[cls.name] = cls
     return cls
-
-
-def solver_names() -> list[str]:
-    """Every registered solver, for the command line's choice lists."""
-    import solvers.solve  # noqa: F401  (importing it registers the built-in solvers)
-
-    return sorted(SOLVERS)
 
 
 def objective_names() -> list[str]:

@@ -24,6 +24,12 @@ from solvers.plan import Plan
 from solvers.registry import SOLVERS, refusal
 
 
+def solver_names() -> list[str]:
+    """Every registered solver (the built-in ones are, once this module is imported; plugins'
+    once loaded), for the command line's choice lists."""
+    return sorted(SOLVERS)
+
+
 @contextlib.contextmanager
 def _small_blas():
     """One BLAS thread while solving: the matrices are per-layer (at most a few hundred wide),

@@ -107,7 +107,7 @@ def test_sequences_past_the_context_are_capped_or_refused(ws, capsys):
 
 
 def test_the_whole_pipeline_is_one_library_call(ws, scores, tmp_path):
-    from grape.search import SearchConfig
+    from grape.search_config import SearchConfig
 
     """grape.run_pipeline is what `grape run` calls: same outputs, from typed configurations."""
     scores_file = tmp_path / "scores.npz"
@@ -117,7 +117,7 @@ def test_the_whole_pipeline_is_one_library_call(ws, scores, tmp_path):
         solve=SolveConfig(budget=6, objective="curves", time_limit=10), baselines=("uniform",),
         compare=False, evaluation=grape.EvalConfig(seq_len=32, max_tokens_per_domain=64, progress=False),
         calibration=grape.CalibrationConfig(seq_len=32), search_data=[str(p) for p in ws.heldout],
-        search_samples=2, search=SearchConfig(max_passes=6, progress=False))
+        search=SearchConfig(max_passes=6, samples=2, progress=False))
     result = grape.run_pipeline(config)
     assert result.report.is_file() and (tmp_path / "run" / "checkpoint" / "config.json").is_file()
     assert set(result.summary["nll"]) == {"unpruned", "search", "exact", "uniform"}

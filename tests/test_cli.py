@@ -66,8 +66,8 @@ def _one_line_error(capsys, argv: list[str]) -> str:
 # -- help ---------------------------------------------------------------------------------
 def test_every_verb_is_registered_and_every_option_has_help():
     parser = build_parser()
-    assert set(parser.verb_parsers) == {"calibrate", "solve", "apply", "eval", "compare", "inspect",
-                                        "synth", "run"}
+    assert set(parser.verb_parsers) == {"calibrate", "solve", "search", "apply", "eval", "compare",
+                                        "inspect", "synth", "run"}
     for verb, sub in parser.verb_parsers.items():
         assert sub.description, verb
         for action in sub._actions:
@@ -77,7 +77,7 @@ def test_every_verb_is_registered_and_every_option_has_help():
         assert any(a.dest == "recipe" for a in sub._actions), verb
 
 
-@pytest.mark.parametrize("verb", ["run", "compare", "inspect"])
+@pytest.mark.parametrize("verb", ["run", "search", "compare", "inspect"])
 def test_help_prints_and_exits_zero(verb, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([verb, "--help"])

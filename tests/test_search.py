@@ -1,4 +1,4 @@
-"""Loss-verified allocation (grape.search): measured candidates, never worse than the best
+"""Loss-verified allocation (grape.loss_search, the search stage): measured candidates, never worse than the best
 uniform plan on the search tokens, within its pass budget, deterministic, model left as it was."""
 
 from __future__ import annotations
@@ -8,9 +8,10 @@ import torch
 from cli_workspace import make_workspace
 
 import grape
-from grape.config import SolveConfig
 from grape.data import load_calibration_data
-from grape.search import SearchConfig, masked, mean_nll, search
+from grape.loss_search import SearchConfig, masked, mean_nll, search
+from grape.search_config import Role
+from solvers.spec import SolveConfig
 from solvers.errors import UserError
 
 
@@ -35,7 +36,7 @@ def test_the_chosen_plan_is_no_worse_than_any_uniform_plan(setup):
     before = model(input_ids=ids[:2]).logits
     result = search(model, scores, SolveConfig(budget=0.5, time_limit=10), ids,
                     SearchConfig(max_passes=10, progress=False))
-    uniform = [c for c in result.candidates if c.name.startswith("uniform ")]
+    uniform = [c for c in result.candidates if c.role is Role.UNIFORM]
     assert len(uniform) >= 2 and result.best.nll <= min(c.nll for c in uniform)
     assert result.passes <= 10 and len(result.candidates) == result.passes - 1 - curve_passes(result)
     assert result.best.plan.num_removed == 12  # the budget holds for every candidate
@@ -52,8 +53,8 @@ def test_the_search_is_deterministic_and_improves_by_measurement(setup):
     first = search(model, scores, SolveConfig(budget=0.5, time_limit=10), ids, config)
     second = search(model, scores, SolveConfig(budget=0.5, time_limit=10), ids, config)
     assert first.best.plan.kept == second.best.plan.kept and first.best.nll == second.best.nll
-    uniform = [c for c in first.candidates if c.name.startswith("uniform ")]
-    switches = [c for c in first.candidates if c.name.startswith("switch")]
+    uniform = [c for c in first.candidates if c.role is Role.UNIFORM]
+    switches = [c for c in first.candidates if c.role is Role.MOVE]
     assert switches and first.passes <= 12  # the local search ran, within the budget
     assert first.best.nll <= min(c.nll for c in uniform)
 
@@ -61,7 +62,7 @@ def test_the_search_is_deterministic_and_improves_by_measurement(setup):
 def test_a_candidate_must_win_by_a_margin_of_paired_standard_errors():
     import numpy as np
 
-    from grape.search import Candidate
+    from grape.loss_search import Candidate
     from solvers.plan import Plan
 
     plan = Plan(kept={0: [0]}, removed={0: [1]})
@@ -142,7 +143,7 @@ def test_the_reconstruction_criterion_is_a_seed_and_skipped_where_the_scores_lac
 
 
 def test_curves_at_fewer_depths_when_the_passes_are_short(setup):
-    from grape.search import _curve_depths, seed_plans
+    from grape.loss_search import _curve_depths, seed_plans
 
     model, scores, ids = setup
     layers = len(scores.layers)
@@ -159,18 +160,19 @@ def test_curves_at_fewer_depths_when_the_passes_are_short(setup):
 
 
 def test_runners_up_that_beat_every_uniform_plan_get_a_second_hearing(setup):
-    from grape.search import Candidate, _confirm, _key
+    from grape.loss_search import Candidate, _confirm, _key
 
     model, scores, ids = setup
     found = search(model, scores, SolveConfig(budget=0.5, time_limit=10), ids[:3],
                    SearchConfig(max_passes=12, moves_per_round=3, nll_curves=False, progress=False))
-    uniform = [c for c in found.candidates if c.name.startswith("uniform ")]
+    uniform = [c for c in found.candidates if c.role is Role.UNIFORM]
     floor = min(c.nll for c in uniform)
     # make three non-uniform candidates look better than every uniform one on the search tokens
-    others = [c for c in found.candidates if not c.name.startswith("uniform ")
+    others = [c for c in found.candidates if c.role is not Role.UNIFORM
               and _key(c.plan) not in {_key(u.plan) for u in uniform}]
     assert len(others) >= 3
-    staged = [Candidate(c.name, c.plan, floor - 0.1 * (i + 1), c.per_sequence) for i, c in enumerate(others[:3])]
+    staged = [Candidate(c.name, c.plan, floor - 0.1 * (i + 1), c.per_sequence, role=c.role)
+              for i, c in enumerate(others[:3])]
     best = staged[-1]  # the lowest
     candidates = uniform + staged
     chosen, record = _confirm(model, best, candidates, ids, SearchConfig(runners_up=1, progress=False), None)
@@ -211,7 +213,7 @@ def test_the_final_choice_is_confirmed_on_more_tokens(setup):
     config = SearchConfig(max_passes=10, moves_per_round=2, progress=False)
     result = search(model, scores, SolveConfig(budget=0.5, time_limit=10), ids[:3], config, confirm_ids=ids)
     names = [c["name"] for c in result.confirmed]
-    uniform = [c.name for c in result.candidates if c.name.startswith("uniform ")]
+    uniform = [c.name for c in result.candidates if c.role is Role.UNIFORM]
     assert set(uniform) <= set(names) and sum(c["chosen"] for c in result.confirmed) == 1
     chosen = next(c for c in result.confirmed if c["chosen"])
     assert chosen["name"] == result.best.name

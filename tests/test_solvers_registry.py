@@ -32,9 +32,8 @@ from solvers.registry import (
     constraint_names,
     objective_names,
     register_solver,
-    solver_names,
 )
-from solvers.solve import solve
+from solvers.solve import solve, solver_names
 from solvers.synth import custom_shape, synth_scores
 
 EXAMPLES = {

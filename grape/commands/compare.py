@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from grape.compare import ALL, OBJECTIVES
+from grape.compare import ALL, objective_names
 from grape.outputs import DirOutput
 from solvers._io import atomic_write_text
 from solvers.errors import UserError
@@ -48,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output directory: compare.md, compare.json, compare.png, plans/")
     parser.add_argument("--objectives", default=ALL,
                         help=f"comma-separated objectives (weighted sums allowed), or {ALL}: "
-                        f"{', '.join(OBJECTIVES)}; --objective X is the same as --objectives X")
+                        f"{', '.join(objective_names())} (every registered term, --plugin ones included); "
+                        "--objective X is the same as --objectives X")
     parser.add_argument("--solvers", default=ALL,
                         help=f"comma-separated solver names, or {ALL} (see `grape solve --help`)")
     parser.add_argument("--no-plans", action="store_true", help="do not write every plan into OUT/plans/")
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from grape.recipe import dump_json
     from grape.report import plot_kept_by_solver, plot_solvers, solver_table
 
-    objectives = _split(args.objective or args.objectives, OBJECTIVES, "objectives")
+    objectives = _split(args.objective or args.objectives, objective_names(), "objectives")
     names = _split(args.solvers, solver_names(), "solvers")
     config = solve_config_from_args(args, objective=objectives[0])  # bad flags fail first
     scores = load_scores(args.scores)

@@ -40,8 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from grape.config import add_problem_arguments
     from grape.flags import add_config_arguments
     from grape.modelfiles import MODEL_HELP
+    from grape.commands.search import add_search_arguments
     from grape.pruning import ApplyConfig
-    from grape.search import SearchConfig
 
     io = parser.add_argument_group("model and data")
     io.add_argument("--model", type=Path, default=None,
@@ -80,21 +80,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # and 50% when this default was chosen (the quality benchmark measures this properly)
     add_problem_arguments(parser, objective="curves")
 
-    se = parser.add_argument_group("loss-verified allocation (grape.search)")
+    se = parser.add_argument_group("loss-verified allocation (the search stage, as `grape search`)")
     se.add_argument("--no-search", action="store_true",
                     help="apply the solver's plan as it is, without measuring candidates")
-    add_config_arguments(se, SearchConfig)  # --search-passes, --search-criteria, ... (docs/search.md)
-    se.add_argument("--search-samples", type=int, default=None,
-                    help="search sequences (per --search-data file); unset: 8 (test bed: 16 per "
-                    "domain of its validation split)")
-    se.add_argument("--confirm-samples", type=int, default=128,
-                    help="with --search-data: windows per file on which the finalists (every "
-                    "uniform seed and the search's choice) are measured once more before the final "
-                    "choice; 0: no confirmation")
-    se.add_argument("--search-data", nargs="+", default=None, metavar="FILE",
-                    help="files the search measures on, each weighted equally (e.g. one per "
-                    "domain of a validation split); unset: the test bed's validation split, else "
-                    "sequences of --data held out of calibration")
+    # --search-passes, --search-samples, --search-data, ...: the flags of `grape search`
+    add_search_arguments(se, data_help="unset: the test bed's validation split, else sequences of "
+                         "--data held out of calibration")
 
     ap = parser.add_argument_group("apply")
     add_config_arguments(ap, ApplyConfig)  # --method, --allow-lower-top-k, as in `grape apply`
@@ -151,12 +142,9 @@ def resolve_settings(args: argparse.Namespace) -> None:
             setattr(args, key, resolve_seq_len(getattr(args, key), value, model_config, flag, "grape run"))
         elif getattr(args, key) is None:
             setattr(args, key, value)
-    for key in ("samples", "seq_len", "eval_seq_len", "batch_size", "eval_batch_size", "search_passes",
-                "search_samples"):
+    for key in ("samples", "seq_len", "eval_seq_len", "batch_size", "eval_batch_size"):
         if getattr(args, key) < 1:
             raise DataError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
-    if args.confirm_samples < 0:
-        raise DataError(f"--confirm-samples must be 0 (no confirmation) or more, got {args.confirm_samples}")
     device_map(args.device)  # a device this machine lacks fails now
     _check_min_kept(args, model_config)
 
@@ -195,11 +183,10 @@ def _names(text: str) -> list[str]:
 def run_config(args: argparse.Namespace):
     """The grape.pipeline.RunConfig the (resolved) flags describe."""
     from grape.calibration import CalibrationConfig
+    from grape.commands.search import search_config_from_args
     from grape.config import solve_config_from_args
     from grape.evaluation import EvalConfig
-    from grape.flags import config_from_args
     from grape.pipeline import RunConfig
-    from grape.search import SearchConfig
 
     progress = not args.no_progress
     return RunConfig(
@@ -218,11 +205,8 @@ def run_config(args: argparse.Namespace):
         method=args.method, save=not args.no_save, allow_lower_top_k=args.allow_lower_top_k,
         baselines=tuple(_names(args.baselines)), compare=not args.no_compare,
         compare_time_limit=args.compare_time_limit, device=args.device, dtype=args.dtype,
-        search=None if args.no_search else config_from_args(SearchConfig, args, seed=args.seed,
-                                                            progress=progress),
-        search_samples=args.search_samples, search_data=args.search_data,
-        confirm_samples=args.confirm_samples,
-        overwrite=args.overwrite,
+        search=None if args.no_search else search_config_from_args(args),
+        search_data=args.search_data, overwrite=args.overwrite,
     )
 
 

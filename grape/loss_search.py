@@ -22,6 +22,11 @@ count from every layer. This stage measures instead of assuming:
    file every measurement is recorded as it is made, so an interrupted search resumes without
    repeating a pass.
 
+Every candidate carries its :class:`~grape.search_config.Role` (uniform seed, solver plan,
+curves seed, move, ...); the rule that keeps the result no worse than uniform reads the role,
+never the display name. The stage around this algorithm (search tokens from files, plan.json
+and search.json written) is grape.search_stage; the public function is ``grape.search``.
+
     result = search(model, scores, SolveConfig(budget=0.25), search_ids)
     result.best          # a Plan, checked against the problem's constraints
     result.table()       # every candidate with its measured NLL
@@ -32,20 +37,18 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from grape.config import SolveConfig
 from grape.errors import DataError
-from grape.flags import flag
-from grape.prefix import DEFAULT_MAX_BYTES, PrefixReuse
+from grape.prefix import PrefixReuse
+from grape.search_config import Candidate, Role, SearchConfig, SearchResult
 from grape.sensitivity import (
-    DEFAULT_FRACTIONS,
-    NllCurves,
     masked,
     mean_nll,
     measure_nll_curves,
@@ -55,161 +58,41 @@ from grape.sensitivity import (
 )
 from solvers.errors import UserError
 from solvers.plan import Plan
-
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(t.strip() for t in str(text).split(",") if t.strip())
-
-
-@dataclass(frozen=True)
-class SearchConfig:
-    """How much to spend on measuring plans. One pass = one forward over the search tokens."""
-
-    max_passes: int = field(default=200, metadata=flag(
-        "forward passes the search may spend (each measures one plan on the held-out search "
-        "tokens, the unpruned reference included); unset: 100 on the test bed, else 200",
-        name="search_passes", unset=True))
-    # uniform seeds and within-layer orders
-    criteria: tuple[str, ...] = field(
-        default=("reconstruction", "reap_mass", "frequency", "reap", "ean"), metadata=flag(
-            "criteria whose uniform plans are seeds and whose within-layer orders are tried (those "
-            "the scores file lacks are skipped with a note)", name="search_criteria", items=True))
-    # integer-program seeds besides the configured one
-    objectives: tuple[str, ...] = field(default=("additive", "curves"), metadata=flag(
-        "objectives whose exact plans are seeds besides the configured one", name="search_objectives",
-        items=True))
-    nll_curves: bool = field(default=True, metadata=flag(
-        "skip measuring per-layer NLL curves (one pass per layer and depth; done when they fit in "
-        "half the passes and the scores lack them)", name="search_curves", negate=True))
-    confirm: bool = field(default=True, metadata=flag(
-        "skip the final check on the larger confirmation tokens (when the caller gives them)",
-        name="search_confirm", negate=True))
-    # besides every uniform seed and the choice, the best other candidates on the search tokens
-    # are confirmed too: a real gain that the small search sample showed by less than the margin
-    # gets a second, larger hearing (the margin rule still decides, so uniform stays the floor)
-    runners_up: int = 2
-    curve_fractions: tuple[float, ...] = DEFAULT_FRACTIONS  # depths at which each layer is measured
-    moves_per_round: int = 8  # level switches measured per round of the local search
-    # a candidate replaces the incumbent only when its NLL is lower by this many paired standard
-    # errors (over search sequences): many comparisons on few tokens otherwise pick noise
-    margin_se: float = field(default=2.0, metadata=flag(
-        "a candidate replaces the incumbent only when lower by this many paired standard errors",
-        name="search_margin", type=float))
-    batch_size: int = 8  # search sequences per forward
-    # memory for the decoder-layer inputs kept so that a plan sharing its first layers with one
-    # measured before runs only the layers after them (grape.prefix; 0: full passes only)
-    reuse_bytes: int = DEFAULT_MAX_BYTES
-    seed: int = 0
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        set_ = object.__setattr__
-        if isinstance(self.criteria, str):
-            set_(self, "criteria", _names(self.criteria))
-        if isinstance(self.objectives, str):
-            set_(self, "objectives", _names(self.objectives))
-        for name in ("max_passes", "moves_per_round", "batch_size"):
-            if getattr(self, name) < 1:
-                raise UserError(f"search {name} must be at least 1, got {getattr(self, name)}")
-        if not self.criteria:
-            raise UserError("--search-criteria needs at least one criterion (e.g. reap_mass)")
-        if self.runners_up < 0:
-            raise UserError(f"search runners_up must be >= 0, got {self.runners_up}")
-        if self.margin_se < 0:
-            raise UserError(f"--search-margin {self.margin_se} must be >= 0 (standard errors)")
-        if not all(0 < f < 1 for f in self.curve_fractions):
-            raise UserError("search curve_fractions must lie strictly between 0 and 1")
-
-    def check_names(self) -> None:
-        """Refuse unknown criteria and objectives before any model is loaded."""
-        from solvers.objectives import parse_objective
-        from solvers.scores import CRITERIA
-
-        for name in self.criteria:
-            if name not in CRITERIA:
-                raise UserError(f"--search-criteria: unknown criterion {name!r}; choose from "
-                                f"{', '.join(sorted(CRITERIA))}")
-        for name in self.objectives:
-            parse_objective(name)
-
-
-@dataclass
-class Candidate:
-    name: str
-    plan: Plan
-    nll: float  # mean NLL per predicted search token (nats)
-    per_sequence: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)  # mean NLL of each
-
-    def beats(self, other: Candidate, margin_se: float) -> bool:
-        """Lower NLL than `other` by more than `margin_se` paired standard errors."""
-        diff = self.per_sequence - other.per_sequence
-        se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
-        return float(diff.mean()) < -margin_se * se and self.nll < other.nll
-
-
-@dataclass
-class SearchResult:
-    best: Candidate
-    candidates: list[Candidate]
-    unpruned_nll: float
-    passes: int
-    tokens_per_pass: int
-    seconds: float
-    notes: list[str] = field(default_factory=list)
-    nll_curves: NllCurves | None = None  # measured on the search tokens (store with with_nll_curves)
-    reused: int = 0  # measurements read back from the cache instead of measured
-    confirmed: list[dict] = field(default_factory=list)  # finalists' NLL on the confirmation tokens
-    confirm_tokens: int = 0  # tokens per confirmation pass
-    # decoder layers actually computed over the search tokens, in full passes (prefix reuse makes
-    # it fewer than `passes`; measurements read from the cache compute nothing)
-    computed_passes: float = 0.0
-
-    @property
-    def tokens_measured(self) -> int:
-        """Every token of every forward pass: search passes plus confirmation passes."""
-        return self.passes * self.tokens_per_pass + len(self.confirmed) * self.confirm_tokens
-
-    def table(self) -> str:
-        rows = ["| candidate | mean NLL | increase |", "|---|---:|---:|"]
-        for c in sorted(self.candidates, key=lambda c: c.nll):
-            mark = " **(chosen)**" if c is self.best else ""
-            rows.append(f"| {c.name}{mark} | {c.nll:.4f} | {c.nll - self.unpruned_nll:+.4f} |")
-        return "\n".join(rows)
-
-    def to_json(self) -> dict:
-        return {"chosen": self.best.name, "unpruned_nll": self.unpruned_nll, "passes": self.passes,
-                "tokens_per_pass": self.tokens_per_pass, "seconds": self.seconds, "notes": self.notes,
-                "reused_from_cache": self.reused, "confirmed": self.confirmed,
-                "confirm_tokens": self.confirm_tokens, "tokens_measured": self.tokens_measured,
-                "computed_passes": round(self.computed_passes, 2),
-                "nll_curves": self.nll_curves.to_json() if self.nll_curves else None,
-                "candidates": [{"name": c.name, "nll": c.nll,
-                                "kept_per_layer": {str(k): v for k, v in c.plan.kept_counts().items()}}
-                               for c in self.candidates]}
+from solvers.spec import SolveConfig, build_problem, plan_for
 
 
 # -- seeds --------------------------------------------------------------------------------------
-def seed_plans(scores, config: SolveConfig, search: SearchConfig) -> tuple[list[tuple[str, Plan]], list[str]]:
-    """(name, plan) for the configured plan, the other objectives' and every uniform plan;
-    seeds the scores cannot support are skipped with a note."""
-    from grape.api import build_problem, solve
+class Seed(NamedTuple):
+    name: str
+    role: Role
+    plan: Plan
+    criterion: str | None = None  # a uniform seed's criterion
 
-    wanted = [(f"{config.solver} {config.objective} on {config.criterion}", config)]
-    wanted += [(f"exact {o} on {config.criterion}", replace(config, objective=o, solver="exact"))
-               for o in search.objectives if o != config.objective]
-    wanted += [(f"uniform {c}", replace(config, objective="additive", criterion=c, solver="uniform"))
+
+def seed_plans(scores, config: SolveConfig, search: SearchConfig,
+               given: Plan | None = None) -> tuple[list[Seed], list[str]]:
+    """The configured plan (`given`, or else the configured solver's), the other objectives'
+    and every uniform plan, each once; seeds the scores cannot support are skipped with a note."""
+    wanted = [(f"exact {o} on {config.criterion}", Role.OBJECTIVE,
+               replace(config, objective=o, solver="exact"), None)
+              for o in search.objectives if o != config.objective]
+    wanted += [(f"uniform {c}", Role.UNIFORM,
+                replace(config, objective="additive", criterion=c, solver="uniform"), c)
                for c in search.criteria]
-    seeds, notes, seen = [], [], set()
-    for name, cfg in wanted:
+    seeds = [Seed("given plan", Role.SOLVER, given)] if given is not None else []
+    if given is None:
+        wanted.insert(0, (f"{config.solver} {config.objective} on {config.criterion}", Role.SOLVER,
+                          config, None))
+    notes, seen = [], {_key(s.plan) for s in seeds}
+    for name, role, cfg, criterion in wanted:
         try:
-            plan = solve(build_problem(scores, cfg), cfg)
+            plan = plan_for(scores, cfg)
         except UserError as exc:
             notes.append(f"seed {name!r} skipped: {exc}")
             continue
-        key = _key(plan)
-        if key not in seen:
-            seen.add(key)
-            seeds.append((name, plan))
+        if _key(plan) not in seen:
+            seen.add(_key(plan))
+            seeds.append(Seed(name, role, plan, criterion))
     return seeds, notes
 
 
@@ -259,9 +142,10 @@ class _Meter:
         self.bar.set_postfix_str(f"{name}: NLL {float(out.mean()):.4f}"[:70])
         return out
 
-    def candidate(self, name: str, plan: Plan) -> Candidate:
+    def candidate(self, name: str, plan: Plan, role: Role, criterion: str | None = None) -> Candidate:
         per_sequence = self.nll(name, plan)
-        return Candidate(name, plan, float(per_sequence.mean()), per_sequence)
+        return Candidate(name, plan, float(per_sequence.mean()), per_sequence, role=role,
+                         criterion=criterion)
 
     def _save(self) -> None:
         if self.cache is None:
@@ -280,46 +164,34 @@ def _tokens_key(ids: torch.Tensor) -> str:
 
 def search(model: nn.Module, scores, config: SolveConfig, ids: torch.Tensor,
            search_config: SearchConfig | None = None, cache: str | os.PathLike | None = None,
-           confirm_ids: torch.Tensor | None = None) -> SearchResult:
+           confirm_ids: torch.Tensor | None = None, plan: Plan | None = None) -> SearchResult:
     """The best plan found by measurement (see the module docstring). `cache`: a JSON file
     of measurements to resume from and add to. `confirm_ids`: more held-out tokens (typically
     several times `ids`) on which the finalists - every uniform seed and the search's choice -
     are measured once more, and the final choice made, so that a difference the small search
-    sample shows by chance does not decide."""
-    from grape.api import build_problem
-
+    sample shows by chance does not decide. `plan`: a plan to start from instead of the
+    configured solver's (it must meet `config`'s budget and constraints)."""
     search_config = search_config or SearchConfig()
     search_config.check_names()
     search_config, lacking = _available_criteria(scores, search_config)
     if ids.dim() != 2 or ids.shape[1] < 2:
         raise DataError("search tokens must be a (samples, seq_len >= 2) tensor of input ids")
+    problem = build_problem(scores, config)
+    if plan is not None:
+        check_given_plan(plan, problem)
     start = time.perf_counter()
     was_training = model.training
     model.eval()
     meter = _Meter(model, ids, search_config, Path(cache) if cache is not None else None)
-    curves = None
     try:
         unpruned_seq = meter.nll("unpruned", None)
-        seeds, notes = seed_plans(scores, config, search_config)
+        seeds, notes = seed_plans(scores, config, search_config, plan)
         notes[:0] = lacking
         if not seeds:
             raise UserError("no seed plan could be built for the search: " + "; ".join(notes))
-        candidates = [meter.candidate(name, plan) for name, plan in seeds[: meter.left]]
-        problem = build_problem(scores, config)
-        count_level = not problem.needs_expert_level()
-        best = _choose_seed(candidates, search_config)
-        criterion = _criterion_of(best, problem.provenance.get("criterion", "reap_mass"), search_config.criteria)
-        orders = _orders(scores, criterion)
-        if count_level and search_config.nll_curves:
-            curves, best = _curves_seed(model, scores, config, problem, criterion, orders, best, meter,
-                                        search_config, candidates, notes, unpruned_seq)
-        if not count_level:
-            notes.append("criterion choice and local search skipped: a constraint depends on which "
-                         "experts are kept")
-        else:
-            best, orders = _choose_criterion(problem, scores, best, orders, meter, search_config, candidates)
-            best = _local_search(problem, best, orders, meter, search_config, candidates)
-            best, orders = _per_layer_criteria(problem, scores, best, orders, meter, search_config, candidates)
+        candidates = [meter.candidate(s.name, s.plan, s.role, s.criterion) for s in seeds[: meter.left]]
+        best, curves = _improve(model, scores, config, problem, candidates, meter, search_config, notes,
+                                unpruned_seq)
         confirmed = []
         if confirm_ids is not None and search_config.confirm:
             best, confirmed = _confirm(model, best, candidates, confirm_ids, search_config, cache)
@@ -332,6 +204,39 @@ def search(model: nn.Module, scores, config: SolveConfig, ids: torch.Tensor,
                         reused=meter.reused, confirmed=confirmed,
                         computed_passes=meter.prefix.layers_run / len(meter.prefix.layers),
                         confirm_tokens=int(confirm_ids.numel()) if confirmed else 0)
+
+
+def _improve(model, scores, config, problem, candidates, meter, search_config, notes, unpruned_seq):
+    """From the measured seeds: the curves seed, the criterion choice, the level switches and
+    the per-layer criteria, while passes are left; (incumbent, measured NLL curves or None)."""
+    count_level = not problem.needs_expert_level()
+    best = _choose_seed(candidates, search_config)
+    # a uniform incumbent brings its own criterion; any other plan the configured one
+    criterion = (best.criterion if best.role is Role.UNIFORM and best.criterion else
+                 problem.provenance.get("criterion", "reap_mass"))
+    orders, curves = _orders(scores, criterion), None
+    if count_level and search_config.nll_curves:
+        curves, best = _curves_seed(model, scores, config, problem, criterion, orders, best, meter,
+                                    search_config, candidates, notes, unpruned_seq)
+    if not count_level:
+        notes.append("criterion choice and local search skipped: a constraint depends on which "
+                     "experts are kept")
+        return best, curves
+    best, orders = _choose_criterion(problem, scores, best, orders, meter, search_config, candidates)
+    best = _local_search(problem, best, orders, meter, search_config, candidates)
+    best, orders = _per_layer_criteria(problem, scores, best, orders, meter, search_config, candidates)
+    return best, curves
+
+
+def check_given_plan(plan: Plan, problem) -> None:
+    """A plan to start from must be one the problem allows: same layers, budget and constraints."""
+    if sorted(plan.layers) != sorted(layer.index for layer in problem.layers):
+        raise UserError(f"the plan covers MoE layers {sorted(plan.layers)}, the scores "
+                        f"{[layer.index for layer in problem.layers]}: a plan of another model?")
+    broken = [msg for c in problem.all_constraints if (msg := c.check(plan, problem))]
+    if broken:
+        raise UserError(f"the plan does not meet the problem ({broken[0]}); give the budget and "
+                        "constraints it was solved under")
 
 
 def _available_criteria(scores, config: SearchConfig) -> tuple[SearchConfig, list[str]]:
@@ -367,17 +272,17 @@ def _confirm(model, best: Candidate, candidates: list[Candidate], ids: torch.Ten
     path = Path(cache).with_suffix(".confirm.json") if cache is not None else None
     meter = _Meter(model, ids, replace(config, max_passes=len(finalists)), path)
     try:
-        measured = [meter.candidate(c.name, c.plan) for c in finalists]
+        measured = [meter.candidate(c.name, c.plan, c.role, c.criterion) for c in finalists]
     finally:
         meter.bar.close()
     chosen = _choose_seed(measured, config)
-    record = [{"name": c.name, "nll": c.nll, "chosen": c is chosen} for c in measured]
+    record = [{"name": c.name, "role": c.role.value, "nll": c.nll, "chosen": c is chosen} for c in measured]
     return finalists[measured.index(chosen)], record
 
 
 def _uniform(candidates: list[Candidate]) -> list[Candidate]:
     """The uniform seeds among `candidates` (the plans the result must never be worse than)."""
-    return [c for c in candidates if c.name.startswith("uniform ")]
+    return [c for c in candidates if c.role is Role.UNIFORM]
 
 
 def _choose_seed(candidates: list[Candidate], config: SearchConfig) -> Candidate:
@@ -389,10 +294,6 @@ def _choose_seed(candidates: list[Candidate], config: SearchConfig) -> Candidate
         if c is not best and c.beats(best, config.margin_se):
             best = c
     return best
-
-
-def _criterion_of(candidate: Candidate, default: str, criteria: tuple[str, ...]) -> str:
-    return next((c for c in criteria if candidate.name == f"uniform {c}"), default)
 
 
 def _orders(scores, criterion: str) -> dict[int, np.ndarray]:
@@ -408,8 +309,6 @@ def _curves_seed(model, scores, config, problem, criterion, orders, best, meter,
                  candidates, notes, unpruned_seq):
     """Measure per-layer NLL curves (when they fit in half the passes left) and add the integer
     program's plan on them as a candidate; (curves or None, incumbent)."""
-    from grape.api import build_problem, solve
-
     if all(ls.nll_curve is not None for ls in scores.layers.values()):
         notes.append("NLL curves: the scores already have them; not measured again")
         return None, best
@@ -430,14 +329,14 @@ def _curves_seed(model, scores, config, problem, criterion, orders, best, meter,
     measured = with_nll_curves(scores, curves)
     cfg = replace(config, objective="curves", curves="nll", solver="exact", criterion=criterion)
     try:
-        counts = _counts(problem, solve(build_problem(measured, cfg), cfg))
+        counts = _counts(problem, plan_for(measured, cfg))
     except UserError as exc:
         notes.append(f"seed 'exact curves on measured NLL' skipped: {exc}")
         return curves, best
     plan = _plan_from_counts(problem, orders, counts, best.plan)
     if plan is None or meter.left < 1:
         return curves, best
-    candidate = meter.candidate(f"exact curves on measured NLL ({criterion} order)", plan)
+    candidate = meter.candidate(f"exact curves on measured NLL ({criterion} order)", plan, Role.CURVES)
     candidates.append(candidate)
     return curves, candidate if candidate.beats(best, search_config.margin_se) else best
 
@@ -451,9 +350,9 @@ def _curve_depths(scores, fractions: tuple[float, ...], budget: float, passes: i
     return tuple(sorted(nearest))
 
 
-def _adopt(name: str, plan: Plan, trial, best: Candidate, orders, meter, config, candidates):
+def _adopt(name: str, role: Role, plan: Plan, trial, best: Candidate, orders, meter, config, candidates):
     """Measure `plan` (made with the `trial` orders); (incumbent, its orders) afterwards."""
-    candidate = meter.candidate(name, plan)
+    candidate = meter.candidate(name, plan, role)
     candidates.append(candidate)
     return (candidate, trial) if candidate.beats(best, config.margin_se) else (best, orders)
 
@@ -466,7 +365,7 @@ def _choose_criterion(problem, scores, best, orders, meter, config, candidates):
         plan = _plan_from_counts(problem, trial, counts, best.plan)
         if plan is None or _key(plan) in {_key(c.plan) for c in candidates} or meter.left < 1:
             continue
-        best, orders = _adopt(f"{criterion} order, incumbent's counts", plan, trial, best, orders, meter,
+        best, orders = _adopt(f"{criterion} order, incumbent's counts", Role.CRITERION, plan, trial, best, orders, meter,
                               config, candidates)
     return best, orders
 
@@ -483,7 +382,7 @@ def _per_layer_criteria(problem, scores, best, orders, meter, config, candidates
             plan = _plan_from_counts(problem, trial, counts, best.plan)
             if plan is None or _key(plan) == _key(best.plan):
                 continue
-            best, orders = _adopt(f"layer {layer.index} in {criterion} order", plan, trial, best, orders,
+            best, orders = _adopt(f"layer {layer.index} in {criterion} order", Role.LAYER_CRITERION, plan, trial, best, orders,
                                   meter, config, candidates)
     return best, orders
 
@@ -506,7 +405,7 @@ def _local_search(problem, best: Candidate, orders, meter: _Meter, config: Searc
             if plan is None:
                 continue
             name = f"switch {step} from layer {problem.layers[b].index} to {problem.layers[a].index}"
-            candidate = meter.candidate(name, plan)
+            candidate = meter.candidate(name, plan, Role.MOVE)
             candidates.append(candidate)
             if candidate.beats(best, config.margin_se):
                 best, counts, improved = candidate, trial, True
@@ -541,5 +440,5 @@ def _plan_from_counts(problem, orders, counts, template: Plan) -> Plan | None:
     return plan
 
 
-__all__ = ["Candidate", "SearchConfig", "SearchResult", "masked", "mean_nll", "search", "seed_plans",
-           "sequence_nll"]
+__all__ = ["Candidate", "Role", "SearchConfig", "SearchResult", "Seed", "check_given_plan", "masked",
+           "mean_nll", "search", "seed_plans", "sequence_nll"]
