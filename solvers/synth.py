@@ -70,6 +70,15 @@ SHAPES: dict[str, ModelShape] = {
         ModelShape("qwen3-coder-480b", "qwen3_moe", 62, 0, 160, 8, 0, 6144, 2560),
         ModelShape("deepseek-v3", "deepseek_v3", 61, 3, 256, 8, 1, 7168, 2048, 8, 4),
         ModelShape("kimi-k2", "kimi_k2", 61, 1, 384, 8, 1, 7168, 2048, 1, 1),
+        # the defaults of transformers 5.24's config classes, which reproduce these releases'
+        # config.json (the class docstrings name them; Glm4MoeConfig's defaults are GLM-4.5-Air's,
+        # MiniMaxM2Config's are MiniMax-M2's)
+        ModelShape("glm-4.5-air", "glm4_moe", 46, 1, 128, 8, 1, 4096, 1408, 1, 1),
+        ModelShape("minimax-m2", "minimax_m2", 62, 0, 256, 8, 0, 3072, 1536),
+        ModelShape("qwen3-next-80b-a3b", "qwen3_next", 48, 0, 512, 10, 1, 2048, 512),
+        ModelShape("llama-4-scout", "llama4_text", 48, 0, 16, 1, 1, 5120, 8192),
+        ModelShape("ernie-4.5-21b-a3b", "ernie4_5_moe", 28, 1, 64, 6, 2, 2560, 1536),
+        ModelShape("deepseek-v3.2", "deepseek_v32", 61, 3, 256, 8, 1, 7168, 2048, 8, 4),
     )
 }
 

@@ -60,10 +60,11 @@ def router_scores_at_minus_inf(adapter, removed: dict[int, list[int]]):
     for layer, experts in removed.items():
         router = adapter.router(layer)
         routers[router.weight.data_ptr()] = experts
-        for module in (router, adapter.block(layer)):
-            for name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+        # the router's children too (ERNIE-4.5: gate.moe_statics holds a [1, E] bias)
+        for module, recurse in ((router, True), (adapter.block(layer), False)):
+            for name, tensor in list(module.named_parameters(recurse=recurse)) + list(module.named_buffers(recurse=recurse)):
                 if name.endswith(("e_score_correction_bias", "expert_bias")):
-                    tensor.data[experts] = float("-inf")
+                    tensor.data[..., experts] = float("-inf")
     original = F.linear
 
     def linear(x, weight, bias=None):
@@ -197,3 +198,20 @@ def test_moe_families_of_transformers_are_listed(capsys):
         for row in rows:
             if not row["supported"]:
                 print(f"  refused {row['model_type']}: {row['detail']}")
+
+
+def test_llama4_contribution_is_the_input_scaled_expert():
+    """Llama-4 scales an expert's input by its score: weight x expert_forward must be f_e(s x),
+    the contribution the block really adds, for the observer's statistics to be real."""
+    adapter = get_adapter(make_family("llama4_text"))
+    experts = adapter.experts(1)
+    hidden = torch.randn(5, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        index, weights = adapter.route(1, hidden)
+        for t in range(hidden.shape[0]):
+            for j in range(index.shape[1]):
+                e, x = int(index[t, j]), weights[t, j] * hidden[t]
+                gate, up = (x @ experts.gate_up_proj[e]).chunk(2, dim=-1)
+                direct = (up * experts.act_fn(gate)) @ experts.down_proj[e]
+                got = weights[t, j] * adapter.expert_forward(1, hidden[t:t + 1], e)[0]
+                torch.testing.assert_close(got, direct, rtol=1e-5, atol=1e-6)

@@ -63,6 +63,13 @@ CONFIGS = {
     "jamba": dict(intermediate_size=16, num_experts=8, num_experts_per_tok=2, expert_layer_period=2,
                   expert_layer_offset=1, attn_layer_period=2, attn_layer_offset=0, mamba_d_state=8,
                   mamba_d_conv=4, mamba_expand=2, use_mamba_kernels=False),
+    # MoE on layer 1 only (interleave step 2), dense MLPs beside it; input-scaled experts
+    "llama4_text": dict(intermediate_size=16, intermediate_size_mlp=48, num_local_experts=8,
+                        num_experts_per_tok=2, interleave_moe_layer_step=2, head_dim=8,
+                        attention_chunk_size=8),
+    # dense layer 0; correction bias [1, E] in the router's child gate.moe_statics
+    "ernie4_5_moe": dict(intermediate_size=48, moe_intermediate_size=16, moe_num_experts=8, moe_k=2,
+                         moe_num_shared_experts=1, moe_layer_start_index=1, head_dim=8),
 }
 NEW_FAMILIES = tuple(CONFIGS)
 

@@ -30,15 +30,7 @@ refuse_model_types({
     **dict.fromkeys(("switch_transformers", "nllb-moe", "openai_privacy_filter"), _ENCODER_DECODER),
     "vitpose_backbone": "a vision backbone with per-dataset expert heads, not a routed-MoE language model",
     # special routing or layout
-    "llama4": ("Llama-4's router scales each expert's input by its sigmoid score (not the "
-               "output) and its experts module runs every expert on every token without the "
-               "(index, weights) interface; it needs its own adapter"),
-    "llama4_text": ("Llama-4's router scales each expert's input by its sigmoid score (not the "
-                    "output) and its experts module runs every expert on every token without the "
-                    "(index, weights) interface; it needs its own adapter"),
-    "ernie4_5_moe": ("ERNIE-4.5's correction bias is a [1, E] parameter of a child module "
-                     "(gate.moe_statics), which GRAPE's expert slicing and router masks do not "
-                     "cover yet"),
+    "llama4": _text_of("llama4_text"),
     "hunyuan_v1_moe": ("Hunyuan's router projection is a child module (gate.wg) and its "
                        "expert counts may be per-layer lists; neither is handled yet"),
     "afmoe": ("AFMoE's router projection is a child module (router.gate) fed the block's "
