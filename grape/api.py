@@ -84,53 +84,43 @@ def calibrate(
     config: CalibrationConfig | None = None,
     *,
     tokenizer: Any = None,
+    out: str | os.PathLike | None = None,
 ) -> Scores:
     """Measure `model` on calibration `data` and return its Scores.
 
-    `data` is a ``CalibrationData``, a 2-D tensor of input ids, a tokenizer's padded output
-    (``tok(texts, padding=True, return_tensors="pt")``; padded positions are not counted), or
-    raw sources (text / JSONL files, directories, a ``datasets.Dataset``, a list of strings),
-    which are packed into ``config.samples`` sequences of ``config.seq_len`` tokens with
-    `tokenizer` (default: the one in the model directory when `model` is a path)."""
+    `model`: a model directory, calibrated by the stage `grape calibrate` runs
+    (grape.calibrate_stage: ``config.mode`` whole / sequential / auto, torchrun, the device
+    map), or a loaded model (whole mode on it). `data` is a ``CalibrationData``, a 2-D tensor of
+    input ids, a tokenizer's padded output (``tok(texts, padding=True, return_tensors="pt")``;
+    padded positions are not counted), or raw sources (text / JSONL files, directories, a
+    ``datasets.Dataset``, a list of strings), which are packed into ``config.samples``
+    sequences of ``config.seq_len`` tokens (capped at the model's context, with a notice) with
+    `tokenizer` (default: the one in the model directory when `model` is a path). `out`: write
+    the scores file there, resuming from ``OUT.partial/`` as `grape calibrate --out` does."""
+    from grape.calibrate_stage import calibrate_checkpoint, fit_seq_len
     from grape.calibration import CalibrationConfig, is_tokenized
     from grape.calibration import calibrate as _calibrate
     from grape.data import load_calibration_data
 
     config = config or CalibrationConfig()
     config.validate()
-    model_path = None
     if isinstance(model, (str, os.PathLike)):
-        model_path = Path(model)
-        if tokenizer is None and not is_tokenized(data):
-            tokenizer = load_tokenizer(model_path)
-        from grape.loading import load_model
-
-        model = load_model(model_path)  # float32 on CPU; all GPUs and the checkpoint's dtype otherwise
+        return calibrate_checkpoint(model, data, config, tokenizer=tokenizer, out=out)
+    if config.mode == "sequential":
+        raise UserError("calibrate: mode 'sequential' reads the checkpoint one layer at a time; "
+                        "pass the model directory instead of a loaded model")
     if not is_tokenized(data):
         if tokenizer is None:
             raise UserError("calibrate: raw text data needs a tokenizer; pass tokenizer=... or "
                             "pre-packed CalibrationData / input ids")
-        config = _fit_seq_len(config, model)
+        config = fit_seq_len(config, model.config.to_dict())
         data = load_calibration_data(data, tokenizer, seq_len=config.seq_len, samples=config.samples,
                                      seed=config.seed, text_field=config.text_field,
                                      progress=config.progress)
     scores = _calibrate(model, data, config)
-    if scores is not None and model_path is not None:  # None on the non-zero ranks of torchrun
-        scores.calibration["model_path"] = str(model_path.resolve())
+    if scores is not None and out is not None:  # None on the non-zero ranks of torchrun
+        scores.save(Path(out))
     return scores
-
-
-def _fit_seq_len(config: CalibrationConfig, model: nn.Module) -> CalibrationConfig:
-    """Raw text is packed here, so a sequence length past the model's context is capped (with a
-    notice, as the command line caps its default) rather than refused."""
-    from grape.modelfiles import context_length
-
-    context = context_length(model.config.to_dict())
-    if context is None or config.seq_len <= context:
-        return config
-    print(f"grape.calibrate: seq_len {config.seq_len} is longer than the model's context; packing "
-          f"sequences of {context} tokens")
-    return replace(config, seq_len=context)
 
 
 def build_problem(scores: Scores | str | os.PathLike, config: SolveConfig | None = None,
@@ -201,16 +191,31 @@ def _model_and_tokenizer(model, tokenizer, need_tokenizer: bool):
     return model, tokenizer
 
 
-def apply(model: nn.Module, plan: Plan | str | os.PathLike,
-          config: ApplyConfig | str = "remove", merge_weights: Any = None) -> nn.Module:
-    """Apply `plan` to `model` in place (remove / merge / mask) and return it. `merge_weights`
-    (a Scores object or {layer: weights}) weights a merge; with an ApplyConfig it is its field."""
+def apply(model: nn.Module | str | os.PathLike, plan: Plan | str | os.PathLike,
+          config: ApplyConfig | str = "remove", merge_weights: Any = None, *,
+          out: str | os.PathLike | None = None, dtype: str = "auto", tokenizer: Any = True,
+          overwrite: bool = False) -> nn.Module | Path:
+    """Apply `plan` (remove / merge / mask). To a loaded `model`: in place, returning it. To a
+    model directory: the stage `grape apply` runs (grape.apply_stage), writing the checkpoint to
+    `out` and returning its path; ``config.mode`` 'auto' streams the shards where it can
+    (remove / mask), so memory stays flat whatever the model's size. `merge_weights` (a Scores
+    object or file, or {layer: weights}) weights a merge; with an ApplyConfig it is its field."""
     from grape.pruning import ApplyConfig, apply_plan
 
     if not isinstance(config, ApplyConfig):
         config = ApplyConfig(config, merge_weights=load_scores(merge_weights)
                              if isinstance(merge_weights, (str, os.PathLike)) else merge_weights)
-    return apply_plan(model, load_plan(plan), config)
+    if not isinstance(model, (str, os.PathLike)):
+        return apply_plan(model, load_plan(plan), config)
+    from grape.apply_stage import apply_checkpoint, check_plan
+    from grape.modelfiles import check_model_dir
+
+    if out is None:
+        raise UserError("apply: a model directory needs out=... (the checkpoint to write)")
+    plan = load_plan(plan)
+    check_plan(plan, check_model_dir(model), config)  # before any weight is read
+    return apply_checkpoint(model, plan, out, config, dtype=dtype, tokenizer=tokenizer,
+                            overwrite=overwrite).path
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, plan: Plan | None = None,

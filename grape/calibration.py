@@ -65,14 +65,15 @@ from solvers.scores import CRITERIA, NORMALIZATIONS, OPTIONAL_STATS, LayerScores
 
 
 # -- configuration --------------------------------------------------------------------------
-@dataclass
+@dataclass(frozen=True)
 class CalibrationConfig:
-    """Every calibration setting; recorded in the scores file."""
+    """Every calibration setting; the measurement settings are recorded in the scores file, the
+    runtime ones (RUNTIME_FIELDS: where and how the pass runs) change no score."""
 
     # every field is also a `grape calibrate` flag (grape/flags.py)
     seq_len: int = field(default=2048, metadata=flag(
-        "tokens per packed sequence; unset: 2048, capped at the model's context (a longer explicit "
-        "value is an error)", unset=True))
+        "tokens per packed sequence; one longer than the model's context is capped at it, with a "
+        "notice"))
     samples: int = field(default=1024, metadata=flag("packed sequences"))
     seed: int = field(default=0, metadata=flag("document shuffle and subsample seed"))
     text_field: str = field(default="text", metadata=flag("JSONL / dataset field holding the text"))
@@ -95,8 +96,31 @@ class CalibrationConfig:
         "cross-layer normalisation recorded for the solver (docs/calibration.md)",
         choices=lambda: sorted(NORMALIZATIONS)))
     progress: bool = field(default=True, metadata=flag("hide progress bars", negate=True))
+    # runtime: how the pass runs (grape.calibrate_stage), never what it measures
+    mode: str = field(default="auto", metadata=flag(
+        "'whole': the model on its devices; 'sequential': one decoder layer at a time on one "
+        "device (any size of model; --sequential is short for it); 'auto': whole when the model "
+        "fits the devices (or host memory), else sequential", choices=("auto", "whole", "sequential")))
+    hidden_states: str = field(default="auto", metadata=flag(
+        "sequential mode: where the calibration set's hidden states live between layers; 'auto': "
+        "the device when they fit, else host memory, else a memory-mapped file in OUT.partial/",
+        choices=("auto", "device", "cpu", "disk")))
+    checkpoint_every: int = field(default=32, metadata=flag(
+        "save resumable progress to OUT.partial/ every N batches (whole-model mode; sequential "
+        "mode saves after every layer); rerunning the same command resumes from it; 0: no "
+        "checkpoints", metavar="N"))
+    device_map: str = field(default="auto", metadata=flag(
+        "accelerate device_map: 'auto' (all GPUs, else CPU), 'balanced', 'cpu', 'cuda:0', or a "
+        "JSON object mapping module names to devices"))
+    offload_folder: str | None = field(default=None, metadata=flag(
+        "folder for weights a --device-map puts on 'disk'", type=str, metavar="DIR"))
+    dtype: str = field(default="auto", metadata=flag(
+        "'auto': float32 on CPU, the checkpoint's dtype on GPU",
+        choices=("auto", "float32", "bfloat16", "float16")))
 
     def validate(self) -> None:
+        if self.checkpoint_every < 0:
+            raise DataError(f"checkpoint_every must be >= 0 batches, got {self.checkpoint_every}")
         for name in ("seq_len", "samples", "batch_size"):
             if getattr(self, name) < 1:
                 raise DataError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -136,6 +160,11 @@ class CalibrationConfig:
     def needs_subsample(self) -> bool:
         return (self.cost_curves or (self.reconstruction and self.subsample > 0)
                 or any(k in OUTPUT_SIMILARITIES for k in self.similarity))
+
+
+# fields that say how a pass runs, not what it measures: a resumed run may change them
+RUNTIME_FIELDS = ("progress", "mode", "hidden_states", "checkpoint_every", "device_map",
+                  "offload_folder", "dtype")
 
 
 # -- the verb -------------------------------------------------------------------------------
@@ -261,7 +290,7 @@ def run_settings(config: CalibrationConfig, mode: str, world: World, dtype, iden
     """What changes a run's result (the resume key hashes it with the tokens): every setting
     but the progress bars, the mode, the world size, the dtype and the model (its routers'
     fingerprint, and its weight files: a fine-tune may keep the routers)."""
-    fields = {k: v for k, v in dataclasses.asdict(config).items() if k != "progress"}
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in RUNTIME_FIELDS}
     return {**fields, "mode": mode, "world_size": world.size, "dtype": str(dtype),
             "model": identity.fingerprint, "weights": weight_files_key(identity.name_or_path),
             "grape": grape.__version__}

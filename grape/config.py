@@ -12,7 +12,6 @@ solvers, named with ``--plugin ./my_plugin.py`` or ``--plugin my_module``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
 from typing import Any
 
@@ -29,40 +28,15 @@ from solvers.spec import (  # noqa: F401 - the documented names (grape.config.So
 
 
 # -- flags --------------------------------------------------------------------------------------
-def _choices(kind: Any):
-    from solvers.scores import CRITERIA, NORMALIZATIONS
-
-    return {"criteria": sorted(CRITERIA), "normalizations": sorted(NORMALIZATIONS)}.get(kind, kind)
-
-
 def add_problem_arguments(parser: argparse.ArgumentParser, **defaults: Any) -> None:
-    """The problem flags of `grape solve`, `grape compare` and `grape run`, generated from the
-    fields of SolveConfig. `defaults` override a field's default where a verb's job needs it
-    (each such verb says why in its --help)."""
+    """The problem flags of `grape solve`, `grape compare`, `grape search` and `grape run`,
+    generated from the fields of SolveConfig by the one generator (grape.flags), in the groups
+    FLAG_GROUPS names. `defaults` override a field's default where a verb's job needs it (each
+    such verb says why in its --help)."""
+    from grape.flags import add_config_arguments
+
     groups = {key: parser.add_argument_group(title) for key, title in FLAG_GROUPS.items()}
-    for f in dataclasses.fields(SolveConfig):
-        if not f.metadata:
-            continue
-        meta = dict(f.metadata)
-        default = defaults.get(f.name, f.default)
-        kwargs: dict[str, Any] = {"help": meta.pop("help"), "dest": f.name}
-        group = groups[meta.pop("group")]
-        if f.type in ("bool", bool) and meta.get("action") is None:
-            kwargs.update(action="store_true", default=bool(default))
-        else:
-            if meta.get("metavar"):
-                kwargs["metavar"] = meta["metavar"]
-            if meta.get("type"):
-                kwargs["type"] = meta["type"]
-            if meta.get("choices"):
-                kwargs["choices"] = _choices(meta["choices"])
-            if meta.get("action"):
-                kwargs["action"] = meta["action"]
-                default = None
-            if default is not None and not meta.get("type") and not isinstance(default, str):
-                default = str(default)  # a text flag (the budget): its default as it would be typed
-            kwargs["default"] = default
-        group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+    add_config_arguments(parser, SolveConfig, groups=groups, defaults=defaults)
 
 
 def solve_config_from_args(args: argparse.Namespace, **overrides: Any) -> SolveConfig:

@@ -21,7 +21,7 @@ import math
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +49,8 @@ class EvalConfig:
 
     # the flagged fields are also `grape eval` flags (grape/flags.py)
     seq_len: int = field(default=256, metadata=flag(
-        "tokens per window; unset: 256, capped at the model's context (a longer explicit value "
-        "is an error)", unset=True))
+        "tokens per window (unset: 256); one longer than the model's context is capped at it, "
+        "with a notice", unset=True))
     max_tokens_per_domain: int | None = field(default=65_536, metadata=flag(
         "predicted tokens per domain (0 = all)", name="max_tokens", type=int, zero_none=True))
     batch_size: int = field(default=8, metadata=flag("windows per forward pass"))
@@ -391,11 +391,16 @@ def _pad_id(tokenizer) -> int:
     return 0  # padded positions are masked and ignored, so any valid id will do
 
 
-def _check_seq_len(model: torch.nn.Module, seq_len: int) -> None:
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if isinstance(limit, int) and seq_len > limit:
-        raise UserError(f"seq_len {seq_len} exceeds the model's max_position_embeddings "
-                        f"({limit}); use a window of at most {limit} tokens (--seq-len).")
+def _fit_seq_len(model: torch.nn.Module, config: EvalConfig) -> EvalConfig:
+    """Windows past the model's context are capped at it, with a notice (the one policy of
+    grape.modelfiles.cap_seq_len, for every stage)."""
+    from grape.modelfiles import cap_seq_len
+
+    model_config = getattr(model, "config", None)
+    if model_config is None or not hasattr(model_config, "to_dict"):
+        return config
+    seq_len = cap_seq_len(config.seq_len, model_config.to_dict(), "seq_len", "evaluate")
+    return config if seq_len == config.seq_len else replace(config, seq_len=seq_len)
 
 
 # -- the verb --------------------------------------------------------------------------------
@@ -406,7 +411,7 @@ def evaluate(model: torch.nn.Module, tokenizer, data: Mapping[str, Sequence[str]
              config: EvalConfig | None = None, name: str | None = None) -> EvalResult:
     """Evaluate `model` (an HF causal LM, possibly device_map-sharded) with `tokenizer` on `data`
     (anything load_documents takes; None = the test bed's held-out test split)."""
-    config = config or EvalConfig()
+    config = _fit_seq_len(model, config or EvalConfig())
     docs = load_documents(default_heldout_files() if data is None else data)
     name = name or str(getattr(getattr(model, "config", None), "_name_or_path", "") or
                        type(model).__name__)
@@ -416,7 +421,6 @@ def evaluate(model: torch.nn.Module, tokenizer, data: Mapping[str, Sequence[str]
 
         check_eval_tasks(config, docs)
     if config.perplexity:
-        _check_seq_len(model, config.seq_len)
         start = time.perf_counter()
         result.domains = domain_nll(model, tokenizer, docs, config)
         result.seconds["perplexity"] = time.perf_counter() - start

@@ -271,17 +271,20 @@ def check_seq_len(seq_len: int, config: dict[str, Any], flag: str = "--seq-len")
 
 def resolve_seq_len(seq_len: int | None, default: int, config: dict[str, Any],
                     flag: str = "--seq-len", who: str = "grape") -> int:
-    """An explicit `seq_len` is checked against the context; an unset one is `default`, capped at
-    the context with a printed notice."""
-    if seq_len is not None:
-        check_seq_len(seq_len, config, flag)
-        return seq_len
+    """`seq_len`, or `default` when unset, capped at the model's context (cap_seq_len)."""
+    return cap_seq_len(default if seq_len is None else seq_len, config, flag, who)
+
+
+def cap_seq_len(seq_len: int, config: dict[str, Any], flag: str = "--seq-len", who: str = "grape") -> int:
+    """The one policy for text packed into windows, whichever stage and caller: a length past
+    the model's context is capped at it, with a notice (positions past the context are
+    meaningless, and text can always be packed shorter). Pre-packed ids cannot be repacked:
+    check_seq_len refuses them."""
     context = context_length(config)
-    if context is not None and default > context:
-        print(f"{who}: {flag} {default} (the default) is longer than the model's context; "
-              f"using {context}")
+    if context is not None and seq_len > context:
+        print(f"{who}: {flag} {seq_len} is longer than the model's context; using {context}")
         return context
-    return default
+    return seq_len
 
 
 # -- devices ----------------------------------------------------------------------------------
@@ -357,6 +360,7 @@ __all__ = [
     "check_model_dir",
     "check_remote_code",
     "check_safetensors",
+    "cap_seq_len",
     "check_seq_len",
     "cached_model",
     "context_length",

@@ -23,6 +23,7 @@ from typing import Any
 
 from grape.calibration import CalibrationConfig
 from grape.evaluation import EvalConfig
+from grape.pruning import ApplyConfig
 from grape.search_config import SearchConfig
 from grape.search_stage import search_tokens  # noqa: F401 - documented here (docs/search.md)
 from solvers.errors import UserError
@@ -46,9 +47,11 @@ class RunConfig:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     solve: SolveConfig = field(default_factory=SolveConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
-    method: str = "remove"  # remove | merge | mask
+    # how the checkpoint is written (method, streaming / in-memory / auto, shard size)
+    apply: ApplyConfig = field(default_factory=ApplyConfig)
+    method: str | None = None  # shorthand for apply.method (remove | merge | mask)
     save: bool = True  # write the pruned checkpoint (never for mask)
-    allow_lower_top_k: bool = False
+    allow_lower_top_k: bool | None = None  # shorthand for apply.allow_lower_top_k
     baselines: tuple[str, ...] = ("uniform",)  # solvers whose plans are also applied and evaluated
     compare: bool = True  # the table of every solver on the same problem
     compare_time_limit: float = 10.0
@@ -68,6 +71,9 @@ class RunConfig:
         from grape.compare import solver_names
 
         self.model, self.out = Path(self.model), Path(self.out)
+        shorthands = {"method": self.method, "allow_lower_top_k": self.allow_lower_top_k}
+        self.apply = replace(self.apply, **{k: v for k, v in shorthands.items() if v is not None})
+        self.method, self.allow_lower_top_k = self.apply.method, self.apply.allow_lower_top_k
         self.baselines = tuple(b for b in self.baselines if b != self.solve.solver)
         known = solver_names()
         for name in (self.solve.solver, *self.baselines):
@@ -110,15 +116,11 @@ class _Stages:
 
 def run(config: RunConfig) -> RunResult:
     """Run every stage; see the module docstring. Checks that need no model come first."""
-    from grape.evaluation import default_heldout_files, evaluate, load_documents
-    from grape.lmeval_offline import check_eval_tasks
-    from grape.pruning import ApplyConfig, apply_plan
+    from grape.evaluation import evaluate
+    from grape.pruning import apply_plan
     from solvers._io import atomic_write_text
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local files only
-    check_budget(config.solve.budget)
-    docs = load_documents(config.eval_data or [str(p) for p in default_heldout_files("test")])
-    check_eval_tasks(config.evaluation, docs)  # an lm-eval task that cannot run fails before calibration
+    docs = _checked_inputs(config)
     out, label = config.out, config.model.name
     out.mkdir(parents=True, exist_ok=True)
     searching = config.search is not None and (config.scores is None or config.data is not None
@@ -129,6 +131,8 @@ def run(config: RunConfig) -> RunResult:
     stages.start("calibrate", f"calibrating {config.model}" if config.scores is None else
                  f"reading scores {config.scores}")
     tokenizer, model, scores, search_ids = _calibrate_stage(config, searching)
+    if scores is None:  # a rank other than 0 of a torchrun calibration: rank 0 goes on alone
+        return RunResult({}, out / "report.md")
     check_budget(config.solve.budget, sum(scores.model.experts_per_layer.values()))
     stages.stop()
 
@@ -155,8 +159,7 @@ def run(config: RunConfig) -> RunResult:
 
     stages.start("apply_and_eval", f"applying the {solver} plan ({config.method}) and evaluating the "
                  "pruned model")
-    method = ApplyConfig(config.method, merge_weights=scores if config.method == "merge" else None,
-                         allow_lower_top_k=config.allow_lower_top_k)
+    method = replace(config.apply, merge_weights=scores if config.method == "merge" else None)
     apply_plan(model, plans[solver], method)
     evals = {solver: evaluate(model, tokenizer, docs, config.evaluation, name=f"{label} ({solver})")}
     files = {"resolved configuration": "run.recipe.yaml", "plan": "plan.json", "summary": "summary.json"}
@@ -168,7 +171,7 @@ def run(config: RunConfig) -> RunResult:
 
     if config.saves_checkpoint:  # after its evaluation: evaluated in the loading dtype, saved in its own
         stages.start("save", f"saving the pruned checkpoint to {out / 'checkpoint'}")
-        _save_checkpoint(model, config, plans[solver], tokenizer)
+        _save_checkpoint(model, config, plans[solver], tokenizer, method)
         files["pruned checkpoint"] = "checkpoint/"
         stages.stop()
     del model
@@ -194,6 +197,17 @@ def run(config: RunConfig) -> RunResult:
 
 
 # -- stages -------------------------------------------------------------------------------------
+def _checked_inputs(config: RunConfig):
+    """The held-out documents, after the checks that need no model (budget, lm-eval tasks)."""
+    from grape.evaluation import default_heldout_files, load_documents
+    from grape.lmeval_offline import check_eval_tasks
+
+    check_budget(config.solve.budget)
+    docs = load_documents(config.eval_data or [str(p) for p in default_heldout_files("test")])
+    check_eval_tasks(config.evaluation, docs)  # an lm-eval task that cannot run fails before calibration
+    return docs
+
+
 def _baselines(config: RunConfig, plans, names, method, tokenizer, docs) -> dict:
     """Each baseline plan applied to a fresh copy of the model and evaluated."""
     from grape.evaluation import evaluate
@@ -232,23 +246,16 @@ def _load_model(config: RunConfig):
 
 def _calibrate_stage(config: RunConfig, searching: bool):
     """(tokenizer, model, scores, search ids): the search's sequences are packed with the
-    calibration ones and held out of calibration (the last `search.samples` rows)."""
+    calibration ones and held out of calibration (the last `search.samples` rows). Scores None:
+    a rank other than 0 of a torchrun job."""
     from grape.adapters import get_adapter
-    from grape.calibration import calibrate
-    from grape.data import CalibrationData, load_calibration_data
     from grape.loading import load_tokenizer
     from solvers.scores import Scores
 
     tokenizer = load_tokenizer(config.tokenizer or config.model)
-    cal = config.calibration
+    cal = _fitted_calibration(config)
     held_out = config.search.samples if searching and config.search_data is None else 0
-    data = None
-    if config.data is not None and (config.scores is None or held_out):
-        fresh = config.scores is None
-        data = load_calibration_data([str(p) for p in config.data], tokenizer, seq_len=cal.seq_len,
-                                     samples=(cal.samples if fresh else 0) + held_out,
-                                     seed=cal.seed if fresh else cal.seed + 1, text_field=cal.text_field,
-                                     progress=cal.progress)
+    data = _packed_data(config, cal, tokenizer, held_out)
     search_ids = (data.input_ids[data.samples - held_out:], None) if held_out else None
     if searching and config.search_data is not None:
         from grape.search_stage import search_ids as ids_from_files
@@ -259,12 +266,53 @@ def _calibrate_stage(config: RunConfig, searching: bool):
         model = _load_model(config)
         scores.model.check_matches(get_adapter(model).identity())
         return tokenizer, model, scores, search_ids
-    model = _load_model(config)
-    calibration = CalibrationData(data.input_ids[: cal.samples], data.provenance | {"samples": cal.samples})
-    scores = calibrate(model, calibration, cal)
-    scores.calibration["model_path"] = str(config.model.resolve())
-    scores.save(config.out / "scores.npz")
+    model, scores = _calibrated(config, cal, data)
     return tokenizer, model, scores, search_ids
+
+
+def _fitted_calibration(config: RunConfig) -> CalibrationConfig:
+    """The calibration settings with the stage's sequence-length policy applied (the search
+    windows, packed here with calibration's, must have the same length)."""
+    from grape.calibrate_stage import fit_seq_len
+    from grape.modelfiles import context_length, read_config
+
+    model_config = read_config(config.model)
+    cal = fit_seq_len(config.calibration, model_config, who="grape run")
+    context = context_length(model_config)
+    if config.search is not None and context is not None and (config.search.seq_len or 0) > context:
+        config.search = replace(config.search, seq_len=context)  # the same policy for its windows
+    return cal
+
+
+def _packed_data(config: RunConfig, cal: CalibrationConfig, tokenizer, held_out: int):
+    from grape.data import load_calibration_data
+
+    if config.data is None or (config.scores is not None and not held_out):
+        return None
+    fresh = config.scores is None
+    return load_calibration_data([str(p) for p in config.data], tokenizer, seq_len=cal.seq_len,
+                                 samples=(cal.samples if fresh else 0) + held_out,
+                                 seed=cal.seed if fresh else cal.seed + 1, text_field=cal.text_field,
+                                 progress=cal.progress)
+
+
+def _calibrated(config: RunConfig, cal: CalibrationConfig, data):
+    """(model, scores) by the calibration stage (grape.calibrate_stage, as `grape calibrate`):
+    whole mode on the model the later stages use, loaded first; sequential mode (asked for, or
+    the model does not fit) layer by layer, the model loaded for the later stages after."""
+    from grape.calibrate_stage import calibrate_checkpoint, resolve_mode
+    from grape.data import CalibrationData
+    from grape.distributed import launched_size
+
+    calibration = CalibrationData(data.input_ids[: cal.samples], data.provenance | {"samples": cal.samples})
+    # under torchrun the stage places each rank's copy itself (one GPU per rank)
+    whole = launched_size() == 1 and resolve_mode(config.model, cal).mode == "whole"
+    model = _load_model(config) if whole else None
+    scores = calibrate_checkpoint(config.model, calibration, cal, out=config.out / "scores.npz",
+                                  model=model, say=_indent)
+    if scores is not None and model is None:
+        model = _load_model(config)
+    return model, scores
 
 
 def _search_stage(config: RunConfig, model, scores, search_ids, plans: dict):
@@ -311,15 +359,28 @@ def _solve_stage(config: RunConfig, scores):
     return plans, rows
 
 
-def _save_checkpoint(model, config: RunConfig, plan, tokenizer) -> None:
+def _save_checkpoint(model, config: RunConfig, plan, tokenizer, method: ApplyConfig) -> None:
+    """The pruned checkpoint, by the rule of `grape apply` (grape.apply_stage): streamed from
+    the source shards where it can, else saved from the model pruned in memory."""
+    from grape.apply_stage import apply_checkpoint, streams
     from grape.checkpoint import save_pruned
+    from grape.modelfiles import read_config
 
+    out, provenance = config.out / "checkpoint", {"run_dir": str(config.out)}
+    if streams(config.model, read_config(config.model), method, config.dtype, say=_indent):
+        written = apply_checkpoint(config.model, plan, out, method, dtype=config.dtype, tokenizer=tokenizer,
+                                   provenance=provenance, overwrite=config.overwrite)
+        print(f"    wrote {written.path}{written.note}", flush=True)
+        return
     stored = _stored_dtype(config.model)
     if stored is not None and stored != next(model.parameters()).dtype:
         model.to(stored)  # the weights were widened to float32 for CPU work; write them as they came
-    save_pruned(model, config.out / "checkpoint", plan=plan, tokenizer=tokenizer,
-                provenance={"source_model": str(config.model), "run_dir": str(config.out)},
-                overwrite=config.overwrite)
+    save_pruned(model, out, plan=plan, tokenizer=tokenizer,
+                provenance={"source_model": str(config.model), **provenance}, overwrite=config.overwrite)
+
+
+def _indent(line: str) -> None:
+    print("    " + line, flush=True)
 
 
 def _stored_dtype(model_dir: Path):

@@ -32,6 +32,7 @@ from torch import nn
 from grape.adapters import MoEAdapter, get_adapter
 from grape.errors import PlanError, ScoresError
 from grape.flags import flag
+from grape.shards import DEFAULT_MAX_SHARD_SIZE
 from solvers.plan import Plan
 from solvers.scores import ModelIdentity, Scores
 
@@ -43,6 +44,9 @@ MergeWeights = Scores | Mapping[int, Sequence[float]]
 # attribute set on the model after a plan is applied, so save_pruned can record it
 APPLIED_PLAN_ATTR = "grape_applied_plan"
 APPLIED_METHOD_ATTR = "grape_applied_method"
+
+
+APPLY_MODES = ("auto", "streaming", "in-memory")
 
 
 @dataclass(frozen=True)
@@ -65,10 +69,23 @@ class ApplyConfig:
     allow_lower_top_k: bool = field(default=False, metadata=flag(
         "accept a plan keeping fewer experts than top_k in a layer (top_k there drops to the kept "
         "count); refused by default"))
+    # runtime: how a checkpoint is written (grape.apply_stage), never which weights it holds
+    mode: str = field(default="auto", metadata=flag(
+        "writing a checkpoint: 'streaming' slices the safetensors shard by shard (memory stays "
+        "flat; remove / mask only); 'in-memory' loads the whole model and saves it; 'auto': "
+        "streaming where it can (--in-memory is short for 'in-memory')", choices=APPLY_MODES))
+    max_shard_size: str = field(default=DEFAULT_MAX_SHARD_SIZE, metadata=flag(
+        "largest output shard when streaming (e.g. 5GB, 200MB; transformers' default); a single "
+        "larger tensor gets a shard of its own"))
 
     def __post_init__(self) -> None:
+        from grape.shards import parse_size
+
         if self.method not in METHODS:
             raise PlanError(f"unknown apply method {self.method!r}; choose one of {sorted(METHODS)}")
+        if self.mode not in APPLY_MODES:
+            raise PlanError(f"unknown apply mode {self.mode!r}; choose one of {', '.join(APPLY_MODES)}")
+        parse_size(self.max_shard_size)  # a malformed size fails before any weight is read
 
 
 def apply_plan(

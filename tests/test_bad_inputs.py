@@ -162,8 +162,6 @@ CALIBRATE = [
     ("disk without offload folder", [*CAL, "--out", "{root}/new.npz", "--device-map", '{{"": "disk"}}'],
      "--offload-folder"),
     ("not a device", [*CAL, "--out", "{root}/new.npz", "--device-map", "gpu9"], "not a device"),
-    ("seq-len past the context", ["calibrate", "--model", "{model}", "--data", "{data}", "--out",
-                                  "{root}/new.npz", "--seq-len", "4096"], "max_position_embeddings"),
 ]
 
 SOLVE = [("budget " + b, ["solve", "--scores", "{scores}", "--budget", b], "finite")
@@ -219,8 +217,6 @@ OTHERS = [
     ("compare min-kept", ["compare", "--scores", "{scores}", "--min-kept", "-3", "--out", "{root}/cmp"],
      "must not be negative"),
     ("compare foreign out", ["compare", "--scores", "{scores}", "--out", "{foreign}"], "--overwrite"),
-    ("eval seq-len", ["eval", "--model", "{model}", "--data", "{heldout}", "--out", "{root}/ev",
-                      "--seq-len", "999"], "max_position_embeddings"),
     ("eval device", ["eval", "--model", "{model}", "--data", "{heldout}", "--out", "{root}/ev",
                      "--device", "cuda:5"], "does not exist"),
     ("eval corrupt model", ["eval", "--model", "{root}/corrupt_model", "--data", "{heldout}", "--out",
@@ -229,8 +225,6 @@ OTHERS = [
                                "{model}/eval"], "inside the input --model"),
     ("run out is the model", ["run", "--model", "{model}", "--data", "{data}", "--eval-data",
                               "{heldout}", "--out", "{model}"], "is the input --model"),
-    ("run seq-len", ["run", "--model", "{model}", "--data", "{data}", "--eval-data", "{heldout}",
-                     "--out", "{root}/run", "--seq-len", "4096"], "max_position_embeddings"),
     ("run min-kept below top_k", ["run", "--model", "{model}", "--data", "{data}", "--eval-data",
                                   "{heldout}", "--out", "{root}/run", "--min-kept", "1"],
      "--allow-lower-top-k"),

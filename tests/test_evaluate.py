@@ -226,9 +226,12 @@ def test_config_rejects_bad_values():
         EvalConfig(perplexity=False)
 
 
-def test_seq_len_beyond_model_positions_is_a_user_error(tokenizer, model):
-    with pytest.raises(UserError, match="max_position_embeddings"):
-        evaluate(model, tokenizer, DOCS, quiet(seq_len=model.config.max_position_embeddings + 1))
+def test_seq_len_beyond_model_positions_is_capped_with_a_notice(tokenizer, model, capsys):
+    """The one policy of every stage (grape.modelfiles.cap_seq_len): capped, with a notice."""
+    limit = model.config.max_position_embeddings
+    result = evaluate(model, tokenizer, DOCS, quiet(seq_len=limit + 1))
+    assert result.config.seq_len == limit
+    assert "longer than the model's context" in capsys.readouterr().out
 
 
 def test_result_round_trips_and_reports_nll_increase(tokenizer, model, tmp_path):

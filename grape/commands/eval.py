@@ -21,7 +21,6 @@ DESCRIPTION = (
     "Writes eval.json, eval.md and eval_config.json into --out. See docs/evaluation.md."
 )
 RESULT_JSON, RESULT_MD, CONFIG_JSON = "eval.json", "eval.md", "eval_config.json"
-DEFAULT_SEQ_LEN = 256
 OUTPUT = DirOutput(signature=(CONFIG_JSON, RESULT_JSON), what="an evaluation folder",
                    inputs=("model", "tokenizer", "data", "baseline", "task_path"))
 
@@ -71,7 +70,7 @@ def config_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub when loading files
-    from grape.evaluation import EvalResult, evaluate, load_documents
+    from grape.evaluation import EvalConfig, EvalResult, evaluate, load_documents
     from grape.lmeval_offline import check_eval_tasks
     from grape.loading import device_map, load_model, load_tokenizer
     from grape.modelfiles import check_model_dir, resolve_model, resolve_seq_len
@@ -86,9 +85,10 @@ def run(args: argparse.Namespace) -> int:
     model_config = check_model_dir(args.model, trust_remote_code=args.trust_remote_code)
     if args.trust_remote_code:
         _announce_remote_code(args.model, args.tokenizer)
+    default_seq_len = EvalConfig().seq_len  # the default lives in the dataclass
     if not args.no_perplexity:
-        args.seq_len = resolve_seq_len(args.seq_len, DEFAULT_SEQ_LEN, model_config, who="grape eval")
-    args.seq_len = args.seq_len or DEFAULT_SEQ_LEN
+        args.seq_len = resolve_seq_len(args.seq_len, default_seq_len, model_config, who="grape eval")
+    args.seq_len = args.seq_len or default_seq_len
     device_map(args.device)  # a device this machine lacks fails now, as in grape run
     config = config_from_args(args)
     data = _data(args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from grape.errors import DataError
@@ -37,10 +38,12 @@ DESCRIPTION = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from grape.calibrate_stage import add_calibration_arguments
+    from grape.commands.search import add_search_arguments
     from grape.config import add_problem_arguments
+    from grape.evaluation import EvalConfig
     from grape.flags import add_config_arguments
     from grape.modelfiles import MODEL_HELP
-    from grape.commands.search import add_search_arguments
     from grape.pruning import ApplyConfig
 
     io = parser.add_argument_group("model and data")
@@ -57,14 +60,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="reuse this scores file instead of calibrating (it must come from this model)")
     io.add_argument("--out", type=Path, default=None, help="output directory; default: runs/<model name>")
 
-    cal = parser.add_argument_group("calibration (unset: small on the test-bed model, larger otherwise)")
-    cal.add_argument("--samples", type=int, default=None, help="packed calibration sequences")
-    cal.add_argument("--seq-len", type=int, default=None, help="tokens per calibration sequence")
-    cal.add_argument("--batch-size", type=int, default=4, help="calibration sequences per forward pass")
-    cal.add_argument("--subsample", type=int, default=None,
-                     help="tokens per layer on which every expert runs (similarity, cost curves)")
-    cal.add_argument("--calib-similarity", default="cka,cosine,router",
-                     help="similarity kinds to measure (comma-separated)")
+    cal = parser.add_argument_group("calibration (as `grape calibrate`; unset sizes: small on the "
+                                    "test-bed model, larger otherwise)")
+    add_calibration_arguments(cal, skip=CALIBRATION_SHARED, rename=CALIBRATION_RENAMED,
+                              unset=tuple(k for k in SMALL if k in CALIBRATION_SIZES))
 
     solve = parser.add_argument_group("solver")
     solve.add_argument("--solver", default="exact", help="solver for the plan that is applied")
@@ -77,7 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="seconds per solver in the comparison table")
     # default curves: the measured error of each layer's MoE output against its kept count. On
     # the test-bed model it gave the smallest held-out NLL increase of the four objectives at 25%
-    # and 50% when this default was chosen (the quality benchmark measures this properly)
+    # and 50% when this default was chosen (the quality benchmark measures this properly).
+    # --criterion and --normalize are calibration's too (one expert order for both stages)
     add_problem_arguments(parser, objective="curves")
 
     se = parser.add_argument_group("loss-verified allocation (the search stage, as `grape search`)")
@@ -87,28 +87,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_search_arguments(se, data_help="unset: the test bed's validation split, else sequences of "
                          "--data held out of calibration")
 
-    ap = parser.add_argument_group("apply")
-    add_config_arguments(ap, ApplyConfig)  # --method, --allow-lower-top-k, as in `grape apply`
+    ap = parser.add_argument_group("apply (as `grape apply`)")
+    add_config_arguments(ap, ApplyConfig, rename=APPLY_RENAMED)
     ap.add_argument("--no-save", action="store_true", help="do not write the pruned checkpoint")
 
-    ev = parser.add_argument_group("evaluation")
-    ev.add_argument("--eval-tokens", type=int, default=None,
-                    help="predicted tokens per domain (0 = all)")
-    ev.add_argument("--eval-seq-len", type=int, default=None, help="tokens per evaluation window")
-    ev.add_argument("--eval-batch-size", type=int, default=8, help="windows per forward pass")
-    ev.add_argument("--tasks", default="",
-                    help="comma-separated lm-eval tasks ('local': next-line and cloze tasks from "
-                    "the held-out text); empty: perplexity only")
-    ev.add_argument("--task-limit", type=int, default=None, help="lm-eval examples per task")
-    ev.add_argument("--verbose", action="store_true",
-                    help="show lm-eval's own logs and progress bars while tasks run")
+    ev = parser.add_argument_group("evaluation (as `grape eval`; unset sizes: small on the test-bed "
+                                   "model, larger otherwise)")
+    add_config_arguments(ev, EvalConfig, skip=EVAL_SHARED, rename=EVAL_RENAMED,
+                         unset=("seq_len", "max_tokens_per_domain"))
 
-    rt = parser.add_argument_group("runtime")
-    rt.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1'")
+    rt = parser.add_argument_group("runtime (every stage)")
+    rt.add_argument("--device", default="auto", help="device map of every stage: 'auto' (all GPUs, "
+                    "else CPU), 'cpu', 'cuda', 'cuda:1' (calibration's --device-map)")
     rt.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                     help="'auto': float32 on CPU, the checkpoint's dtype on GPU")
-    rt.add_argument("--seed", type=int, default=0, help="calibration shuffle / subsample and task seed")
+    rt.add_argument("--seed", type=int, default=0, help="calibration shuffle / subsample, search "
+                    "and task seed")
     rt.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+# Where two stages' fields share a name, `grape run` prefixes one (its flag is the stage's own
+# name in the stage's verb); fields with one meaning for every stage get one runtime flag.
+CALIBRATION_RENAMED = {"similarity": "calib_similarity"}  # solve's --similarity is the kind used
+CALIBRATION_SHARED = ("progress", "seed", "criterion", "normalize", "device_map", "dtype")
+CALIBRATION_SIZES = ("samples", "seq_len", "subsample")
+APPLY_RENAMED = {"mode": "apply_mode"}  # calibration's --mode is the calibration's
+EVAL_RENAMED = {"seq_len": "eval_seq_len", "batch_size": "eval_batch_size",
+                "max_tokens_per_domain": "eval_tokens"}
+# the run reports held-out NLL, so its evaluation always measures it
+EVAL_SHARED = ("progress", "seed", "perplexity")
 
 
 # -- settings -------------------------------------------------------------------------------
@@ -137,7 +144,7 @@ def resolve_settings(args: argparse.Namespace) -> None:
         args.search_data = [str(p) for p in testbed.heldout_files("validation")]
     sizes = SMALL if default_model else LARGE
     for key, value in sizes.items():
-        if key in ("seq_len", "eval_seq_len"):  # an unset length is capped at the context
+        if key in ("seq_len", "eval_seq_len"):  # the one policy: capped at the context, with a notice
             flag = f"--{key.replace('_', '-')}"
             setattr(args, key, resolve_seq_len(getattr(args, key), value, model_config, flag, "grape run"))
         elif getattr(args, key) is None:
@@ -181,28 +188,26 @@ def _names(text: str) -> list[str]:
 
 # -- the verb -------------------------------------------------------------------------------
 def run_config(args: argparse.Namespace):
-    """The grape.pipeline.RunConfig the (resolved) flags describe."""
-    from grape.calibration import CalibrationConfig
+    """The grape.pipeline.RunConfig the (resolved) flags describe: each stage's config from its
+    own fields' flags (grape.flags), the shared runtime flags filled in."""
+    from grape.calibrate_stage import calibration_config_from_args
+    from grape.commands.apply import apply_config_from_args
     from grape.commands.search import search_config_from_args
     from grape.config import solve_config_from_args
     from grape.evaluation import EvalConfig
+    from grape.flags import config_from_args
     from grape.pipeline import RunConfig
 
     progress = not args.no_progress
+    calibration = calibration_config_from_args(
+        args, rename=CALIBRATION_RENAMED, seed=args.seed, progress=progress, criterion=args.criterion,
+        normalize=args.normalize, device_map=args.device, dtype=args.dtype)
+    evaluation = config_from_args(EvalConfig, args, rename=EVAL_RENAMED, seed=args.seed, progress=progress)
     return RunConfig(
         model=args.model, out=args.out, data=args.data, scores=args.scores, tokenizer=args.tokenizer,
-        eval_data=args.eval_data,
-        calibration=CalibrationConfig(seq_len=args.seq_len, samples=args.samples, seed=args.seed,
-                                      batch_size=args.batch_size, subsample=args.subsample,
-                                      similarity=tuple(_names(args.calib_similarity)),
-                                      criterion=args.criterion, normalize=args.normalize,
-                                      progress=progress),
-        solve=solve_config_from_args(args, solver=args.solver),
-        evaluation=EvalConfig(seq_len=args.eval_seq_len, max_tokens_per_domain=args.eval_tokens or None,
-                              batch_size=args.eval_batch_size, tasks=tuple(_names(args.tasks)),
-                              task_limit=args.task_limit, seed=args.seed, progress=progress,
-                              verbose=args.verbose),
-        method=args.method, save=not args.no_save, allow_lower_top_k=args.allow_lower_top_k,
+        eval_data=args.eval_data, calibration=calibration,
+        solve=solve_config_from_args(args, solver=args.solver), evaluation=evaluation,
+        apply=apply_config_from_args(args, rename=APPLY_RENAMED), save=not args.no_save,
         baselines=tuple(_names(args.baselines)), compare=not args.no_compare,
         compare_time_limit=args.compare_time_limit, device=args.device, dtype=args.dtype,
         search=None if args.no_search else search_config_from_args(args),
@@ -214,6 +219,7 @@ def run(args: argparse.Namespace) -> int:
     from grape.pipeline import run as run_pipeline
     from grape.recipe import write_resolved
 
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # this process reads local files only
     resolve_settings(args)
     OUTPUT.check(args)
     clean_leftovers(OUTPUT, args)  # --out may only be known now (the default runs/<model>)

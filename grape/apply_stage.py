@@ -1,0 +1,157 @@
+"""The apply stage: a checkpoint + a plan -> a smaller checkpoint.
+
+    written = apply_checkpoint("path/to/moe", plan, "pruned/", ApplyConfig("remove"))
+    written.path, written.streamed
+
+`grape apply`, `grape run` (grape.pipeline) and the Python API (`grape.apply` given a model
+directory and `out=`) all call :func:`apply_checkpoint`, so the runtime choices of
+:class:`~grape.pruning.ApplyConfig` hold whichever way the stage is called: ``mode`` 'auto'
+streams the safetensors shard by shard (grape.streaming: memory stays flat whatever the model's
+size, quantised experts stay quantised) where it can — remove / mask, no dtype conversion — and
+loads the whole model otherwise; 'streaming' refuses what cannot stream; 'in-memory' always loads.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from grape.errors import PlanError
+from grape.pruning import ApplyConfig
+
+
+@dataclass(frozen=True)
+class Applied:
+    path: Path  # the checkpoint written
+    streamed: bool  # shard by shard (True) or from the model loaded in memory
+    note: str = ""  # for the summary line: how it was written
+
+
+def check_plan(plan, model_config: dict, config: ApplyConfig, plan_name: str = "the plan",
+               skip_model_check: bool = False) -> None:
+    """What config.json and the plan's recorded model identity can tell before any weights are
+    read: the plan records its model (else refused unless `skip_model_check`), the same model
+    family, no layer left with fewer experts than its top_k, and a method the format supports."""
+    from grape.quantized import check_method
+
+    precheck_plan(plan, model_config, config.allow_lower_top_k)
+    require_model_block(plan, plan_name, skip_model_check)
+    check_method(model_config, config.method)
+
+
+def precheck_plan(plan, model_config: dict, allow_lower_top_k: bool) -> None:
+    """The same model family, and no layer left with fewer experts than its top_k."""
+    from grape.pruning import check_top_k
+
+    recorded = plan.model or {}
+    planned_type, model_type = recorded.get("model_type"), model_config.get("model_type")
+    if planned_type and model_type and planned_type != model_type:
+        raise PlanError(f"the plan was made for a different model: a {planned_type} model, but --model "
+                        f"is a {model_type} model; make the plan from scores measured on this model")
+    try:
+        top_k = {int(k): int(v) for k, v in recorded.get("top_k", {}).items()}
+    except (TypeError, ValueError, AttributeError):
+        top_k = {}  # an unreadable identity is reported by apply_plan with the model at hand
+    if not allow_lower_top_k:
+        check_top_k(plan, top_k)
+
+
+def require_model_block(plan, path: str, skip: bool) -> None:
+    """A plan without its `model` block cannot be checked against the model (type, expert counts,
+    router fingerprint), so a plan for another model of the same shape would apply silently:
+    refused unless `skip` (--skip-model-check) says the check is knowingly skipped."""
+    if not plan.model and not skip:
+        raise PlanError(f"plan file {path} records no model (its `model` block is missing or "
+                        "empty), so it cannot be checked against --model; make the plan with "
+                        "`grape solve`, or pass --skip-model-check to apply it unchecked")
+
+
+def streams(model_dir, model_config: dict, config: ApplyConfig, dtype: str = "auto",
+            say=print) -> bool:
+    """Whether the checkpoint is written by streaming (the rule every caller shares)."""
+    from grape.streaming import streaming_unavailable
+
+    if config.mode == "in-memory":
+        return False
+    reason = streaming_unavailable(model_dir, model_config, config.method, dtype)
+    if reason is None:
+        return True
+    if config.mode == "streaming":
+        raise PlanError(f"apply mode 'streaming': {reason}; use mode 'auto' or 'in-memory'")
+    if config.method != "merge":  # merge always loads the model: nothing to tell
+        say(f"grape apply: {reason}; loading the model in memory instead")
+    return False
+
+
+def apply_checkpoint(model_dir: str | os.PathLike, plan, out: str | os.PathLike,
+                     config: ApplyConfig | None = None, *, dtype: str = "auto", tokenizer: Any = True,
+                     provenance: dict | None = None, overwrite: bool = False, progress: bool = False,
+                     say=print) -> Applied:
+    """Apply `plan` (a Plan, already checked with :func:`check_plan`) to the checkpoint in
+    `model_dir` and write the result to `out`. `tokenizer`: True copies the model's own (if it
+    has one), None writes none, or a tokenizer object."""
+    from grape.modelfiles import check_model_dir
+
+    config = config or ApplyConfig()
+    model_config = check_model_dir(model_dir)
+    if tokenizer is True:
+        tokenizer = model_tokenizer(model_dir, say)
+    provenance = {"source_model": str(model_dir), **(provenance or {})}
+    if streams(model_dir, model_config, config, dtype, say):
+        return _streamed(model_dir, plan, out, config, tokenizer, provenance, overwrite, progress)
+    return _in_memory(model_dir, plan, out, config, dtype, tokenizer, provenance, overwrite, say)
+
+
+def _streamed(model_dir, plan, out, config: ApplyConfig, tokenizer, provenance, overwrite,
+              progress) -> Applied:
+    from grape.modelfiles import read_config
+    from grape.quantized import describe
+    from grape.streaming import stream_apply
+
+    path = stream_apply(model_dir, plan, out, config.method, tokenizer=tokenizer, provenance=provenance,
+                        allow_lower_top_k=config.allow_lower_top_k,
+                        max_shard_size=config.max_shard_size, overwrite=overwrite, progress=progress)
+    quant = describe(read_config(model_dir))
+    return Applied(Path(path), True, "; streamed shard by shard"
+                   + (f", quantisation kept ({quant})" if quant else ""))
+
+
+def _in_memory(model_dir, plan, out, config: ApplyConfig, dtype: str, tokenizer, provenance,
+               overwrite, say) -> Applied:
+    import torch
+
+    from grape.checkpoint import load_pruned, save_pruned
+    from grape.pruning import apply_plan
+
+    model = load_pruned(model_dir, dtype="auto" if dtype == "auto" else getattr(torch, dtype))
+    if config.method == "merge" and config.merge_weights is None:
+        say("grape apply: no --scores given; merged experts are averaged with equal weights")
+    if config.method == "merge" and not plan.merge_map:
+        say("grape apply: the plan has no merge map; each removed expert is merged into the kept "
+            "expert with the most similar weights (cosine)")
+    apply_plan(model, plan, config)
+    path = save_pruned(model, out, plan=plan, tokenizer=tokenizer, provenance=provenance,
+                       overwrite=overwrite)
+    return Applied(Path(path), False)
+
+
+def model_tokenizer(path, say=print):
+    """The model's tokenizer if it has one; a model directory without one is fine."""
+    from transformers import AutoTokenizer
+
+    from grape.modelfiles import remote_code_files
+
+    try:
+        # explicit False: None would prompt on stdin for a tokenizer class of the folder's own code
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError, TypeError, KeyError):
+        files = remote_code_files(path)
+        why = f" that loads without running its code ({', '.join(files)})" if files else ""
+        say(f"grape apply: no tokenizer found at {path}{why}; the checkpoint has none")
+        return None
+
+
+__all__ = ["Applied", "apply_checkpoint", "check_plan", "model_tokenizer", "precheck_plan",
+           "require_model_block", "streams"]
