@@ -24,7 +24,7 @@ Format (version 1): a numpy ``.npz`` archive (``allow_pickle=False``) holding
                                        this layer keeps n experts (grape.sensitivity)
   ``reconstruction``        (N,)       optional; the criterion of that name: block output error
                                        once e and the experts greedy re-routed elimination removed
-                                       before it are gone (grape.scoring.reconstruction_order)
+                                       before it are gone (grape.reconstruction.reconstruction_order)
   ========================  =========  ====================================================
 
 All statistics are float64. ``grape synth`` writes the same format from synthetic numbers.

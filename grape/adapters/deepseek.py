@@ -40,9 +40,10 @@ class DeepseekV3Adapter(FusedMoEAdapter):
         """V3: a weight is the expert's own sigmoid score (renormalised over the chosen), so
         only the groups reach other tokens: a group is scored by its best two of sigmoid +
         correction bias, the router's choice score. V2 (below): softmax over every expert."""
-        if self.router_masked(layer):
-            return None
         router = self.router(layer)
+        needs = ("num_group", "topk_group", "e_score_correction_bias", "norm_topk_prob")
+        if self.router_masked(layer) or not all(hasattr(router, name) for name in needs):
+            return None  # not the router described above
         groups, top = int(router.num_group), int(router.topk_group)
         grouped = self.group_limited() and 1 < groups and top < groups
 
@@ -111,9 +112,9 @@ class DeepseekV2Adapter(DeepseekV3Adapter):
 
     def removal_effect(self, layer: int) -> RemovalEffect | None:
         # softmax over every expert, scaled, never renormalised; a group scored by its maximum
-        if self.router_masked(layer):
-            return None
         router = self.router(layer)
+        if self.router_masked(layer) or not all(hasattr(router, n) for n in ("num_group", "topk_group")):
+            return None
         groups, top = int(router.num_group), int(router.topk_group)
         grouped = self.group_limited() and 1 < groups and top < groups
         return RemovalEffect(rescale=True, groups=groups if grouped else 1,
