@@ -75,11 +75,19 @@ def _calibrate_argv(ws: dict) -> list[str]:
             str(ws["scores"]), *CAL_FLAGS]
 
 
+def _resumable(file: Path) -> bool:
+    """A calibration checkpoint (OUT.partial/): progress a failed run keeps on purpose, so the
+    same command resumes once space is freed (grape run calibrates into its folder too)."""
+    return any(part.endswith(".partial") for part in file.parts)
+
+
 def _hashes(*paths: Path) -> dict[str, str]:
-    """sha256 of every file under `paths` (files or folders, hidden entries included)."""
+    """sha256 of every file under `paths` (files or folders, hidden entries included), but the
+    resumable calibration checkpoints."""
     found = {}
     for path in paths:
-        for file in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        for file in (f for f in files if not _resumable(f)):
             found[str(file)] = hashlib.sha256(file.read_bytes()).hexdigest()
     return found
 

@@ -59,8 +59,15 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     # the tokenizer is loaded on first use inside the stage (rank 0 packs the text)
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer is not None else None
-    scores = calibrate_checkpoint(args.model, [str(p) for p in args.data], config,
-                                  tokenizer=tokenizer, out=args.out)
+    try:
+        scores = calibrate_checkpoint(args.model, [str(p) for p in args.data], config,
+                                      tokenizer=tokenizer, out=args.out)
+    finally:
+        # the verb is the whole job of a torchrun rank: it leaves the process group when done,
+        # even one its caller opened (the library stage closes only what it opened)
+        from grape.distributed import shutdown
+
+        shutdown()
     if scores is not None:  # rank 0 of a torchrun job, or a plain process
         print(summary(scores))
         print(f"grape calibrate: {run_line(scores.calibration['run'])}")
