@@ -156,6 +156,11 @@ class CalibrationConfig:
             return 0
         return max(self.subsample, self.reconstruction_tokens if self.reconstruction and self.subsample > 0 else 0)
 
+    def measurement_settings(self) -> dict:
+        """The fields that change what is measured (RUNTIME_FIELDS left out): what the scores
+        file records and the resume key hashes."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in RUNTIME_FIELDS}
+
     @property
     def needs_subsample(self) -> bool:
         return (self.cost_curves or (self.reconstruction and self.subsample > 0)
@@ -290,8 +295,7 @@ def run_settings(config: CalibrationConfig, mode: str, world: World, dtype, iden
     """What changes a run's result (the resume key hashes it with the tokens): every setting
     but the progress bars, the mode, the world size, the dtype and the model (its routers'
     fingerprint, and its weight files: a fine-tune may keep the routers)."""
-    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in RUNTIME_FIELDS}
-    return {**fields, "mode": mode, "world_size": world.size, "dtype": str(dtype),
+    return {**config.measurement_settings(), "mode": mode, "world_size": world.size, "dtype": str(dtype),
             "model": identity.fingerprint, "weights": weight_files_key(identity.name_or_path),
             "grape": grape.__version__}
 

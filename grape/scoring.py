@@ -182,7 +182,7 @@ def assemble_scores(identity, layers: dict[int, LayerScores], tokens: int, prove
                   for idx, ls in layers.items()}
     calibration = {
         **provenance,
-        **{k: v for k, v in dataclasses.asdict(config).items() if k != "progress"},
+        **config.measurement_settings(),  # not where or how the pass ran (no machine paths)
         "similarity": list(config.similarity),
         # rows of the similarity and cost curves; the reconstruction order ran on all kept rows
         "subsample_tokens": {str(layer): min(int(n), config.subsample) for layer, n in sorted(sampled.items())},
