@@ -28,6 +28,7 @@ import torch
 from cli_workspace import make_workspace
 
 from grape.cli import main
+from tests.test_bad_inputs import _refused, _snapshot  # one refusal check for every bad-input table
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,32 +105,8 @@ def ws(tmp_path_factory):
             "scores": scores, "plan": plan}
 
 
-def _snapshot(root: Path) -> dict[str, tuple]:
-    out = {}
-    for path in sorted(root.rglob("*")):
-        info = path.lstat()
-        out[str(path.relative_to(root))] = (path.is_dir(), 0 if path.is_dir() else info.st_size,
-                                            info.st_mtime_ns)
-    return out
-
-
 def _argv(ws: dict, argv: list[str]) -> list[str]:
     return [a.format(**{k: str(v) for k, v in ws.items()}) for a in argv]
-
-
-def _refused(ws: dict, capsys, argv: list[str], phrase: str) -> str:
-    argv = _argv(ws, argv)
-    before = _snapshot(ws["root"])
-    capsys.readouterr()
-    status = main(argv)
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert status == 2, (argv, err)
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0].startswith(f"grape {argv[0]}: error: "), lines[0]
-    assert phrase.lower() in lines[0].lower(), lines[0]
-    assert _snapshot(ws["root"]) == before, "a refused command changed the workspace"
-    return lines[0]
 
 
 def _calibrate(model: str, data: str = "{data}") -> list[str]:
