@@ -8,7 +8,13 @@
 Every JSONL line is one document: {"text", "domain", "source"}. A missing source (e.g. the
 Python documentation, package python3.11-doc) is refused in one line before anything is written.
 
+The held-out files hold no near-copy of a calibration document, nor test/validation near-copies
+of each other (dedupe.py: 8-word shingles, containment >= 0.5); a dropped document's room goes to
+the next document of its split. To apply that rule to the committed files without a full rebuild
+(refilling from the local sources of the domains this machine has):
+
     python benchmarks/zoo/build_corpus.py
+    python benchmarks/zoo/build_corpus.py --dedupe-committed [--no-refill] [--dry-run]
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from pathlib import Path
 
 ZOO = Path(__file__).resolve().parent
 sys.path.insert(0, str(ZOO.parents[1]))
+sys.path.insert(0, str(ZOO))
+from dedupe import HELDOUT_SPLITS, THRESHOLD, Drop, clean_heldout, head
 from grape.outputs import atomic_open
 
 DOMAINS = ("prose", "python", "c")
@@ -117,9 +125,7 @@ def read_documents(domain: str) -> list[dict]:
 def _cap(docs: list[dict], max_bytes: int, head_chars: int | None = None) -> list[dict]:
     out, total = [], 0
     for doc in docs:
-        text = doc["text"]
-        if head_chars is not None and len(text) > head_chars:
-            text = text[:text.rfind("\n", 0, head_chars) if "\n" in text[:head_chars] else head_chars]
+        text = head(doc["text"], head_chars)
         size = len(text.encode()) + 100
         if total + size > max_bytes:
             continue
@@ -146,12 +152,103 @@ def read_all() -> dict[str, dict[str, list[dict]]]:
     return out
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def _order(doc: dict) -> float:
+    return _fraction("order:" + doc["source"])
+
+
+def select_heldout(candidates: dict[str, list[dict]], calibration: list[dict],
+                   committed: set[str] | None = None) -> tuple[dict[str, list[dict]], list[Drop]]:
+    """The committed held-out documents: split -> documents of all domains, each domain's text cut
+    to HELDOUT_DOC_CHARS per document and HELDOUT_BYTES per file, without near-copies of the
+    calibration documents or of each other (dedupe.py); the drops are printed (with `committed`,
+    the sources of the files being cleaned, each drop is marked as a committed document removed
+    or a refill candidate skipped) and returned."""
+    kept, drops = clean_heldout(candidates, calibration, max_bytes=HELDOUT_BYTES,
+                                head_chars=HELDOUT_DOC_CHARS)
+    print(f"near-duplicates dropped (8-word shingle containment >= {THRESHOLD}): {len(drops)}")
+    for drop in drops:
+        tag = "" if committed is None else \
+            ("[removed] " if drop.source in committed else "[skipped refill] ")
+        print("  " + tag + drop.line())
+    return kept, drops
+
+
+def _chars(docs: list[dict]) -> int:
+    return sum(len(d["text"]) for d in docs)
+
+
+def dedupe_committed(heldout: Path, refill: bool = True, dry_run: bool = False) -> int:
+    """Apply the near-duplicate rule to the committed held-out files; calibration.jsonl is kept as
+    it is. With `refill`, the candidates of a domain whose source is on this machine are the
+    committed documents plus that domain's other documents of the same split (split_of), in the
+    builder's order, so the result is what a rebuild from these sources gives (a committed
+    document can also leave because an earlier one now takes its room: printed as "no room
+    left"); otherwise only the committed documents (a dropped one's room stays empty)."""
+    calibration = read_jsonl(heldout / "calibration.jsonl")
+    before = {(domain, split): read_jsonl(heldout / f"{domain}.{split}.jsonl")
+              for split in HELDOUT_SPLITS for domain in DOMAINS}
+    candidates: dict[str, list[dict]] = {split: [] for split in HELDOUT_SPLITS}
+    for domain in DOMAINS:
+        raw: list[dict] = []
+        if refill:
+            try:
+                check_source(domain)
+                raw = read_documents(domain)
+            except MissingSource as exc:
+                print(f"{domain}: no refill ({exc})")
+        for split in HELDOUT_SPLITS:
+            committed = before[(domain, split)]
+            known = {d["source"] for d in committed}
+            extra = [d for d in raw if split_of(d["source"]) == split and d["source"] not in known]
+            candidates[split] += sorted(committed + extra, key=_order)
+    kept, drops = select_heldout(candidates, calibration,
+                                 {d["source"] for docs in before.values() for d in docs})
+    dropped = {d.source for d in drops}
+    print(f"{'file':24s} {'docs before':>11s} {'after':>6s} {'chars before':>12s} {'after':>8s} "
+          f"{'bytes':>7s}  added (refill) / removed for room")
+    for split in HELDOUT_SPLITS:
+        for domain in DOMAINS:
+            old = before[(domain, split)]
+            new = [d for d in kept[split] if d["domain"] == domain]
+            old_src, new_src = {d["source"] for d in old}, {d["source"] for d in new}
+            size = sum(len(json.dumps(d, ensure_ascii=False).encode()) + 1 for d in new)
+            print(f"{domain + '.' + split + '.jsonl':24s} {len(old):11d} {len(new):6d} "
+                  f"{_chars(old):12d} {_chars(new):8d} {size:7d}")
+            for d in new:
+                if d["source"] not in old_src:
+                    print(f"  + {len(d['text']):6d} chars  {d['source']}")
+            for d in old:
+                if d["source"] not in new_src and d["source"] not in dropped:
+                    print(f"  - {len(d['text']):6d} chars  {d['source']} (no room left)")
+            if not dry_run and new != old:
+                write_jsonl(heldout / f"{domain}.{split}.jsonl", new)
+    if dry_run:
+        print("dry run: nothing written")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train-mb", type=float, default=8.0, help="cap on each domain's train text")
     parser.add_argument("--out", type=Path, default=ZOO / "data")
     parser.add_argument("--heldout", type=Path, default=ZOO / "heldout")
+    parser.add_argument("--dedupe-committed", action="store_true",
+                        help="only apply the near-duplicate rule to the committed held-out files "
+                             "(calibration.jsonl unchanged) and refill them from local sources")
+    parser.add_argument("--no-refill", action="store_true",
+                        help="with --dedupe-committed: drop near-copies without refilling")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="with --dedupe-committed: write nothing")
     args = parser.parse_args(argv)
+    if (args.no_refill or args.dry_run) and not args.dedupe_committed:
+        parser.error("--no-refill and --dry-run go with --dedupe-committed")
+    if args.dedupe_committed:
+        return dedupe_committed(args.heldout, refill=not args.no_refill, dry_run=args.dry_run)
     try:
         splits = read_all()
     except MissingSource as exc:  # refuse before writing anything
@@ -159,17 +256,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     calibration = []
+    candidates: dict[str, list[dict]] = {split: [] for split in HELDOUT_SPLITS}
     for domain, by_split in splits.items():
         by_split["train"] = _cap(by_split["train"], int(args.train_mb * 1e6))
         for split, split_docs in by_split.items():
             write_jsonl(args.out / f"{domain}.{split}.jsonl", split_docs)
             mb = sum(len(d["text"].encode()) for d in split_docs) / 1e6
             print(f"{domain:7s} {split:10s} {len(split_docs):6d} docs {mb:7.2f} MB")
-        for split in ("validation", "test"):
-            write_jsonl(args.heldout / f"{domain}.{split}.jsonl",
-                        _cap(by_split[split], HELDOUT_BYTES, HELDOUT_DOC_CHARS))
+        for split in HELDOUT_SPLITS:
+            candidates[split] += by_split[split]
         calibration += _cap(by_split["train"], CALIBRATION_BYTES // len(DOMAINS), HELDOUT_DOC_CHARS)
     calibration.sort(key=lambda d: _fraction("calib:" + d["source"]))
+    heldout, _ = select_heldout(candidates, calibration)
+    for domain in DOMAINS:
+        for split in HELDOUT_SPLITS:
+            write_jsonl(args.heldout / f"{domain}.{split}.jsonl",
+                        [d for d in heldout[split] if d["domain"] == domain])
     write_jsonl(args.heldout / "calibration.jsonl", calibration)
     return 0
 
