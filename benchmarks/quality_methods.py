@@ -22,9 +22,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import torch
 
 from grape.api import SolveConfig, apply, build_problem
-from grape.sensitivity import interpolate_curve, single_layer_plan
+from grape.sensitivity import measure_nll_curves, uniform_plan
 from solvers.constraints import EntropyGuard
 from solvers.errors import UserError
 from solvers.plan import Plan
@@ -242,6 +243,7 @@ def nll_increase(nll: dict[str, float], baseline: dict[str, float]) -> dict[str,
 
 
 LayerCurves = dict[int, np.ndarray]  # decoder layer -> (N+1,) cost of keeping n experts
+_UNUSED_IDS = torch.zeros((1, 2), dtype=torch.long)  # see measure_layer_curves
 
 
 # a SolveConfig -> the loss-verified search's plan (provenance["search"]["passes"] set)
@@ -274,33 +276,36 @@ def measure_layer_curves(
     log: Callable[[str], None] = print,
 ) -> tuple[LayerCurves, list[dict]]:
     """Each MoE layer pruned alone to each fraction (uniform REAP's experts in that layer) and
-    evaluated end to end. Returns per-layer curves of the mean NLL increase against the kept
-    count (:func:`interpolate_curve`) and the measurements themselves."""
-    points: dict[int, dict[int, float]] = {}
+    evaluated end to end: grape.sensitivity.measure_nll_curves, each single-layer plan applied
+    to a copy of `base` and scored by `evaluate` (mean NLL increase over the domains against
+    `baseline_nll`). Returns per-layer curves of that increase against the kept count and one
+    record per (fraction, layer). `time_limit` is unused (the uniform plans take no search)."""
+    def measure(name: str, plan: Plan) -> np.ndarray:
+        model = pruned_copy(base, plan, UNIFORM_REAP, scores)
+        increase = nll_increase(_split(evaluate(model))[0], baseline_nll)["mean"]
+        del model
+        log(f"  {name}: mean dNLL {increase:+.4f}")
+        return np.array([increase])
+
+    # the reference is the unpruned model itself (increase 0); `measure` runs every forward
+    # pass, so the token ids measure_nll_curves would read are never used
+    found = measure_nll_curves(base, scores, _UNUSED_IDS, UNIFORM_REAP.criterion, fractions,
+                               unpruned=np.zeros(1), measure=measure)
+    increase = {(p["layer"], p["kept"]): p["nll_increase"] for p in found.points}
     records = []
     for fraction in fractions:
         try:
-            plan = plan_for(UNIFORM_REAP, scores, fraction, time_limit)
+            plan = uniform_plan(scores, fraction, UNIFORM_REAP.criterion)
         except UserError as exc:  # e.g. routing groups forbid that many removals
             log(f"  no single-layer measurement at {fraction:.0%}: {exc}")
             continue
         for layer in plan.layers:
-            if not plan.removed[layer]:
-                continue
-            single = single_layer_plan(plan, layer)
-            model = pruned_copy(base, single, UNIFORM_REAP, scores)
-            increase = nll_increase(_split(evaluate(model))[0], baseline_nll)["mean"]
-            del model
-            kept = len(plan.kept[layer])
-            points.setdefault(layer, {})[kept] = increase
-            records.append({"layer": layer, "fraction": fraction, "kept": kept,
-                            "removed": plan.removed[layer], "nll_increase": increase})
-            log(f"  layer {layer} alone keeps {kept}: mean dNLL {increase:+.4f}")
-    curves = {}
-    for layer, n in scores.model.experts_per_layer.items():
-        measured = {n: 0.0, **points.get(layer, {})}
-        curves[layer] = interpolate_curve(measured, n)
-    return curves, records
+            if plan.removed[layer]:
+                kept = len(plan.kept[layer])
+                records.append({"layer": layer, "fraction": fraction, "kept": kept,
+                                "removed": plan.removed[layer],
+                                "nll_increase": increase[layer, kept]})
+    return found.curves, records
 
 
 def pruned_copy(base, plan: Plan, method: Method, scores: Scores):

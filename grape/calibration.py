@@ -39,26 +39,23 @@ from grape.data import CalibrationData
 from grape.distributed import World, current_world, gather_to_main, owner, reduce_layer, share
 from grape.errors import DataError
 from grape.flags import flag
+from grape.loading import DTYPES
 from grape.modelfiles import check_seq_len
 from grape.modelsizes import model_sizes
 from grape.observer import ExpertObserver, per_call_quota, sample_plan
 from grape.resume import CalibrationCheckpoint, run_key, weight_files_key
 from grape.runreport import Meter
-from grape.scoring import (  # noqa: F401 - the measurements, importable from here as before
+from grape.scoring import (  # noqa: F401 - tests import the similarity measures from here
     OUTPUT_SIMILARITIES,
     SIMILARITIES,
-    WEIGHT_SIMILARITIES,
     all_expert_outputs,
     assemble_scores,
     cost_curve,
-    dense_weights,
     layer_scores,
     linear_cka,
     mean_output_cosine,
     merge_layers,
     onloaded,
-    router_cosine,
-    token_grams,
 )
 from solvers.errors import ScoresError
 from solvers.scores import CRITERIA, NORMALIZATIONS, OPTIONAL_STATS, LayerScores, Scores
@@ -116,7 +113,7 @@ class CalibrationConfig:
         "folder for weights a --device-map puts on 'disk'", type=str, metavar="DIR"))
     dtype: str = field(default="auto", metadata=flag(
         "'auto': float32 on CPU, the checkpoint's dtype on GPU",
-        choices=("auto", "float32", "bfloat16", "float16")))
+        choices=DTYPES))
 
     def validate(self) -> None:
         if self.checkpoint_every < 0:

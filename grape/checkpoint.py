@@ -45,7 +45,7 @@ from grape.adapters.base import read_block
 from grape.pruning import APPLIED_METHOD_ATTR, APPLIED_PLAN_ATTR
 from grape.modelchecks import check_loaded
 from grape.errors import UserError
-from grape.outputs import check_not_input
+from grape.outputs import PROVENANCE_FILE, check_not_input
 from solvers._io import (
     atomic_write_text,
     disk_errors,
@@ -57,7 +57,6 @@ from solvers._io import (
 from solvers.plan import Plan
 
 PLAN_FILE = "grape_plan.json"
-PROVENANCE_FILE = "grape_provenance.json"
 MODELING_FILE = "modeling_grape_pruned.py"
 AUX_FILE = "grape_moe_aux.py"
 PRUNING_FILE = "grape_pruning.py"  # the load hook, shared by grape.load and the remote-code class

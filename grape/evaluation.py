@@ -32,10 +32,11 @@ from tqdm.auto import tqdm
 from grape.errors import DataError, UserError
 from grape.flags import flag
 from grape.heldout import Documents, default_heldout_files, load_documents  # re-exported
+from grape.lmeval_tasks import TaskScore
+from grape.loading import input_device
 
 RESULT_FORMAT = "grape-eval"
 RESULT_VERSION = 1
-LOCAL_TASKS = "local"  # in EvalConfig.tasks: build multiple-choice tasks from the eval documents
 _IGNORE = -100
 
 
@@ -118,23 +119,6 @@ class DomainNLL:
     @property
     def ppl(self) -> float:
         return math.exp(self.nll)
-
-
-@dataclass(frozen=True)
-class TaskScore:
-    """One lm-eval task (or group): its numeric metrics, e.g. {"acc": .., "acc_norm": ..}."""
-
-    name: str
-    metrics: dict[str, float]
-    samples: int | None = None
-
-    @property
-    def acc(self) -> float | None:
-        return self.metrics.get("acc")
-
-    @property
-    def acc_norm(self) -> float | None:
-        return self.metrics.get("acc_norm")
 
 
 @dataclass
@@ -273,11 +257,6 @@ class EvalResult:
 
 
 # -- perplexity ------------------------------------------------------------------------------
-
-
-def input_device(model: torch.nn.Module) -> torch.device:
-    """Where inputs must go: the embedding's device (right for device_map-sharded models)."""
-    return model.get_input_embeddings().weight.device
 
 
 def token_stream(tokenizer, documents: Sequence[str], max_tokens: int | None,
@@ -434,7 +413,6 @@ def evaluate(model: torch.nn.Module, tokenizer, data: Mapping[str, Sequence[str]
 
 
 __all__ = [
-    "LOCAL_TASKS",
     "DomainNLL",
     "EvalConfig",
     "EvalResult",

@@ -135,6 +135,11 @@ def _value_flag(meta: dict, dest: str, default: Any, unset: bool) -> dict[str, A
     return kwargs
 
 
+def comma_list(text: Any) -> tuple[str, ...]:
+    """The items of a comma-separated flag value, stripped, empty ones dropped: 'a, b,' -> (a, b)."""
+    return tuple(item.strip() for item in str(text).split(",") if item.strip())
+
+
 def config_from_args(cls, args: argparse.Namespace, rename: dict[str, str] | None = None,
                      **overrides: Any):
     """The dataclass the parsed flags describe (`rename` as given to add_config_arguments);
@@ -151,7 +156,7 @@ def config_from_args(cls, args: argparse.Namespace, rename: dict[str, str] | Non
             continue
         value = getattr(args, dest)
         if meta["items"]:
-            value = tuple(k.strip() for k in str(value).split(",") if k.strip() and k.strip() != "none")
+            value = tuple(k for k in comma_list(value) if k != "none")
         elif meta["nargs"]:
             value = tuple(str(v) for v in value or ())
         elif value is None:  # unset on the command line: the field's default
@@ -162,4 +167,4 @@ def config_from_args(cls, args: argparse.Namespace, rename: dict[str, str] | Non
     return cls(**{**values, **overrides})
 
 
-__all__ = ["add_config_arguments", "config_from_args", "flag", "flag_names"]
+__all__ = ["add_config_arguments", "comma_list", "config_from_args", "flag", "flag_names"]

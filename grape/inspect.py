@@ -3,7 +3,8 @@
     summary = inspect_path("scores.npz")     # a dict; render(summary) is the text `grape inspect` prints
 
 Scores files, plans, eval results and checkpoint directories are recognised by their content;
-runs, comparisons, recipes and settings files are in grape.inspect_runs.
+runs, comparisons, recipes and settings files are in grape.inspect_runs; a folder of plans or
+eval results (a run's plans/ and eval/) is summarized here, one headline per file.
 """
 
 from __future__ import annotations
@@ -19,6 +20,17 @@ from typing import Any
 
 import numpy as np
 
+from grape.inspect_runs import (
+    RENDER,
+    is_compare,
+    is_run_summary,
+    settings_kind,
+    summarize_compare,
+    summarize_markdown,
+    summarize_recipe,
+    summarize_run,
+    summarize_settings,
+)
 from solvers.errors import UserError
 from solvers.inputfiles import input_kind, read_input, require_regular
 
@@ -52,8 +64,6 @@ def detect(path: Path) -> str:
 
 
 def _detect_dir(path: Path) -> str:
-    from grape.inspect_runs import folder_kind
-
     for marker, kind in (("config.json", "checkpoint"), ("summary.json", "run"),
                          ("compare.json", "compare"), ("eval.json", "eval")):
         if (path / marker).is_file():
@@ -65,8 +75,6 @@ def _detect_dir(path: Path) -> str:
 
 
 def _detect_json(path: Path, data: Any) -> str:
-    from grape.inspect_runs import is_compare, is_run_summary, settings_kind
-
     if isinstance(data, dict):
         fmt = data.get("format")
         if fmt == "grape.plan" or (fmt is None and "kept" in data and "removed" in data):
@@ -197,12 +205,13 @@ def summarize_checkpoint(path: Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise InspectError(f"{str(path / 'config.json')!r} is not a JSON object")
     from grape.modelfiles import model_code_files
+    from grape.outputs import PROVENANCE_FILE
     from grape.templates.grape_pruning import read_block  # no torch: only the config is read
 
     block = read_block(config)
     per_layer = block["experts_per_layer"]
     count = next((config[k] for k in _EXPERT_COUNT_KEYS if isinstance(config.get(k), int)), None)
-    provenance = _read_json(path / "grape_provenance.json") if (path / "grape_provenance.json").is_file() else {}
+    provenance = _read_json(path / PROVENANCE_FILE) if (path / PROVENANCE_FILE).is_file() else {}
     plan = None
     if (path / "grape_plan.json").is_file():
         from solvers.plan import Plan
@@ -239,25 +248,48 @@ def summarize_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def _summarize_settings(path: Path) -> dict[str, Any]:
-    from grape.inspect_runs import settings_kind, summarize_settings
-
     return summarize_settings(path, settings_kind(path.name, _read_json(path)))
 
 
-def _runs(name: str):
-    """A summarize function of grape.inspect_runs, imported when used."""
-    def summarize(path: Path) -> dict[str, Any]:
-        import grape.inspect_runs as runs
+def folder_kind(path: Path) -> str | None:
+    """'folder' when a directory holds plans or eval results (a run's plans/ and eval/, a
+    comparison's plans/), else None."""
+    for file in sorted(path.glob("*.json")):
+        try:
+            if detect(file) in ("plan", "eval"):
+                return "folder"
+        except (InspectError, OSError):
+            continue
+    return None
 
-        return getattr(runs, name)(path)
 
-    return summarize
+def summarize_folder(path: Path) -> dict[str, Any]:
+    """A folder of plans and eval results: one headline per file."""
+    entries = []
+    for file in sorted(path.glob("*.json")):
+        try:
+            kind = detect(file)
+        except InspectError:
+            continue
+        if kind == "plan":
+            p = summarize_plan(file)
+            entries.append({"file": file.name, "kind": kind, "headline": (
+                f"{p['solver']} ({p['status']}): removes {p['removed']} of {p['total']}, "
+                f"{'same count per layer' if p['uniform'] else 'counts differ per layer'}")})
+        elif kind == "eval":
+            e = summarize_eval(file)
+            entries.append({"file": file.name, "kind": kind, "headline": (
+                f"{e['model']}: mean NLL {_num(e['mean_nll'])} over {len(e['domains'])} domains")})
+    return {"kind": "folder", "path": str(path), "entries": entries}
+
+
+def render_folder(s: dict[str, Any]) -> list[str]:
+    return [f"folder {s['path']}", *[f"  {e['file']}: {e['kind']} {e['headline']}" for e in s["entries"]]]
 
 
 SUMMARIES = {"scores": summarize_scores, "plan": summarize_plan, "eval": summarize_eval,
-             "checkpoint": summarize_checkpoint, "run": _runs("summarize_run"),
-             "compare": _runs("summarize_compare"), "recipe": _runs("summarize_recipe"),
-             "markdown": _runs("summarize_markdown"), "folder": _runs("summarize_folder"),
+             "checkpoint": summarize_checkpoint, "run": summarize_run, "compare": summarize_compare,
+             "recipe": summarize_recipe, "markdown": summarize_markdown, "folder": summarize_folder,
              "settings": _summarize_settings}
 
 
@@ -308,6 +340,10 @@ def scores_path(path: str | os.PathLike) -> Path:
 
 
 # -- text -----------------------------------------------------------------------------------
+def _num(x: Any, digits: int = 4) -> str:
+    return "-" if x is None else f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
 def _fmt(x: Any) -> str:
     if isinstance(x, float):
         return f"{x:.4g}"
@@ -332,10 +368,9 @@ def _sizes_line(summary: dict[str, Any]) -> str:
 
 def render(summary: dict[str, Any]) -> str:
     kind = summary["kind"]
-    from grape.inspect_runs import RENDER
-
-    if kind in RENDER:
-        return "\n".join(RENDER[kind](summary))
+    renderers = {**RENDER, "folder": render_folder}
+    if kind in renderers:
+        return "\n".join(renderers[kind](summary))
     lines = []
     if kind == "scores":
         m = summary["model"]

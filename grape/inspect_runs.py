@@ -1,10 +1,10 @@
 """`grape inspect` for what the composite verbs write: a run (its folder or summary.json), a
-comparison (its folder or compare.json), a folder of plans or eval results (a run's plans/ and
-eval/), a resolved recipe, the JSON settings files beside outputs (eval_config.json,
+comparison (its folder or compare.json), a resolved recipe, the JSON settings files beside outputs (eval_config.json,
 grape_provenance.json) and the markdown reports.
 
 Each kind has a summarize function (a JSON-able dict with "kind") and a render function (text
-lines); grape.inspect dispatches to them. Nothing here imports torch.
+lines); grape.inspect dispatches to them (and summarizes a folder of plans or eval results, a
+run's plans/ and eval/, itself). Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -84,46 +84,6 @@ def summarize_recipe(path: Path) -> dict[str, Any]:
             "sections": {k: data[k] for k in verbs}}
 
 
-def folder_kind(path: Path) -> str | None:
-    """'folder' when a directory holds plans or eval results (a run's plans/ and eval/, a
-    comparison's plans/), else None."""
-    from grape.inspect import InspectError, detect
-
-    for file in sorted(path.glob("*.json")):
-        try:
-            if detect(file) in ("plan", "eval"):
-                return "folder"
-        except (InspectError, OSError):
-            continue
-    return None
-
-
-def summarize_folder(path: Path) -> dict[str, Any]:
-    """A folder of plans and eval results: one headline per file."""
-    from grape.inspect import InspectError, detect, summarize_eval, summarize_plan
-
-    entries = []
-    for file in sorted(path.glob("*.json")):
-        try:
-            kind = detect(file)
-        except InspectError:
-            continue
-        if kind == "plan":
-            p = summarize_plan(file)
-            entries.append({"file": file.name, "kind": kind, "headline": (
-                f"{p['solver']} ({p['status']}): removes {p['removed']} of {p['total']}, "
-                f"{'same count per layer' if p['uniform'] else 'counts differ per layer'}")})
-        elif kind == "eval":
-            e = summarize_eval(file)
-            entries.append({"file": file.name, "kind": kind, "headline": (
-                f"{e['model']}: mean NLL {_num(e['mean_nll'])} over {len(e['domains'])} domains")})
-    return {"kind": "folder", "path": str(path), "entries": entries}
-
-
-def render_folder(s: dict[str, Any]) -> list[str]:
-    return [f"folder {s['path']}", *[f"  {e['file']}: {e['kind']} {e['headline']}" for e in s["entries"]]]
-
-
 def summarize_settings(path: Path, what: str) -> dict[str, Any]:
     return {"kind": "settings", "path": str(path), "what": what, "values": _load(path)}
 
@@ -133,10 +93,6 @@ def summarize_markdown(path: Path) -> dict[str, Any]:
 
 
 # -- text -------------------------------------------------------------------------------------
-def _num(x: Any, digits: int = 4) -> str:
-    return "-" if x is None else f"{x:.{digits}f}" if isinstance(x, float) else str(x)
-
-
 def render_run(s: dict[str, Any]) -> list[str]:
     d = s["summary"]
     lines = [f"run {s['folder']}",
@@ -209,8 +165,8 @@ def render_markdown(s: dict[str, Any]) -> list[str]:
 
 
 RENDER = {"run": render_run, "compare": render_compare, "recipe": render_recipe,
-          "settings": render_settings, "markdown": render_markdown, "folder": render_folder}
+          "settings": render_settings, "markdown": render_markdown}
 
-__all__ = ["COMPARE_FORMAT", "RENDER", "RUN_FORMAT", "folder_kind", "is_compare", "is_resolved_recipe",
-           "is_run_summary", "settings_kind", "summarize_compare", "summarize_folder",
-           "summarize_markdown", "summarize_recipe", "summarize_run", "summarize_settings"]
+__all__ = ["COMPARE_FORMAT", "RENDER", "RUN_FORMAT", "is_compare", "is_resolved_recipe",
+           "is_run_summary", "settings_kind", "summarize_compare", "summarize_markdown",
+           "summarize_recipe", "summarize_run", "summarize_settings"]

@@ -14,26 +14,21 @@ caches (HF_HUB_CACHE or HF_DATASETS_CACHE). Groups and tags are expanded to thei
 The YAML files are read directly (a text scan, then a YAML parse of the few files that mention a
 name) rather than through lm-eval's TaskManager, whose full index takes about 10 s to build;
 the TaskManager is consulted only to confirm a name really is unknown.
-
-`quiet_lm_eval()` silences lm-eval's, datasets' and transformers' logs and progress bars while
-tasks run (grape eval --verbose keeps them).
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from grape.errors import DataError
+from grape.lmeval_tasks import LOCAL_TASKS, build_local_tasks, quiet_lm_eval, task_name
 
-LOCAL = "local"  # grape.evaluation.LOCAL_TASKS: tasks built from the held-out text
 # dataset_path values that name a file format: their data is the `data_files` they list
 FILE_BUILDERS = {"json", "csv", "parquet", "text", "arrow", "pandas", "webdataset"}
 
@@ -216,8 +211,6 @@ def missing_data(cfg: Mapping[str, Any]) -> str | None:
 
 # -- the checks ---------------------------------------------------------------------------------
 def local_task_names(domains: Iterable[str], kinds: Sequence[str]) -> list[str]:
-    from grape.lmeval_tasks import task_name
-
     return [task_name(kind, domain) for kind in kinds for domain in domains]
 
 
@@ -248,7 +241,7 @@ def check_tasks(names: Sequence[str], task_paths: Sequence[str | os.PathLike] = 
     if names and builtin_task_dir() is None:
         raise UnavailableTaskError(f"lm-eval tasks ({', '.join(names)}) need lm-eval, which is not "
                                    "installed: pip install 'grape-moe[eval]'")
-    wanted = [n for n in dict.fromkeys(names) if n != LOCAL]
+    wanted = [n for n in dict.fromkeys(names) if n != LOCAL_TASKS]
     if not wanted:
         return
     files = TaskFiles(_roots(task_paths))
@@ -281,10 +274,8 @@ def check_eval_tasks(config, docs: Mapping[str, Sequence[str]]) -> None:
     if not config.tasks:
         return
     check_tasks(config.tasks, config.task_paths)
-    if LOCAL in config.tasks:
+    if LOCAL_TASKS in config.tasks:
         import tempfile
-
-        from grape.lmeval_tasks import build_local_tasks
 
         with tempfile.TemporaryDirectory(prefix="grape-tasks-check-") as tmp:
             build_local_tasks(docs, tmp, config.local_task_examples, config.seed,
@@ -312,54 +303,5 @@ def _names(cfg: Mapping[str, Any]) -> list[str]:
     return [name] if isinstance(name, str) else []
 
 
-# -- quiet ------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def quiet_lm_eval(quiet: bool = True, progress: bool = False) -> Iterator[None]:
-    """While lm-eval runs: its loggers (and datasets' and transformers') at ERROR, dataset
-    preparation bars off, and its per-request bar only when `progress`. Everything is restored
-    afterwards, so the caller's logging set-up is untouched. quiet=False changes nothing."""
-    with contextlib.ExitStack() as undo:
-        if quiet:
-            for name in ("lm_eval", "lm-eval", "datasets", "transformers"):
-                logger = logging.getLogger(name)
-                undo.callback(logger.setLevel, logger.level)
-                logger.setLevel(logging.ERROR)
-            _silence_bars(undo, progress)
-        yield
-
-
-def _silence_bars(undo: contextlib.ExitStack, progress: bool) -> None:
-    """Swap the tqdm of lm-eval's task building and tokenising (and, unless `progress`, of its
-    request loop) for a disabled one, and turn datasets' bars off; `undo` puts both back.
-    lm-eval has no switch of its own for these bars."""
-    import importlib
-
-    modules = ["lm_eval.api.task", "lm_eval.api.model"]
-    modules += [] if progress else ["lm_eval.models.huggingface"]
-    for name in modules:
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        if hasattr(module, "tqdm"):
-            undo.callback(setattr, module, "tqdm", module.tqdm)
-            module.tqdm = _silent_tqdm(module.tqdm)
-    try:
-        from datasets.utils import logging as datasets_logging
-    except ImportError:
-        return
-    if datasets_logging.is_progress_bar_enabled():
-        datasets_logging.disable_progress_bar()
-        undo.callback(datasets_logging.enable_progress_bar)
-
-
-def _silent_tqdm(tqdm_class):
-    def make(*args, **kwargs):
-        kwargs["disable"] = True
-        return tqdm_class(*args, **kwargs)
-
-    return make
-
-
 __all__ = ["UnavailableTaskError", "available_tasks", "cache_roots", "check_eval_tasks", "check_tasks",
-           "local_task_names", "missing_data", "quiet_lm_eval"]
+           "local_task_names", "missing_data"]

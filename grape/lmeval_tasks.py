@@ -14,17 +14,22 @@ Local task kinds (one lm-eval task per domain and kind, named grape_{kind}_{doma
 
 Everything is drawn from a random.Random seeded by (seed, kind, domain): the same documents and
 seed give byte-identical task files.
+
+`quiet_lm_eval()` silences lm-eval's, datasets' and transformers' logs and progress bars while
+tasks run (grape eval --verbose keeps them).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import random
 import re
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,14 +37,33 @@ from typing import Any
 import yaml
 
 from grape.errors import DataError
+from grape.loading import input_device
 from solvers._io import atomic_write_text
 
+LOCAL_TASKS = "local"  # in EvalConfig.tasks: build multiple-choice tasks from the eval documents
 LOCAL_TAG = "grape_local"
 N_CHOICES = 4
 CONTEXT_LINES = 4
 MAX_CONTEXT_CHARS = 600  # about 150-250 tokens: fits small models; lm-eval cuts longer ones from the left
 MIN_LINE_CHARS, MAX_LINE_CHARS = 8, 160
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]{2,}")
+
+
+@dataclass(frozen=True)
+class TaskScore:
+    """One lm-eval task (or group): its numeric metrics, e.g. {"acc": .., "acc_norm": ..}."""
+
+    name: str
+    metrics: dict[str, float]
+    samples: int | None = None
+
+    @property
+    def acc(self) -> float | None:
+        return self.metrics.get("acc")
+
+    @property
+    def acc_norm(self) -> float | None:
+        return self.metrics.get("acc_norm")
 
 
 @dataclass(frozen=True)
@@ -298,8 +322,6 @@ def task_manager(names: Sequence[str], include_paths: Sequence[str | os.PathLike
 
 
 def _scores(results: Mapping[str, Any]) -> dict:
-    from grape.evaluation import TaskScore
-
     samples = results.get("n-samples", {})
     out = {}
     for name, entry in results.get("results", {}).items():
@@ -325,9 +347,6 @@ def run_lm_eval(model, tokenizer, tasks: Sequence[str], include_paths: Sequence[
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    from grape.evaluation import input_device
-    from grape.lmeval_offline import quiet_lm_eval
-
     try:
         with quiet_lm_eval(quiet=not verbose, progress=progress):
             manager = task_manager(tasks, include_paths)
@@ -348,8 +367,6 @@ def run_lm_eval(model, tokenizer, tasks: Sequence[str], include_paths: Sequence[
 
 def run_tasks(model, tokenizer, docs_by_domain: Mapping[str, Sequence[str]], config) -> dict:
     """EvalConfig.tasks, with "local" expanded to tasks built from `docs_by_domain`."""
-    from grape.evaluation import LOCAL_TASKS
-
     names = [t for t in config.tasks if t != LOCAL_TASKS]
     paths = list(config.task_paths)
     with tempfile.TemporaryDirectory(prefix="grape-tasks-") as tmp:
@@ -363,12 +380,64 @@ def run_tasks(model, tokenizer, docs_by_domain: Mapping[str, Sequence[str]], con
                            progress=config.progress)
 
 
+# -- quiet ------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def quiet_lm_eval(quiet: bool = True, progress: bool = False) -> Iterator[None]:
+    """While lm-eval runs: its loggers (and datasets' and transformers') at ERROR, dataset
+    preparation bars off, and its per-request bar only when `progress`. Everything is restored
+    afterwards, so the caller's logging set-up is untouched. quiet=False changes nothing."""
+    with contextlib.ExitStack() as undo:
+        if quiet:
+            for name in ("lm_eval", "lm-eval", "datasets", "transformers"):
+                logger = logging.getLogger(name)
+                undo.callback(logger.setLevel, logger.level)
+                logger.setLevel(logging.ERROR)
+            _silence_bars(undo, progress)
+        yield
+
+
+def _silence_bars(undo: contextlib.ExitStack, progress: bool) -> None:
+    """Swap the tqdm of lm-eval's task building and tokenising (and, unless `progress`, of its
+    request loop) for a disabled one, and turn datasets' bars off; `undo` puts both back.
+    lm-eval has no switch of its own for these bars."""
+    import importlib
+
+    modules = ["lm_eval.api.task", "lm_eval.api.model"]
+    modules += [] if progress else ["lm_eval.models.huggingface"]
+    for name in modules:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, "tqdm"):
+            undo.callback(setattr, module, "tqdm", module.tqdm)
+            module.tqdm = _silent_tqdm(module.tqdm)
+    try:
+        from datasets.utils import logging as datasets_logging
+    except ImportError:
+        return
+    if datasets_logging.is_progress_bar_enabled():
+        datasets_logging.disable_progress_bar()
+        undo.callback(datasets_logging.enable_progress_bar)
+
+
+def _silent_tqdm(tqdm_class):
+    def make(*args, **kwargs):
+        kwargs["disable"] = True
+        return tqdm_class(*args, **kwargs)
+
+    return make
+
+
 __all__ = [
     "LOCAL_TAG",
+    "LOCAL_TASKS",
     "LOCAL_TASK_KINDS",
     "LocalTaskKind",
+    "TaskScore",
     "build_local_tasks",
     "force_offline",
+    "quiet_lm_eval",
     "register_kind",
     "run_lm_eval",
     "run_tasks",

@@ -30,6 +30,11 @@ from grape.modelfiles import (
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
+def input_device(model):
+    """Where inputs must go: the embedding's device (right for device_map-sharded models)."""
+    return model.get_input_embeddings().weight.device
+
+
 def device_map(device: str = "auto", offload_folder: str | None = None) -> Any:
     """The accelerate device_map for a --device / --device-map value, every device checked."""
     import torch
@@ -109,4 +114,4 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
     return tokenizer
 
 
-__all__ = ["DTYPES", "device_map", "load_model", "load_tokenizer"]
+__all__ = ["DTYPES", "device_map", "input_device", "load_model", "load_tokenizer"]

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from grape.errors import DataError
+from grape.errors import ArchitectureError, DataError
 from solvers.errors import UserError
 
 
@@ -27,8 +27,11 @@ class CheckpointFilesError(UserError):
 _FIX = "pass a checkpoint directory written by `grape apply` or `save_pretrained`"
 # a safetensors header is a JSON object of at most this many bytes (the format's own limit)
 _MAX_HEADER = 100_000_000
+INDEX_FILE = "model.safetensors.index.json"  # a sharded checkpoint's tensor name -> file map
 
 
+# a decoder layer's index in a tensor name: model.layers.12.mlp..., layers.0.attn...
+_LAYER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 # owner/name as the Hugging Face Hub spells model ids
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 MODEL_HELP = ("model directory, or a Hugging Face model id (owner/name) already in the local "
@@ -100,8 +103,6 @@ def check_model_dir(path: Path, trust_remote_code: bool = False) -> dict[str, An
         check_safetensors(shard)
     # values the model is built from, and weights for every layer it declares (a bad config
     # would otherwise fail deep inside transformers, or run on random values)
-    from grape.modelchecks import check_config_values, check_layers_covered
-
     check_config_values(resolve_model(path), config)
     check_layers_covered(resolve_model(path), config)
     return config
@@ -184,7 +185,7 @@ def check_remote_code(path: str | os.PathLike, config: dict[str, Any],
 def weight_files(path: Path) -> list[Path]:
     """The safetensors files of a checkpoint: those its index names, else every *.safetensors.
     A missing shard named by the index is an error."""
-    index = path / "model.safetensors.index.json"
+    index = path / INDEX_FILE
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
@@ -208,11 +209,12 @@ def _bad_file(file: Path, why: str) -> CheckpointFilesError:
 def safetensors_header(file: Path) -> dict[str, Any]:
     """The JSON header of a safetensors file (tensor name -> dtype, shape, data_offsets; plus
     ``__metadata__``), read without the tensors; a one-line error when it is not one."""
-    return _read_header(file)[0]
+    return read_header(file)[0]
 
 
-def _read_header(file: Path) -> tuple[dict[str, Any], int, int]:
-    """(header, header length, file size)."""
+def read_header(file: Path) -> tuple[dict[str, Any], int, int]:
+    """(header, offset of the data section, file size) of a safetensors file; a one-line error
+    when it is not one (too short, a header longer than the file or not a JSON object)."""
     size = file.stat().st_size
     with open(file, "rb") as handle:
         head = handle.read(8)
@@ -228,7 +230,7 @@ def _read_header(file: Path) -> tuple[dict[str, Any], int, int]:
         raise _bad_file(file, "the header is not JSON") from None
     if not isinstance(header, dict):
         raise _bad_file(file, "the header is not a JSON object")
-    return header, length, size
+    return header, 8 + length, size
 
 
 def check_safetensors(file: Path) -> None:
@@ -237,7 +239,7 @@ def check_safetensors(file: Path) -> None:
     def bad(why: str) -> CheckpointFilesError:
         return _bad_file(file, why)
 
-    header, length, size = _read_header(file)
+    header, data_start, size = read_header(file)
     end = 0
     for name, info in header.items():
         if name == "__metadata__":
@@ -249,8 +251,75 @@ def check_safetensors(file: Path) -> None:
         if not 0 <= start <= stop:
             raise bad(f"tensor {name!r} has offsets {start}..{stop}")
         end = max(end, stop)
-    if 8 + length + end > size:
-        raise bad(f"truncated: the header needs {8 + length + end} bytes, the file has {size}")
+    if data_start + end > size:
+        raise bad(f"truncated: the header needs {data_start + end} bytes, the file has {size}")
+
+
+# -- config.json against transformers, and against the weights ------------------------------
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_config_values(path: Path, config: dict[str, Any]) -> None:
+    """config.json's model_type is one transformers (or GRAPE) knows, and a supported MoE
+    family's expert count and top_k make sense. Unknown types with an `auto_map` are left to
+    the remote-code check (check_remote_code)."""
+    where = Path(path) / "config.json"
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise ArchitectureError(f"{where} has no model_type (found {model_type!r}); it must name "
+                                "the architecture, e.g. \"qwen3_moe\"")
+    from grape.adapters.base import check_model_config, supported_model_types
+
+    if check_model_config(config, str(where)):
+        return
+    if config.get("auto_map") or builtin_model_type(model_type):
+        return  # a dense model (grape eval takes any causal LM) or remote code
+    raise ArchitectureError(f"{where}: model_type {model_type!r} is not an architecture this "
+                            "transformers knows; GRAPE prunes "
+                            f"{', '.join(supported_model_types())} (grape eval also takes any "
+                            "causal LM transformers has)")
+
+
+def declared_layers(config: dict[str, Any]) -> int | None:
+    """num_hidden_layers (of the text model for a multimodal config), or None when absent."""
+    value = config.get("num_hidden_layers")
+    if value is None and isinstance(config.get("text_config"), dict):
+        value = config["text_config"].get("num_hidden_layers")
+    return value
+
+
+def check_layers_covered(path: Path, config: dict[str, Any]) -> None:
+    """Every decoder layer config.json declares has tensors in the safetensors files (headers
+    only). Folders without safetensors, or with names that carry no layer index, are left to
+    transformers' own report (check_loaded)."""
+    declared = declared_layers(config)
+    if declared is None:
+        return
+    where = Path(path) / "config.json"
+    if not _whole(declared) or declared < 1:
+        raise ArchitectureError(f"{where}: num_hidden_layers is {declared!r}; it must be a whole "
+                                "number of decoder layers, at least 1")
+    found = set()
+    for shard in weight_files(Path(path)):
+        for name in safetensors_header(shard):
+            match = _LAYER_NAME.search(name)
+            if match:
+                found.add(int(match.group(1)))
+    missing = sorted(set(range(declared)) - found)
+    if found and missing:
+        raise CheckpointFilesError(
+            f"{where} declares {declared} layers (num_hidden_layers) but the weights hold none of "
+            f"layer(s) {_span(missing)}, which would run on random values; set num_hidden_layers "
+            f"to {max(found) + 1} if the model has that many layers, or re-download the missing "
+            "weight files")
+
+
+def _span(indices: list[int]) -> str:
+    if len(indices) > 1 and indices[-1] - indices[0] == len(indices) - 1:
+        return f"{indices[0]}-{indices[-1]}"
+    shown = ", ".join(str(i) for i in indices[:8])
+    return shown + (f" and {len(indices) - 8} more" if len(indices) > 8 else "")
 
 
 def context_length(config: dict[str, Any]) -> int | None:
@@ -352,11 +421,14 @@ def parse_device_map(spec: str, offload_folder: str | None = None) -> Any:
 __all__ = [
     "MODEL_HELP",
     "REMOTE_CODE_FIX",
+    "INDEX_FILE",
     "CheckpointFilesError",
     "RemoteCodeError",
     "auto_map_files",
     "builtin_model_type",
+    "check_config_values",
     "check_device",
+    "check_layers_covered",
     "check_model_dir",
     "check_remote_code",
     "check_safetensors",
@@ -364,10 +436,12 @@ __all__ = [
     "check_seq_len",
     "cached_model",
     "context_length",
+    "declared_layers",
     "hf_cache_roots",
     "model_code_files",
     "parse_device_map",
     "read_config",
+    "read_header",
     "remote_code_files",
     "resolve_model",
     "resolve_seq_len",

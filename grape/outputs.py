@@ -249,6 +249,9 @@ def _is_json_of(kind: str) -> Callable[[Path], bool]:
 
 SCORES_FILE = _is_scores_file
 PLAN_FILE = _is_json_of("grape.plan")
+# the file every checkpoint GRAPE writes holds (source model, plan, method, versions): grape
+# apply's output signature, and how inspect tells a GRAPE-pruned checkpoint
+PROVENANCE_FILE = "grape_provenance.json"
 
 
 @dataclass(frozen=True)
@@ -336,6 +339,7 @@ __all__ = [
     "FileOutput",
     "OutputError",
     "PLAN_FILE",
+    "PROVENANCE_FILE",
     "SCORES_FILE",
     "add_overwrite_argument",
     "check_creatable",

@@ -53,8 +53,8 @@ from solvers.inputfiles import read_input, refuse_special
 
 RECIPE_SUFFIXES = (".yaml", ".yml", ".toml", ".json")
 # options whose values are paths: relative ones in a recipe are read from the recipe's folder
-PATH_OPTIONS = {"model", "tokenizer", "data", "eval_data", "scores", "plan", "out", "baseline",
-                "task_path", "offload_folder", "path"}
+PATH_OPTIONS = {"model", "tokenizer", "data", "eval_data", "search_data", "scores", "plan", "out",
+                "baseline", "task_path", "offload_folder", "path"}
 _HUB_ID_OPTIONS = {"model", "tokenizer"}  # may also be a Hub id (grape.modelfiles.resolve_model)
 # argparse destinations that are not options of the run (set by grape.cli or the recipe itself)
 # not settable from a recipe and not recorded: --overwrite must be asked for on each run

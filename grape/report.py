@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from solvers._io import atomic_open, atomic_write_text
+from grape.scoreplots import new_figure, plot_scores, save_figure
+from solvers._io import atomic_write_text
 from solvers.plan import Plan
 
 PLOT_KEPT = "experts_per_layer.png"
@@ -149,7 +150,7 @@ def placement_table(rows: Sequence[Mapping[str, Any]]) -> str:
 
 def plot_placement(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
     """Stacked bars per device (routed experts, other parts, KV cache) against its cap."""
-    fig = _figure(max(4.5, 0.9 * len(rows) + 2.5), 3.4)
+    fig = new_figure(max(4.5, 0.9 * len(rows) + 2.5), 3.4)
     ax = fig.add_subplot()
     xs = list(range(len(rows)))
     parts = [[v / _GIB for v in _parts(row)] for row in rows]
@@ -168,7 +169,7 @@ def plot_placement(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -
     ax.set_ylabel("GiB")
     ax.set_title("Memory per device against its cap")
     ax.legend(fontsize="small", loc="upper right", ncol=4)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # -- evaluation ------------------------------------------------------------------------------
@@ -195,26 +196,11 @@ def nll_table(base: Any, pruned: Mapping[str, Any]) -> str:
 
 
 # -- plots -----------------------------------------------------------------------------------
-def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig, path: str | os.PathLike) -> Path:
-    with atomic_open(path, "wb") as handle:
-        fig.savefig(handle, format="png")
-    return Path(path)
-
-
 def plot_kept_per_layer(plans: Mapping[str, Plan], original: Mapping[int, int],
                         path: str | os.PathLike) -> Path:
     layers = sorted(original)
     names = list(plans)
-    fig = _figure(max(6.0, 0.5 * len(layers) * max(1, len(names)) + 2), 3.6)
+    fig = new_figure(max(6.0, 0.5 * len(layers) * max(1, len(names)) + 2), 3.6)
     ax = fig.add_subplot()
     width = 0.8 / max(1, len(names))
     for i, name in enumerate(names):
@@ -230,13 +216,13 @@ def plot_kept_per_layer(plans: Mapping[str, Plan], original: Mapping[int, int],
     ax.set_ylabel("experts kept")
     ax.set_title("Experts kept per layer")
     ax.legend(fontsize="small", loc="upper right", ncol=len(names) + 1)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_nll(base: Any, pruned: Mapping[str, Any], path: str | os.PathLike) -> Path:
     domains = list(base.domains)
     names = list(pruned)
-    fig = _figure(max(7.0, 1.6 * len(domains) + 3), 3.6)
+    fig = new_figure(max(7.0, 1.6 * len(domains) + 3), 3.6)
     left, right = fig.subplots(1, 2)
     series = [("before", base)] + [(n, pruned[n]) for n in names]
     width = 0.8 / len(series)
@@ -261,13 +247,13 @@ def plot_nll(base: Any, pruned: Mapping[str, Any], path: str | os.PathLike) -> P
     right.set_title("Cost of pruning (lower is better)")
     if names:
         right.legend(fontsize="small")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_solvers(rows: Sequence[SolverRow], path: str | os.PathLike) -> Path:
     """One panel per objective: each solver's excess over the best plan found (%)."""
     objectives = list(dict.fromkeys(r.objective for r in rows))
-    fig = _figure(max(6.5, 4.0 * len(objectives)), 0.35 * max(len([r for r in rows if r.objective == o])
+    fig = new_figure(max(6.5, 4.0 * len(objectives)), 0.35 * max(len([r for r in rows if r.objective == o])
                                                                for o in objectives) + 1.6)
     axes = fig.subplots(1, len(objectives), squeeze=False)[0]
     for ax, objective in zip(axes, objectives):
@@ -295,7 +281,7 @@ def plot_solvers(rows: Sequence[SolverRow], path: str | os.PathLike) -> Path:
         else:
             ax.set_xlim(0, top * 1.35)
     fig.suptitle("Each solver's plan above the best plan found (lower is better)", fontsize="medium")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_kept_by_solver(rows: Sequence[SolverRow], path: str | os.PathLike) -> Path:
@@ -305,7 +291,7 @@ def plot_kept_by_solver(rows: Sequence[SolverRow], path: str | os.PathLike) -> P
                   if any(r.objective == o and r.kept_per_layer for r in rows)]
     layers = sorted({int(k) for r in rows if r.kept_per_layer for k in r.kept_per_layer})
     solvers = max(len([r for r in rows if r.objective == o and r.kept_per_layer]) for o in objectives)
-    fig = _figure(min(24.0, 1.5 + len(objectives) * (1.5 + 0.28 * len(layers))), 1.4 + 0.32 * solvers)
+    fig = new_figure(min(24.0, 1.5 + len(objectives) * (1.5 + 0.28 * len(layers))), 1.4 + 0.32 * solvers)
     axes = fig.subplots(1, len(objectives), squeeze=False, sharey=False)[0]
     top = max(v for r in rows if r.kept_per_layer for v in r.kept_per_layer.values())
     image = None
@@ -325,7 +311,7 @@ def plot_kept_by_solver(rows: Sequence[SolverRow], path: str | os.PathLike) -> P
         ax.set_title(objective, fontsize="medium")
     fig.colorbar(image, ax=list(axes), label="experts kept")
     fig.suptitle("Experts kept per layer by each solver's plan", fontsize="medium")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # -- the run report --------------------------------------------------------------------------
@@ -376,8 +362,6 @@ class RunReport:
         out_dir.mkdir(parents=True, exist_ok=True)
         plots = {}
         if self.scores is not None:
-            from grape.scoreplots import plot_scores
-
             plots.update({k: p.name for k, p in plot_scores(self.scores, out_dir).items()})
         if self.plans:
             plots["kept"] = plot_kept_per_layer(self.plans, self.original, out_dir / PLOT_KEPT).name

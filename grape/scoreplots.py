@@ -10,7 +10,8 @@
 
     paths = plot_scores(scores, "plots/")       # {"importance": Path, ...}; absent ones skipped
 
-Drawn with grape.report's Agg figures (no pyplot state touched); no torch.
+Drawn on Agg figures (`new_figure`, no pyplot state touched) saved atomically (`save_figure`),
+the helpers every GRAPE picture uses (grape.report's too); no torch.
 """
 
 from __future__ import annotations
@@ -21,10 +22,29 @@ from pathlib import Path
 
 import numpy as np
 
+from solvers._io import atomic_open
+
 PLOT_IMPORTANCE = "importance.png"
 PLOT_SIMILARITY = "similarity.png"
 PLOT_CURVES = "cost_curves.png"
 SIMILARITY_ORDER = ("cka", "cosine", "router")  # the first one measured is drawn
+
+
+def new_figure(width: float, height: float):
+    """A matplotlib Figure on its own Agg canvas (no pyplot state touched)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """`fig` written to `path` as a PNG, atomically."""
+    with atomic_open(path, "wb") as handle:
+        fig.savefig(handle, format="png")
+    return Path(path)
 
 
 def plot_scores(scores, out_dir: str | os.PathLike, criterion: str | None = None) -> dict[str, Path]:
@@ -70,8 +90,6 @@ def _relative_importance(values: np.ndarray) -> np.ndarray:
 def plot_importance(scores, criterion: str, path: str | os.PathLike) -> Path:
     from matplotlib.colors import LogNorm
 
-    from grape.report import _figure, _save
-
     importance = scores.importance(criterion)
     layers = sorted(importance)
     width = max(len(importance[layer]) for layer in layers)
@@ -85,7 +103,7 @@ def plot_importance(scores, criterion: str, path: str | os.PathLike) -> Path:
     top = float(finite.max()) if finite.size else 1.0
     low = max(float(finite.min()) if finite.size else 0.1, top * 1e-3)  # 3 decades at most
     norm = LogNorm(vmin=min(low, 0.5), vmax=max(top, 2.0))
-    fig = _figure(min(18.0, 4.0 + 0.16 * width), min(14.0, max(3.6, 2.0 + 0.22 * len(layers))))
+    fig = new_figure(min(18.0, 4.0 + 0.16 * width), min(14.0, max(3.6, 2.0 + 0.22 * len(layers))))
     axes = fig.subplots(1, 2, sharey=True)
     cmap = _cmap("viridis")
     for ax, data, title in ((axes[0], grid, "in expert order"), (axes[1], ranked, "sorted, largest first")):
@@ -97,16 +115,14 @@ def plot_importance(scores, criterion: str, path: str | os.PathLike) -> Path:
     fig.colorbar(image, ax=axes, label="importance / layer mean")
     fig.suptitle(f"Expert importance per layer ({criterion}; 1 = the layer's mean, log scale; "
                  "grey = never routed)", fontsize="medium")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_similarity(scores, kind: str, path: str | os.PathLike) -> Path:
-    from grape.report import _figure, _save
-
     layers = [layer for layer in sorted(scores.layers) if kind in scores.layers[layer].similarity]
     cols = math.ceil(math.sqrt(len(layers)))
     rows = math.ceil(len(layers) / cols)
-    fig = _figure(2.0 * cols + 1.2, 2.0 * rows + 0.6)
+    fig = new_figure(2.0 * cols + 1.2, 2.0 * rows + 0.6)
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     low = min(0.0, min(float(scores.layers[layer].similarity[kind].min()) for layer in layers))
     image = None
@@ -122,17 +138,15 @@ def plot_similarity(scores, kind: str, path: str | os.PathLike) -> Path:
         ax.axis("off")
     fig.colorbar(image, ax=axes.tolist(), label=f"{kind} similarity", shrink=0.8)
     fig.suptitle(f"Expert similarity per layer ({kind}; experts in index order)", fontsize="medium")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_cost_curves(scores, path: str | os.PathLike) -> Path:
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 
-    from grape.report import _figure, _save
-
     layers = [layer for layer in sorted(scores.layers) if scores.layers[layer].cost_curve is not None]
-    fig = _figure(7.5, 4.2)
+    fig = new_figure(7.5, 4.2)
     ax = fig.add_subplot()
     colours = ScalarMappable(Normalize(min(layers), max(max(layers), min(layers) + 1)), _cmap("viridis"))
     for layer in layers:
@@ -148,7 +162,7 @@ def plot_cost_curves(scores, path: str | os.PathLike) -> Path:
     ax.grid(alpha=0.3)
     fig.colorbar(colours, ax=ax, label="MoE layer (decoder index)")
     ax.set_title("Measured cost of keeping fewer experts, per layer", fontsize="medium")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _tick_labels(layers: list[int]) -> list[str]:
@@ -162,5 +176,5 @@ def _cmap(name: str):
     return colormaps[name].with_extremes(bad="0.85")  # never-routed experts and padding: light grey
 
 
-__all__ = ["PLOT_CURVES", "PLOT_IMPORTANCE", "PLOT_SIMILARITY", "missing_pictures", "plot_scores",
-           "similarity_kind"]
+__all__ = ["PLOT_CURVES", "PLOT_IMPORTANCE", "PLOT_SIMILARITY", "missing_pictures", "new_figure",
+           "plot_scores", "save_figure", "similarity_kind"]

@@ -26,14 +26,13 @@ from torch import nn
 
 import grape
 from grape.adapters.base import MoEAdapter
-from grape.layer_outputs import (  # noqa: F401 - the layer measurements, importable from here too
+from grape.layer_outputs import (  # noqa: F401 - tests import the gram helpers from here
     all_expert_outputs,
     cost_curve,
-    dense_weights,
     expert_grams,
     token_grams,
 )
-from grape.reconstruction import (  # noqa: F401 - importable from here too
+from grape.reconstruction import (  # noqa: F401 - full_reconstruction_order: tests import it here
     full_reconstruction_order,
     reconstruction_importance,
     reconstruction_order,

@@ -56,7 +56,7 @@ from grape.distributed import (
     owner,
     reduce_layer,
 )
-from grape.errors import DataError
+from grape.errors import ArchitectureError, DataError
 from grape.layerwise import LayerLoader, PassThrough, build_skeleton, decoder_layers
 from grape.modelsizes import model_sizes
 from grape.observer import ExpertObserver
@@ -338,6 +338,7 @@ def calibrate_sequential(
         raise DataError(f"hidden_states {hidden_states!r} is not one of {', '.join(STORAGE)}")
     device = torch.device(device)
     model = build_skeleton(model_dir, resolve_dtype(dtype, device, _config(model_dir)))
+    refuse_unhandled(model)
     dtype = next(model.parameters()).dtype
     input_ids, mask, provenance, tokens = prepare_input(data, config, model.config.to_dict())
     world, meter = current_world(), Meter([device])
@@ -385,6 +386,19 @@ def _run_layers(run: _Run) -> tuple[dict | None, dict]:
         sampled.update(layer_sampled)
         run.save(index + 1)
     return merge_layers(gather_to_main(scores, run.world)), sampled
+
+
+def refuse_unhandled(model: nn.Module) -> None:
+    """Outside the decoder layers, a sequential run moves the model's rotary embedding
+    (model.model.rotary_emb) to the device and stands in for its final norm (model.model.norm)
+    while it records each layer's arguments: a model without either (no rotary embedding, as
+    Mamba hybrids and NoPE configs; another name) would run weights that were never loaded."""
+    missing = [f"model.model.{name}" for name in ("rotary_emb", "norm")
+               if getattr(model.model, name, None) is None]
+    if missing:
+        raise ArchitectureError(f"layer-sequential calibration does not handle this "
+                                f"{model.config.model_type} model yet: it has no "
+                                f"{' and no '.join(missing)}; use --mode whole")
 
 
 def _config(model_dir):

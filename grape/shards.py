@@ -16,25 +16,22 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from grape.modelfiles import INDEX_FILE, read_header, weight_files
+from solvers.constraints.units import parse_bytes
 from solvers.errors import UserError
 
-INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 DEFAULT_MAX_SHARD_SIZE = "50GB"  # transformers v5 save_pretrained's default
 _CHUNK = 16 << 20  # bytes copied per read
-_MAX_HEADER = 100_000_000
 # bytes per element, for ordering tensors in a file (largest first keeps every tensor aligned,
 # as the safetensors library does); unknown dtypes count as 1
 _ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2,
              "I16": 2, "U16": 2}
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
 class ShardError(UserError):
@@ -88,37 +85,12 @@ class StoredTensor:
 
 
 # -- reading ----------------------------------------------------------------------------------
-def read_header(file: Path) -> tuple[dict, int]:
-    """(header, offset of the data section) of a safetensors file."""
-    with open(file, "rb") as handle:
-        head = handle.read(8)
-        if len(head) < 8:
-            raise ShardError(f"{file} is not a safetensors file (only {len(head)} bytes)")
-        (length,) = struct.unpack("<Q", head)
-        if length > _MAX_HEADER:
-            raise ShardError(f"{file} is not a safetensors file (header of {length} bytes)")
-        raw = handle.read(length)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise ShardError(f"{file} is not a safetensors file (the header is not JSON)") from None
-    return header, 8 + length
-
-
-def weight_files(directory: Path) -> list[Path]:
-    """The checkpoint's safetensors files, in the order of its index (or by name)."""
-    index = directory / INDEX_FILE
-    if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        return [directory / name for name in sorted(set(weight_map.values()))]
-    return sorted(directory.glob("*.safetensors"))
-
-
 def stored_tensors(directory: Path) -> dict[str, StoredTensor]:
-    """Every tensor of the checkpoint in `directory`, in file order (by file, then offset)."""
+    """Every tensor of the checkpoint in `directory`, in file order (by file, then offset).
+    Files and headers are read by grape.modelfiles (a missing shard or a bad header is an error)."""
     out: dict[str, StoredTensor] = {}
     for file in weight_files(Path(directory)):
-        header, data_start = read_header(file)
+        header, data_start, _ = read_header(file)
         header.pop("__metadata__", None)
         for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
             start, stop = (int(v) for v in info["data_offsets"])
@@ -133,15 +105,11 @@ def stored_tensors(directory: Path) -> dict[str, StoredTensor]:
 # -- writing ----------------------------------------------------------------------------------
 def parse_size(text: str | int) -> int:
     """Bytes in '200MB', '5GB', '2GiB' or a plain integer (KB/MB/GB are powers of 1000, as in
-    transformers' max_shard_size)."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        value, unit = float(text), ""
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
-        if not match or match.group(2).upper() not in _UNITS:
-            raise ShardError(f"shard size {text!r} is not a size; write e.g. 200MB, 5GB or 2GiB")
-        value, unit = float(match.group(1)), match.group(2).upper()
-    size = int(value * _UNITS[unit])
+    transformers' max_shard_size): the units of every size flag (solvers' parse_bytes)."""
+    try:
+        size = int(parse_bytes(str(text)))
+    except UserError:
+        raise ShardError(f"shard size {text!r} is not a size; write e.g. 200MB, 5GB or 2GiB") from None
     if size < 1:
         raise ShardError(f"shard size {text!r} must be at least one byte")
     return size

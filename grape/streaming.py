@@ -65,12 +65,23 @@ def streaming_unavailable(model_dir: str | Path, config: dict[str, Any], method:
     """Why `grape apply` cannot stream this checkpoint (the in-memory path is used), or None."""
     if method not in STREAMING_METHODS:
         return f"--method {method} needs the weights in memory"
+    family = family_refusal(config.get("model_type"))
+    if family is not None:
+        return family
     if not list(Path(model_dir).glob("*.safetensors")):
         return "the checkpoint has no safetensors files"
     stored = config.get("dtype") or config.get("torch_dtype")
     if dtype != "auto" and dtype != stored:
         return f"--dtype {dtype} converts the weights (config.json says {stored})"
     return None
+
+
+def family_refusal(model_type) -> str | None:
+    """Why this family's checkpoints cannot be streamed (its adapter's declaration), or None."""
+    from grape.adapters.base import adapter_class
+
+    why = getattr(adapter_class(model_type), "streaming_refusal", None)
+    return f"{model_type} checkpoints cannot be pruned shard by shard: {why}" if why else None
 
 
 # -- the verb ---------------------------------------------------------------------------------
@@ -130,6 +141,9 @@ def load_skeleton(model_dir: Path, stored: dict[str, StoredTensor]):
         model = pruned_class(base)(config)
     model.__class__ = base
     adapter = get_adapter(model)
+    refusal = family_refusal(model.config.model_type)
+    if refusal is not None:
+        raise StreamingError(f"{refusal}; pass --in-memory")
     adapter.mask_from_config()
     if getattr(model.config, "dtype", None) is None:
         first = next((t.dtype for t in stored.values() if t.dtype in _FLOAT_DTYPES), None)
@@ -149,6 +163,7 @@ def _load_routers(model, adapter, model_dir: Path, stored: dict[str, StoredTenso
         router = adapter.router(layer)
         for local in _per_expert_tensors(router, adapter.num_experts(layer)):
             wanted[f"{module_names[id(router)]}.{local}"] = (layer, local)
+        _refuse_unsliced(adapter, layer, module_names)
     keys = stored_names(model, set(wanted), list(stored))
     missing = sorted(set(wanted) - set(keys))
     if missing:
@@ -168,6 +183,24 @@ def _load_routers(model, adapter, model_dir: Path, stored: dict[str, StoredTenso
                                  f"{prefix!r}; pass --in-memory")
         layout.router_keys.add(key)
     return layouts
+
+
+def _refuse_unsliced(adapter, layer: int, module_names: dict[int, str]) -> None:
+    """A per-expert value outside the router's own tensors and the experts module (a block's
+    selection bias, a router child's) would be copied unsliced: a checkpoint that does not
+    load, or routes wrongly. An adapter declares such a family (streaming_refusal); this
+    catches one that does not."""
+    from grape.adapters.fused import _per_expert_tensors
+
+    n = adapter.num_experts(layer)
+    block, router, experts = adapter.block(layer), adapter.router(layer), adapter.experts(layer)
+    sliced = {id(t) for t in _per_expert_tensors(router, n).values()}
+    sliced |= {id(t) for t in list(experts.parameters()) + list(experts.buffers())}
+    for name, tensor in list(block.named_parameters()) + list(block.named_buffers()):
+        if id(tensor) not in sliced and n > 1 and tensor.numel() == n:  # one value per expert
+            raise StreamingError(f"layer {layer}: {module_names[id(block)]}.{name} holds one "
+                                 "value per expert outside the router's own tensors; streaming "
+                                 "would copy it unsliced. Pass --in-memory")
 
 
 # -- what each stored tensor becomes --------------------------------------------------------
@@ -253,7 +286,6 @@ def write_checkpoint(model, plan: Plan | None, tensors: list[StoredTensor], fina
     from grape.checkpoint import (
         MODELING_FILE,
         PLAN_FILE,
-        PROVENANCE_FILE,
         REMOTE_CLASS,
         _check_target,
         _finish_config,
@@ -264,6 +296,7 @@ def write_checkpoint(model, plan: Plan | None, tensors: list[StoredTensor], fina
         staged_directory,
         write_model_card,
     )
+    from grape.outputs import PROVENANCE_FILE
     from solvers._io import atomic_write_text
 
     adapter = get_adapter(model)

@@ -8,8 +8,12 @@ like an experts / sparse-MoE block / top-k router. Each is tagged with the head 
 maps it to: causal-LM, multimodal (image/video/audio-text-to-text) or other (encoder-decoder,
 encoder, no generative head).
 
+README.md's architecture table (between `<!-- architectures -->` and `<!-- /architectures -->`)
+is generated from the adapters: one row per adapter class, from its declarations (`family`,
+`examples`, `special`, `streaming_refusal`) and the model types it registers.
+
     python scripts/moe_families.py             # the table on stdout
-    python scripts/moe_families.py --write     # also regenerate docs/families.md
+    python scripts/moe_families.py --write     # also regenerate docs/families.md and README's table
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "families.md"
+README = ROOT / "README.md"
+TABLE_BEGIN, TABLE_END = "<!-- architectures -->", "<!-- /architectures -->"
 # class names of routed-expert machinery in transformers modeling files
 _MOE_CLASS = re.compile(
     r"^class \w*(Experts|SparseMoe\w*|SparseMoE\w*|MoeBlock|MoEBlock|TopkRouter|TopKRouter|MoE|Moe)\(",
@@ -99,9 +105,47 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def adapter_rows() -> list[dict]:
+    """One row per adapter class, by family name: family, model types, examples, special (with
+    a note when `grape apply` cannot stream the family's checkpoints)."""
+    from grape.adapters.base import _REGISTRY
+
+    types: dict[type, list[str]] = {}
+    for model_type, cls in _REGISTRY.items():
+        types.setdefault(cls, []).append(model_type)
+    rows = []
+    for cls, model_types in types.items():
+        if not cls.family or not cls.examples:
+            raise SystemExit(f"{cls.__name__} declares no `family` / `examples` for README's table")
+        notes = [cls.special] if cls.special else []
+        if cls.streaming_refusal:
+            notes.append("`grape apply` loads it in memory (not streamed)")
+        rows.append({"family": cls.family, "model_types": sorted(model_types),
+                     "examples": cls.examples, "special": "; ".join(notes)})
+    return sorted(rows, key=lambda r: r["family"].lower())
+
+
+def readme_table(rows: list[dict]) -> str:
+    lines = ["| family | `model_type` | for example | what is special |", "|---|---|---|---|"]
+    for r in rows:
+        types = ", ".join(f"`{t}`" for t in r["model_types"])
+        cells = [r["family"], types, r["examples"], r["special"]]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def with_table(readme: str, table: str) -> str:
+    """`readme` with `table` between the architecture-table markers."""
+    if TABLE_BEGIN not in readme or TABLE_END not in readme:
+        raise SystemExit(f"README.md has no {TABLE_BEGIN} ... {TABLE_END} section")
+    start, end = readme.index(TABLE_BEGIN) + len(TABLE_BEGIN), readme.index(TABLE_END)
+    return readme[:start] + "\n" + table + readme[end:]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--write", action="store_true", help=f"regenerate {DOC.relative_to(ROOT)}")
+    parser.add_argument("--write", action="store_true", help=f"regenerate {DOC.relative_to(ROOT)} "
+                        "and README.md's architecture table")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     rows = report()
@@ -109,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.write:
         DOC.write_text(text)
+        README.write_text(with_table(README.read_text(), readme_table(adapter_rows())))
     return 0
 
 

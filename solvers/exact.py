@@ -63,8 +63,6 @@ LAYER_SHARE = 0.05  # ... and the one-layer programs together
 LAYER_VARIABLES_PER_SECOND = 20_000  # one-layer programs are nearly integral: fast per variable
 LAYER_ROUNDS = 3  # one-layer programs at the plan's and the bound program's counts, then cuts
 
-solve_counts = solve_count_program  # the name this module used to define
-
 
 def relative_gap(value: float, bound: float | None) -> float | None:
     if bound is None:
@@ -175,7 +173,7 @@ class ExactSolver(Solver):
         """The count program over the curves' values (the plan) or bounds (the bound), each with
         its own table cache across rounds."""
         costs = [getattr(c, side) for c in curves]
-        return solve_counts(problem, costs, self._count_limit(), cache=self._tables[side])
+        return solve_count_program(problem, costs, self._count_limit(), cache=self._tables[side])
 
     def fits(self, seconds: float) -> bool:
         """Whether a phase estimated at `seconds` may start (the only use of the clock)."""
@@ -418,7 +416,7 @@ class ExactSolver(Solver):
             progress.cut = True
             return
         cert.evaluate(pending)
-        _, res = solve_counts(
+        _, res = solve_count_program(
             problem, [c.bound for c in curves], self._count_limit(), skip_expert=True
         )
         progress.offer_bound(res.bound)

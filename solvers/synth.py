@@ -40,10 +40,11 @@ class ModelShape:
     expert_intermediate: int
     n_group: int | None = None
     topk_group: int | None = None
+    moe_step: int = 1  # MoE on every moe_step-th layer from first_moe_layer (Llama-4 Maverick: 2)
 
     @property
     def moe_layers(self) -> list[int]:
-        return list(range(self.first_moe_layer, self.num_hidden_layers))
+        return list(range(self.first_moe_layer, self.num_hidden_layers, self.moe_step))
 
     @property
     def expert_bytes(self) -> int:
@@ -79,6 +80,14 @@ SHAPES: dict[str, ModelShape] = {
         ModelShape("llama-4-scout", "llama4_text", 48, 0, 16, 1, 1, 5120, 8192),
         ModelShape("ernie-4.5-21b-a3b", "ernie4_5_moe", 28, 1, 64, 6, 2, 2560, 1536),
         ModelShape("deepseek-v3.2", "deepseek_v32", 61, 3, 256, 8, 1, 7168, 2048, 8, 4),
+        # the releases' own config.json: GLM-4.6 (zai-org; GLM-4.5 and 4.7 have the same
+        # shape), Llama-4 Maverick (text_config: interleave_moe_layer_step 2, so MoE on the odd
+        # layers), ERNIE-4.5-300B-A47B (moe_layer_start_index 3 to the last layer), Gemma-4
+        # 26B-A4B (text_config: every layer's dense MLP beside its experts is the shared one)
+        ModelShape("glm-4.6", "glm4_moe", 92, 3, 160, 8, 1, 5120, 1536, 1, 1),
+        ModelShape("llama-4-maverick", "llama4_text", 48, 1, 128, 1, 1, 5120, 8192, moe_step=2),
+        ModelShape("ernie-4.5-300b-a47b", "ernie4_5_moe", 54, 3, 64, 8, 0, 8192, 3584),
+        ModelShape("gemma-4-26b-a4b", "gemma4_text", 30, 0, 128, 8, 1, 2816, 704),
     )
 }
 
@@ -142,6 +151,17 @@ DENSE: dict[str, Dense] = {
                          mla=(1536, 512, 128, 64, 128), router_bias=True),
     "kimi-k2": Dense(64, 64, 0, 163840, dense_intermediate=18432, shared_intermediate=2048,
                      mla=(1536, 512, 128, 64, 128), router_bias=True),
+    # attention_bias and use_qk_norm true; the correction bias of a sigmoid router
+    "glm-4.6": Dense(96, 8, 128, 151552, dense_intermediate=12288, shared_intermediate=1536,
+                     qk_norm=2 * 128, qkv_bias=True, router_bias=True),
+    # dense layers: intermediate_size_mlp; the shared expert: intermediate_size; no biases
+    "llama-4-maverick": Dense(40, 8, 128, 202048, dense_intermediate=16384,
+                              shared_intermediate=8192),
+    # the correction bias (gate.moe_statics); tie_word_embeddings true
+    "ernie-4.5-300b-a47b": Dense(64, 8, 128, 103424, dense_intermediate=28672, router_bias=True,
+                                 tied=True),
+    # (Gemma-4 26B-A4B has none: its global-attention layers differ from its sliding ones in head
+    # size and key/value heads, and Dense describes one attention for every layer)
 }
 
 

@@ -151,6 +151,17 @@ def test_the_documented_plugin_works_in_grape_compare(plugin_dir, scores, tmp_pa
     assert all(r["kept_max"] <= 5 for r in rows if r.get("kept_max") is not None)
 
 
+def test_compare_objectives_all_takes_the_registry_plugins_included(plugin_dir, scores, tmp_path):
+    from solvers.registry import objective_names
+
+    out = tmp_path / "cmp-all"
+    assert main(["compare", "--scores", str(scores), "--budget", "9", "--solvers", "greedy",
+                 "--objectives", "all", "--plugin", "my_grape_plugin", "--out", str(out)]) == 0
+    rows = json.loads((out / "compare.json").read_text())["rows"]
+    assert "shared_load" in objective_names()
+    assert [r["objective"] for r in rows] == objective_names()  # every registered term, in order
+
+
 def test_the_documented_plugin_works_in_grape_run(plugin_dir, ws, scores, tmp_path):
     out = tmp_path / "run"
     argv = ["run", "--model", str(ws.model), "--scores", str(scores), "--eval-data",

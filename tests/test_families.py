@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 import transformers as T
 from tiny_families import NEW_FAMILIES, make_family
-from tiny_models import tiny_input_ids
+from tiny_models import FAMILIES, make_tiny, tiny_input_ids
 
-from grape.adapters import get_adapter
+from grape.adapters import get_adapter, supported_model_types
 from grape.calibration import CalibrationConfig, calibrate
 from grape.checkpoint import save_pruned
 from grape.errors import ArchitectureError
@@ -174,6 +174,81 @@ def test_calibration_gives_finite_scores(family):
             assert np.isfinite(layer.cost_curve).all()
 
 
+# every family: the first seven (DeepSeek-V3 with 2 groups of 4, as the others' V3 routers) and
+# the new ones
+TWO_GROUPS = {"deepseek_v3": {"n_group": 2, "topk_group": 1}}
+ROUTED = {**{f: lambda f=f: make_tiny(f, **TWO_GROUPS.get(f, {})) for f in (*FAMILIES, "deepseek_v2")},
+          **{f: lambda f=f: make_family(f) for f in NEW_FAMILIES}}
+
+
+# in the quick suite: the selection biases of a block (MiniMax-M2, LFM2) and of a router child
+# (ERNIE), the sparsemixer (no -inf), a group-limited DeepSeek-V3 router; the others are slow
+QUICK_ROUTED = {"minimax_m2", "lfm2_moe", "ernie4_5_moe", "phimoe", "deepseek_v3"}
+
+
+@pytest.mark.parametrize("family", [
+    pytest.param(f, marks=() if f in QUICK_ROUTED else pytest.mark.slow) for f in sorted(ROUTED)])
+def test_route_rows_is_the_models_own_routing(family):
+    """route_rows (the reconstruction order's routing of many masks at once, from the router
+    logits) chooses what the model's router chooses: with nothing removed, the stock router's
+    top-k; with a row's experts removed, the top-k of the model masked to that row's set
+    (mask_experts: the router run on the kept experts, biases sliced as the model slices them)."""
+    model = ROUTED[family]()
+    generator = torch.Generator().manual_seed(3)
+    # selection biases as large as the scores: a removed expert's bias alone would win
+    with torch.no_grad():
+        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+            if name.endswith(("e_score_correction_bias", "expert_bias")):
+                tensor.copy_(torch.randn(tensor.shape, generator=generator))
+    adapter = get_adapter(model)
+    hidden = torch.randn(32, 32, generator=generator)
+    sets = [[1, 6], [0, 3, 4, 7]]  # balanced in 2 groups of 4; at least two kept (sparsemixer)
+    got, stock = {}, {}
+    with torch.no_grad():
+        for i, layer in enumerate(sorted(adapter.moe_blocks())):
+            logits, index, weight = adapter.router_logits(layer, hidden)
+            removed = torch.zeros(logits.shape, dtype=torch.bool)
+            removed[:16, sets[i % 2]] = True  # the first half of the rows masks a set
+            got[layer], stock[layer] = adapter.route_rows(layer, logits, removed), (index, weight)
+        for i, layer in enumerate(sorted(adapter.moe_blocks())):
+            adapter.mask_experts(layer, sets[i % 2])
+            masked = adapter.route(layer, hidden[:16])
+            assert not torch.equal(masked[0], stock[layer][0][:16])  # the removal re-routes rows
+            want = [torch.cat([m, s[16:]]) for m, s in zip(masked, stock[layer])]
+            order, want_order = got[layer][0].argsort(1), want[0].argsort(1)
+            chosen, want_chosen = got[layer][0].gather(1, order), want[0].gather(1, want_order)
+            wrong = (chosen != want_chosen).any(1).nonzero().squeeze(1).tolist()
+            assert not wrong, (f"layer {layer}: rows {wrong} chose {chosen[wrong].tolist()}, "
+                               f"not {want_chosen[wrong].tolist()}")
+            torch.testing.assert_close(got[layer][1].gather(1, order),
+                                       want[1].gather(1, want_order), rtol=1e-5, atol=1e-6)
+
+
+def test_uneven_balancing_loss_hooks_a_block_not_named_mlp():
+    """Granite's MoE block is `block_sparse_moe`: the per-layer load-balancing loss of an
+    unevenly pruned model records every MoE layer's router (a hook each, and the model's two)."""
+    from test_aux_loss import uneven_plan
+
+    model = make_family("granitemoe")
+    apply_plan(model, uneven_plan(model))
+    assert len(model._grape_uneven_aux_hooks) == len(get_adapter(model).moe_blocks()) + 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["granitemoe", "granitemoeshared", "granitemoehybrid"])
+def test_uneven_balancing_loss_finds_a_block_not_named_mlp(family, tmp_path):
+    """The same loss computed (in memory, and from the remote-code checkpoint) as
+    tests/test_aux_loss.py checks it for the first families."""
+    from test_aux_loss import check_uneven_output, uneven_plan
+
+    model = make_family(family)
+    assert type(get_adapter(model)).block_attr == "block_sparse_moe"
+    apply_plan(model, uneven_plan(model))
+    check_uneven_output(model.train())
+    out = save_pruned(model, tmp_path / family)
+    check_uneven_output(T.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).train())
+
+
 def test_latent_nemotron_h_is_refused():
     model = make_family("nemotron_h")
     model.config.moe_latent_size = 16
@@ -181,13 +256,30 @@ def test_latent_nemotron_h_is_refused():
         get_adapter(model)
 
 
-def test_moe_families_of_transformers_are_listed(capsys):
-    """Prints every MoE model type with GRAPE's answer; informative only, never fails."""
+def moe_families_script():
     path = Path(__file__).resolve().parents[1] / "scripts" / "moe_families.py"
     spec = importlib.util.spec_from_file_location("moe_families", path)
     module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_architecture_table_is_the_adapters():
+    """README's table is generated from the adapters' declarations: one row per adapter class,
+    every supported model type in one row (`python scripts/moe_families.py --write`)."""
+    script = moe_families_script()
+    rows = script.adapter_rows()  # refuses an adapter that declares no family or examples
+    assert sorted(t for row in rows for t in row["model_types"]) == supported_model_types()
+    readme = script.README.read_text()
+    table = script.readme_table(rows)
+    assert script.with_table(readme, table) == readme, "run python scripts/moe_families.py --write"
+    assert "| Llama 4 (text decoder) | `llama4_text` |" in table
+
+
+def test_moe_families_of_transformers_are_listed(capsys):
+    """Prints every MoE model type with GRAPE's answer; informative only, never fails."""
     try:
-        spec.loader.exec_module(module)
+        module = moe_families_script()
         rows = module.report()
     except Exception as exc:  # noqa: BLE001 - a listing, never a failure
         print(f"moe_families could not run: {exc!r}")

@@ -1,5 +1,6 @@
 """The `grape synth --shape` shapes of the families added for issue 24 (solvers/synth.py): each
-builds synthetic scores of the published shape and solves exactly to a plan the checker accepts."""
+builds synthetic scores of the published shape and solves exactly to a plan the checker accepts;
+the flagships' expert bytes and, where recorded, the model's total size are their configs'."""
 
 import pytest
 
@@ -15,6 +16,18 @@ NEW_SHAPES = {  # name: (MoE layers, routed experts, top_k)
     "llama-4-scout": (48, 16, 1),
     "ernie-4.5-21b-a3b": (27, 64, 6),
     "deepseek-v3.2": (58, 256, 8),
+    "glm-4.6": (89, 160, 8),
+    "llama-4-maverick": (24, 128, 1),
+    "ernie-4.5-300b-a47b": (51, 64, 8),
+    "gemma-4-26b-a4b": (30, 128, 8),
+}
+# bf16 bytes of one routed expert (3 x hidden x moe_intermediate x 2) and total parameters in
+# billions (the releases' names: 355B with GLM's multi-token-prediction layer, 400B, 300B)
+FLAGSHIPS = {
+    "glm-4.6": (3 * 5120 * 1536 * 2, 352.8),
+    "llama-4-maverick": (3 * 5120 * 8192 * 2, 400.7),
+    "ernie-4.5-300b-a47b": (3 * 8192 * 3584 * 2, 298.6),
+    "gemma-4-26b-a4b": (3 * 2816 * 704 * 2, None),
 }
 
 
@@ -30,3 +43,22 @@ def test_new_family_shape_builds_and_solves(name):
     assert check_plan(plan, problem) == []
     assert plan.num_removed == layers * experts // 4
     assert all(len(kept) >= top_k for kept in plan.kept.values())
+
+
+@pytest.mark.parametrize("name", sorted(FLAGSHIPS))
+def test_flagship_shape_bytes(name):
+    expert_bytes, billions = FLAGSHIPS[name]
+    shape = SHAPES[name]
+    scores = synth_scores(name, similarity=False, cost_curve=False)
+    sizes = {int(b) for layer in scores.layers.values() for b in layer.expert_bytes}
+    assert sizes == {expert_bytes}
+    if name == "llama-4-maverick":  # interleave_moe_layer_step 2: MoE on the odd layers
+        assert shape.moe_layers == list(range(1, 48, 2))
+    if billions is None:  # no dense-part description (see solvers/synth.py)
+        assert scores.sizes is None
+        return
+    sizes = scores.sizes.to_json()
+    params = sum(part[1] for part in sizes["layers"].values()) + sizes["embed"][1]
+    params += 0 if sizes["tied"] else sizes["head"][1]
+    params += shape.total_experts * expert_bytes // 2
+    assert params / 1e9 == pytest.approx(billions, abs=0.05)

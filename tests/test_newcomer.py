@@ -118,7 +118,7 @@ def test_tasks_from_a_task_path_need_their_data_files(tmp_path):
 def test_lm_eval_is_quiet_while_tasks_run_and_everything_is_restored():
     import lm_eval.api.task as task_module
 
-    from grape.lmeval_offline import quiet_lm_eval
+    from grape.lmeval_tasks import quiet_lm_eval
 
     logger = logging.getLogger("lm_eval")
     level, bar = logger.level, task_module.tqdm

@@ -21,7 +21,6 @@ from quality_methods import (
     METHODS,
     PROBES,
     Row,
-    interpolate_curve,
     measure_layer_curves,
     methods_by_name,
     paired_difference,
@@ -30,6 +29,7 @@ from quality_methods import (
 from tiny_models import make_tiny
 
 from grape.calibration import CalibrationConfig, calibrate
+from grape.sensitivity import interpolate_curve
 
 BUDGETS = (0.25, 0.5)
 

@@ -159,3 +159,10 @@ def test_recipe_paths_are_relative_to_the_recipe_and_hub_ids_stay(parser, tmp_pa
     assert args.tokenizer == tmp_path / "local-model"
     assert args.eval_data == [f"prose={tmp_path / 'p.jsonl'}", "/abs/c.jsonl"]
     assert args.plugin == ["my_plugin"]  # a module name, not a path
+
+
+@pytest.mark.parametrize("verb", ["run", "search"])
+def test_search_data_in_a_recipe_is_relative_to_the_recipe(parser, tmp_path, verb):
+    argv = [verb, "--model", "/abs/m", "--scores", "/abs/s.npz", "--out", "/abs/o"]
+    args = parse(parser, argv, tmp_path, f"{verb}:\n  search_data: [s.jsonl, /abs/t.jsonl]\n")
+    assert args.search_data == [str(tmp_path / "s.jsonl"), "/abs/t.jsonl"]

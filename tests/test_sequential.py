@@ -1,7 +1,9 @@
 """Layer-sequential calibration (grape.sequential): the scores equal the whole-model pass's for
 every family (sliding-window layers, padded batches, bf16 checkpoints, GRAPE-pruned non-uniform
-and masked checkpoints, FP8 and MXFP4 experts); hidden states on disk; the mode choice; resume
-after an interruption (an exception, and kill -9 of the command) gives the same scores."""
+and masked checkpoints, FP8 and MXFP4 experts); models it cannot run (no rotary embedding or
+final norm where it expects them) are refused in one line; hidden states on disk; the mode
+choice; resume after an interruption (an exception, and kill -9 of the command) gives the same
+scores."""
 
 from __future__ import annotations
 
@@ -20,17 +22,24 @@ from safetensors.torch import load_file, save_file
 
 from grape.calibration import CalibrationConfig, calibrate
 from grape.distributed import World
-from grape.errors import DataError
+from grape.errors import ArchitectureError, DataError
 from grape.layerwise import LayerLoader
 from grape.loading import load_model
 from grape.placement import choose_mode, sequential_device
-from grape.sequential import calibrate_sequential, layer_arguments
+from grape.sequential import calibrate_sequential, layer_arguments, refuse_unhandled
 from solvers.scores import STAT_NAMES, Scores
+from tests.tiny_families import NEW_FAMILIES, make_family
 from tests.tiny_models import FAMILIES, make_tiny, tiny_input_ids
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = dict(batch_size=2, subsample=24, progress=False)
 SEQ = 24  # longer than gpt_oss's sliding window (16): the sliding layers mask differently
+# the new families without model.model.rotary_emb or model.model.norm (Mamba / short-conv
+# hybrids, NoPE configs, other names): refused
+NOT_SEQUENTIAL = {"kimi_linear", "nemotron_h", "jamba", "lfm2_moe", "granitemoehybrid"}
+# the new families' exactness in the quick suite (the others are slow): sliding and full
+# attention layers, dense layers from mlp_layer_types, the cheapest of them here
+QUICK_NEW = {"cohere2_moe"}
 
 
 def same_scores(got: Scores, expected: Scores, rtol: float = 1e-5, stored: bool = True) -> None:
@@ -66,7 +75,12 @@ def same_scores(got: Scores, expected: Scores, rtol: float = 1e-5, stored: bool 
 
 def saved(tmp_path: Path, family: str, dtype=torch.float32, **overrides) -> Path:
     directory = tmp_path / family
-    make_tiny(family, **overrides).to(dtype).save_pretrained(directory)
+    if family in NEW_FAMILIES:  # tests/tiny_families.py: one fixed tiny config each
+        assert not overrides, overrides
+        model = make_family(family)
+    else:
+        model = make_tiny(family, **overrides)
+    model.to(dtype).save_pretrained(directory)
     return directory
 
 
@@ -75,7 +89,9 @@ def whole(directory: Path, data, config: CalibrationConfig) -> Scores:
 
 
 # -- equality with the whole-model pass ----------------------------------------------------------
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, *(
+    pytest.param(f, marks=() if f in QUICK_NEW else pytest.mark.slow)
+    for f in NEW_FAMILIES if f not in NOT_SEQUENTIAL)])
 def test_sequential_equals_whole_model(family, tmp_path):
     directory = saved(tmp_path, family)
     ids = tiny_input_ids(6, SEQ)
@@ -85,6 +101,20 @@ def test_sequential_equals_whole_model(family, tmp_path):
     run = scores.calibration["run"]
     assert run["mode"] == "sequential" and run["hidden_states"] == "cpu"
     assert run["tokens"] == 6 * SEQ and run["peak_host_memory"] > 0
+
+
+def test_models_it_cannot_run_are_refused_in_one_line(tmp_path):
+    for family in sorted(NOT_SEQUENTIAL):
+        with pytest.raises(ArchitectureError) as refused:
+            refuse_unhandled(make_family(family))
+        assert family in str(refused.value) and len(str(refused.value).splitlines()) == 1
+    for family in NEW_FAMILIES:  # the others it runs (exactly: test_sequential_equals_whole_model)
+        if family not in NOT_SEQUENTIAL:
+            refuse_unhandled(make_family(family))
+    lfm2 = saved(tmp_path, "lfm2_moe")
+    missing = "no model.model.rotary_emb and no model.model.norm; use --mode whole"
+    with pytest.raises(ArchitectureError, match=missing):
+        calibrate_sequential(lfm2, tiny_input_ids(2, SEQ), CalibrationConfig(**QUICK))
 
 
 @pytest.mark.parametrize("family", ["gpt_oss", "qwen2_moe"])

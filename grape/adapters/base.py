@@ -79,6 +79,14 @@ def check_model_config(config: dict, where: str) -> bool:
     return True
 
 
+def adapter_class(model_type) -> type["MoEAdapter"] | None:
+    """The adapter class registered for `model_type`, or None when it is not supported: what a
+    caller holding only a config.json asks for the family's declarations."""
+    import grape.adapters  # noqa: F401 - importing the package registers every family
+
+    return _REGISTRY.get(model_type)
+
+
 def get_adapter(model: nn.Module) -> "MoEAdapter":
     """The adapter for `model`, or an ArchitectureError listing the supported model types."""
     import grape.adapters  # noqa: F401 - importing the package registers every family
@@ -97,6 +105,14 @@ class MoEAdapter(ABC):
     expert_count_keys: ClassVar[tuple[str, ...]] = ("num_experts", "num_local_experts")
     # config key of the experts each token is routed to
     top_k_key: ClassVar[str] = "num_experts_per_tok"
+    # why streaming apply (grape/streaming.py) cannot prune this family's checkpoints shard by
+    # shard (grape apply then loads the model in memory); None: it can, exactly
+    streaming_refusal: ClassVar[str | None] = None
+    # the README's architecture table (scripts/moe_families.py --write): the family as people
+    # name it, checkpoints of it, what is special about its routing or layout (may be "")
+    family: ClassVar[str] = ""
+    examples: ClassVar[str] = ""
+    special: ClassVar[str] = ""
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -152,13 +168,21 @@ class MoEAdapter(ABC):
         renormalised exactly as the model renormalises. Used for calibration's layer cost curves.
 
         Default: `route` with every [..., E]-wide router linear output, and every sum with a
-        per-expert router tensor (a selection bias such as `e_score_correction_bias`), forced
-        to -inf at the removed columns. Routing groups keep their original membership. Override
-        where a family's router computes its scores another way."""
+        per-expert tensor of `selection_module` (a selection bias such as
+        `e_score_correction_bias`), forced to -inf at the removed columns. Routing groups keep
+        their original membership. Override where a family's router computes its scores
+        another way."""
         if not removed:
             return self.route(layer, hidden)
-        with _MaskRouterColumns(self.router(layer), self.num_experts(layer), removed):
+        with _MaskRouterColumns(self.selection_module(layer), self.num_experts(layer), removed):
             return self.route(layer, hidden)
+
+    def selection_module(self, layer: int) -> nn.Module:
+        """The module holding (itself or in a child) the per-expert tensors the router adds to
+        its scores to choose experts: the router by default (DeepSeek-V3's correction bias;
+        ERNIE-4.5's in the child gate.moe_statics), the MoE block where the block passes its
+        own bias to the router (MiniMax-M2, LFM2-MoE)."""
+        return self.router(layer)
 
     def router_logits(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """(logits, top_k_index, top_k_weights): `route`, with the output of the router's
@@ -178,7 +202,8 @@ class MoEAdapter(ABC):
         width = router.weight.shape[-1]
         # the projection is replaced by `logits`: its input only has to have the right shape
         rows = torch.zeros((), dtype=router.weight.dtype, device=logits.device).expand(logits.shape[0], width)
-        with _RouterLogits(self.num_experts(layer), logits), _MaskRows(router, self.num_experts(layer), removed):
+        masks = _MaskRows(self.selection_module(layer), self.num_experts(layer), removed)
+        with _RouterLogits(self.num_experts(layer), logits), masks:
             return self.route(layer, rows)
 
     def removal_effect(self, layer: int) -> "RemovalEffect | None":
@@ -257,22 +282,25 @@ class MoEAdapter(ABC):
 
 class _MaskRouterColumns(TorchFunctionMode):
     """While active, the removed experts' router scores are -inf: in the output of any E-wide
-    linear projection (the router logits, bias included) and of any sum with one of the router's
-    own per-expert tensors (a selection-only bias such as DeepSeek's e_score_correction_bias)."""
+    linear projection (the router logits, bias included) and of any sum with one of the
+    selection module's per-expert tensors or a view of one (a selection-only bias such as
+    DeepSeek's e_score_correction_bias [E], or ERNIE's [1, E] one, squeezed before the sum)."""
 
     _ADDS = (torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__)
 
-    def __init__(self, router: nn.Module, num_experts: int, removed: list[int]):
+    def __init__(self, module: nn.Module, num_experts: int, removed: list[int]):
         super().__init__()
         self.num_experts = int(num_experts)
         self.removed = sorted({int(e) for e in removed})
-        own = list(router.parameters(recurse=False)) + list(router.buffers(recurse=False))
-        self.expert_tensors = {id(t) for t in own if t.dim() == 1 and t.shape[0] == self.num_experts}
+        own = list(module.parameters()) + list(module.buffers())
+        self.expert_tensors = {id(t) for t in own if t.numel() == self.num_experts}
 
     def _masks(self, func, args) -> bool:
         if func is nn.functional.linear:
             return True
-        return func in self._ADDS and any(id(a) in self.expert_tensors for a in args)
+        return func in self._ADDS and any(
+            id(a) in self.expert_tensors or id(getattr(a, "_base", None)) in self.expert_tensors
+            for a in args if isinstance(a, torch.Tensor))
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -346,8 +374,8 @@ class _MaskRows(_MaskRouterColumns):
     """_MaskRouterColumns with a removed set per row: `removed` [n, E] bool, applied by
     masked_fill (the same -inf at the same places as index_fill for that row's set)."""
 
-    def __init__(self, router: nn.Module, num_experts: int, removed: torch.Tensor):
-        super().__init__(router, num_experts, [])
+    def __init__(self, module: nn.Module, num_experts: int, removed: torch.Tensor):
+        super().__init__(module, num_experts, [])
         self.mask = removed
 
     def __torch_function__(self, func, types, args=(), kwargs=None):

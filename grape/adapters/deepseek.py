@@ -27,6 +27,10 @@ class DeepseekV3Adapter(FusedMoEAdapter):
     router_attr = "gate"
     expert_count_keys = ("n_routed_experts", "num_local_experts")
     min_experts_per_group = 2
+    family = "DeepSeek-V3"
+    examples = "DeepSeek-V3, DeepSeek-R1"
+    special = ("sigmoid + correction bias, group-limited routing (plans keep the groups "
+               "balanced); shared expert kept; FP8 experts stay FP8")
 
     def group_limited(self) -> bool:
         return True
@@ -106,6 +110,10 @@ class DeepseekV2Adapter(DeepseekV3Adapter):
     model_types = ("deepseek_v2",)
     expert_count_keys = ("n_routed_experts", "num_experts")
     min_experts_per_group = 1
+    family = "DeepSeek-V2"
+    examples = "DeepSeek-V2, DeepSeek-V2-Lite"
+    special = ("softmax router, group-limited with topk_method group_limited_greedy; shared "
+               "experts kept")
 
     def group_limited(self) -> bool:
         return getattr(self.config, "topk_method", "greedy") == "group_limited_greedy"

@@ -26,6 +26,9 @@ class Glm4MoeAdapter(DeepseekV3Adapter):
 
     model_types = ("glm4_moe", "glm4_moe_lite", "deepseek_v32", "dots1")
     expert_count_keys = ("n_routed_experts", "num_local_experts")
+    family = "GLM-4.5 / 4.6 / 4.7, GLM-4.7-Flash, DeepSeek-V3.2, dots.llm1"
+    examples = "GLM-4.6, GLM-4.5-Air, GLM-4.7-Flash, DeepSeek-V3.2-Exp, dots.llm1.inst"
+    special = "the DeepSeek-V3 router; shared expert kept"
 
 
 @register_adapter
@@ -36,6 +39,9 @@ class KimiLinearAdapter(DeepseekV3Adapter):
     model_types = ("kimi_linear",)
     expert_count_keys = ("num_experts", "num_local_experts")
     top_k_key = "num_experts_per_token"
+    family = "Kimi-Linear"
+    examples = "Kimi-Linear-48B-A3B-Instruct"
+    special = "KDA linear-attention hybrid; the DeepSeek-V3 router"
 
 
 @register_adapter
@@ -44,6 +50,12 @@ class ExaoneMoeAdapter(DeepseekV3Adapter):
 
     model_types = ("exaone_moe",)
     expert_count_keys = ("num_experts",)
+    family = "EXAONE MoE"
+    examples = "K-EXAONE-236B-A23B"
+    special = "the DeepSeek-V3 router"
+    # the Hub layout, moved into the router only on load (streaming reads the stored names)
+    streaming_refusal = ("checkpoints store the router's correction bias beside the router "
+                         "(mlp.e_score_correction_bias), not in mlp.gate")
 
 
 @register_adapter
@@ -56,6 +68,10 @@ class NemotronHAdapter(DeepseekV3Adapter):
     model_types = ("nemotron_h",)
     block_attr = "mixer"
     expert_count_keys = ("n_routed_experts", "num_local_experts")
+    family = "Nemotron-H"
+    examples = "NVIDIA-Nemotron-3-Nano-30B-A3B"
+    special = ("Mamba-2 hybrid, MoE block `mixer`, the DeepSeek-V3 router; latent MoE "
+               "(moe_latent_size) refused")
 
     def __init__(self, model: nn.Module):
         super().__init__(model)

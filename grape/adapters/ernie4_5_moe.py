@@ -40,6 +40,13 @@ class Ernie45MoeAdapter(FusedMoEAdapter):
     router_attr = "gate"
     expert_count_keys = ("moe_num_experts",)
     top_k_key = "moe_k"
+    family = "ERNIE-4.5"
+    examples = "ERNIE-4.5-21B-A3B, ERNIE-4.5-300B-A47B"
+    special = ("softmax + a correction bias in the router's child gate.moe_statics; MoE from "
+               "moe_layer_start_index")
+    # streaming slices the router's own per-expert tensors, not a child module's
+    streaming_refusal = ("the correction bias is a [1, E] tensor of the router's child "
+                         "gate.moe_statics, which streaming does not slice")
 
     def statics(self, layer: int) -> nn.Module:
         return self.router(layer).moe_statics

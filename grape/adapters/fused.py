@@ -310,7 +310,7 @@ class FusedMoEAdapter(MoEAdapter):
         if hasattr(self.model, "num_experts_per_tok"):
             self.model.num_experts_per_tok = max(top_ks)
         if len(counts) > 1 or len(top_ks) > 1:
-            install_uneven_aux_loss(self.model, self.router_attr)
+            install_uneven_aux_loss(self.model, self.router_attr, self.block_attr)
 
     def shrink_to_config(self) -> None:
         """Give a freshly built model (any device, incl. meta) the per-layer counts its config

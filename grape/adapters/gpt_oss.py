@@ -12,6 +12,9 @@ class GptOssAdapter(FusedMoEAdapter):
     model_types = ("gpt_oss",)
     router_attr = "router"
     expert_count_keys = ("num_local_experts", "num_experts")
+    family = "GPT-OSS"
+    examples = "gpt-oss-20b, gpt-oss-120b"
+    special = "router bias, softmax over the chosen; MXFP4 experts stay MXFP4"
 
     def removal_effect(self, layer: int) -> RemovalEffect | None:
         # softmax over the k chosen logits: other tokens' routing is unchanged

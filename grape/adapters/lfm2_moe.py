@@ -14,3 +14,7 @@ class Lfm2MoeAdapter(BlockBiasAdapter):
     block_bias = "expert_bias"
     router_attr = "gate"
     expert_count_keys = ("num_experts",)
+    family = "LFM2-MoE"
+    examples = "LFM2-8B-A1B"
+    special = ("short-convolution hybrid, MoE block `feed_forward`; sigmoid + the block's expert "
+               "bias")

@@ -128,6 +128,10 @@ class Llama4TextAdapter(FusedMoEAdapter):
     block_attr = "feed_forward"
     router_attr = "router"
     expert_count_keys = ("num_local_experts",)
+    family = "Llama 4 (text decoder)"
+    examples = "Llama-4-Scout-17B-16E, Llama-4-Maverick-17B-128E"
+    special = ("top-1 sigmoid router scaling the expert's input; shared expert kept; MoE on "
+               "interleaved layers")
 
     def __init__(self, model: nn.Module):
         super().__init__(model)

@@ -2,16 +2,18 @@
 experts, top-8, sigmoid, no shared expert) keeps `e_score_correction_bias` as a buffer of the
 block (`mlp.e_score_correction_bias`), not of the router, and the block passes it to the router
 on every call. Surgery slices it with the block's other per-expert tensors
-(fused.keep_experts, templates/grape_pruning.shrink_layer), and a masked router slices it as a
-per-expert argument (masked_router_forward)."""
+(fused.keep_experts, templates/grape_pruning.shrink_layer), a masked router slices it as a
+per-expert argument (masked_router_forward), and calibration's masked routings (route_masked,
+route_rows) mask it: it is the block's, so the block is the selection module."""
 
 from __future__ import annotations
 
 from typing import ClassVar
 
 import torch
+from torch import nn
 
-from grape.adapters.base import _MaskRouterColumns, register_adapter
+from grape.adapters.base import register_adapter
 from grape.adapters.fused import FusedMoEAdapter
 
 
@@ -20,6 +22,9 @@ class BlockBiasAdapter(FusedMoEAdapter):
 
     # the block's attribute holding the selection bias (None there: the router gets None)
     block_bias: ClassVar[str] = "e_score_correction_bias"
+    # streaming slices the router's per-expert tensors and the experts', not the block's own
+    streaming_refusal = ("the router's selection bias is a tensor of the MoE block itself, "
+                         "which streaming does not slice")
 
     def route(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # the router module, called exactly as the block calls it
@@ -27,12 +32,9 @@ class BlockBiasAdapter(FusedMoEAdapter):
         _, weights, index = self.router(layer)(hidden, bias)
         return index, weights
 
-    def route_masked(self, layer: int, hidden: torch.Tensor, removed: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        # as the default, but the selection bias to mask belongs to the block, not the router
-        if not removed:
-            return self.route(layer, hidden)
-        with _MaskRouterColumns(self.block(layer), self.num_experts(layer), removed):
-            return self.route(layer, hidden)
+    def selection_module(self, layer: int) -> nn.Module:
+        # the selection bias that route_masked / route_rows mask belongs to the block
+        return self.block(layer)
 
 
 @register_adapter
@@ -40,3 +42,6 @@ class MiniMaxM2Adapter(BlockBiasAdapter):
     model_types = ("minimax_m2",)
     router_attr = "gate"
     expert_count_keys = ("num_local_experts", "num_experts")
+    family = "MiniMax-M2"
+    examples = "MiniMax-M2, MiniMax-M2.1"
+    special = "sigmoid + the block's correction bias"

@@ -10,6 +10,9 @@ class MixtralAdapter(FusedMoEAdapter):
     model_types = ("mixtral",)
     router_attr = "gate"
     expert_count_keys = ("num_local_experts", "num_experts")
+    family = "Mixtral"
+    examples = "Mixtral-8x7B, Mixtral-8x22B"
+    special = "softmax top-2, renormalised"
 
     def removal_effect(self, layer: int) -> RemovalEffect | None:
         # weights renormalised over the chosen experts: other tokens' routing is unchanged

@@ -10,6 +10,9 @@ class OlmoeAdapter(FusedMoEAdapter):
     model_types = ("olmoe",)
     router_attr = "gate"
     expert_count_keys = ("num_experts", "num_local_experts")
+    family = "OLMoE"
+    examples = "OLMoE-1B-7B"
+    special = "softmax top-8 on every layer"
 
     def removal_effect(self, layer: int) -> RemovalEffect | None:
         # softmax over every expert; without norm_topk_prob the chosen weights are not

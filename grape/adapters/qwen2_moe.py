@@ -10,6 +10,9 @@ class Qwen2MoeAdapter(FusedMoEAdapter):
     model_types = ("qwen2_moe",)
     router_attr = "gate"
     expert_count_keys = ("num_experts", "num_local_experts")
+    family = "Qwen2-MoE"
+    examples = "Qwen1.5-MoE-A2.7B, Qwen2-57B-A14B"
+    special = "a sigmoid-gated shared expert, kept"
 
     def removal_effect(self, layer: int) -> RemovalEffect | None:
         # softmax over every expert; without norm_topk_prob the chosen weights are not

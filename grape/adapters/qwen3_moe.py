@@ -11,6 +11,9 @@ class Qwen3MoeAdapter(FusedMoEAdapter):
     model_types = ("qwen3_moe",)
     router_attr = "gate"
     expert_count_keys = ("num_experts", "num_local_experts")
+    family = "Qwen3-MoE"
+    examples = "Qwen3-30B-A3B, Qwen3-235B-A22B, Qwen3-Coder-480B-A35B"
+    special = "softmax top-k, renormalised (norm_topk_prob)"
 
     def removal_effect(self, layer: int) -> RemovalEffect | None:
         # softmax over every expert; without norm_topk_prob the chosen weights are not

@@ -13,3 +13,6 @@ class Qwen3NextAdapter(FusedMoEAdapter):
     model_types = ("qwen3_next", "qwen3_5_moe_text")
     router_attr = "gate"
     expert_count_keys = ("num_experts",)
+    family = "Qwen3-Next, Qwen3.5 MoE (text decoder)"
+    examples = "Qwen3-Next-80B-A3B, Qwen3.5-35B-A3B"
+    special = "Gated-DeltaNet hybrid; a gated shared expert, kept"

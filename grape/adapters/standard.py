@@ -18,6 +18,9 @@ class FlexOlmoAdapter(FusedMoEAdapter):
 
     model_types = ("flex_olmo",)
     expert_count_keys = ("num_experts",)
+    family = "FlexOlmo"
+    examples = "FlexOlmo-7x7B-1T"
+    special = "softmax top-k, optionally renormalised"
 
 
 @register_adapter
@@ -26,6 +29,9 @@ class MiniMaxAdapter(FusedMoEAdapter):
 
     model_types = ("minimax",)
     expert_count_keys = ("num_local_experts",)
+    family = "MiniMax-01"
+    examples = "MiniMax-Text-01"
+    special = "lightning-attention hybrid"
 
 
 @register_adapter
@@ -35,6 +41,9 @@ class Cohere2MoeAdapter(FusedMoEAdapter):
 
     model_types = ("cohere2_moe",)
     expert_count_keys = ("num_experts",)
+    family = "Cohere2-MoE"
+    examples = "command-a-plus-05-2026"
+    special = "top-k on the logits, softmax or sigmoid over the chosen"
 
 
 @register_adapter
@@ -46,6 +55,13 @@ class GraniteMoeAdapter(FusedMoEAdapter):
     block_attr = "block_sparse_moe"
     router_attr = "router"
     expert_count_keys = ("num_local_experts",)
+    family = "Granite MoE (3.x, 4.0-H)"
+    examples = "granite-3.1-3b-a800m, granite-4.0-h-small"
+    special = "MoE block `block_sparse_moe`; Mamba-2 hybrid (4.0-H)"
+    # the Hub layout, renamed only on load (streaming reads the stored names)
+    streaming_refusal = ("checkpoints store the experts as block_sparse_moe.input_linear / "
+                         "output_linear and the router as router.layer, not under "
+                         "<block>.experts. and <block>.router")
 
 
 @register_adapter
@@ -57,6 +73,9 @@ class JambaAdapter(FusedMoEAdapter):
     block_attr = "feed_forward"
     router_attr = "router"
     expert_count_keys = ("num_experts",)
+    family = "Jamba"
+    examples = "Jamba-v0.1, AI21-Jamba-Mini-1.7"
+    special = "Mamba hybrid, MoE every expert_layer_period-th layer; weights not renormalised"
 
 
 @register_adapter
@@ -69,6 +88,9 @@ class PhimoeAdapter(FusedMoEAdapter):
     model_types = ("phimoe",)
     router_attr = "router"
     expert_count_keys = ("num_local_experts",)
+    family = "Phi-3.5-MoE"
+    examples = "Phi-3.5-MoE-instruct"
+    special = "sparsemixer router: at least 2 experts kept per layer"
 
     def route_masked(self, layer: int, hidden: torch.Tensor, removed: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         if not removed:

@@ -6,9 +6,8 @@ import argparse
 import sys
 from dataclasses import replace
 
-from grape.outputs import DirOutput
-
-PROVENANCE_FILE = "grape_provenance.json"  # grape.checkpoint.PROVENANCE_FILE (no torch import here)
+from grape.loading import DTYPES
+from grape.outputs import PROVENANCE_FILE, DirOutput
 
 HELP = "apply a plan to a model (remove / merge / mask experts) and save the checkpoint"
 DESCRIPTION = (
@@ -20,7 +19,6 @@ DESCRIPTION = (
     "(load with grape.load_pruned, or from_pretrained(..., trust_remote_code=True))."
 )
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 OUTPUT = DirOutput(signature=(PROVENANCE_FILE,), inputs=("model", "plan", "scores"), what="a checkpoint",
                    replaces=True)
 

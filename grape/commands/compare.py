@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from grape.compare import ALL, objective_names
+from grape.flags import comma_list
 from grape.outputs import DirOutput
 from solvers._io import atomic_write_text
 from solvers.errors import UserError
@@ -27,7 +28,7 @@ PLOT_KEPT = "kept_per_layer.png"
 
 
 def _split(text: str, known: list[str] | tuple[str, ...], what: str) -> list[str]:
-    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    items = list(comma_list(text))
     if items == [ALL]:
         return list(known)
     if not items:

@@ -28,6 +28,7 @@ OUTPUT = DirOutput(signature=(CONFIG_JSON, RESULT_JSON), what="an evaluation fol
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from grape.evaluation import EvalConfig
     from grape.flags import add_config_arguments
+    from grape.loading import DTYPES
     from grape.modelfiles import MODEL_HELP
 
     parser.add_argument("--model", type=Path, default=None,
@@ -49,8 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto",
                         help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', or "
                         "'balanced' (device_map over all GPUs)")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16",
-                                                            "float16"),
+    parser.add_argument("--dtype", default="auto", choices=DTYPES,
                         help="'auto': float32 on CPU, the checkpoint's dtype on GPU")
     parser.add_argument("--out", type=Path, default=None,
                         help="output directory (required unless --list-tasks)")
@@ -140,10 +140,11 @@ def _data(args: argparse.Namespace) -> list:
 def list_tasks(args: argparse.Namespace) -> int:
     """`grape eval --list-tasks`: what --tasks can name on this machine, offline."""
     from grape.evaluation import load_documents
+    from grape.flags import comma_list
     from grape.lmeval_offline import available_tasks, builtin_task_dir, cache_roots
 
     domains = list(load_documents(_data(args)))
-    kinds = [k.strip() for k in args.task_kinds.split(",") if k.strip()]
+    kinds = list(comma_list(args.task_kinds))
     found = available_tasks(args.task_path, domains, kinds)
     hub, datasets = cache_roots()
     print(f"local: built from the held-out text ({', '.join(domains)}); --tasks local runs them all")

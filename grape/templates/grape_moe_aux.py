@@ -2,10 +2,12 @@
 
 transformers' `load_balancing_loss_func` sums expert counts over all layers in one vector of
 `config.num_experts` entries, so `output_router_logits=True` fails on a model pruned to
-per-layer counts. `install_uneven_aux_loss(model, router_attr)` makes such a model compute the
-Switch-Transformer loss per layer instead (each layer's own expert count) and average it over
-the MoE layers; the model's output then carries `aux_loss` and `router_logits` as usual and the
-loss includes `router_aux_loss_coef * aux_loss` when labels are given.
+per-layer counts. `install_uneven_aux_loss(model, router_attr, block_attr)` makes such a model
+compute the Switch-Transformer loss per layer instead (each layer's own expert count) and
+average it over the MoE layers: the routers are the `router_attr` of each decoder layer's
+`block_attr` (the MoE block the family's adapter declares: `mlp`, or `block_sparse_moe`,
+`feed_forward`, `mixer`). The model's output then carries `aux_loss` and `router_logits` as
+usual and the loss includes `router_aux_loss_coef * aux_loss` when labels are given.
 
 Only torch is needed: GRAPE uses this file directly and copies it next to the remote-code
 `modeling_grape_pruned.py` of non-uniform checkpoints.
@@ -40,17 +42,17 @@ def uneven_load_balancing_loss(router_logits, top_ks, attention_mask=None) -> to
     return torch.stack(losses).mean()
 
 
-def _moe_routers(model, router_attr):
+def _moe_routers(model, router_attr, block_attr):
     routers = []
     for layer in model.model.layers:
-        block = getattr(layer, "mlp", None)
+        block = getattr(layer, block_attr, None)
         router = getattr(block, router_attr, None) if block is not None else None
         if router is not None and hasattr(router, "top_k") and hasattr(block, "experts"):
             routers.append(router)
     return routers
 
 
-def install_uneven_aux_loss(model, router_attr: str) -> bool:
+def install_uneven_aux_loss(model, router_attr: str, block_attr: str = "mlp") -> bool:
     """Replace the stock load-balancing loss of `model` by the per-layer one (idempotent).
     Families without a load-balancing loss (no `router_aux_loss_coef`) are left alone.
     Returns whether hooks are installed."""
@@ -58,7 +60,7 @@ def install_uneven_aux_loss(model, router_attr: str) -> bool:
         return True
     if not hasattr(model, "router_aux_loss_coef"):
         return False
-    routers = _moe_routers(model, router_attr)
+    routers = _moe_routers(model, router_attr, block_attr)
     state = {"active": False, "logits": []}
 
     def record(module, args, output):

@@ -27,4 +27,4 @@ class GrapePrunedForCausalLM(_Base):
         super().__init__(config)
         uneven = apply_block(config, lambda layer: getattr(self.model.layers[layer], BLOCK_ATTR), ROUTER_ATTR)
         if uneven:  # layers of different sizes: the stock balancing loss cannot cope
-            install_uneven_aux_loss(self, ROUTER_ATTR)
+            install_uneven_aux_loss(self, ROUTER_ATTR, BLOCK_ATTR)
