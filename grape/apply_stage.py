@@ -39,6 +39,31 @@ def check_plan(plan, model_config: dict, config: ApplyConfig, plan_name: str = "
     precheck_plan(plan, model_config, config.allow_lower_top_k)
     require_model_block(plan, plan_name, skip_model_check)
     check_method(model_config, config.method)
+    check_repair(model_config, config)
+
+
+def check_repair(model_config: dict, config: ApplyConfig, data_flag: str = "--repair-data") -> None:
+    """A repair (grape.repair) needs calibration text, an unquantised model and the in-memory
+    apply: refused here, before any weight is read. `data_flag`: the flag that gives the text."""
+    from grape.errors import DataError
+    from grape.quantized import describe
+
+    if config.repair == "none":
+        return
+    if not config.repair_data:
+        raise DataError(f"--repair {config.repair} fits on calibration text; pass {data_flag} PATH "
+                        "(text / JSONL files or folders), or --repair none")
+    missing = [p for p in config.repair_data if not Path(p).exists()]
+    if missing:
+        raise DataError(f"{data_flag} {missing[0]} does not exist; give existing text / JSONL files "
+                        "or folders")
+    quant = describe(model_config)
+    if quant:
+        raise PlanError(f"--repair changes expert weights, which this checkpoint stores quantised "
+                        f"({quant}); apply it without --repair")
+    if config.mode == "streaming":
+        raise PlanError("--repair fits the pruned layers on the model in memory; the streaming apply "
+                        "cannot repair: use --mode in-memory (grape run: --apply-mode in-memory)")
 
 
 def precheck_plan(plan, model_config: dict, allow_lower_top_k: bool) -> None:
@@ -74,6 +99,11 @@ def streams(model_dir, model_config: dict, config: ApplyConfig, dtype: str = "au
     from grape.streaming import streaming_unavailable
 
     if config.mode == "in-memory":
+        return False
+    if config.repair != "none":  # fitted on the loaded model (check_repair refuses mode streaming)
+        if config.mode == "streaming":
+            raise PlanError("apply mode 'streaming' cannot repair; use mode 'in-memory' or --repair none")
+        say(f"grape apply: --repair {config.repair} fits the model in memory; loading it")
         return False
     reason = streaming_unavailable(model_dir, model_config, config.method, dtype)
     if reason is None:
@@ -125,16 +155,51 @@ def _in_memory(model_dir, plan, out, config: ApplyConfig, dtype: str, tokenizer,
     from grape.checkpoint import load_pruned, save_pruned
     from grape.pruning import apply_plan
 
+    # the repair's text first: too little of it fails before the weights are read
+    input_ids = repair_tokens(model_dir, config, tokenizer, say) if config.repair != "none" else None
     model = load_pruned(model_dir, dtype="auto" if dtype == "auto" else getattr(torch, dtype))
     if config.method == "merge" and config.merge_weights is None:
         say("grape apply: no --scores given; merged experts are averaged with equal weights")
     if config.method == "merge" and not plan.merge_map:
         say("grape apply: the plan has no merge map; each removed expert is merged into the kept "
             "expert with the most similar weights (cosine)")
-    apply_plan(model, plan, config)
+    note = ""
+    if config.repair != "none":
+        from grape.repair import prune_and_repair
+
+        report = prune_and_repair(model, plan, config, input_ids)
+        provenance = {**provenance, "repair": {**report.to_json(), "data": list(config.repair_data),
+                                               "rows": int(input_ids.shape[0]),
+                                               "seq_len": int(input_ids.shape[1])}}
+        say(f"grape apply: {report.line()}")
+        note = f"; {report.line()}"
+    else:
+        apply_plan(model, plan, config)
     path = save_pruned(model, out, plan=plan, tokenizer=tokenizer, provenance=provenance,
                        overwrite=overwrite)
-    return Applied(Path(path), False)
+    return Applied(Path(path), False, note)
+
+
+def repair_tokens(model_dir, config: ApplyConfig, tokenizer, say=print):
+    """The repair's calibration rows: config.repair_data packed into repair_samples rows of
+    repair_seq_len tokens (capped at the model's context) with the model's tokenizer."""
+    from grape.data import load_calibration_data
+    from grape.errors import DataError
+    from grape.modelfiles import cap_seq_len, read_config
+
+    if tokenizer is None or tokenizer is True:
+        tokenizer = model_tokenizer(model_dir, say)
+    if tokenizer is None:
+        raise DataError(f"--repair needs the model's tokenizer to read --repair-data; {model_dir} has "
+                        "none that loads")
+    seq_len = cap_seq_len(config.repair_seq_len, read_config(model_dir), "--repair-seq-len", "grape apply")
+    try:
+        data = load_calibration_data(list(config.repair_data), tokenizer, seq_len=seq_len,
+                                     samples=config.repair_samples, seed=0, progress=False)
+    except DataError as exc:  # its advice names the calibration flags
+        raise DataError(str(exc).replace("--samples", "--repair-samples")
+                        .replace("--seq-len", "--repair-seq-len")) from exc
+    return data.input_ids
 
 
 def model_tokenizer(path, say=print):
@@ -153,5 +218,5 @@ def model_tokenizer(path, say=print):
         return None
 
 
-__all__ = ["Applied", "apply_checkpoint", "check_plan", "model_tokenizer", "precheck_plan",
+__all__ = ["Applied", "apply_checkpoint", "check_plan", "check_repair", "repair_tokens", "model_tokenizer", "precheck_plan",
            "require_model_block", "streams"]

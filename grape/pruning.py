@@ -47,6 +47,8 @@ APPLIED_METHOD_ATTR = "grape_applied_method"
 
 
 APPLY_MODES = ("auto", "streaming", "in-memory")
+# closed-form repair of the kept experts after removal (grape.repair, docs/repair.md)
+REPAIR_METHODS = ("none", "scale", "lstsq")
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,9 @@ class ApplyConfig:
         (its token counts are used) or ``{layer: [w_0, ..., w_{N-1}]}``. None: equal weights.
     allow_lower_top_k: accept a plan that keeps fewer experts than top_k in some layer, whose
         top_k then drops to the kept count (a different routing); refused by default.
+    repair (+ repair_data / repair_samples / repair_seq_len): re-fit the kept experts after
+        removal on calibration text (grape.repair.prune_and_repair; ``apply_plan`` itself refuses
+        a repair, having no tokens).
     """
 
     # the flagged fields are also flags of `grape apply` and `grape run` (grape/flags.py)
@@ -77,6 +82,18 @@ class ApplyConfig:
     max_shard_size: str = field(default=DEFAULT_MAX_SHARD_SIZE, metadata=flag(
         "largest output shard when streaming (e.g. 5GB, 200MB; transformers' default); a single "
         "larger tensor gets a shard of its own"))
+    # repair (grape.repair): re-fit the kept experts on calibration text after removal
+    repair: str = field(default="none", metadata=flag(
+        "after removal, re-fit each pruned layer's kept experts toward the original layer's output "
+        "on calibration text (docs/repair.md): scale: one output scale per kept expert; lstsq: "
+        "ridge least squares of each kept expert's down projection; none: plain removal",
+        choices=REPAIR_METHODS))
+    repair_data: tuple[str, ...] = field(default=(), metadata=flag(
+        "calibration text the repair fits on (files or directories, as `grape calibrate --data`); "
+        "`grape run` uses its --data when not given", nargs="+", metavar="PATH"))
+    repair_samples: int = field(default=32, metadata=flag("packed sequences the repair fits on"))
+    repair_seq_len: int = field(default=256, metadata=flag(
+        "tokens per repair sequence (capped at the model's context)"))
 
     def __post_init__(self) -> None:
         from grape.shards import parse_size
@@ -86,6 +103,14 @@ class ApplyConfig:
         if self.mode not in APPLY_MODES:
             raise PlanError(f"unknown apply mode {self.mode!r}; choose one of {', '.join(APPLY_MODES)}")
         parse_size(self.max_shard_size)  # a malformed size fails before any weight is read
+        if self.repair not in REPAIR_METHODS:
+            raise PlanError(f"unknown repair {self.repair!r}; choose one of {', '.join(REPAIR_METHODS)}")
+        if self.repair != "none" and self.method != "remove":
+            raise PlanError(f"--repair {self.repair} re-fits the experts --method remove keeps; it "
+                            f"does not combine with --method {self.method} (use --repair none)")
+        if self.repair_samples < 1 or self.repair_seq_len < 2:
+            raise PlanError(f"--repair-samples ({self.repair_samples}) must be at least 1 and "
+                            f"--repair-seq-len ({self.repair_seq_len}) at least 2")
 
 
 def apply_plan(
@@ -96,6 +121,9 @@ def apply_plan(
 ) -> nn.Module:
     """Apply `plan` to `model` in place and return it (see the module docstring)."""
     config = method if isinstance(method, ApplyConfig) else ApplyConfig(method, merge_weights)
+    if config.repair != "none":
+        raise PlanError(f"repair {config.repair!r} needs calibration tokens: call "
+                        "grape.repair.prune_and_repair(model, plan, config, input_ids) instead")
     adapter = get_adapter(model)
     validate_plan(adapter, plan, allow_lower_top_k=config.allow_lower_top_k)
     METHODS[config.method](adapter, plan, config)

@@ -1,0 +1,307 @@
+"""Prune, then repair (issue 27): how much of the NLL increase of a pruned zoo model each repair
+method of grape.repair wins back, at what cost.
+
+For each zoo model and budget, the uniform REAP-mass plan (solver `uniform`) is applied to a fresh
+copy of the model with each repair method (none = plain removal), fitted on calibration rows of
+grape/assets/heldout/calibration.jsonl, and evaluated on a held-out split (test by default):
+NLL increase against the unpruned model per domain and on average (domains weighted equally),
+with standard errors from per-document differences (each document is a block: its windows'
+summed NLL against the unpruned model's on the same windows), plus fit seconds and the fit's
+peak extra resident memory. Writes benchmarks/results/repair.md and repair.json.
+
+    python benchmarks/repair_bench.py                                  # 3 models, 2 budgets
+    python benchmarks/repair_bench.py --models qwen3moe-32x4 --split validation \\
+        --methods none scale lstsq lstsq:0.01 lstsq:1 --out /tmp/ridge   # choose the ridges
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import psutil  # noqa: E402
+import torch  # noqa: E402
+
+ZOO = ROOT / "benchmarks" / "zoo"
+HELDOUT = ROOT / "grape" / "assets" / "heldout"
+DOMAINS = ("prose", "python", "c")
+DEFAULT_MODELS = ("qwen3moe-32x4", "mixtral-8x2", "olmoe-32x4")
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# -- data -----------------------------------------------------------------------------------------
+def documents(split: str, max_docs: int | None = None) -> dict[str, list[str]]:
+    """Each domain's documents; `max_docs`: at most that many, evenly spaced (quick sweeps)."""
+    out = {}
+    for domain in DOMAINS:
+        lines = (HELDOUT / f"{domain}.{split}.jsonl").read_text(encoding="utf-8").splitlines()
+        texts = [json.loads(line)["text"] for line in lines if line.strip()]
+        if max_docs is not None and max_docs < len(texts):
+            texts = [texts[round(i * (len(texts) - 1) / max(max_docs - 1, 1))] for i in range(max_docs)]
+        out[domain] = texts
+    return out
+
+
+def calibration_rows(tokenizer, rows: int, seq_len: int, seed: int) -> torch.Tensor:
+    from grape.data import load_calibration_data
+
+    return load_calibration_data([str(HELDOUT / "calibration.jsonl")], tokenizer, seq_len=seq_len,
+                                 samples=rows, seed=seed, progress=False).input_ids
+
+
+class DocumentEval:
+    """Summed NLL and token count per document: each document is [EOS] + its tokens, cut into
+    windows of seq_len inputs (grape.evaluation's protocol, per document so that documents are
+    the blocks of the standard errors)."""
+
+    def __init__(self, tokenizer, docs: dict[str, list[str]], seq_len: int, batch: int = 16):
+        from grape.evaluation import pack_windows
+
+        self.batch, self.pad = batch, tokenizer.pad_token_id or 0
+        self.windows: list[tuple[str, int, list[int]]] = []  # (domain, document, window)
+        for domain, texts in docs.items():
+            for d, ids in enumerate(tokenizer(texts, add_special_tokens=False)["input_ids"]):
+                for w in pack_windows([tokenizer.eos_token_id] + ids, seq_len):
+                    self.windows.append((domain, d, w))
+        self.windows.sort(key=lambda item: len(item[2]))  # similar lengths share a batch
+
+    def run(self, model) -> dict[str, dict[int, tuple[float, int]]]:
+        from grape.evaluation import window_losses
+
+        out: dict[str, dict[int, list[float]]] = {d: {} for d in DOMAINS}
+        model.eval()
+        for start in range(0, len(self.windows), self.batch):
+            part = self.windows[start:start + self.batch]
+            sums, counts = window_losses(model, [w for _, _, w in part], self.pad, torch.device("cpu"))
+            for (domain, d, _), s, c in zip(part, sums, counts):
+                acc = out[domain].setdefault(d, [0.0, 0])
+                acc[0] += s
+                acc[1] += c
+        return {domain: {d: (v[0], v[1]) for d, v in docs.items()} for domain, docs in out.items()}
+
+
+def increase(pruned: dict, base: dict) -> dict:
+    """Per domain and mean: NLL increase (nats/token) and its standard error by document (a ratio
+    estimator: sum of per-document NLL differences over the domain's tokens)."""
+    out = {}
+    for domain in DOMAINS:
+        diffs = [(pruned[domain][d][0] - base[domain][d][0], base[domain][d][1]) for d in base[domain]]
+        tokens = sum(c for _, c in diffs)
+        mean = sum(x for x, _ in diffs) / tokens
+        n = len(diffs)
+        resid = sum((x - mean * c) ** 2 for x, c in diffs)
+        se = math.sqrt(n / max(n - 1, 1) * resid) / tokens
+        out[domain] = {"increase": mean, "se": se, "documents": n, "tokens": tokens}
+    out["mean"] = {"increase": sum(out[d]["increase"] for d in DOMAINS) / len(DOMAINS),
+                   "se": math.sqrt(sum(out[d]["se"] ** 2 for d in DOMAINS)) / len(DOMAINS)}
+    return out
+
+
+def paired(a: dict, b: dict) -> tuple[float, float]:
+    """Mean (over domains) NLL of `a` minus `b` on the same documents, with its SE."""
+    rows = [increase(a, b)[d] for d in DOMAINS]
+    return (sum(r["increase"] for r in rows) / len(rows),
+            math.sqrt(sum(r["se"] ** 2 for r in rows)) / len(rows))
+
+
+# -- memory ------------------------------------------------------------------------------------------
+class PeakRSS:
+    """Peak resident memory above the level at entry, sampled every 10 ms in a thread."""
+
+    def __enter__(self):
+        self.process = psutil.Process()
+        self.start = self.peak = self.process.memory_info().rss
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(0.01)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+        self.extra_mb = (self.peak - self.start) / 1e6
+
+
+# -- one model ----------------------------------------------------------------------------------------
+def plan_for(model, tokenizer, budget: float, args):
+    """The uniform REAP-mass plan from a small calibration (routing statistics only)."""
+    import grape
+    from grape.api import SolveConfig, build_problem
+    from solvers.solve import solve
+
+    key = ("scores", id(model))
+    if key not in _CACHE:
+        texts = [json.loads(x)["text"] for x in (HELDOUT / "calibration.jsonl").read_text().splitlines() if x.strip()]
+        config = grape.CalibrationConfig(samples=args.calib_rows, seq_len=args.seq_len, subsample=0,
+                                         similarity=(), cost_curves=False, reconstruction=False,
+                                         seed=1, progress=False)
+        _CACHE[key] = grape.calibrate(model, [texts], config, tokenizer=tokenizer)
+    config = SolveConfig(budget=budget, solver="uniform", criterion="reap_mass")
+    return solve(build_problem(_CACHE[key], config), solver="uniform", time_limit=60)
+
+
+_CACHE: dict = {}
+
+
+def parse_method(text: str) -> tuple[str, float | None]:
+    name, _, ridge = text.partition(":")
+    return name, (float(ridge) if ridge else None)
+
+
+def run_model(name: str, args, save=lambda result: None) -> dict:
+    import grape
+    from grape.pruning import ApplyConfig
+    from grape.repair import RepairSettings, prune_and_repair
+    from transformers import AutoTokenizer
+
+    path = ZOO / "models" / name
+    tokenizer = AutoTokenizer.from_pretrained(ZOO / "tokenizer")
+    base = grape.load(path, dtype=torch.float32)
+    seq_len = min(args.seq_len, int(base.config.max_position_embeddings))
+    evaluator = DocumentEval(tokenizer, documents(args.split, args.max_docs), seq_len)
+    t0 = time.perf_counter()
+    baseline = evaluator.run(base)
+    eval_seconds = time.perf_counter() - t0
+    fit_ids = calibration_rows(tokenizer, args.fit_rows, seq_len, seed=0)
+    log(f"{name}: baseline evaluated in {eval_seconds:.0f} s on {len(evaluator.windows)} windows")
+    result = {"model": name, "eval_seconds": eval_seconds, "budgets": {}}
+    for budget in args.budgets:
+        plan = plan_for(base, tokenizer, budget, args)
+        rows, evals = {}, {}
+        for text in args.methods:
+            method, ridge = parse_method(text)
+            model = copy.deepcopy(base)
+            with PeakRSS() as memory:
+                t = time.perf_counter()
+                report = prune_and_repair(model, plan, ApplyConfig(repair=method), fit_ids,
+                                          settings=RepairSettings(ridge=ridge))
+                seconds = time.perf_counter() - t
+            evals[text] = evaluator.run(model)
+            rows[text] = {"nll_increase": increase(evals[text], baseline), "fit_seconds": seconds,
+                          "fit_peak_extra_mb": memory.extra_mb, "repair": report.to_json()}
+            if text != "none" and "none" in evals:
+                rows[text]["vs_none"] = paired(evals[text], evals["none"])
+            inc = rows[text]["nll_increase"]["mean"]
+            log(f"  {name} budget {budget} {text}: NLL +{inc['increase']:.4f} ± {inc['se']:.4f}, "
+                f"fit {seconds:.1f} s, +{memory.extra_mb:.0f} MB; {report.line()}")
+            del model
+        result["budgets"][str(budget)] = {"kept_per_layer": plan.kept_counts(), "rows": rows}
+        save(result)  # a long run leaves each finished budget behind
+    return result
+
+
+# -- report ----------------------------------------------------------------------------------------------
+def render(data: dict) -> str:
+    s = data["settings"]
+    lines = [
+        "# Prune, then repair (closed-form compensation)", "",
+        "Generated by `benchmarks/repair_bench.py` (issue 27; methods in docs/repair.md). Uniform "
+        f"REAP-mass plans (solver `uniform`); repair fitted on {s['fit_rows']} calibration rows of "
+        f"{s['seq_len']} tokens (grape/assets/heldout/calibration.jsonl); NLL increase against the "
+        f"unpruned model on the **{s['split']}** split"
+        + (f" ({s['max_docs']} documents per domain, evenly spaced)" if s.get("max_docs") else "")
+        + " (nats/token, mean of the three domains), "
+        "± one standard error with documents as blocks. *vs none*: the paired difference to plain "
+        "removal on the same documents (negative: repair helps). *ratio*: increase with repair / "
+        "without. Fit time and peak extra resident memory of the whole prune-and-repair call "
+        f"(CPU, {s['threads']} threads, float32). {s['machine']}.", ""]
+    for model in data["models"]:
+        lines += [f"## {model['model']}", "",
+                  "| budget | repair | NLL increase | ratio | vs none | prose | python | c | layer error before → after | fit s | peak MB |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for budget, entry in model["budgets"].items():
+            none = entry["rows"].get("none", {}).get("nll_increase", {}).get("mean", {}).get("increase")
+            for method, row in entry["rows"].items():
+                inc = row["nll_increase"]
+                ratio = f"{inc['mean']['increase'] / none:.2f}" if none and method != "none" else ""
+                vs = row.get("vs_none")
+                rep = row["repair"]
+                err = (f"{rep['relative_error_before']:.3f} → {rep['relative_error_after']:.3f}"
+                       if rep["layers"] else "")
+                lines.append(
+                    f"| {float(budget):.0%} | {method} | {inc['mean']['increase']:+.4f} ± {inc['mean']['se']:.4f} "
+                    f"| {ratio} | {'' if vs is None else f'{vs[0]:+.4f} ± {vs[1]:.4f}'} "
+                    + " ".join(f"| {inc[d]['increase']:+.4f}" for d in DOMAINS)
+                    + f" | {err} | {row['fit_seconds']:.1f} | {row['fit_peak_extra_mb']:.0f} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def merge(files: list[Path], out: Path, sweeps: list[Path] | None = None) -> int:
+    """One report from runs made in parallel (one model each, the same settings); `sweeps`:
+    runs on the validation split that chose the ridges, appended as their own section."""
+    runs = [json.loads(f.read_text()) for f in files]
+    data = {"settings": runs[0]["settings"], "models": [m for r in runs for m in r["models"]]}
+    text = render(data)
+    if sweeps:
+        swept = [json.loads(f.read_text()) for f in sweeps]
+        data["ridge_sweeps"] = swept
+        text += "\n# Choosing the ridge (validation split)\n\n" + "\n".join(
+            render(run).split("\n", 2)[2].replace("\n## ", "\n### ") for run in swept)
+    (out / "repair.json").write_text(json.dumps(data, indent=1) + "\n")
+    (out / "repair.md").write_text(text)
+    log(f"wrote {out / 'repair.md'}")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
+    ap.add_argument("--budgets", nargs="+", type=float, default=[0.25, 0.5])
+    ap.add_argument("--methods", nargs="+", default=["none", "scale", "lstsq"],
+                    help="repair methods, optionally with a ridge: lstsq:0.1")
+    ap.add_argument("--split", default="test", choices=("test", "validation"))
+    ap.add_argument("--fit-rows", type=int, default=32)
+    ap.add_argument("--calib-rows", type=int, default=64, help="rows of the REAP-mass calibration")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--max-docs", type=int, default=None, help="documents per domain (quick sweeps)")
+    ap.add_argument("--merge", nargs="+", type=Path, default=None,
+                    help="only combine these repair.json files (one run per model) into --out")
+    ap.add_argument("--sweeps", nargs="+", type=Path, default=None,
+                    help="with --merge: validation runs that chose the ridges (own section)")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = ap.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out, args.sweeps)
+    if args.methods[0] != "none":
+        ap.error("--methods must start with none (the reference of every ratio)")
+    data = {"settings": {"split": args.split, "max_docs": args.max_docs, "fit_rows": args.fit_rows, "seq_len": args.seq_len,
+                         "calib_rows": args.calib_rows, "threads": torch.get_num_threads(),
+                         "machine": f"{platform.machine()}, torch {torch.__version__}"},
+            "models": []}
+    args.out.mkdir(parents=True, exist_ok=True)
+    def save(result: dict) -> None:
+        models = [m for m in data["models"] if m["model"] != result["model"]] + [result]
+        done = {**data, "models": models}
+        (args.out / "repair.json").write_text(json.dumps(done, indent=1) + "\n")
+        (args.out / "repair.md").write_text(render(done))
+
+    for name in args.models:
+        data["models"].append(run_model(name, args, save))
+        save(data["models"][-1])
+    log(f"wrote {args.out / 'repair.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
