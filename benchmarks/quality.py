@@ -56,7 +56,7 @@ from quality_methods import (
 )
 
 from grape.outputs import atomic_write_text
-from grape.pipeline import search_tokens
+from grape.search_stage import search_tokens
 from solvers.scores import Scores
 
 ZOO = ROOT / "benchmarks" / "zoo"
@@ -117,7 +117,7 @@ class Settings:
              (f"grape.search defaults, at most {self.search_passes} forward passes over "
               f"{self.search_samples} x 256 tokens per domain of the validation split, the "
               f"finalists confirmed on {self.confirm_samples} x 256 per domain "
-              "(grape.pipeline.search_tokens, as `grape run` on the test bed)")),
+              "(grape.search_stage.search_tokens, as `grape run` on the test bed)")),
             ("solver time limit", f"{self.time_limit:g} s per solve"),
             ("lm-eval (local tasks)", lm if self.lmeval == "none" else
              f"{lm}; kinds {', '.join(self.lmeval_kinds)}, {self.lmeval_examples} examples per "

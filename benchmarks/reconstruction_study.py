@@ -7,7 +7,7 @@ documents it saw. This study calibrates each zoo model twice with the *same numb
 * `packed`  - grape's calibration packing: shuffled documents joined and cut into rows, so 64
               rows of 256 tokens cover the first dozen or so shuffled documents;
 * `spread`  - 64 windows of 256 tokens spread evenly over the whole calibration file
-              (grape.pipeline.search_tokens), so they cover nearly every document.
+              (grape.search_stage.search_tokens), so they cover nearly every document.
 
 Each row: the NLL increase of the uniform plan by `reconstruction` and by REAP, on the whole
 test split (mean over domains; benchmarks/quality.py's evaluation), and their ratio. Usage:
@@ -41,7 +41,7 @@ def calibrate(model, tokenizer, how: str):
     """Scores from 64 x 256 calibration tokens, packed as the quality benchmark packs them or
     spread over the whole file."""
     import grape
-    from grape.pipeline import search_tokens
+    from grape.search_stage import search_tokens
 
     config = grape.CalibrationConfig(samples=FAST.calib_samples, seq_len=FAST.calib_seq_len,
                                      subsample=FAST.subsample, seed=0, progress=False)

@@ -30,12 +30,14 @@ SECTION = re.compile(r"<!-- readme -->\n(.*?)<!-- /readme -->", re.DOTALL)
 
 
 def producer(name: str) -> str | None:
-    """The benchmark script whose source mentions results/NAME.md, as a command line."""
-    for script in sorted((ROOT / "benchmarks").rglob("*.py")):
+    """The benchmark script whose source mentions results/NAME.md (benchmarks/NAME.py first), as a
+    command line."""
+    scripts = sorted((ROOT / "benchmarks").rglob("*.py"), key=lambda p: (p.stem != name, str(p)))
+    for script in scripts:
         if script.name == Path(__file__).name:
             continue
         text = script.read_text(encoding="utf-8", errors="replace")
-        if f"{name}.md" in text:
+        if re.search(rf"(?<![\w.-]){re.escape(name)}\.md", text):  # not default_quality.md for quality.md
             return f"python {script.relative_to(ROOT)}"
     return None
 

@@ -152,12 +152,13 @@ def search(model: nn.Module | str | os.PathLike, scores: Scores | str | os.PathL
            plan: Plan | str | os.PathLike | None = None, tokenizer: Any = None,
            out: str | os.PathLike | None = None) -> SearchResult:
     """The loss-verified search (the stage `grape search` and `grape run` run): candidate plans
-    measured on held-out `data` (search-data files, `search_config.samples` windows from each and
-    the finalists confirmed on `confirm_samples`; or a 2-D tensor of input ids, no confirmation),
+    measured on held-out `data` (search-data files, split by document into the search's
+    `search_config.tokens` and the confirmation's `confirm_tokens`; or a 2-D tensor of input
+    ids, each row its own document, no confirmation),
     from `plan` or `config`'s solver; `result.best.plan` is the choice. With `out`, writes
     plan.json, search.json and the resume cache there as `grape search --out` does."""
     from grape.search_config import SearchConfig
-    from grape.search_stage import run_search, search_ids, sequence_length
+    from grape.search_stage import held_out_from_files, held_out_from_ids, run_search, sequence_length
 
     search_config = search_config or SearchConfig()
     search_config.check_names()
@@ -167,11 +168,11 @@ def search(model: nn.Module | str | os.PathLike, scores: Scores | str | os.PathL
         config = SolveConfig(budget=plan.num_removed) if plan is not None else SolveConfig()
     model, tokenizer = _model_and_tokenizer(model, tokenizer, need_tokenizer=not _is_ids(data))
     if _is_ids(data):
-        ids, confirm_ids = data, None
+        held_out = held_out_from_ids(data)
     else:
         files = [data] if isinstance(data, (str, os.PathLike)) else list(data)
-        ids, confirm_ids = search_ids(files, tokenizer, sequence_length(scores, search_config), search_config)
-    return run_search(model, scores, config, ids, confirm_ids, search_config,
+        held_out = held_out_from_files(files, tokenizer, sequence_length(scores, search_config), search_config)
+    return run_search(model, scores, config, held_out, search_config,
                       out=Path(out) if out is not None else None, plan=plan)
 
 

@@ -471,6 +471,12 @@ def _progress_bar(total: int, enabled: bool):
     )
 
 
+def source_names(sources: Sequence[Any] | Any) -> list[str]:
+    """What the provenance records of each source: a path as given, else the object's type."""
+    return [str(s) if _is_path(s) else type(s).__name__
+            for s in (sources if isinstance(sources, (list, tuple)) else [sources])]
+
+
 def load_calibration_data(
     sources: Sequence[Any] | Any,
     tokenizer: Any,
@@ -492,12 +498,8 @@ def load_calibration_data(
         separator=separator,
         progress=progress,
     )
-    names = [
-        str(s) if _is_path(s) else type(s).__name__
-        for s in (sources if isinstance(sources, (list, tuple)) else [sources])
-    ]
     provenance = {
-        "sources": names,
+        "sources": source_names(sources),
         "seq_len": seq_len,
         "samples": samples,
         "seed": seed,

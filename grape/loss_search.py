@@ -27,7 +27,7 @@ curves seed, move, ...); the rule that keeps the result no worse than uniform re
 never the display name. The stage around this algorithm (search tokens from files, plan.json
 and search.json written) is grape.search_stage; the public function is ``grape.search``.
 
-    result = search(model, scores, SolveConfig(budget=0.25), search_ids)
+    result = search(model, scores, SolveConfig(budget=0.25), search_ids, groups=documents)
     result.best          # a Plan, checked against the problem's constraints
     result.table()       # every candidate with its measured NLL
 """
@@ -105,8 +105,9 @@ class _Meter:
     """Measures plans within the pass budget; with a cache file, reuses earlier measurements of
     the same plan on the same tokens (an interrupted search resumes) and records each new one."""
 
-    def __init__(self, model, ids, config: SearchConfig, cache: Path | None):
+    def __init__(self, model, ids, config: SearchConfig, cache: Path | None, groups=None):
         self.model, self.ids, self.config, self.cache = model, ids, config, cache
+        self.groups = None if groups is None else np.asarray(groups)
         self.limit, self.used, self.reused = config.max_passes, 0, 0
         self.prefix = PrefixReuse(model, ids, config.batch_size, config.reuse_bytes)
         self.known: dict[str, list[float]] = {}
@@ -145,7 +146,7 @@ class _Meter:
     def candidate(self, name: str, plan: Plan, role: Role, criterion: str | None = None) -> Candidate:
         per_sequence = self.nll(name, plan)
         return Candidate(name, plan, float(per_sequence.mean()), per_sequence, role=role,
-                         criterion=criterion)
+                         criterion=criterion, groups=self.groups)
 
     def _save(self) -> None:
         if self.cache is None:
@@ -164,13 +165,15 @@ def _tokens_key(ids: torch.Tensor) -> str:
 
 def search(model: nn.Module, scores, config: SolveConfig, ids: torch.Tensor,
            search_config: SearchConfig | None = None, cache: str | os.PathLike | None = None,
-           confirm_ids: torch.Tensor | None = None, plan: Plan | None = None) -> SearchResult:
+           confirm_ids: torch.Tensor | None = None, plan: Plan | None = None, *,
+           groups=None, confirm_groups=None) -> SearchResult:
     """The best plan found by measurement (see the module docstring). `cache`: a JSON file
-    of measurements to resume from and add to. `confirm_ids`: more held-out tokens (typically
-    several times `ids`) on which the finalists - every uniform seed and the search's choice -
-    are measured once more, and the final choice made, so that a difference the small search
-    sample shows by chance does not decide. `plan`: a plan to start from instead of the
-    configured solver's (it must meet `config`'s budget and constraints)."""
+    of measurements to resume from and add to. `confirm_ids`: held-out tokens of other documents
+    (typically several times `ids`) on which the finalists - every uniform seed, the search's
+    choice and its runners-up - are measured again and the final choice made, so that the
+    selection on `ids` does not bias it. `groups` / `confirm_groups`: the document of each row
+    (standard errors are by document; None: each row its own). `plan`: a plan to start from
+    instead of the configured solver's (it must meet `config`'s budget and constraints)."""
     search_config = search_config or SearchConfig()
     search_config.check_names()
     search_config, lacking = _available_criteria(scores, search_config)
@@ -182,7 +185,7 @@ def search(model: nn.Module, scores, config: SolveConfig, ids: torch.Tensor,
     start = time.perf_counter()
     was_training = model.training
     model.eval()
-    meter = _Meter(model, ids, search_config, Path(cache) if cache is not None else None)
+    meter = _Meter(model, ids, search_config, Path(cache) if cache is not None else None, groups)
     try:
         unpruned_seq = meter.nll("unpruned", None)
         seeds, notes = seed_plans(scores, config, search_config, plan)
@@ -192,9 +195,12 @@ def search(model: nn.Module, scores, config: SolveConfig, ids: torch.Tensor,
         candidates = [meter.candidate(s.name, s.plan, s.role, s.criterion) for s in seeds[: meter.left]]
         best, curves = _improve(model, scores, config, problem, candidates, meter, search_config, notes,
                                 unpruned_seq)
-        confirmed = []
+        confirmed, versus = [], _versus_uniform(best, candidates, "search")
         if confirm_ids is not None and search_config.confirm:
-            best, confirmed = _confirm(model, best, candidates, confirm_ids, search_config, cache)
+            best, confirmed, versus = _confirm(model, best, candidates, confirm_ids, search_config, cache,
+                                               confirm_groups, notes)
+        elif search_config.confirm:
+            notes.append("no confirmation tokens: the choice was made on the tokens the search selected on")
     finally:
         meter.bar.close()
         model.train(was_training)
@@ -203,7 +209,7 @@ def search(model: nn.Module, scores, config: SolveConfig, ids: torch.Tensor,
                         seconds=time.perf_counter() - start, notes=notes, nll_curves=curves,
                         reused=meter.reused, confirmed=confirmed,
                         computed_passes=meter.prefix.layers_run / len(meter.prefix.layers),
-                        confirm_tokens=int(confirm_ids.numel()) if confirmed else 0)
+                        confirm_tokens=int(confirm_ids.numel()) if confirmed else 0, versus_uniform=versus)
 
 
 def _improve(model, scores, config, problem, candidates, meter, search_config, notes, unpruned_seq):
@@ -252,32 +258,73 @@ def _available_criteria(scores, config: SearchConfig) -> tuple[SearchConfig, lis
 
 
 def _confirm(model, best: Candidate, candidates: list[Candidate], ids: torch.Tensor, config: SearchConfig,
-             cache) -> tuple[Candidate, list[dict]]:
+             cache, groups, notes: list[str]) -> tuple[Candidate, list[dict], dict | None]:
     """The final choice on the confirmation tokens, by the seed rule: the best uniform plan there
     is the incumbent, and the search's choice - or one of the `runners_up` next-best candidates
-    that beat every uniform plan on the search tokens - replaces it only by `margin_se` paired
-    standard errors. Returns (the chosen search candidate, each finalist's confirmation NLL)."""
+    that beat every uniform plan on the search tokens - replaces it only by `margin_se` standard
+    errors (by document). Too few confirmation tokens or documents to tell plans apart: the best
+    uniform plan there. Returns (the choice, each finalist's confirmation NLL, the choice
+    against the best uniform plan)."""
+    from grape.stats import count_units
+
     if ids.dim() != 2 or ids.shape[1] < 2:
         raise DataError("confirmation tokens must be a (samples, seq_len >= 2) tensor of input ids")
+    finalists = _finalists(best, candidates, config.runners_up)
+    path = Path(cache).with_suffix(".confirm.json") if cache is not None else None
+    meter = _Meter(model, ids, replace(config, max_passes=len(finalists)), path, groups)
+    try:
+        measured = [meter.candidate(c.name, c.plan, c.role, c.criterion) for c in finalists]
+    finally:
+        meter.bar.close()
+    documents = count_units(groups) if groups is not None else int(ids.shape[0])
+    enough = ids.numel() >= config.min_confirm_tokens and documents >= config.min_confirm_documents
+    uniform = _uniform(measured)
+    if enough or not uniform:
+        chosen = _choose_seed(measured, config)
+    else:
+        chosen = min(uniform, key=lambda c: c.nll)
+        notes.append(f"confirmation on {ids.numel():,} tokens of {documents} documents, below the "
+                     f"minimum ({config.min_confirm_tokens:,} tokens, {config.min_confirm_documents} "
+                     "documents) for adopting a non-uniform plan: the best uniform plan there is kept")
+    record = []
+    for c in measured:
+        row = {"name": c.name, "role": c.role.value, "nll": c.nll, "chosen": c is chosen}
+        if uniform:
+            row["difference_vs_best_uniform"], row["se"] = c.difference(min(uniform, key=lambda u: u.nll))
+        record.append(row)
+    return finalists[measured.index(chosen)], record, _versus_uniform(chosen, measured, "confirmation")
+
+
+def _finalists(best: Candidate, candidates: list[Candidate], runners_up: int) -> list[Candidate]:
+    """Every uniform seed, the search's choice, and up to `runners_up` other candidates that beat
+    every uniform seed on the search tokens (a real gain the small search sample showed by less
+    than the margin gets a second, larger hearing)."""
     uniform = _uniform(candidates)
     floor = min((c.nll for c in uniform), default=float("inf"))
     finalists = uniform + ([best] if best not in uniform else [])
-    seen, wanted = {_key(c.plan) for c in finalists}, len(finalists) + config.runners_up
+    seen, wanted = {_key(c.plan) for c in finalists}, len(finalists) + runners_up
     for c in sorted(candidates, key=lambda c: c.nll):
         if len(finalists) >= wanted or c.nll >= floor:
             break
         if _key(c.plan) not in seen:
             finalists.append(c)
             seen.add(_key(c.plan))
-    path = Path(cache).with_suffix(".confirm.json") if cache is not None else None
-    meter = _Meter(model, ids, replace(config, max_passes=len(finalists)), path)
-    try:
-        measured = [meter.candidate(c.name, c.plan, c.role, c.criterion) for c in finalists]
-    finally:
-        meter.bar.close()
-    chosen = _choose_seed(measured, config)
-    record = [{"name": c.name, "role": c.role.value, "nll": c.nll, "chosen": c is chosen} for c in measured]
-    return finalists[measured.index(chosen)], record
+    return finalists
+
+
+def _versus_uniform(chosen: Candidate, measured: list[Candidate], on: str) -> dict | None:
+    """The choice against the best uniform plan on the same tokens: NLL difference (negative:
+    the choice is better) and its standard error by document."""
+    from grape.stats import count_units
+
+    uniform = _uniform(measured)
+    if not uniform:
+        return None
+    best = min(uniform, key=lambda c: c.nll)
+    diff, se = chosen.difference(best)
+    rows = len(chosen.per_sequence)
+    return {"best_uniform": best.name, "difference": diff, "se": se, "on": on,
+            "documents": count_units(chosen.groups) if chosen.groups is not None else rows}
 
 
 def _uniform(candidates: list[Candidate]) -> list[Candidate]:

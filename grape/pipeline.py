@@ -19,13 +19,12 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from grape.calibration import CalibrationConfig
 from grape.evaluation import EvalConfig
 from grape.pruning import ApplyConfig
 from grape.search_config import SearchConfig
-from grape.search_stage import search_tokens  # noqa: F401 - documented here (docs/search.md)
 from solvers.errors import UserError
 from solvers.spec import SolveConfig, check_budget
 
@@ -61,11 +60,13 @@ class RunConfig:
     # the loss-verified search (grape.search_stage, the same stage as `grape search`); None:
     # apply the solver's plan as it is
     search: SearchConfig | None = field(default_factory=SearchConfig)
-    # where the search tokens come from: files whose domains are weighted equally
-    # (search.samples sequences from each, the finalists confirmed on search.confirm_samples),
-    # e.g. a validation split shaped like the evaluation; None: held-out calibration text (the
-    # last search.samples rows packed after calibration's)
+    # where the search and confirmation tokens come from: None: whole documents of `data` held
+    # out of calibration (grape.data_split); else these files, split by document, each domain
+    # weighing the same (e.g. a validation split shaped like the evaluation)
     search_data: list[str] | None = None
+    # calibrate again on each half of the calibration rows and report how much of the chosen
+    # plan survives (grape.stability; one more calibration's cost)
+    stability: bool = False
 
     def __post_init__(self) -> None:
         from grape.compare import solver_names
@@ -98,6 +99,16 @@ class RunResult:
     report: Path
 
 
+class Calibrated(NamedTuple):
+    """What the calibration stage of a run hands on."""
+
+    tokenizer: Any
+    model: Any
+    scores: Any  # None on a torchrun rank other than 0
+    held_out: Any  # grape.data_split.HeldOut, or None without a search
+    rows: Any = None  # the calibration rows (grape.data.CalibrationData) when calibrated here
+
+
 class _Stages:
     """Numbered stage lines ([2/6] solving ...) and the wall seconds of each stage."""
 
@@ -117,7 +128,6 @@ class _Stages:
 def run(config: RunConfig) -> RunResult:
     """Run every stage; see the module docstring. Checks that need no model come first."""
     from grape.evaluation import evaluate
-    from grape.pruning import apply_plan
     from solvers._io import atomic_write_text
 
     docs = _checked_inputs(config)
@@ -130,7 +140,8 @@ def run(config: RunConfig) -> RunResult:
 
     stages.start("calibrate", f"calibrating {config.model}" if config.scores is None else
                  f"reading scores {config.scores}")
-    tokenizer, model, scores, search_ids = _calibrate_stage(config, searching)
+    calibrated = _calibrate_stage(config, searching)
+    tokenizer, model, scores, held_out = calibrated[:4]
     if scores is None:  # a rank other than 0 of a torchrun calibration: rank 0 goes on alone
         return RunResult({}, out / "report.md")
     check_budget(config.solve.budget, sum(scores.model.experts_per_layer.values()))
@@ -143,10 +154,15 @@ def run(config: RunConfig) -> RunResult:
 
     solver, found = config.solve.solver, None
     if searching:  # the plan applied is the best measured candidate; the solver's becomes a baseline
+        confirm = held_out.confirm
         stages.start("search", f"loss-verified allocation: at most {config.search.max_passes} forward "
-                     f"passes of {search_ids[0].numel()} held-out tokens"
-                     + (f", then the finalists on {search_ids[1].numel()}" if search_ids[1] is not None else ""))
-        found = _search_stage(config, model, scores, search_ids, plans)
+                     f"passes of {held_out.search.tokens:,} held-out tokens ({held_out.search.num_documents} "
+                     f"documents of the {held_out.source})" + (
+                         f", then the finalists on {confirm.tokens:,} tokens of {confirm.num_documents} "
+                         "other documents" if confirm is not None else ""))
+        found = _search_stage(config, model, scores, held_out, plans)
+        if config.stability:
+            _stability(config, calibrated, found)
         solver = "search"
         stages.stop()
     elif config.search is not None:
@@ -159,8 +175,9 @@ def run(config: RunConfig) -> RunResult:
 
     stages.start("apply_and_eval", f"applying the {solver} plan ({config.method}) and evaluating the "
                  "pruned model")
-    method = replace(config.apply, merge_weights=scores if config.method == "merge" else None)
-    apply_plan(model, plans[solver], method)
+    method = _repair_method(config, scores)
+    repair_ids = _repair_ids(config, method, tokenizer)
+    _apply(model, plans[solver], method, repair_ids)
     evals = {solver: evaluate(model, tokenizer, docs, config.evaluation, name=f"{label} ({solver})")}
     files = {"resolved configuration": "run.recipe.yaml", "plan": "plan.json", "summary": "summary.json"}
     if searching:
@@ -174,12 +191,12 @@ def run(config: RunConfig) -> RunResult:
         _save_checkpoint(model, config, plans[solver], tokenizer, method)
         files["pruned checkpoint"] = "checkpoint/"
         stages.stop()
-    del model
+    del model, calibrated  # the baselines load fresh copies: free this one first
 
     baselines = [n for n in plans if n != solver]
     if baselines:  # each from a fresh copy of the model
         stages.start("baselines", f"applying and evaluating the baselines ({', '.join(baselines)})")
-        evals.update(_baselines(config, plans, baselines, method, tokenizer, docs))
+        evals.update(_baselines(config, plans, baselines, method, tokenizer, docs, repair_ids))
         stages.stop()
     for name, result in evals.items():
         _write_eval(out / "eval" / f"{name}.json", result, base_eval)
@@ -198,25 +215,57 @@ def run(config: RunConfig) -> RunResult:
 
 # -- stages -------------------------------------------------------------------------------------
 def _checked_inputs(config: RunConfig):
-    """The held-out documents, after the checks that need no model (budget, lm-eval tasks)."""
+    """The held-out documents, after the checks that need no model (budget, lm-eval tasks, a
+    repair's text and model)."""
+    from grape.apply_stage import check_repair
     from grape.evaluation import default_heldout_files, load_documents
     from grape.lmeval_offline import check_eval_tasks
+    from grape.modelfiles import read_config
 
     check_budget(config.solve.budget)
+    check_repair(read_config(config.model), _repair_method(config, None), data_flag="--repair-data or --data")
     docs = load_documents(config.eval_data or [str(p) for p in default_heldout_files("test")])
     check_eval_tasks(config.evaluation, docs)  # an lm-eval task that cannot run fails before calibration
     return docs
 
 
-def _baselines(config: RunConfig, plans, names, method, tokenizer, docs) -> dict:
-    """Each baseline plan applied to a fresh copy of the model and evaluated."""
+def _repair_method(config: RunConfig, scores) -> ApplyConfig:
+    """The apply configuration of the run: merge weights from the scores; a repair fits on
+    --repair-data, else on the calibration text (--data)."""
+    data = config.apply.repair_data or tuple(str(p) for p in config.data or ())
+    return replace(config.apply, merge_weights=scores if config.method == "merge" else None, repair_data=data)
+
+
+def _repair_ids(config: RunConfig, method: ApplyConfig, tokenizer):
+    """The repair's calibration rows (None without a repair), read once for every plan."""
+    if method.repair == "none":
+        return None
+    from grape.apply_stage import repair_tokens
+
+    return repair_tokens(config.model, method, tokenizer, say=_indent)
+
+
+def _apply(model, plan, method: ApplyConfig, repair_ids) -> None:
+    """The plan applied in place: with a repair, pruned and repaired layer by layer (grape.repair)."""
+    if repair_ids is None:
+        from grape.pruning import apply_plan
+
+        apply_plan(model, plan, method)
+        return
+    from grape.repair import prune_and_repair
+
+    print("    " + prune_and_repair(model, plan, method, repair_ids).line(), flush=True)
+
+
+def _baselines(config: RunConfig, plans, names, method, tokenizer, docs, repair_ids=None) -> dict:
+    """Each baseline plan applied (and repaired, with a repair) to a fresh copy of the model and
+    evaluated."""
     from grape.evaluation import evaluate
-    from grape.pruning import apply_plan
 
     evals = {}
     for name in names:
         model = _load_model(config)
-        apply_plan(model, plans[name], method)
+        _apply(model, plans[name], method, repair_ids)
         evals[name] = evaluate(model, tokenizer, docs, config.evaluation, name=f"{config.model.name} ({name})")
         del model
     return evals
@@ -245,34 +294,35 @@ def _load_model(config: RunConfig):
 
 
 def _calibrate_stage(config: RunConfig, searching: bool):
-    """(tokenizer, model, scores, search ids): the search's sequences are packed with the
-    calibration ones and held out of calibration (the last `search.samples` rows). Scores None:
-    a rank other than 0 of a torchrun job."""
+    """The stage's Calibrated (tokenizer, model, scores, held-out windows). Without --search-data the search's
+    and the confirmation's documents are held out of the calibration text (grape.data_split).
+    Scores None: a rank other than 0 of a torchrun job."""
     from grape.adapters import get_adapter
     from grape.loading import load_tokenizer
     from solvers.scores import Scores
 
     tokenizer = load_tokenizer(config.tokenizer or config.model)
     cal = _fitted_calibration(config)
-    held_out = config.search.samples if searching and config.search_data is None else 0
-    data = _packed_data(config, cal, tokenizer, held_out)
-    search_ids = (data.input_ids[data.samples - held_out:], None) if held_out else None
+    split = _split(config, cal, tokenizer, searching)
+    held_out = split.held_out if split is not None else None
     if searching and config.search_data is not None:
-        from grape.search_stage import search_ids as ids_from_files
+        from grape.search_stage import held_out_from_files
 
-        search_ids = ids_from_files(config.search_data, tokenizer, config.search.seq_len, config.search)
+        held_out = held_out_from_files(config.search_data, tokenizer, config.search.seq_len, config.search)
+    for note in (split.notes if split is not None else ()):
+        _indent(note)
     if config.scores is not None:
         scores = Scores.load(config.scores)  # read before the model: a bad file fails fast
         model = _load_model(config)
         scores.model.check_matches(get_adapter(model).identity())
-        return tokenizer, model, scores, search_ids
-    model, scores = _calibrated(config, cal, data)
-    return tokenizer, model, scores, search_ids
+        return Calibrated(tokenizer, model, scores, held_out)
+    model, scores = _calibrated(config, replace(cal, samples=split.calibration.samples), split.calibration)
+    return Calibrated(tokenizer, model, scores, held_out, split.calibration)
 
 
 def _fitted_calibration(config: RunConfig) -> CalibrationConfig:
     """The calibration settings with the stage's sequence-length policy applied (the search
-    windows, packed here with calibration's, must have the same length)."""
+    windows are cut with the same policy)."""
     from grape.calibrate_stage import fit_seq_len
     from grape.modelfiles import context_length, read_config
 
@@ -284,16 +334,24 @@ def _fitted_calibration(config: RunConfig) -> CalibrationConfig:
     return cal
 
 
-def _packed_data(config: RunConfig, cal: CalibrationConfig, tokenizer, held_out: int):
-    from grape.data import load_calibration_data
+def _split(config: RunConfig, cal: CalibrationConfig, tokenizer, searching: bool):
+    """The calibration text split by document (grape.data_split): calibration rows (none when
+    the scores are given) and, when the search holds its tokens out of it, the held-out sets."""
+    from grape.data_split import split_text
+    from grape.search_stage import targets
 
-    if config.data is None or (config.scores is not None and not held_out):
-        return None
+    holding = searching and config.search_data is None
     fresh = config.scores is None
-    return load_calibration_data([str(p) for p in config.data], tokenizer, seq_len=cal.seq_len,
-                                 samples=(cal.samples if fresh else 0) + held_out,
-                                 seed=cal.seed if fresh else cal.seed + 1, text_field=cal.text_field,
-                                 progress=cal.progress)
+    if config.data is None or not (fresh or holding):
+        return None
+    goal = targets(config.search, cal.samples * cal.seq_len if fresh else 0) if holding else None
+    if goal is None:
+        from grape.data_split import Targets
+
+        goal = Targets(0, 0, cal.samples * cal.seq_len)
+    return split_text([str(p) for p in config.data], tokenizer, goal, seq_len=cal.seq_len,
+                      samples=cal.samples, seed=cal.seed, text_field=cal.text_field,
+                      window_len=config.search.seq_len if holding else None)
 
 
 def _calibrated(config: RunConfig, cal: CalibrationConfig, data):
@@ -301,10 +359,9 @@ def _calibrated(config: RunConfig, cal: CalibrationConfig, data):
     whole mode on the model the later stages use, loaded first; sequential mode (asked for, or
     the model does not fit) layer by layer, the model loaded for the later stages after."""
     from grape.calibrate_stage import calibrate_checkpoint, resolve_mode
-    from grape.data import CalibrationData
     from grape.distributed import launched_size
 
-    calibration = CalibrationData(data.input_ids[: cal.samples], data.provenance | {"samples": cal.samples})
+    calibration = data
     # under torchrun the stage places each rank's copy itself (one GPU per rank)
     whole = launched_size() == 1 and resolve_mode(config.model, cal).mode == "whole"
     model = _load_model(config) if whole else None
@@ -315,17 +372,31 @@ def _calibrated(config: RunConfig, cal: CalibrationConfig, data):
     return model, scores
 
 
-def _search_stage(config: RunConfig, model, scores, search_ids, plans: dict):
+def _search_stage(config: RunConfig, model, scores, held_out, plans: dict):
     """The search stage (grape.search_stage, as `grape search`): the best measured candidate
     becomes plans["search"] and plan.json; the solver's plan moves to plans/<solver>.json."""
     from grape.search_stage import describe, run_search
 
-    ids, confirm_ids = search_ids
-    found = run_search(model, scores, config.solve, ids, confirm_ids, config.search, out=config.out)
+    found = run_search(model, scores, config.solve, held_out, config.search, out=config.out)
     plans["search"] = found.best.plan
     plans[config.solve.solver].save(config.out / "plans" / f"{config.solve.solver}.json")
     print("    " + describe(found), flush=True)
     return found
+
+
+def _stability(config: RunConfig, calibrated: Calibrated, found) -> None:
+    """grape.stability on the calibration rows of this run (recorded in search.json)."""
+    from grape import stability
+
+    from grape.search_stage import RESULT_FILE
+    from solvers._io import atomic_write_text
+
+    if calibrated.rows is None:
+        print("    stability: skipped (it needs calibration text, --data, calibrated in this run)")
+        return
+    found.stability = stability.measure(calibrated.model, config.model, calibrated.rows, config.calibration,
+                                        config.solve, found, calibrated.held_out, say=_indent)
+    atomic_write_text(config.out / RESULT_FILE, json.dumps(found.to_json(), indent=2) + "\n")
 
 
 def _solve_stage(config: RunConfig, scores):
@@ -429,4 +500,4 @@ def _summary(config: RunConfig, scores, plans, base_eval, evals, seconds) -> dic
 
 run_pipeline = run  # the name the package exports (grape.run_pipeline)
 
-__all__ = ["MASK_NOTE", "RunConfig", "RunResult", "run", "run_pipeline", "search_tokens"]
+__all__ = ["MASK_NOTE", "RunConfig", "RunResult", "run", "run_pipeline"]

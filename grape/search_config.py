@@ -13,15 +13,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from grape.flags import flag
+from grape.flags import comma_list, flag
 from grape.prefix import DEFAULT_MAX_BYTES
 from grape.sensitivity import DEFAULT_FRACTIONS, NllCurves
 from solvers.errors import UserError
 from solvers.plan import Plan
-
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(t.strip() for t in str(text).split(",") if t.strip())
 
 
 @dataclass(frozen=True)
@@ -32,17 +28,29 @@ class SearchConfig:
         "forward passes the search may spend (each measures one plan on the held-out search "
         "tokens, the unpruned reference included); unset: 100 on the test bed, else 200",
         name="search_passes", unset=True))
-    # search tokens: `samples` windows of `seq_len` tokens from each search-data file
-    samples: int = field(default=8, metadata=flag(
-        "search sequences (per --search-data file); unset: 8 (test bed: 16 per domain of its "
-        "validation split)", name="search_samples", unset=True))
+    # held-out tokens, by document (grape.data_split): without --search-data, whole documents of
+    # the calibration text; with it, of those files (each domain weighing the same)
+    tokens: int = field(default=16384, metadata=flag(
+        "search tokens per pass (whole held-out documents cut into windows of --search-seq-len)",
+        name="search_tokens"))
     seq_len: int | None = field(default=None, metadata=flag(
         "tokens per search sequence; unset: the calibration's sequence length (grape run: its "
         "--seq-len; grape search: the one the scores file records)", name="search_seq_len", type=int))
-    confirm_samples: int = field(default=128, metadata=flag(
-        "with --search-data: windows per file on which the finalists (every uniform seed and the "
-        "search's choice) are measured once more before the final choice; 0: no confirmation",
-        name="confirm_samples"))
+    confirm_tokens: int = field(default=65536, metadata=flag(
+        "tokens of other held-out documents on which the finalists (every uniform seed, the "
+        "search's choice and its runners-up) are measured again and the final choice is made",
+        name="confirm_tokens"))
+    held_out_share: float = field(default=0.5, metadata=flag(
+        "at most this share of a calibration text too short for every target is held out for the "
+        "search and its confirmation (the rest calibrates)", name="held_out_share", type=float))
+    # below either minimum the confirmation cannot tell plans apart reliably: the result is then
+    # the best uniform plan (a notice says so), never a non-uniform plan adopted on noise
+    min_confirm_tokens: int = field(default=16384, metadata=flag(
+        "fewest confirmation tokens on which a non-uniform plan may be adopted",
+        name="min_confirm_tokens"))
+    min_confirm_documents: int = field(default=8, metadata=flag(
+        "fewest confirmation documents on which a non-uniform plan may be adopted (the standard "
+        "errors are by document)", name="min_confirm_documents"))
     # uniform seeds and within-layer orders
     criteria: tuple[str, ...] = field(
         default=("reconstruction", "reap_mass", "frequency", "reap", "ean"), metadata=flag(
@@ -56,8 +64,8 @@ class SearchConfig:
         "skip measuring per-layer NLL curves (one pass per layer and depth; done when they fit in "
         "half the passes and the scores lack them)", name="search_curves", negate=True))
     confirm: bool = field(default=True, metadata=flag(
-        "skip the final check on the larger confirmation tokens (when the caller gives them)",
-        name="search_confirm", negate=True))
+        "skip the final choice on the confirmation tokens (the search's own choice stands, chosen "
+        "on the tokens it selected on)", name="search_confirm", negate=True))
     # besides every uniform seed and the choice, the best other candidates on the search tokens
     # are confirmed too: a real gain that the small search sample showed by less than the margin
     # gets a second, larger hearing (the margin rule still decides, so uniform stays the floor)
@@ -79,17 +87,20 @@ class SearchConfig:
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         if isinstance(self.criteria, str):
-            set_(self, "criteria", _names(self.criteria))
+            set_(self, "criteria", comma_list(self.criteria))
         if isinstance(self.objectives, str):
-            set_(self, "objectives", _names(self.objectives))
-        for name, flag_name in (("max_passes", "--search-passes"), ("samples", "--search-samples"),
+            set_(self, "objectives", comma_list(self.objectives))
+        for name, flag_name in (("max_passes", "--search-passes"), ("tokens", "--search-tokens"),
                                 ("moves_per_round", "moves_per_round"), ("batch_size", "batch_size")):
             if getattr(self, name) < 1:
                 raise UserError(f"search {name} ({flag_name}) must be at least 1, got {getattr(self, name)}")
         if self.seq_len is not None and self.seq_len < 2:
             raise UserError(f"--search-seq-len {self.seq_len} must be at least 2 (tokens per sequence)")
-        if self.confirm_samples < 0:
-            raise UserError(f"--confirm-samples must be 0 (no confirmation) or more, got {self.confirm_samples}")
+        if self.confirm_tokens < 0 or self.min_confirm_tokens < 0 or self.min_confirm_documents < 0:
+            raise UserError("--confirm-tokens, --min-confirm-tokens and --min-confirm-documents must be "
+                            f">= 0, got {self.confirm_tokens}, {self.min_confirm_tokens}, {self.min_confirm_documents}")
+        if not 0 < self.held_out_share <= 1:
+            raise UserError(f"--held-out-share {self.held_out_share} must lie in (0, 1]")
         if not self.criteria:
             raise UserError("--search-criteria needs at least one criterion (e.g. reap_mass)")
         if self.runners_up < 0:
@@ -133,12 +144,19 @@ class Candidate:
     per_sequence: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)  # mean NLL of each
     role: Role = field(default=Role.MOVE, kw_only=True)
     criterion: str | None = field(default=None, kw_only=True)  # a uniform seed's criterion
+    # the document of each sequence: the unit of the standard errors (None: each its own)
+    groups: np.ndarray | None = field(default=None, kw_only=True, repr=False)
+
+    def difference(self, other: Candidate) -> tuple[float, float]:
+        """(mean NLL of self minus other's, its standard error by document) on the same tokens."""
+        from grape.stats import mean_and_se
+
+        return mean_and_se(self.per_sequence - other.per_sequence, self.groups)
 
     def beats(self, other: Candidate, margin_se: float) -> bool:
-        """Lower NLL than `other` by more than `margin_se` paired standard errors."""
-        diff = self.per_sequence - other.per_sequence
-        se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
-        return float(diff.mean()) < -margin_se * se and self.nll < other.nll
+        """Lower NLL than `other` by more than `margin_se` paired standard errors (by document)."""
+        diff, se = self.difference(other)
+        return diff < -margin_se * se and self.nll < other.nll
 
 
 @dataclass
@@ -154,6 +172,11 @@ class SearchResult:
     reused: int = 0  # measurements read back from the cache instead of measured
     confirmed: list[dict] = field(default_factory=list)  # finalists' NLL on the confirmation tokens
     confirm_tokens: int = 0  # tokens per confirmation pass
+    # the choice against the best uniform plan where the choice was made (confirmation tokens
+    # when there were any): {"best_uniform", "difference", "se", "tokens", "documents", "on"}
+    versus_uniform: dict | None = None
+    held_out: dict | None = None  # which documents the search and confirmation used
+    stability: dict | None = None  # grape.stability's record, when measured
     # decoder layers actually computed over the search tokens, in full passes (prefix reuse makes
     # it fewer than `passes`; measurements read from the cache compute nothing)
     computed_passes: float = 0.0
@@ -177,6 +200,8 @@ class SearchResult:
                 "reused_from_cache": self.reused, "confirmed": self.confirmed,
                 "confirm_tokens": self.confirm_tokens, "tokens_measured": self.tokens_measured,
                 "computed_passes": round(self.computed_passes, 2),
+                "versus_best_uniform": self.versus_uniform, "held_out": self.held_out,
+                "stability": self.stability,
                 "nll_curves": self.nll_curves.to_json() if self.nll_curves else None,
                 "candidates": [{"name": c.name, "role": c.role.value, "nll": c.nll,
                                 "kept_per_layer": {str(k): v for k, v in c.plan.kept_counts().items()}}

@@ -1,8 +1,11 @@
-"""The search stage: model + scores + budget (or a plan) + search data -> plan.json, search.json.
+"""The search stage: model + scores + budget (or a plan) + held-out text -> plan.json, search.json.
 
-    ids, confirm_ids = search_ids(files, tokenizer, sequence_length(scores, config), config)
-    found = run_search(model, scores, SolveConfig(budget=0.25), ids, confirm_ids, config,
-                       out=Path("runs/x"))
+    held_out = held_out_from_files(files, tokenizer, sequence_length(scores, config), config)
+    found = run_search(model, scores, SolveConfig(budget=0.25), held_out, config, out=Path("runs/x"))
+
+The held-out text is split by document (grape.data_split): the search measures on one set and
+makes its final choice on another (`grape run` without --search-data holds both out of the
+calibration text).
 
 `grape run` (grape.pipeline), `grape search` (grape/commands/search.py) and the Python API
 (`grape.search`) all call :func:`run_search` with a :class:`~grape.search_config.SearchConfig`,
@@ -27,8 +30,8 @@ RESULT_FILE = "search.json"  # every candidate with its role and measured NLL
 
 def search_tokens(files, tokenizer, seq_len: int, samples: int, spread: int = 64):
     """`samples` windows of `seq_len` tokens from each file, stacked: every file (a domain)
-    weighs the same, as in the evaluation's mean over domains. What `--search-data` measures
-    on (the quality benchmark too).
+    weighs the same, as in the evaluation's mean over domains. The quality study's fixed search
+    windows (the method study); the stage itself splits by document (held_out_from_files).
 
     Windows are packed as the evaluation packs them (documents joined with EOS) and taken
     evenly spaced over the file's first `spread` x samples x seq_len tokens, so they sample
@@ -61,25 +64,50 @@ def sequence_length(scores, config: SearchConfig) -> int:
     return recorded
 
 
-def search_ids(files, tokenizer, seq_len: int, config: SearchConfig):
-    """(search ids, confirmation ids or None) from the search-data files: `config.samples` and
-    `config.confirm_samples` windows of `seq_len` tokens per file (no confirmation when 0 or
-    `config.confirm` is off). `seq_len`: :func:`sequence_length`, or the run's --seq-len."""
-    ids = search_tokens(files, tokenizer, seq_len, config.samples)
-    confirm = config.confirm and config.confirm_samples > 0
-    return ids, search_tokens(files, tokenizer, seq_len, config.confirm_samples) if confirm else None
+def targets(config: SearchConfig, calibration_tokens: int = 0):
+    """The token targets of the held-out split (grape.data_split.Targets) for `config`."""
+    from grape.data_split import Targets
+
+    return Targets(config.tokens, config.confirm_tokens if config.confirm else 0, calibration_tokens,
+                   config.held_out_share)
 
 
-def run_search(model, scores, solve: SolveConfig, ids, confirm_ids, config: SearchConfig,
+def held_out_from_files(files, tokenizer, seq_len: int, config: SearchConfig):
+    """Search and confirmation windows of `seq_len` tokens from --search-data files, split by
+    document, each file's domain weighing the same (grape.data_split.split_files)."""
+    from grape.data_split import split_files
+
+    return split_files(files, tokenizer, targets(config), seq_len=seq_len, seed=config.seed)
+
+
+def held_out_from_ids(ids, confirm_ids=None):
+    """Held-out windows from ready input ids (each row its own document)."""
+    import numpy as np
+
+    from grape.data_split import HeldOut, Windows
+
+    def wrap(t):
+        return None if t is None else Windows(t, np.arange(t.shape[0]), ())
+
+    return HeldOut(wrap(ids), wrap(confirm_ids), source="input ids")
+
+
+def run_search(model, scores, solve: SolveConfig, held_out, config: SearchConfig,
                out: Path | None = None, plan: Plan | None = None) -> SearchResult:
-    """The stage: the loss-verified search (grape.loss_search.search) from `plan` or the
-    configured solver's; with `out`, it resumes from and records into out/search.cache.json and
-    writes out/plan.json, out/search.json and, when it measured NLL curves, out/scores.npz
-    (the scores with them, so that `grape solve --objective curves` plans on measured costs)."""
+    """The stage: the loss-verified search (grape.loss_search.search) on `held_out`
+    (grape.data_split.HeldOut) from `plan` or the configured solver's; with `out`, it resumes
+    from and records into out/search.cache.json and writes out/plan.json, out/search.json and,
+    when it measured NLL curves, out/scores.npz (the scores with them, so that `grape solve
+    --objective curves` plans on measured costs)."""
     from grape.loss_search import search
 
     cache = Path(out) / CACHE_FILE if out is not None else None
-    found = search(model, scores, solve, ids, config, cache=cache, confirm_ids=confirm_ids, plan=plan)
+    confirm = held_out.confirm
+    found = search(model, scores, solve, held_out.search.ids, config, cache=cache,
+                   confirm_ids=confirm.ids if confirm is not None else None, plan=plan,
+                   groups=held_out.search.groups, confirm_groups=confirm.groups if confirm is not None else None)
+    found.notes[:0] = list(held_out.notes)
+    found.held_out = held_out.record()
     _stamp(found)
     if out is not None:
         write_outputs(found, scores, Path(out))
@@ -92,7 +120,8 @@ def _stamp(found: SearchResult) -> None:
     best.provenance = {**best.provenance, "search": {
         "chosen": found.best.name, "role": found.best.role.value, "passes": found.passes,
         "tokens_measured": found.tokens_measured, "computed_passes": round(found.computed_passes, 2),
-        "nll": found.best.nll, "unpruned_nll": found.unpruned_nll}}
+        "nll": found.best.nll, "unpruned_nll": found.unpruned_nll,
+        "versus_best_uniform": found.versus_uniform}}
 
 
 def write_outputs(found: SearchResult, scores, out: Path) -> None:
@@ -107,13 +136,19 @@ def write_outputs(found: SearchResult, scores, out: Path) -> None:
 
 
 def describe(found: SearchResult) -> str:
-    """The line `grape run` and `grape search` print when the search is done."""
-    return (f"search: chose {found.best.name} ({found.best.role.value}; search NLL {found.best.nll:.4f}, "
+    """The lines `grape run` and `grape search` print when the search is done."""
+    line = (f"search: chose {found.best.name} ({found.best.role.value}; search NLL {found.best.nll:.4f}, "
             f"unpruned {found.unpruned_nll:.4f}) after {found.passes} passes ({found.computed_passes:.1f} "
             "computed, the rest reused layers or cached measurements)"
             + (f" and {len(found.confirmed)} confirmation passes" if found.confirmed else "")
             + f" ({found.tokens_measured:,} tokens), {found.seconds:.0f} s")
+    versus = found.versus_uniform
+    if versus is not None and versus["best_uniform"] != found.best.name:
+        line += (f"\n    against the best uniform plan ({versus['best_uniform']}) on the {versus['on']} "
+                 f"tokens: {versus['difference']:+.4f} +- {versus['se']:.4f} nats/token (SE by "
+                 f"document, {versus['documents']} documents)")
+    return line + "".join(f"\n    note: {n}" for n in found.notes if n.startswith(("held out", "confirmation on", "calibration:")))
 
 
-__all__ = ["CACHE_FILE", "RESULT_FILE", "describe", "run_search", "search_ids", "search_tokens",
-           "sequence_length", "write_outputs"]
+__all__ = ["CACHE_FILE", "RESULT_FILE", "describe", "held_out_from_files", "held_out_from_ids", "run_search",
+           "search_tokens", "sequence_length", "targets", "write_outputs"]

@@ -78,4 +78,4 @@ def make_workspace(root: Path) -> Workspace:
 # small settings for `grape run` on the tiny model: seconds on a CPU
 RUN_FLAGS = ["--samples", "4", "--seq-len", "32", "--subsample", "32", "--eval-tokens", "128",
              "--eval-seq-len", "32", "--compare-time-limit", "5", "--time-limit", "10", "--no-progress",
-             "--device", "cpu", "--search-passes", "8", "--search-samples", "4"]
+             "--device", "cpu", "--search-passes", "8", "--search-tokens", "256", "--confirm-tokens", "512"]

@@ -3,6 +3,7 @@ uniform plan on the search tokens, within its pass budget, deterministic, model 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from cli_workspace import make_workspace
@@ -10,7 +11,8 @@ from cli_workspace import make_workspace
 import grape
 from grape.data import load_calibration_data
 from grape.loss_search import SearchConfig, masked, mean_nll, search
-from grape.search_config import Role
+from grape.search_config import Candidate, Role
+from solvers.plan import Plan
 from solvers.spec import SolveConfig
 from solvers.errors import UserError
 
@@ -160,7 +162,7 @@ def test_curves_at_fewer_depths_when_the_passes_are_short(setup):
 
 
 def test_runners_up_that_beat_every_uniform_plan_get_a_second_hearing(setup):
-    from grape.loss_search import Candidate, _confirm, _key
+    from grape.loss_search import Candidate, _confirm, _finalists, _key
 
     model, scores, ids = setup
     found = search(model, scores, SolveConfig(budget=0.5, time_limit=10), ids[:3],
@@ -175,18 +177,53 @@ def test_runners_up_that_beat_every_uniform_plan_get_a_second_hearing(setup):
               for i, c in enumerate(others[:3])]
     best = staged[-1]  # the lowest
     candidates = uniform + staged
-    chosen, record = _confirm(model, best, candidates, ids, SearchConfig(runners_up=1, progress=False), None)
-    names = [r["name"] for r in record]
+    names = [c.name for c in _finalists(best, candidates, runners_up=1)]
     assert names == [c.name for c in uniform] + [best.name, staged[1].name]  # best, then one runner-up
-    _, record = _confirm(model, best, candidates, ids, SearchConfig(runners_up=0, progress=False), None)
-    assert [r["name"] for r in record] == [c.name for c in uniform] + [best.name]
-    assert chosen in candidates
+    assert [c.name for c in _finalists(best, candidates, 0)] == [c.name for c in uniform] + [best.name]
+    notes = []
+    lenient = SearchConfig(runners_up=1, min_confirm_tokens=0, min_confirm_documents=0, progress=False)
+    chosen, record, versus = _confirm(model, best, candidates, ids, lenient, None, None, notes)
+    assert [r["name"] for r in record] == names and chosen in candidates and not notes
+    assert versus["on"] == "confirmation" and versus["documents"] == ids.shape[0]
+    assert all("se" in r for r in record)
+
+
+def test_a_thin_confirmation_never_adopts_a_non_uniform_plan(setup):
+    """Below the confirmation minimums the best uniform plan there is the result, however good
+    a non-uniform finalist looks (here: made to look far better by its role alone)."""
+    from grape.loss_search import _confirm
+
+    model, scores, ids = setup
+    found = search(model, scores, SolveConfig(budget=0.5, time_limit=10), ids[:3],
+                   SearchConfig(max_passes=10, nll_curves=False, progress=False))
+    uniform = [c for c in found.candidates if c.role is Role.UNIFORM]
+    other = next(c for c in found.candidates if c.role is not Role.UNIFORM)
+    notes = []
+    strict = SearchConfig(min_confirm_tokens=ids.numel() + 1, progress=False)
+    chosen, record, _ = _confirm(model, other, uniform + [other], ids, strict, None, None, notes)
+    assert chosen.role is Role.UNIFORM and any("below the minimum" in n for n in notes)
+    measured = {r["name"]: r["nll"] for r in record}
+    assert chosen.name == min((u.name for u in uniform), key=measured.get)
+
+
+def test_standard_errors_are_by_document():
+    """Two candidates whose gap is steady within documents but flips between them: by window
+    the gap looks certain, by document it is noise."""
+    plan = Plan(kept={0: [0]}, removed={0: [1]})
+    base = np.ones(400)
+    flip = np.repeat([-0.05, -0.03, -0.04, 0.04], 100)  # 4 documents of 100 windows
+    groups = np.repeat(np.arange(4), 100)
+    floor = Candidate("u", plan, 1.0, base, role=Role.UNIFORM, groups=groups)
+    other = Candidate("m", plan, float((base + flip).mean()), base + flip, role=Role.MOVE, groups=groups)
+    naive = Candidate("m", plan, other.nll, base + flip, role=Role.MOVE)
+    assert naive.beats(Candidate("u", plan, 1.0, base, role=Role.UNIFORM), margin_se=2.0)
+    assert not other.beats(floor, margin_se=2.0)
 
 
 def test_search_tokens_spread_over_the_whole_file(tmp_path):
     import json
 
-    from grape.pipeline import search_tokens
+    from grape.search_stage import search_tokens
     from grape.errors import DataError
 
     ws = make_workspace(tmp_path / "ws")

@@ -18,7 +18,7 @@ from solvers.plan import Plan
 from solvers.spec import SolveConfig
 
 # the search settings both verbs get (small: seconds on the tiny model); everything else default
-SEARCH_FLAGS = ["--search-passes", "14", "--search-samples", "2", "--confirm-samples", "4",
+SEARCH_FLAGS = ["--search-passes", "14", "--search-tokens", "128", "--confirm-tokens", "256",
                 "--budget", "0.5", "--time-limit", "10", "--no-progress"]
 
 
@@ -59,7 +59,7 @@ def test_grape_search_starts_from_a_given_plan_and_takes_its_budget(ws, tmp_path
                  "--out", str(plan)]) == 0
     out = tmp_path / "from_plan"
     assert main(["search", "--model", str(ws.model), "--scores", str(scores), "--plan", str(plan),
-                 "--search-data", *data, "--out", str(out), "--search-passes", "6", "--search-samples", "2",
+                 "--search-data", *data, "--out", str(out), "--search-passes", "6", "--search-tokens", "128",
                  "--no-search-confirm", "--no-progress", "--device", "cpu"]) == 0
     found = json.loads((out / "search.json").read_text())
     first = found["candidates"][0]
@@ -74,10 +74,14 @@ def test_grape_search_starts_from_a_given_plan_and_takes_its_budget(ws, tmp_path
 
 def test_the_python_function_is_the_same_stage(ws, tmp_path):
     scores = grape.load_scores(ws.root / "scores.npz")
-    config = SearchConfig(max_passes=6, samples=2, confirm_samples=4, progress=False)
+    config = SearchConfig(max_passes=6, tokens=128, confirm_tokens=256, progress=False)
     found = grape.search(ws.model, scores, [str(p) for p in ws.heldout], SolveConfig(budget=0.5, time_limit=10),
                          config, out=tmp_path / "api")
-    assert found.tokens_per_pass == 2 * 2 * 32  # 2 windows per file of the calibration's 32 tokens
+    assert found.tokens_per_pass == 2 * 2 * 32  # 128 tokens: 2 windows per file of the calibration's 32
+    # the search and its confirmation measured different documents
+    held = found.held_out
+    assert {d["sha256"] for d in held["search"]["by_document"]}.isdisjoint(
+        d["sha256"] for d in held["confirmation"]["by_document"])
     assert found.passes <= 6 and found.confirmed and (tmp_path / "api" / "search.json").is_file()
     assert _kept(tmp_path / "api" / "plan.json") == {str(k): v for k, v in found.best.plan.kept.items()}
 
@@ -96,9 +100,27 @@ def test_the_uniform_floor_reads_roles_not_names():
 
 
 def test_search_settings_name_their_flags():
-    with pytest.raises(UserError, match="--search-samples"):
-        SearchConfig(samples=0)
-    with pytest.raises(UserError, match="--confirm-samples"):
-        SearchConfig(confirm_samples=-1)
+    with pytest.raises(UserError, match="--search-tokens"):
+        SearchConfig(tokens=0)
+    with pytest.raises(UserError, match="--confirm-tokens"):
+        SearchConfig(confirm_tokens=-1)
+    with pytest.raises(UserError, match="--held-out-share"):
+        SearchConfig(held_out_share=0)
     with pytest.raises(UserError, match="--search-seq-len"):
         SearchConfig(seq_len=1)
+
+
+def test_stability_recalibrates_on_each_half_and_reports_overlap(ws, tmp_path):
+    from grape.stability import overlap
+
+    out = tmp_path / "stable"
+    assert main(["run", "--model", str(ws.model), "--data", str(ws.calibration), "--eval-data",
+                 *map(str, ws.heldout), "--out", str(out), "--baselines", "none", "--no-compare", "--no-save",
+                 *RUN_FLAGS, "--samples", "8", "--budget", "0.5", "--stability"]) == 0
+    record = json.loads((out / "search.json").read_text())["stability"]
+    assert [h["rows"] for h in record["halves"]] == [4, 4]
+    for half in record["halves"]:
+        assert 0.0 <= half["overlap"] <= 1.0 and half["se"] >= 0.0
+    a = Plan(kept={0: [0, 1], 1: [2, 3]}, removed={0: [2, 3], 1: [0, 1]})
+    b = Plan(kept={0: [0, 2], 1: [2, 3]}, removed={0: [1, 3], 1: [0, 1]})
+    assert overlap(a, a) == 1.0 and overlap(a, b) == 0.75

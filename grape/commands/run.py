@@ -6,17 +6,12 @@ import argparse
 import os
 from pathlib import Path
 
+from grape.commands.sizes import LARGE, SMALL  # unset sizes: small on the test bed, else larger
 from grape.errors import DataError
+from grape.loading import DTYPES
 from grape.outputs import DirOutput, clean_leftovers
 
 TESTBED = "the embedded test-bed model (grape.testbed, a Qwen3-MoE with 32 experts per layer)"
-
-# settings left unset on the command line and in the recipe: small on the embedded test-bed
-# model (a few minutes on a 2-core CPU), larger on a model of your own
-SMALL = {"samples": 32, "seq_len": 256, "subsample": 256, "eval_tokens": 8192, "eval_seq_len": 256,
-         "search_passes": 100, "search_samples": 16}
-LARGE = {"samples": 256, "seq_len": 2048, "subsample": 512, "eval_tokens": 65536, "eval_seq_len": 1024,
-         "search_passes": 200, "search_samples": 8}
 
 # checked by the CLI when --out is given, and by run() once the default is resolved
 OUTPUT = DirOutput(signature=("summary.json", "run.recipe.yaml"), what="a run folder",
@@ -81,11 +76,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_problem_arguments(parser, objective="curves")
 
     se = parser.add_argument_group("loss-verified allocation (the search stage, as `grape search`)")
+    se.add_argument("--stability", action="store_true",
+                    help="calibrate again on each half of the calibration rows and report how many of "
+                    "the plan's removed experts each half would remove too, and their NLL (one more "
+                    "calibration's cost; search.json 'stability')")
     se.add_argument("--no-search", action="store_true",
                     help="apply the solver's plan as it is, without measuring candidates")
-    # --search-passes, --search-samples, --search-data, ...: the flags of `grape search`
-    add_search_arguments(se, data_help="unset: the test bed's validation split, else sequences of "
-                         "--data held out of calibration")
+    # --search-passes, --search-tokens, --search-data, ...: the flags of `grape search`
+    add_search_arguments(se, data_help="unset: whole documents of --data held out of calibration "
+                         "(docs/search.md)")
 
     ap = parser.add_argument_group("apply (as `grape apply`)")
     add_config_arguments(ap, ApplyConfig, rename=APPLY_RENAMED)
@@ -99,7 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rt = parser.add_argument_group("runtime (every stage)")
     rt.add_argument("--device", default="auto", help="device map of every stage: 'auto' (all GPUs, "
                     "else CPU), 'cpu', 'cuda', 'cuda:1' (calibration's --device-map)")
-    rt.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+    rt.add_argument("--dtype", default="auto", choices=DTYPES,
                     help="'auto': float32 on CPU, the checkpoint's dtype on GPU")
     rt.add_argument("--seed", type=int, default=0, help="calibration shuffle / subsample, search "
                     "and task seed")
@@ -138,10 +137,6 @@ def resolve_settings(args: argparse.Namespace) -> None:
         from grape import testbed
 
         args.data = [str(testbed.calibration_file())]
-    if default_model and args.search_data is None:  # the test bed has a validation split per domain
-        from grape import testbed
-
-        args.search_data = [str(p) for p in testbed.heldout_files("validation")]
     sizes = SMALL if default_model else LARGE
     for key, value in sizes.items():
         if key in ("seq_len", "eval_seq_len"):  # the one policy: capped at the context, with a notice
@@ -182,8 +177,10 @@ def _check_min_kept(args: argparse.Namespace, model_config: dict) -> None:
                         "that, or keep --min-kept top_k")
 
 def _names(text: str) -> list[str]:
-    items = [t.strip() for t in str(text).split(",") if t.strip()]
-    return [] if items in ([], ["none"]) else items
+    from grape.flags import comma_list
+
+    items = list(comma_list(text))
+    return [] if items == ["none"] else items
 
 
 # -- the verb -------------------------------------------------------------------------------
@@ -211,7 +208,7 @@ def run_config(args: argparse.Namespace):
         baselines=tuple(_names(args.baselines)), compare=not args.no_compare,
         compare_time_limit=args.compare_time_limit, device=args.device, dtype=args.dtype,
         search=None if args.no_search else search_config_from_args(args),
-        search_data=args.search_data, overwrite=args.overwrite,
+        search_data=args.search_data, overwrite=args.overwrite, stability=args.stability,
     )
 
 

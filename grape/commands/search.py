@@ -31,7 +31,7 @@ OUTPUT = DirOutput(signature=("search.json",), what="a search folder",
 
 def add_search_arguments(group, data_help: str, required: bool = False) -> None:
     """The search flags of `grape search` and `grape run`: every flagged SearchConfig field
-    (--search-passes, --search-samples, --search-criteria, ...) and --search-data."""
+    (--search-passes, --search-tokens, --search-criteria, ...) and --search-data."""
     from grape.flags import add_config_arguments
     from grape.search_config import SearchConfig
 
@@ -50,8 +50,9 @@ def search_config_from_args(args: argparse.Namespace):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from grape.config import add_problem_arguments
     from grape.compare import solver_names
+    from grape.config import add_problem_arguments
+    from grape.loading import DTYPES
     from grape.modelfiles import MODEL_HELP
 
     io = parser.add_argument_group("model and data")
@@ -72,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_problem_arguments(parser, objective="curves")
     rt = parser.add_argument_group("runtime")
     rt.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1'")
-    rt.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+    rt.add_argument("--dtype", default="auto", choices=DTYPES,
                     help="'auto': float32 on CPU, the checkpoint's dtype on GPU")
     rt.add_argument("--seed", type=int, default=0, help="seed of the level-switch moves")
     rt.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -84,7 +85,7 @@ def _resolve(args: argparse.Namespace, scores, plan) -> tuple:
     from dataclasses import replace
 
     from grape import testbed
-    from grape.commands.run import LARGE, SMALL
+    from grape.commands.sizes import LARGE, SMALL
     from grape.config import solve_config_from_args
     from grape.modelfiles import resolve_model
     from grape.search_stage import sequence_length
@@ -92,9 +93,8 @@ def _resolve(args: argparse.Namespace, scores, plan) -> tuple:
 
     args.model = resolve_model(args.model)
     sizes = SMALL if Path(args.model).resolve() == Path(testbed.model_dir()).resolve() else LARGE
-    for key in ("search_passes", "search_samples"):
-        if getattr(args, key) is None:
-            setattr(args, key, sizes[key])
+    if args.search_passes is None:
+        args.search_passes = sizes["search_passes"]
     overrides = {"solver": args.solver}
     if plan is not None and is_default_budget(args.budget):
         overrides["budget"] = plan.num_removed  # the plan's own budget, as an expert count
@@ -112,7 +112,7 @@ def _resolve(args: argparse.Namespace, scores, plan) -> tuple:
 def run(args: argparse.Namespace) -> int:
     from grape.adapters import get_adapter
     from grape.loading import load_model, load_tokenizer
-    from grape.search_stage import describe, run_search, search_ids
+    from grape.search_stage import describe, held_out_from_files, run_search
     from solvers.plan import Plan
     from solvers.scores import Scores
 
@@ -120,12 +120,15 @@ def run(args: argparse.Namespace) -> int:
     plan = Plan.load(args.plan) if args.plan is not None else None
     solve, search = _resolve(args, scores, plan)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
-    ids, confirm_ids = search_ids(args.search_data, tokenizer, search.seq_len, search)
+    held_out = held_out_from_files(args.search_data, tokenizer, search.seq_len, search)
     model = load_model(args.model, args.device, args.dtype)
     scores.model.check_matches(get_adapter(model).identity())
-    print(f"searching: at most {search.max_passes} forward passes of {ids.numel()} tokens"
-          + (f", then the finalists on {confirm_ids.numel()}" if confirm_ids is not None else ""), flush=True)
-    found = run_search(model, scores, solve, ids, confirm_ids, search, out=args.out, plan=plan)
+    confirm = held_out.confirm
+    print(f"searching: at most {search.max_passes} forward passes of {held_out.search.tokens:,} tokens "
+          f"({held_out.search.num_documents} documents)" + (
+              f", then the finalists on {confirm.tokens:,} tokens of {confirm.num_documents} other documents"
+              if confirm is not None else ""), flush=True)
+    found = run_search(model, scores, solve, held_out, search, out=args.out, plan=plan)
     print(describe(found))
     print(f"wrote {args.out / 'plan.json'} and {args.out / 'search.json'}")
     return 0
