@@ -138,22 +138,33 @@ class HiddenStates:
 
 
 # -- the arguments the model's forward gives each layer ------------------------------------
+# the decoder's final norm by the names the families give it, and the position modules (rotary
+# or other) the layers' arguments are computed with, outside the decoder layers
+FINAL_NORMS = ("norm", "norm_f", "final_layernorm", "embedding_norm")
+POSITION_MODULES = ("rotary_emb", "pos_emb")
+
+
+def final_norm_name(inner: nn.Module) -> str | None:
+    return next((name for name in FINAL_NORMS if isinstance(getattr(inner, name, None), nn.Module)), None)
+
+
 @contextlib.contextmanager
 def _stubbed(model: nn.Module):
     layers, inner = decoder_layers(model), model.model
     sink: dict = {}
-    originals, norm = list(layers), getattr(inner, "norm", None)
+    name = final_norm_name(inner)
+    originals, norm = list(layers), getattr(inner, name) if name else None
     try:
         for index, layer in enumerate(originals):
             layers[index] = PassThrough(layer, lambda args, kwargs, i=index: sink.__setitem__(i, (args, kwargs)))
         if norm is not None:
-            inner.norm = nn.Identity()  # its weight stays on meta; its output is not used
+            setattr(inner, name, nn.Identity())  # its weight stays on meta; its output is not used
         yield sink
     finally:
         for index, layer in enumerate(originals):
             layers[index] = layer
         if norm is not None:
-            inner.norm = norm
+            setattr(inner, name, norm)
 
 
 def layer_arguments(model: nn.Module, shape: tuple[int, int], mask: torch.Tensor | None,
@@ -355,7 +366,10 @@ def calibrate_sequential(
     where = choose_storage(hidden_states, nbytes, device, largest)
     scratch = Path(checkpoint) if checkpoint else Path(tempfile.gettempdir())
     hidden = HiddenStates(shape, dtype, where, device, scratch)
-    model.model.rotary_emb.to(device)
+    for name in POSITION_MODULES:  # buffers computed at init (no weights to load): to the device
+        module = getattr(model.model, name, None)
+        if isinstance(module, nn.Module):
+            module.to(device)
     quota = config.sample_quota
     try:
         with ExpertObserver(model, adapter, sample_tokens=quota, seed=config.seed) as observer:
@@ -389,16 +403,13 @@ def _run_layers(run: _Run) -> tuple[dict | None, dict]:
 
 
 def refuse_unhandled(model: nn.Module) -> None:
-    """Outside the decoder layers, a sequential run moves the model's rotary embedding
-    (model.model.rotary_emb) to the device and stands in for its final norm (model.model.norm)
-    while it records each layer's arguments: a model without either (no rotary embedding, as
-    Mamba hybrids and NoPE configs; another name) would run weights that were never loaded."""
-    missing = [f"model.model.{name}" for name in ("rotary_emb", "norm")
-               if getattr(model.model, name, None) is None]
-    if missing:
+    """Outside the decoder layers, a sequential run stands in for the decoder's final norm (one of
+    FINAL_NORMS) while it records each layer's arguments, and moves the position modules to the
+    device: a model whose final norm has another name would run weights that were never loaded."""
+    if final_norm_name(model.model) is None:
         raise ArchitectureError(f"layer-sequential calibration does not handle this "
-                                f"{model.config.model_type} model yet: it has no "
-                                f"{' and no '.join(missing)}; use --mode whole")
+                                f"{model.config.model_type} model yet: its final norm is none of "
+                                f"model.model.{{{','.join(FINAL_NORMS)}}}; use --mode whole")
 
 
 def _config(model_dir):

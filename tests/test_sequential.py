@@ -26,7 +26,7 @@ from grape.errors import ArchitectureError, DataError
 from grape.layerwise import LayerLoader
 from grape.loading import load_model
 from grape.placement import choose_mode, sequential_device
-from grape.sequential import calibrate_sequential, layer_arguments, refuse_unhandled
+from grape.sequential import calibrate_sequential, final_norm_name, layer_arguments, refuse_unhandled
 from solvers.scores import STAT_NAMES, Scores
 from tests.tiny_families import NEW_FAMILIES, make_family
 from tests.tiny_models import FAMILIES, make_tiny, tiny_input_ids
@@ -34,9 +34,9 @@ from tests.tiny_models import FAMILIES, make_tiny, tiny_input_ids
 REPO = Path(__file__).resolve().parents[1]
 QUICK = dict(batch_size=2, subsample=24, progress=False)
 SEQ = 24  # longer than gpt_oss's sliding window (16): the sliding layers mask differently
-# the new families without model.model.rotary_emb or model.model.norm (Mamba / short-conv
-# hybrids, NoPE configs, other names): refused
-NOT_SEQUENTIAL = {"kimi_linear", "nemotron_h", "jamba", "lfm2_moe", "granitemoehybrid"}
+# every family has a final norm by one of grape.sequential.FINAL_NORMS (Mamba / short-conv
+# hybrids and NoPE configs have no rotary embedding: nothing to move)
+NOT_SEQUENTIAL: set[str] = set()
 # the new families' exactness in the quick suite (the others are slow): sliding and full
 # attention layers, dense layers from mlp_layer_types, the cheapest of them here
 QUICK_NEW = {"cohere2_moe"}
@@ -104,17 +104,15 @@ def test_sequential_equals_whole_model(family, tmp_path):
 
 
 def test_models_it_cannot_run_are_refused_in_one_line(tmp_path):
-    for family in sorted(NOT_SEQUENTIAL):
-        with pytest.raises(ArchitectureError) as refused:
-            refuse_unhandled(make_family(family))
-        assert family in str(refused.value) and len(str(refused.value).splitlines()) == 1
-    for family in NEW_FAMILIES:  # the others it runs (exactly: test_sequential_equals_whole_model)
-        if family not in NOT_SEQUENTIAL:
-            refuse_unhandled(make_family(family))
-    lfm2 = saved(tmp_path, "lfm2_moe")
-    missing = "no model.model.rotary_emb and no model.model.norm; use --mode whole"
-    with pytest.raises(ArchitectureError, match=missing):
-        calibrate_sequential(lfm2, tiny_input_ids(2, SEQ), CalibrationConfig(**QUICK))
+    for family in NEW_FAMILIES:  # every family runs (exactly: test_sequential_equals_whole_model)
+        refuse_unhandled(make_family(family))
+    model = make_family("glm4_moe")
+    name = final_norm_name(model.model)
+    model.model.add_module("renamed_norm", getattr(model.model, name))
+    delattr(model.model, name)  # a final norm by a name the stand-in does not know
+    with pytest.raises(ArchitectureError, match="final norm is none of") as refused:
+        refuse_unhandled(model)
+    assert len(str(refused.value).splitlines()) == 1
 
 
 @pytest.mark.parametrize("family", ["gpt_oss", "qwen2_moe"])
