@@ -142,7 +142,7 @@ def measure_cell(name: str, budget: float, seed: int, loaded, test: dict, base: 
     rows = {key: dict(zip(("increase", "se"), increase(v, base, test))) for key, v in nll.items()}
     best = min((k for k in rows if k.startswith("uniform ")), key=lambda k: rows[k]["increase"])
     diff, se = increase(nll["default"], base, test, reference=nll[best])
-    return {"model": name, "seed": seed, "budget": budget, "argv": argv[1:], "rows": rows,
+    return {"model": name, "seed": seed, "budget": budget, "argv": relative(argv[1:]), "rows": rows,
             "best_uniform": best, "default_minus_best": diff, "default_minus_best_se": se,
             "ratio_to_best": rows["default"]["increase"] / rows[best]["increase"],
             "ratio_to_reap": rows["default"]["increase"] / rows["uniform reap"]["increase"],
@@ -154,6 +154,13 @@ def measure_cell(name: str, budget: float, seed: int, loaded, test: dict, base: 
                          for k in ("search", "confirmation")},
             "kept_per_layer": {str(k): v for k, v in plan.kept_counts().items()},
             "search_seconds": round(search_seconds, 1)}
+
+
+def relative(argv: list[str]) -> list[str]:
+    """The command line with this checkout's paths relative to it (no machine paths in results)."""
+    root = f"{ROOT}/"
+    return [a[len(root):] if a.startswith(root) else ("OUT" if a.startswith(tempfile.gettempdir()) else a)
+            for a in argv]
 
 
 # -- tables -------------------------------------------------------------------------------------------

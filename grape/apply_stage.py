@@ -180,6 +180,19 @@ def _in_memory(model_dir, plan, out, config: ApplyConfig, dtype: str, tokenizer,
     return Applied(Path(path), False, note)
 
 
+def apply_in_place(model, plan, config: ApplyConfig, repair_ids=None, say=print) -> None:
+    """`plan` applied to a loaded model in place; with a repair (and its calibration rows,
+    :func:`repair_tokens`), pruned and repaired layer by layer (grape.repair)."""
+    if repair_ids is None or config.repair == "none":
+        from grape.pruning import apply_plan
+
+        apply_plan(model, plan, config)
+        return
+    from grape.repair import prune_and_repair
+
+    say(prune_and_repair(model, plan, config, repair_ids).line())
+
+
 def repair_tokens(model_dir, config: ApplyConfig, tokenizer, say=print):
     """The repair's calibration rows: config.repair_data packed into repair_samples rows of
     repair_seq_len tokens (capped at the model's context) with the model's tokenizer."""
@@ -218,5 +231,5 @@ def model_tokenizer(path, say=print):
         return None
 
 
-__all__ = ["Applied", "apply_checkpoint", "check_plan", "check_repair", "repair_tokens", "model_tokenizer", "precheck_plan",
+__all__ = ["Applied", "apply_checkpoint", "apply_in_place", "check_plan", "check_repair", "repair_tokens", "model_tokenizer", "precheck_plan",
            "require_model_block", "streams"]

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from grape.apply_stage import apply_in_place
 from grape.calibration import CalibrationConfig
 from grape.evaluation import EvalConfig
 from grape.pruning import ApplyConfig
@@ -177,7 +178,7 @@ def run(config: RunConfig) -> RunResult:
                  "pruned model")
     method = _repair_method(config, scores)
     repair_ids = _repair_ids(config, method, tokenizer)
-    _apply(model, plans[solver], method, repair_ids)
+    apply_in_place(model, plans[solver], method, repair_ids, say=_indent)
     evals = {solver: evaluate(model, tokenizer, docs, config.evaluation, name=f"{label} ({solver})")}
     files = {"resolved configuration": "run.recipe.yaml", "plan": "plan.json", "summary": "summary.json"}
     if searching:
@@ -245,18 +246,6 @@ def _repair_ids(config: RunConfig, method: ApplyConfig, tokenizer):
     return repair_tokens(config.model, method, tokenizer, say=_indent)
 
 
-def _apply(model, plan, method: ApplyConfig, repair_ids) -> None:
-    """The plan applied in place: with a repair, pruned and repaired layer by layer (grape.repair)."""
-    if repair_ids is None:
-        from grape.pruning import apply_plan
-
-        apply_plan(model, plan, method)
-        return
-    from grape.repair import prune_and_repair
-
-    print("    " + prune_and_repair(model, plan, method, repair_ids).line(), flush=True)
-
-
 def _baselines(config: RunConfig, plans, names, method, tokenizer, docs, repair_ids=None) -> dict:
     """Each baseline plan applied (and repaired, with a repair) to a fresh copy of the model and
     evaluated."""
@@ -265,7 +254,7 @@ def _baselines(config: RunConfig, plans, names, method, tokenizer, docs, repair_
     evals = {}
     for name in names:
         model = _load_model(config)
-        _apply(model, plans[name], method, repair_ids)
+        apply_in_place(model, plans[name], method, repair_ids, say=_indent)
         evals[name] = evaluate(model, tokenizer, docs, config.evaluation, name=f"{config.model.name} ({name})")
         del model
     return evals
@@ -313,6 +302,9 @@ def _calibrate_stage(config: RunConfig, searching: bool):
         _indent(note)
     if config.scores is not None:
         scores = Scores.load(config.scores)  # read before the model: a bad file fails fast
+        if split is not None and split.held_out is not None and "held_out_documents" not in scores.calibration:
+            _indent("note: these scores were calibrated on all of their text (not by `grape run`): if it "
+                    "was --data, the search's held-out documents were seen by calibration")
         model = _load_model(config)
         scores.model.check_matches(get_adapter(model).identity())
         return Calibrated(tokenizer, model, scores, held_out)
