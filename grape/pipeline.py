@@ -329,18 +329,15 @@ def _fitted_calibration(config: RunConfig) -> CalibrationConfig:
 def _split(config: RunConfig, cal: CalibrationConfig, tokenizer, searching: bool):
     """The calibration text split by document (grape.data_split): calibration rows (none when
     the scores are given) and, when the search holds its tokens out of it, the held-out sets."""
-    from grape.data_split import split_text
+    from grape.data_split import Targets, split_text
     from grape.search_stage import targets
 
     holding = searching and config.search_data is None
     fresh = config.scores is None
     if config.data is None or not (fresh or holding):
         return None
-    goal = targets(config.search, cal.samples * cal.seq_len if fresh else 0) if holding else None
-    if goal is None:
-        from grape.data_split import Targets
-
-        goal = Targets(0, 0, cal.samples * cal.seq_len)
+    calibration_tokens = cal.samples * cal.seq_len if fresh else 0
+    goal = targets(config.search, calibration_tokens) if holding else Targets(0, 0, calibration_tokens)
     return split_text([str(p) for p in config.data], tokenizer, goal, seq_len=cal.seq_len,
                       samples=cal.samples, seed=cal.seed, text_field=cal.text_field,
                       window_len=config.search.seq_len if holding else None)
