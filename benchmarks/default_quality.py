@@ -45,6 +45,7 @@ import numpy as np  # noqa: E402
 
 from grape.outputs import atomic_write_text  # noqa: E402
 from grape.stats import domain_mean_se  # noqa: E402
+from provenance import scrub  # noqa: E402
 
 ZOO = ROOT / "benchmarks" / "zoo"
 HELDOUT = ROOT / "grape" / "assets" / "heldout"
@@ -158,9 +159,7 @@ def measure_cell(name: str, budget: float, seed: int, loaded, test: dict, base: 
 
 def relative(argv: list[str]) -> list[str]:
     """The command line with this checkout's paths relative to it (no machine paths in results)."""
-    root = f"{ROOT}/"
-    return [a[len(root):] if a.startswith(root) else ("OUT" if a.startswith(tempfile.gettempdir()) else a)
-            for a in argv]
+    return [scrub(a) for a in argv]
 
 
 # -- tables -------------------------------------------------------------------------------------------

@@ -109,8 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     start = time.perf_counter()
     rows = [r for name in (args.models or available_models()) for r in study(name, args.budget)]
-    command = "python benchmarks/reconstruction_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    data = {"command": command.strip(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    from provenance import command_line
+
+    data = {"command": command_line("reconstruction_study.py", argv),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "minutes": (time.perf_counter() - start) / 60, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "reconstruction.json", json.dumps(data, indent=1) + "\n")

@@ -38,6 +38,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
 
+from provenance import scrub  # noqa: E402
+
 MODEL = dict(hidden_size=1024, moe_intermediate_size=512, intermediate_size=2048, num_experts=64,
              num_experts_per_tok=8, num_attention_heads=16, num_key_value_heads=4, head_dim=64,
              vocab_size=8192, max_position_embeddings=2048, norm_topk_prob=True,
@@ -129,7 +131,7 @@ def run_apply(model: Path, plan: Path, out: Path, extra: list[str]) -> dict:
         raise SystemExit(f"grape apply failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
     peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1))
     line = [x for x in done.stdout.splitlines() if x.startswith("grape apply:")][-1]
-    return {"peak_rss_bytes": peak_kb * 1024, "wall_s": round(wall, 1), "message": line,
+    return {"peak_rss_bytes": peak_kb * 1024, "wall_s": round(wall, 1), "message": scrub(line),
             "output_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors")),
             "output_shards": len(list(out.glob("*.safetensors")))}
 
