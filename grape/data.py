@@ -26,7 +26,6 @@ Sources:
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import random
 import re
@@ -38,6 +37,7 @@ from typing import Any
 import torch
 
 from grape.errors import DataError
+from grape.jsonl import is_text, not_text, parse_line
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
 JSONL_SUFFIXES = (".jsonl",)
@@ -163,45 +163,12 @@ def _jsonl_documents(unit: _Unit, text_field: str) -> list[str]:
     docs = []
     for offset, raw in _unit_lines(unit):
         # lines end at \n only: str.splitlines would also cut at U+2028 inside a JSON string
-        line = _decode(raw, unit.path, offset)
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(
-                f"{unit.path}:{_line_number(unit.path, offset)} is not valid JSON ({exc.msg}); "
-                "each line of a .jsonl file must be one JSON object"
-            ) from exc
-        if not isinstance(record, dict) or text_field not in record:
-            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-            raise DataError(
-                f"{unit.path}:{_line_number(unit.path, offset)} has no {text_field!r} field (it "
-                f"has {keys}); pass --text-field with the name of the field holding the text"
-            )
-        value = record[text_field]
-        if not _is_text(value):  # the line number is counted only on this error path
-            raise _not_text(value, text_field, f"{unit.path}:{_line_number(unit.path, offset)}")
-        if value:
-            docs.append(value)
+        record = parse_line(_decode(raw, unit.path, offset), text_field,
+                            lambda: f"{unit.path}:{_line_number(unit.path, offset)}",  # noqa: B023
+                            "pass --text-field with the name of the field holding the text")
+        if record is not None and record[text_field]:
+            docs.append(record[text_field])
     return docs
-
-
-def _is_text(value: Any) -> bool:
-    """A document's text is a string, or null for none. Numbers, lists and objects are not:
-    stringified, they would calibrate on "[1, 2]" or "{'a': ...}" instead of the intended text."""
-    return value is None or isinstance(value, str)
-
-
-def _not_text(value: Any, text_field: str, where: str) -> DataError:
-    if isinstance(value, bool):
-        kind = "a boolean"
-    elif isinstance(value, (int, float)):
-        kind = "a number"
-    else:
-        kind = {list: "a list", dict: "an object"}.get(type(value), f"a {type(value).__name__}")
-    return DataError(f"{where}: field {text_field!r} holds {kind} ({str(value)[:40]}), not a "
-                     "string; --text-field must name the field holding the text")
 
 
 def _text_documents(unit: _Unit) -> list[str]:
@@ -334,8 +301,8 @@ def _row_text(row: Any, text_field: str, where: str) -> str:
                 f"{where} has no {text_field!r} column (it has {sorted(row)}); set "
                 "text_field to the column holding the text"
             )
-        if not _is_text(row[text_field]):
-            raise _not_text(row[text_field], text_field, where)
+        if not is_text(row[text_field]):
+            raise not_text(row[text_field], text_field, where)
         return row[text_field] or ""
     raise DataError(
         f"{where} yields {type(row).__name__} rows; expected dicts with a "

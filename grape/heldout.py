@@ -6,12 +6,12 @@ embedded test bed's splits, grouped by domain in a fixed order (docs/evaluation.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from grape.errors import DataError
+from grape.jsonl import parse_line
 
 Documents = dict[str, list[str]]  # domain -> documents, in a fixed order
 
@@ -90,18 +90,9 @@ def _read_file(path: Path, domain: str | None) -> list[tuple[str, str]]:
     out = []
     # split on \n only: str.splitlines would also cut at U+2028 etc. inside JSON strings
     for number, line in enumerate(content.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{number} is not valid JSON ({exc.msg}); every line of a "
-                            "JSONL file must be one object like {\"text\": ..., \"domain\": ...}."
-                            ) from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise DataError(f"{path}:{number} has no string \"text\" field; every line must be "
-                            "an object like {\"text\": ..., \"domain\": ...}.")
-        if record["text"].strip():
+        record = parse_line(line, "text", lambda: f"{path}:{number}",  # noqa: B023
+                            "every line must be an object like {\"text\": ..., \"domain\": ...}")
+        if record is not None and (record["text"] or "").strip():
             out.append((domain or str(record.get("domain") or default_domain), record["text"]))
     return out
 

@@ -205,7 +205,7 @@ def test_load_documents_groups_by_domain(tmp_path):
 @pytest.mark.parametrize("content, needle", [
     (None, "does not exist"),
     ('{"text": "ok"}\n{broken\n', "bad.jsonl:2 is not valid JSON"),
-    ('{"body": "no text"}\n', 'no string "text" field'),
+    ('{"body": "no text"}\n', "bad.jsonl:1 has no 'text' field"),
     ("\n\n", "no non-empty documents"),
 ])
 def test_bad_data_raises_data_error(tmp_path, content, needle):

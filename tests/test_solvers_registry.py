@@ -96,12 +96,15 @@ def test_a_plans_recorded_constraints_read_back():
     assert objective_from_json(plan.provenance["objective_terms"]) == problem.objective
 
 
-def test_the_former_single_module_names_still_import():
+def test_the_package_exports_public_names_only():
     names = ("Constraint", "CountConstraint", "LayerRule", "parse_bytes", "format_bytes",
-             "parse_min_kept", "over_cap", "precheck", "reachable_totals", "register_constraint",
-             "_kept_mask", "_counts", "_explain_bounds", "_most_even", "_ExpertList", "_UNITS")
+             "parse_min_kept", "over_cap", "precheck", "reachable_totals", "register_constraint")
     for name in names:
         assert hasattr(constraints_pkg, name), name
+    # the 0.1 release re-exported the former single module's private helpers; they are gone
+    assert not [n for n in constraints_pkg.__all__ if n.startswith("_")]
+    for name in ("_kept_mask", "_counts", "_explain_bounds", "_most_even", "_ExpertList", "_UNITS"):
+        assert not hasattr(constraints_pkg, name), name
 
 
 # -- capabilities: declared by each solver, enforced in solve() ----------------------------

@@ -16,8 +16,6 @@ from solvers.constraints.base import (
     Constraint,
     CountConstraint,
     LayerRule,
-    _counts,
-    _kept_mask,
     constraint_from_json,
     constraints_from_json,
     kept_mask,
@@ -31,21 +29,17 @@ from solvers.constraints.count import (
     MinKept,
     MultipleOf,
     Uniform,
-    _most_even,
     most_even,
 )
-from solvers.constraints.expert import MustKeep, MustRemove, RoutingGroups, _ExpertList
+from solvers.constraints.expert import MustKeep, MustRemove, RoutingGroups
 from solvers.constraints.memory import MemoryCap
 from solvers.constraints.precheck import (
-    _explain_bounds,
-    _single_bound,
     conflict_message,
     explain_bounds,
     precheck,
     reachable_totals,
 )
-from solvers.constraints.units import (_UNITS, format_bytes, over_cap, parse_bytes, parse_caps,
-                                      parse_min_kept)
+from solvers.constraints.units import format_bytes, over_cap, parse_bytes, parse_caps, parse_min_kept
 
 __all__ = [
     "CONSTRAINTS",
@@ -77,12 +71,4 @@ __all__ = [
     "precheck",
     "reachable_totals",
     "register_constraint",
-    # private names of the former single module, kept importable
-    "_UNITS",
-    "_ExpertList",
-    "_counts",
-    "_explain_bounds",
-    "_kept_mask",
-    "_most_even",
-    "_single_bound",
 ]
