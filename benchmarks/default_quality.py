@@ -21,7 +21,8 @@ the strictest baseline).
     python benchmarks/default_quality.py --models olmoe-32x4 --budgets 0.25 0.5 --seeds 0
 
 Results accumulate in benchmarks/results/default_quality.json (one record per model, seed and
-budget; rerunning a cell replaces it) and default_quality.md is rewritten from all of them.
+budget; cells it already has are skipped, `--redo` measures them again and replaces them) and
+default_quality.md is rewritten from all of them.
 """
 
 from __future__ import annotations
@@ -225,6 +226,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--tables-only", action="store_true",
                         help="rewrite default_quality.md from default_quality.json, measuring nothing")
+    parser.add_argument("--redo", action="store_true",
+                        help="measure cells default_quality.json already has again (default: skip them)")
     args = parser.parse_args(argv)
     if args.tables_only:
         stored = json.loads((RESULTS / "default_quality.json").read_text())
@@ -239,11 +242,15 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="grape-default-") as tmp:
         for name in args.models:
             for seed in args.seeds:
+                done = {c["budget"] for c in cells if (c["model"], c["seed"]) == (name, seed)}
+                budgets = [b for b in args.budgets if args.redo or b not in done]
+                if not budgets:
+                    continue
                 log(f"{name} seed {seed}: calibrating (grape run's defaults)")
                 loaded = calibrated(name, seed, Path(tmp) / f"{name}-{seed}")
                 test = test_windows(loaded.tokenizer)
                 base = test_nll(loaded.model, None, test)
-                for budget in args.budgets:
+                for budget in budgets:
                     cell = measure_cell(name, budget, seed, loaded, test, base, Path(tmp))
                     log(f"{name} seed {seed} {budget:.1%}: default {cell['rows']['default']['increase']:+.4f}, "
                         f"{cell['best_uniform']} {cell['rows'][cell['best_uniform']]['increase']:+.4f}, "
