@@ -323,7 +323,10 @@ def pruned_class(base: type) -> type:
             base.__init__(self, config, *args, **kwargs)
             get_adapter(self).shrink_to_config()
 
-        _PRUNED_CLASSES[base] = type(f"GrapePruned{base.__name__}", (base,), {"__init__": __init__})
+        # the stock class's module: transformers applies a family's checkpoint renames (and its
+        # other stock-code behaviour) only to classes defined under transformers.*
+        _PRUNED_CLASSES[base] = type(f"GrapePruned{base.__name__}", (base,),
+                                     {"__init__": __init__, "__module__": base.__module__})
     return _PRUNED_CLASSES[base]
 
 

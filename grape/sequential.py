@@ -197,6 +197,18 @@ class _Arguments:
         return self.cache[key]
 
 
+# the public name of the cache (grape.repair_sequential moves its tokens with it too)
+LayerArguments = _Arguments
+
+
+def place_position_modules(model: nn.Module, device: torch.device) -> None:
+    """The position modules' buffers, computed at init (no weights to load), to the device."""
+    for name in POSITION_MODULES:
+        module = getattr(model.model, name, None)
+        if isinstance(module, nn.Module):
+            module.to(device)
+
+
 # -- the run ----------------------------------------------------------------------------------
 def resolve_dtype(dtype, device: torch.device, config) -> torch.dtype:
     """'auto': float32 on the CPU (half precision is slow there), the checkpoint's on GPUs."""
@@ -250,7 +262,7 @@ class _Run:
                 self.observer.plan_call(b + 1, self.plan.sample_rows[b])
                 self.observer.set_token_mask(mask)
                 out = layer(self.hidden.get(self.rows[b]), *args, **kwargs)
-                self.hidden.put(self.rows[b], out[0] if isinstance(out, (tuple, list)) else out)
+                self.hidden.put(self.rows[b], _hidden_out(out, index))
             self.observer.set_token_mask(None)
             scores, sampled = self._moe_scores(index) if moe else ({}, {})
         self.loader.free(layer)
@@ -307,6 +319,18 @@ class _Run:
             if saved is not None:
                 sampled.update({int(k): int(v) for k, v in saved["sampled"].items()})
         return done, scores, sampled
+
+
+def _hidden_out(out, index: int) -> torch.Tensor:
+    """A decoder layer's hidden states; a layer that returns more for the next one (the
+    adapter should have declared sequential_refusal) stops the run instead of dropping it."""
+    if not isinstance(out, (tuple, list)):
+        return out
+    if len(out) > 1 and any(isinstance(o, torch.Tensor) for o in out[1:]):
+        raise ArchitectureError(f"decoder layer {index} returns {len(out)} tensors, not the hidden "
+                                "states alone: a layer-sequential run would drop what it hands the next "
+                                "layer; use --mode whole")
+    return out[0]
 
 
 def _local_rows(plan: BatchPlan) -> dict[int, slice]:
@@ -366,10 +390,7 @@ def calibrate_sequential(
     where = choose_storage(hidden_states, nbytes, device, largest)
     scratch = Path(checkpoint) if checkpoint else Path(tempfile.gettempdir())
     hidden = HiddenStates(shape, dtype, where, device, scratch)
-    for name in POSITION_MODULES:  # buffers computed at init (no weights to load): to the device
-        module = getattr(model.model, name, None)
-        if isinstance(module, nn.Module):
-            module.to(device)
+    place_position_modules(model, device)
     quota = config.sample_quota
     try:
         with ExpertObserver(model, adapter, sample_tokens=quota, seed=config.seed) as observer:
@@ -406,6 +427,10 @@ def refuse_unhandled(model: nn.Module) -> None:
     """Outside the decoder layers, a sequential run stands in for the decoder's final norm (one of
     FINAL_NORMS) while it records each layer's arguments, and moves the position modules to the
     device: a model whose final norm has another name would run weights that were never loaded."""
+    why = getattr(get_adapter(model), "sequential_refusal", None)
+    if why:
+        raise ArchitectureError(f"layer-sequential runs do not handle {model.config.model_type} models: "
+                                f"{why}; use --mode whole")
     if final_norm_name(model.model) is None:
         raise ArchitectureError(f"layer-sequential calibration does not handle this "
                                 f"{model.config.model_type} model yet: its final norm is none of "
@@ -418,5 +443,5 @@ def _config(model_dir):
     return AutoConfig.from_pretrained(model_dir, trust_remote_code=False)  # never prompt
 
 
-__all__ = ["HiddenStates", "STORAGE", "calibrate_sequential", "choose_storage",
-           "layer_arguments", "resolve_dtype"]
+__all__ = ["HiddenStates", "LayerArguments", "STORAGE", "calibrate_sequential", "choose_storage",
+           "layer_arguments", "place_position_modules", "resolve_dtype"]

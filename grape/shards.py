@@ -1,10 +1,10 @@
 """Raw safetensors shards: read headers, describe tensors as byte ranges, write new shards.
 
 Streaming apply (grape/streaming.py) never materialises a tensor: every output tensor is a list
-of byte ranges of the source files (a whole tensor, or the rows of the experts a layer keeps),
-copied in bounded chunks into new shards. So memory stays flat whatever the checkpoint's size,
-any dtype is handled (float8, packed MXFP4 blocks, E8M0 scales), and copied tensors are
-byte-identical. No torch here.
+of byte ranges of the source files (a whole tensor, or the slices of the experts a layer keeps
+along the tensor's expert dimension), copied in bounded chunks into new shards. So memory stays
+flat whatever the checkpoint's size, any dtype is handled (float8, packed MXFP4 blocks, E8M0
+scales), and copied tensors are byte-identical. No torch here.
 
 Output files follow what transformers' ``save_pretrained`` writes: ``model.safetensors`` when
 everything fits one shard, else ``model-0000i-of-0000n.safetensors`` plus
@@ -64,24 +64,48 @@ class StoredTensor:
         return StoredTensor(name, self.dtype, list(self.shape), list(self.pieces))
 
     def rows(self, keep: list[int]) -> "StoredTensor":
-        """The sub-tensor holding rows `keep` (sorted) of dim 0, as byte ranges; runs of
-        consecutive rows become one range."""
-        n = self.shape[0]
-        if self.nbytes % n or len(self.pieces) != 1:
-            raise ShardError(f"tensor {self.name!r} cannot be sliced by rows")
-        row = self.nbytes // n
-        base = self.pieces[0]
-        pieces: list[Piece] = []
+        """The sub-tensor holding rows `keep` (sorted) of dim 0, as byte ranges."""
+        return self.take(keep, 0)
+
+    def take(self, keep: list[int], axis: int = 0) -> "StoredTensor":
+        """The sub-tensor holding indices `keep` (sorted) of dimension `axis`, as byte ranges:
+        for every index of the dimensions before `axis`, one range per run of consecutive
+        kept indices (a [1, E] per-expert bias on axis 1 is one range per run, as on dim 0)."""
+        if not self.shape or not -len(self.shape) <= axis < len(self.shape):
+            raise ShardError(f"tensor {self.name!r} of shape {self.shape} has no dimension {axis}")
+        axis %= len(self.shape)
+        n, outer = self.shape[axis], _product(self.shape[:axis])
+        if len(self.pieces) != 1 or outer * n == 0 or self.nbytes % (outer * n):
+            raise ShardError(f"tensor {self.name!r} cannot be sliced on dimension {axis}")
         for index in keep:
             if not 0 <= index < n:
-                raise ShardError(f"tensor {self.name!r} has {n} rows; row {index} does not exist")
-            start = base.offset + index * row
-            last = pieces[-1] if pieces else None
-            if last is not None and last.offset + last.length == start:
-                pieces[-1] = Piece(base.file, last.offset, last.length + row)
-            else:
-                pieces.append(Piece(base.file, start, row))
-        return StoredTensor(self.name, self.dtype, [len(keep), *self.shape[1:]], pieces)
+                raise ShardError(f"tensor {self.name!r} has {n} entries on dimension {axis}; "
+                                 f"{index} does not exist")
+        step = self.nbytes // (outer * n)  # bytes of one index of `axis` (the dims after it)
+        base = self.pieces[0]
+        pieces: list[Piece] = []
+        for block in range(outer):
+            for index in keep:
+                _extend(pieces, Piece(base.file, base.offset + (block * n + index) * step, step))
+        shape = list(self.shape)
+        shape[axis] = len(keep)
+        return StoredTensor(self.name, self.dtype, shape, pieces)
+
+
+def _product(dims: list[int]) -> int:
+    out = 1
+    for dim in dims:
+        out *= dim
+    return out
+
+
+def _extend(pieces: list[Piece], piece: Piece) -> None:
+    """Append `piece`, merged into the last one when it continues it (fewer, longer reads)."""
+    last = pieces[-1] if pieces else None
+    if last is not None and last.file == piece.file and last.offset + last.length == piece.offset:
+        pieces[-1] = Piece(last.file, last.offset, last.length + piece.length)
+    else:
+        pieces.append(piece)
 
 
 # -- reading ----------------------------------------------------------------------------------

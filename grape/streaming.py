@@ -6,12 +6,16 @@ Removing experts is slicing tensors, so ``grape apply`` (``remove`` and ``mask``
 checkpoint's safetensors headers, decides for every stored tensor what the pruned checkpoint
 holds, and copies bytes (grape/shards.py): memory stays at a few hundred MB whatever the size.
 
-* routed-expert tensors in the Hub layouts: per expert (``<block>.experts.N.<...>``, e.g.
+* every stored copy of a per-expert tensor keeps the kept experts' slices along its expert
+  axis, whatever its stored name: router rows, router bias and correction bias (EXAONE's
+  stored beside the router), a block's own selection bias (MiniMax-M2, LFM2-MoE), ERNIE-4.5's
+  [1, E] bias in a router child, fused experts (gpt-oss ``gate_up_proj``, Granite's
+  ``input_linear``; MXFP4 ``*_blocks`` / ``*_scales``). Which tensors those are comes from the
+  model and its adapter, their stored names from transformers' load renames
+  (grape/stream_layout.py);
+* experts stored one tensor per expert (``<block>.experts.N.<...>``, e.g.
   ``mlp.experts.N.gate_proj.weight``, Mixtral's ``block_sparse_moe.experts.N.w1.weight``, FP8
-  ``...weight_scale_inv``) are dropped or renumbered to the kept order; fused
-  (``<block>.experts.<name>`` with the expert on dim 0: gpt-oss ``gate_up_proj``,
-  ``down_proj``, biases, MXFP4 ``*_blocks`` / ``*_scales``) keep the kept experts' rows;
-* router rows, router bias and ``e_score_correction_bias`` keep the kept experts' rows;
+  ``...weight_scale_inv``) are dropped or renumbered to the kept order;
 * everything else is copied byte for byte; tensors of decoder layers the config does not have
   (DeepSeek-V3's multi-token-prediction layer) are dropped, as transformers' load drops them.
 
@@ -27,36 +31,26 @@ and keep their ``quantization_config``. ``merge`` needs the weights in memory: u
 from __future__ import annotations
 
 import json
-import re
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from grape.errors import PlanError
 from grape.shards import DEFAULT_MAX_SHARD_SIZE, StoredTensor, parse_size, stored_tensors, write_weights
+from grape.stream_layout import (  # noqa: F401 - StreamingError and MoELayout re-exported
+    Loaded,
+    MoELayout,
+    StreamingError,
+    check_shapes,
+    expert_layouts,
+    loaded_names,
+    pruned_tensors,
+    tensor_at,
+)
 from solvers.plan import Plan
 
 STREAMING_METHODS = ("remove", "mask")
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _FLOAT_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-
-
-class StreamingError(PlanError):
-    """A checkpoint whose expert tensors cannot be told apart or sliced."""
-
-
-@dataclass
-class MoELayout:
-    """Where one MoE layer's tensors are in the checkpoint, and which experts stay."""
-
-    layer: int
-    prefix: str  # stored key prefix of the MoE block, e.g. model.layers.3.mlp
-    num_experts: int
-    router_keys: set[str]
-    keep: list[int] = field(default_factory=list)
-    new_index: dict[int, int] = field(default_factory=dict)  # original expert -> kept position
-    seen: set[int] = field(default_factory=set)
 
 
 # -- when streaming applies ----------------------------------------------------------------
@@ -102,6 +96,7 @@ def stream_apply(
     streaming the weights (see the module docstring); returns the output path. The output is
     what ``apply_plan`` + ``save_pruned`` write, except that the weights keep their stored
     dtypes and the shards are cut at `max_shard_size`. `progress`: a progress bar (bytes)."""
+    from grape.adapters import get_adapter
     from grape.pruning import ApplyConfig, apply_plan
 
     if method not in STREAMING_METHODS:
@@ -116,7 +111,7 @@ def stream_apply(
         layout.keep = sorted(plan.kept[layer]) if method == "remove" else list(range(layout.num_experts))
         layout.new_index = {expert: i for i, expert in enumerate(layout.keep)}
     tensors, dropped = pruned_tensors(stored, layouts, int(model.config.num_hidden_layers))
-    _check_routers(model, layouts, tensors)
+    check_shapes(model, get_adapter(model), layouts, tensors)
     record = {"apply_mode": "streaming", "max_shard_size": str(max_shard_size)}
     if dropped:
         record["dropped_tensors"] = len(dropped)
@@ -130,7 +125,7 @@ def stream_apply(
 def load_skeleton(model_dir: Path, stored: dict[str, StoredTensor]):
     """The model built on the meta device from config.json (shrunk to a GRAPE checkpoint's
     per-layer counts, masks re-installed, as load_pruned does) with its router tensors read
-    from the checkpoint; and where each MoE layer's tensors are stored."""
+    from the checkpoint; and where each MoE layer's tensors are stored (grape/stream_layout.py)."""
     import torch
 
     from grape.adapters import get_adapter
@@ -148,133 +143,37 @@ def load_skeleton(model_dir: Path, stored: dict[str, StoredTensor]):
     if getattr(model.config, "dtype", None) is None:
         first = next((t.dtype for t in stored.values() if t.dtype in _FLOAT_DTYPES), None)
         model.config.dtype = _FLOAT_DTYPES.get(first)
-    return model, _load_routers(model, adapter, model_dir, stored)
+    names = loaded_names(model, list(stored))
+    layouts = expert_layouts(model, adapter, stored, names)
+    _load_routers(model, adapter, model_dir, stored, names)
+    return model, layouts
 
 
-def _load_routers(model, adapter, model_dir: Path, stored: dict[str, StoredTensor]) -> dict[int, MoELayout]:
+def _load_routers(model, adapter, model_dir: Path, stored: dict[str, StoredTensor],
+                  names: dict[str, Loaded]) -> None:
+    """The router tensors the plan's fingerprint hashes (adapter.router_tensors), read from the
+    checkpoint into the meta model; the rest of the model stays on meta."""
     from safetensors import safe_open
 
-    from grape.adapters.fused import _per_expert_tensors, _replace_tensor
-    from grape.adapters.stored import stored_names
+    from grape.adapters.fused import _replace_tensor
 
     module_names = {id(module): name for name, module in model.named_modules()}
-    wanted: dict[str, tuple[int, str]] = {}
-    for layer in sorted(adapter.moe_blocks()):
-        router = adapter.router(layer)
-        for local in _per_expert_tensors(router, adapter.num_experts(layer)):
-            wanted[f"{module_names[id(router)]}.{local}"] = (layer, local)
-        _refuse_unsliced(adapter, layer, module_names)
-    keys = stored_names(model, set(wanted), list(stored))
-    missing = sorted(set(wanted) - set(keys))
+    keys = {loaded.name: key for key, loaded in names.items() if not loaded.merged}
+    wanted = [f"{module_names[id(adapter.router(layer))]}.{local}"
+              for layer in sorted(adapter.moe_blocks()) for local in adapter.router_tensors(layer)]
+    missing = [name for name in wanted if name not in keys]
     if missing:
         raise StreamingError(f"{model_dir}: router tensor {missing[0]} is not in the checkpoint "
                              f"({len(missing)} missing); it cannot be pruned shard by shard. Pass "
                              "--in-memory to load the model instead")
-    layouts: dict[int, MoELayout] = {}
-    for name, (layer, local) in sorted(wanted.items()):
+    for name in wanted:
         key = keys[name]
-        tensor = stored[key]
-        with safe_open(str(tensor.pieces[0].file), framework="pt") as handle:
-            _replace_tensor(adapter.router(layer), local, handle.get_tensor(key))
-        prefix = key.rsplit(".", 2)[0]
-        layout = layouts.setdefault(layer, MoELayout(layer, prefix, adapter.num_experts(layer), set()))
-        if layout.prefix != prefix:
-            raise StreamingError(f"layer {layer}: router tensors are stored under {layout.prefix!r} and "
-                                 f"{prefix!r}; pass --in-memory")
-        layout.router_keys.add(key)
-    return layouts
-
-
-def _refuse_unsliced(adapter, layer: int, module_names: dict[int, str]) -> None:
-    """A per-expert value outside the router's own tensors and the experts module (a block's
-    selection bias, a router child's) would be copied unsliced: a checkpoint that does not
-    load, or routes wrongly. An adapter declares such a family (streaming_refusal); this
-    catches one that does not."""
-    from grape.adapters.fused import _per_expert_tensors
-
-    n = adapter.num_experts(layer)
-    block, router, experts = adapter.block(layer), adapter.router(layer), adapter.experts(layer)
-    sliced = {id(t) for t in _per_expert_tensors(router, n).values()}
-    sliced |= {id(t) for t in list(experts.parameters()) + list(experts.buffers())}
-    for name, tensor in list(block.named_parameters()) + list(block.named_buffers()):
-        if id(tensor) not in sliced and n > 1 and tensor.numel() == n:  # one value per expert
-            raise StreamingError(f"layer {layer}: {module_names[id(block)]}.{name} holds one "
-                                 "value per expert outside the router's own tensors; streaming "
-                                 "would copy it unsliced. Pass --in-memory")
-
-
-# -- what each stored tensor becomes --------------------------------------------------------
-def pruned_tensors(stored: dict[str, StoredTensor], layouts: dict[int, MoELayout],
-                   num_layers: int) -> tuple[list[StoredTensor], list[str]]:
-    """(tensors of the pruned checkpoint, in stored order; names dropped as not part of the
-    model). Expert tensors are recognised by `<block prefix>.experts.`; an index after it means
-    one tensor per expert, anything else a fused tensor with the expert on dim 0."""
-    routers = {key: layout for layout in layouts.values() for key in layout.router_keys}
-    blocks = {f"{layout.prefix}.experts.": layout for layout in layouts.values()}
-    out: list[StoredTensor] = []
-    dropped: list[str] = []
-    for name, tensor in stored.items():
-        match = _LAYER.match(name)
-        if match and int(match.group(1)) >= num_layers:
-            dropped.append(name)
-            continue
-        if name in routers:
-            out.append(_rows(tensor, routers[name]))
-            continue
-        cut = name.find(".experts.")
-        layout = blocks.get(name[:cut + len(".experts.")]) if cut >= 0 else None
-        if layout is None:
-            out.append(tensor)
-            continue
-        head, _, tail = name[cut + len(".experts."):].partition(".")
-        if head.isdigit() and tail:
-            renamed = _per_expert(tensor, layout, int(head), tail)
-            if renamed is not None:
-                out.append(renamed)
-        else:
-            out.append(_rows(tensor, layout))
-            layout.seen.update(range(layout.num_experts))
-    for layout in layouts.values():
-        if layout.seen != set(range(layout.num_experts)):
-            absent = sorted(set(range(layout.num_experts)) - layout.seen)
-            raise StreamingError(f"layer {layout.layer}: no tensors under {layout.prefix}.experts. for "
-                                 f"experts {absent[:5]} (of {layout.num_experts}); this checkpoint's "
-                                 "expert layout is not recognised. Pass --in-memory")
-    return out, dropped
-
-
-def _rows(tensor: StoredTensor, layout: MoELayout) -> StoredTensor:
-    if not tensor.shape or tensor.shape[0] != layout.num_experts:
-        raise StreamingError(f"{tensor.name}: expected {layout.num_experts} experts on dim 0, the "
-                             f"tensor has shape {tensor.shape}; pass --in-memory")
-    if layout.keep == list(range(layout.num_experts)):
-        return tensor
-    return tensor.rows(layout.keep)
-
-
-def _per_expert(tensor: StoredTensor, layout: MoELayout, expert: int, tail: str) -> StoredTensor | None:
-    if expert >= layout.num_experts:
-        raise StreamingError(f"{tensor.name}: expert {expert} does not exist (layer {layout.layer} has "
-                             f"{layout.num_experts} experts)")
-    layout.seen.add(expert)
-    new = layout.new_index.get(expert)
-    if new is None:
-        return None
-    return tensor if new == expert else tensor.renamed(f"{layout.prefix}.experts.{new}.{tail}")
-
-
-def _check_routers(model, layouts: dict[int, MoELayout], tensors: list[StoredTensor]) -> None:
-    """The streamed router tensors have as many rows as apply_plan left the skeleton's layers."""
-    from grape.adapters import get_adapter
-
-    adapter = get_adapter(model)
-    by_name = {t.name: t for t in tensors}
-    for layer, layout in layouts.items():
-        expected = adapter.num_experts(layer)
-        for key in sorted(layout.router_keys):
-            if len(layout.keep) != expected or by_name[key].shape[0] != expected:
-                raise StreamingError(f"{key}: {by_name[key].shape[0]} rows streamed, but the pruned "
-                                     f"layer {layer} has {expected} experts")
+        parent, _, leaf = name.rpartition(".")
+        if list(tensor_at(model, name).shape) != stored[key].shape:
+            raise StreamingError(f"{key}: stored with shape {stored[key].shape}, but it loads into "
+                                 f"{name} of shape {list(tensor_at(model, name).shape)}; pass --in-memory")
+        with safe_open(str(stored[key].pieces[0].file), framework="pt") as handle:
+            _replace_tensor(model.get_submodule(parent), leaf, handle.get_tensor(key))
 
 
 # -- writing --------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ encoder, no generative head).
 
 README.md's architecture table (between `<!-- architectures -->` and `<!-- /architectures -->`)
 is generated from the adapters: one row per adapter class, from its declarations (`family`,
-`examples`, `special`, `streaming_refusal`) and the model types it registers.
+`examples`, `special`, `streaming_refusal`, `sequential_refusal`) and the model types it registers.
 
     python scripts/moe_families.py             # the table on stdout
     python scripts/moe_families.py --write     # also regenerate docs/families.md and README's table
@@ -107,7 +107,8 @@ def markdown(rows: list[dict]) -> str:
 
 def adapter_rows() -> list[dict]:
     """One row per adapter class, by family name: family, model types, examples, special (with
-    a note when `grape apply` cannot stream the family's checkpoints)."""
+    a note when `grape apply` cannot stream the family's checkpoints, or a layer-sequential run
+    cannot run it)."""
     from grape.adapters.base import _REGISTRY
 
     types: dict[type, list[str]] = {}
@@ -120,6 +121,8 @@ def adapter_rows() -> list[dict]:
         notes = [cls.special] if cls.special else []
         if cls.streaming_refusal:
             notes.append("`grape apply` loads it in memory (not streamed)")
+        if cls.sequential_refusal:
+            notes.append("calibrated, searched and repaired on the whole model (not layer by layer)")
         rows.append({"family": cls.family, "model_types": sorted(model_types),
                      "examples": cls.examples, "special": "; ".join(notes)})
     return sorted(rows, key=lambda r: r["family"].lower())

@@ -256,6 +256,16 @@ def test_latent_nemotron_h_is_refused():
         get_adapter(model)
 
 
+def test_grouped_axk2_is_refused():
+    """A.X-K2's group-limited router fills unchosen groups with 0, not -inf: removing an expert
+    there is not masking it, so a grouped config is refused (A.X-K2-Light has no groups)."""
+    model = make_family("axk2")
+    model.config.n_group, model.config.topk_group = 2, 1
+    with pytest.raises(ArchitectureError, match="n_group") as refused:
+        get_adapter(model)
+    assert len(str(refused.value).splitlines()) == 1
+
+
 def moe_families_script():
     path = Path(__file__).resolve().parents[1] / "scripts" / "moe_families.py"
     spec = importlib.util.spec_from_file_location("moe_families", path)

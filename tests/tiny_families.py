@@ -70,6 +70,59 @@ CONFIGS = {
     # dense layer 0; correction bias [1, E] in the router's child gate.moe_statics
     "ernie4_5_moe": dict(intermediate_size=48, moe_intermediate_size=16, moe_num_experts=8, moe_k=2,
                          moe_num_shared_experts=1, moe_layer_start_index=1, head_dim=8),
+    # DeepSeek-V3 router copies (grape/adapters/deepseek_v3_copies.py)
+    "glm_moe_dsa": dict(**_V3, **_MLA, **_DENSE_FIRST, n_routed_experts=8, q_lora_rank=16, head_dim=4,
+                        index_topk=8, index_n_heads=2, index_head_dim=8),
+    # every layer MoE (no dense layers in Solar Open): 2 layers, so the grouped plans cover them
+    "solar_open": dict(**_V3, n_routed_experts=8, head_dim=8, num_hidden_layers=2),
+    "mimo_v2_flash": dict(**_V3, **_DENSE_FIRST, n_routed_experts=8, head_dim=8),
+    "dots3_note_text": dict(**_V3, **_MLA, **_DENSE_FIRST, n_routed_experts=8, q_lora_rank=16, head_dim=4,
+                            index_topk=8, index_n_heads=2, index_head_dim=8,
+                            shared_experts_intermediate_size=16),
+    # an RMSNorm on the block's output
+    "axk1": dict(**_V3, **_MLA, **_DENSE_FIRST, n_routed_experts=8, q_lora_rank=16, head_dim=4),
+    # hyper-connection streams around every layer
+    "hy_v4": dict(**_V3, **_MLA, **_DENSE_FIRST, n_routed_experts=8, q_lora_rank=16, head_dim=4,
+                  index_topk=8, index_n_heads=2, index_head_dim=8),
+    # routed_scaling_factor applied by the block, no shared expert
+    "beam": dict(**_V3, **_DENSE_FIRST, num_experts=8, head_dim=8),
+    "bailing_hybrid": dict(**_V3, **_MLA, **_DENSE_FIRST, num_local_experts=8, head_dim=8,
+                           layer_types=["linear_attention", "full_attention", "linear_attention"]),
+    # A.X-K2-Light: no groups (grouped A.X-K2 is refused)
+    "axk2": dict(**{**_V3, "n_group": None, "topk_group": None}, **_MLA, **_DENSE_FIRST,
+                 n_routed_experts=8, q_lora_rank=16, head_dim=4, gated_norm_rank=8),
+    # the standard layout (grape/adapters/fused_families.py)
+    "flint": dict(intermediate_size=48, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                  num_experts=8, num_experts_per_tok=2, mlp_only_layers=[0], head_dim=8),
+    "kolibri1": dict(moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=8,
+                     num_experts_per_tok=2, head_dim=8, sliding_window=8,
+                     layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+    # soft-capped router logits: a -inf logit caps to a finite one, the bias still masks it
+    "laguna": dict(intermediate_size=48, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                   num_experts=8, num_experts_per_tok=2, head_dim=8, moe_router_logit_softcapping=2.0,
+                   moe_routed_scaling_factor=1.5),
+    "minimax_m3_vl_text": dict(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, head_dim=8),
+    "aria_text": dict(intermediate_size=16, moe_num_experts=8, moe_topk=2, head_dim=8),
+    "lara_mini": dict(moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=8,
+                      num_experts_per_tok=2, head_dim=8,
+                      layer_types=["linear_attention", "full_attention", "linear_attention"],
+                      linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+                      linear_value_head_dim=8, linear_conv_kernel_dim=4),
+    "mellum": dict(intermediate_size=48, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2,
+                   head_dim=8, sliding_window=8, mlp_layer_types=["dense", "sparse", "sparse"],
+                   layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+    "qwen4_exp_text": dict(moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=8,
+                           num_experts_per_tok=2, head_dim=8,
+                           layer_types=["linear_attention", "indexed_attention", "linear_attention"],
+                           linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+                           linear_value_head_dim=8, hc_count=2, hc_lowrank=8, ngram_vocab_size_base=256,
+                           heads_per_ngram=2, split_ngram_parts=2, indexer_n_heads=2, indexer_kv_heads=1,
+                           indexer_head_dim=8, indexer_budget=8, indexer_compress_ratio=2),
+    "granitemoe_swa": dict(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2,
+                           shared_intermediate_size=24),
+    # the router takes the block's correction bias; a dense layer between the MoE ones
+    "hy_v3": dict(intermediate_size=48, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2,
+                  num_shared_experts=1, head_dim=8, mlp_layer_types=["sparse", "dense", "sparse"]),
 }
 NEW_FAMILIES = tuple(CONFIGS)
 

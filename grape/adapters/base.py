@@ -108,6 +108,15 @@ class MoEAdapter(ABC):
     # why streaming apply (grape/streaming.py) cannot prune this family's checkpoints shard by
     # shard (grape apply then loads the model in memory); None: it can, exactly
     streaming_refusal: ClassVar[str | None] = None
+    # why a layer-sequential run (calibration, search, repair: grape/sequential.py) cannot run
+    # this family one decoder layer at a time, e.g. layers that hand the next one more than the
+    # hidden states; None: it can (tests/test_sequential.py checks it equals the whole model)
+    sequential_refusal: ClassVar[str | None] = None
+    # per-expert tensors that surgery slices besides the direct ones of the MoE block, its router
+    # and its experts module (expert on dim 0): {path under the MoE block: the expert's axis},
+    # e.g. ERNIE-4.5's [1, E] correction bias in a router child; streaming apply
+    # (grape/stream_layout.py) slices their stored copies along that axis
+    extra_expert_tensors: ClassVar[dict[str, int]] = {}
     # the README's architecture table (scripts/moe_families.py --write): the family as people
     # name it, checkpoints of it, what is special about its routing or layout (may be "")
     family: ClassVar[str] = ""

@@ -53,9 +53,6 @@ class ExaoneMoeAdapter(DeepseekV3Adapter):
     family = "EXAONE MoE"
     examples = "K-EXAONE-236B-A23B"
     special = "the DeepSeek-V3 router"
-    # the Hub layout, moved into the router only on load (streaming reads the stored names)
-    streaming_refusal = ("checkpoints store the router's correction bias beside the router "
-                         "(mlp.e_score_correction_bias), not in mlp.gate")
 
 
 @register_adapter

@@ -3,7 +3,8 @@ layers, block `mlp` with shared experts; router `mlp.gate`: fp32 softmax over ev
 top-k chosen on softmax + a correction bias, the chosen weights renormalised (clamped at
 `moe_norm_min`). The correction bias is a [1, E] parameter of a child module,
 `gate.moe_statics.e_score_correction_bias`, which the generic slicing (direct tensors, expert on
-dim 0) misses: surgery, shrinking, masks and the fingerprint handle it here."""
+dim 0) misses: surgery, shrinking, masks and the fingerprint handle it here, and the adapter
+declares it (`extra_expert_tensors`) so streaming apply slices its stored copy too."""
 
 from __future__ import annotations
 
@@ -44,9 +45,9 @@ class Ernie45MoeAdapter(FusedMoEAdapter):
     examples = "ERNIE-4.5-21B-A3B, ERNIE-4.5-300B-A47B"
     special = ("softmax + a correction bias in the router's child gate.moe_statics; MoE from "
                "moe_layer_start_index")
-    # streaming slices the router's own per-expert tensors, not a child module's
-    streaming_refusal = ("the correction bias is a [1, E] tensor of the router's child "
-                         "gate.moe_statics, which streaming does not slice")
+    # the correction bias [1, E], expert on the last axis (keep_experts below slices it; streaming
+    # apply slices its stored copy, mlp.moe_statics.e_score_correction_bias, the same way)
+    extra_expert_tensors = {f"gate.moe_statics.{_BIAS}": -1}
 
     def statics(self, layer: int) -> nn.Module:
         return self.router(layer).moe_statics

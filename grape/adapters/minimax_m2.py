@@ -22,9 +22,6 @@ class BlockBiasAdapter(FusedMoEAdapter):
 
     # the block's attribute holding the selection bias (None there: the router gets None)
     block_bias: ClassVar[str] = "e_score_correction_bias"
-    # streaming slices the router's per-expert tensors and the experts', not the block's own
-    streaming_refusal = ("the router's selection bias is a tensor of the MoE block itself, "
-                         "which streaming does not slice")
 
     def route(self, layer: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # the router module, called exactly as the block calls it

@@ -6,8 +6,6 @@ from grape.adapters.base import refuse_model_types
 
 _MULTIMODAL = ("a multimodal wrapper (vision/audio towers; the expert counts live in its "
                "text_config): GRAPE prunes text-only decoders")
-_UNVERIFIED = ("standard transformers v5 layout (fused experts + router), but no adapter yet: it "
-               "needs a tiny-config exactness test (remove == mask) before GRAPE accepts it")
 _NOT_FUSED = ("its experts are not the transformers v5 fused experts interface "
               "(experts(hidden, top_k_index, top_k_weights)), which GRAPE's surgery and "
               "calibration rely on")
@@ -20,17 +18,19 @@ def _text_of(text_type: str) -> str:
 
 refuse_model_types({
     # multimodal wrappers
-    **dict.fromkeys(("aria", "deepseek_ocr2", "diffusion_gemma", "ernie4_5_vl_moe", "glm4v_moe",
+    **dict.fromkeys(("deepseek_ocr2", "diffusion_gemma", "ernie4_5_vl_moe", "glm4v_moe",
                      "glm5_next", "hy_v4_vl", "inkling2", "inkling2_loop", "inkling_mm_model",
-                     "minimax_m3_vl", "mistral4", "mistral_large4", "muse_spark", "qwen3_omni_moe",
+                     "mistral4", "mistral_large4", "muse_spark", "qwen3_omni_moe",
                      "qwen3_omni_moe_thinker", "qwen3_vl_moe", "step3p7", "unlimited_ocr",
                      "gemma4"), _MULTIMODAL),
-    "qwen3_5_moe": _text_of("qwen3_5_moe_text"),
+    **{wrapper: _text_of(text) for wrapper, text in (
+        ("qwen3_5_moe", "qwen3_5_moe_text"), ("llama4", "llama4_text"), ("aria", "aria_text"),
+        ("minimax_m3_vl", "minimax_m3_vl_text"), ("dots3_note", "dots3_note_text"),
+        ("qwen4_exp", "qwen4_exp_text"))},
     # not decoder-only LMs
     **dict.fromkeys(("switch_transformers", "nllb-moe", "openai_privacy_filter"), _ENCODER_DECODER),
     "vitpose_backbone": "a vision backbone with per-dataset expert heads, not a routed-MoE language model",
     # special routing or layout
-    "llama4": _text_of("llama4_text"),
     "hunyuan_v1_moe": ("Hunyuan's router projection is a child module (gate.wg) and its "
                        "expert counts may be per-layer lists; neither is handled yet"),
     "afmoe": ("AFMoE's router projection is a child module (router.gate) fed the block's "
@@ -42,12 +42,19 @@ refuse_model_types({
                     "a dense MLP, not a separate MoE block; it needs its own adapter"),
     "longcat_flash": ("LongCat-Flash routes to zero-computation (identity) experts as well as "
                       "real ones, and " + _NOT_FUSED),
+    "zaya": ("ZAYA1's router is an MLP over router states carried from layer to layer, and it "
+             "routes to a zero-computation skip expert besides the real ones; neither is handled"),
+    "inkling_text": ("Inkling's router projection holds the shared experts' rows after the routed "
+                     "ones ([routed + shared, H]) and normalises the chosen weights together with "
+                     "the shared experts'; GRAPE slices router tensors whose first axis is the "
+                     "routed-expert count"),
+    "inkling2_text": ("Inkling-2's decoder layers pass block-attention-residual states "
+                      "(block_states) from layer to layer, which layer-sequential calibration does "
+                      "not carry, so it would measure other routing than the model's; not handled "
+                      "yet"),
+    "inkling2_loop_text": ("Inkling-2-Loop's loop layers run their MoE block once per loop pass "
+                           "(several times per token) and its layers pass block-attention-residual "
+                           "states (block_states) from layer to layer; neither is handled yet"),
     "doge": "Doge's CDMoE experts are retrieved product-key embedding rows, not routed FFN experts",
     **dict.fromkeys(("dbrx", "jetmoe"), f"{_NOT_FUSED}"),
-    # the standard layout, not yet verified here
-    **dict.fromkeys(("aria_text", "axk1", "axk2", "bailing_hybrid", "beam", "dots3_note",
-                     "dots3_note_text", "flint", "glm_moe_dsa", "granitemoe_swa", "hy_v3", "hy_v4",
-                     "inkling2_loop_text", "inkling2_text", "inkling_text", "kolibri1", "laguna",
-                     "lara_mini", "mellum", "mimo_v2_flash", "minimax_m3_vl_text", "qwen4_exp",
-                     "qwen4_exp_text", "solar_open", "zaya"), _UNVERIFIED),
 })

@@ -58,10 +58,6 @@ class GraniteMoeAdapter(FusedMoEAdapter):
     family = "Granite MoE (3.x, 4.0-H)"
     examples = "granite-3.1-3b-a800m, granite-4.0-h-small"
     special = "MoE block `block_sparse_moe`; Mamba-2 hybrid (4.0-H)"
-    # the Hub layout, renamed only on load (streaming reads the stored names)
-    streaming_refusal = ("checkpoints store the experts as block_sparse_moe.input_linear / "
-                         "output_linear and the router as router.layer, not under "
-                         "<block>.experts. and <block>.router")
 
 
 @register_adapter
