@@ -12,6 +12,11 @@ peak extra resident memory. Writes benchmarks/results/repair.md and repair.json.
     python benchmarks/repair_bench.py                                  # 3 models, 2 budgets
     python benchmarks/repair_bench.py --models qwen3moe-32x4 --split validation \\
         --methods none scale lstsq lstsq:0.01 lstsq:1 --out /tmp/ridge   # choose the ridges
+    python benchmarks/repair_bench.py --sequential-cost    # repair from the shards: memory, time
+
+`--sequential-cost` (benchmarks/repair_cost.py) measures the layer-sequential repair of a 1.7 GB
+random checkpoint against the streaming apply and the sequential calibration, and adds its
+section to the results without touching the quality tables.
 """
 
 from __future__ import annotations
@@ -247,21 +252,54 @@ def render(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_all(data: dict) -> str:
+    """The quality tables, the ridge sweeps and the sequential cost, whichever `data` holds."""
+    text = render(data)
+    if data.get("ridge_sweeps"):
+        text += "\n# Choosing the ridge (validation split)\n\n" + "\n".join(
+            render(run).split("\n", 2)[2].replace("\n## ", "\n### ") for run in data["ridge_sweeps"])
+    if data.get("sequential_cost"):
+        import repair_cost
+
+        text += "\n" + repair_cost.render(data["sequential_cost"])
+    return text
+
+
+def sequential_cost(args) -> int:
+    """Measure the layer-sequential repair (benchmarks/repair_cost.py) into the existing results."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import repair_cost
+
+    path = args.out / "repair.json"
+    data = json.loads(path.read_text()) if path.is_file() else {"settings": {}, "models": []}
+    data["sequential_cost"] = repair_cost.run(args.cost_layers, args.cost_rows, args.seq_len,
+                                              args.cost_method, args.cost_threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    (args.out / "repair.md").write_text(render_all(data))
+    log(repair_cost.render(data["sequential_cost"]))
+    return 0
+
+
 def merge(files: list[Path], out: Path, sweeps: list[Path] | None = None) -> int:
     """One report from runs made in parallel (one model each, the same settings); `sweeps`:
     runs on the validation split that chose the ridges, appended as their own section."""
     runs = [json.loads(f.read_text()) for f in files]
     data = {"settings": runs[0]["settings"], "models": [m for r in runs for m in r["models"]]}
-    text = render(data)
     if sweeps:
-        swept = [json.loads(f.read_text()) for f in sweeps]
-        data["ridge_sweeps"] = swept
-        text += "\n# Choosing the ridge (validation split)\n\n" + "\n".join(
-            render(run).split("\n", 2)[2].replace("\n## ", "\n### ") for run in swept)
+        data["ridge_sweeps"] = [json.loads(f.read_text()) for f in sweeps]
+    data.update(_kept_sections(out))
     (out / "repair.json").write_text(json.dumps(data, indent=1) + "\n")
-    (out / "repair.md").write_text(text)
+    (out / "repair.md").write_text(render_all(data))
     log(f"wrote {out / 'repair.md'}")
     return 0
+
+
+def _kept_sections(out: Path) -> dict:
+    """The sequential cost already in `out` (measured separately, kept by a quality run)."""
+    path = out / "repair.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    return {"sequential_cost": old["sequential_cost"]} if old.get("sequential_cost") else {}
 
 
 def main(argv=None) -> int:
@@ -279,8 +317,16 @@ def main(argv=None) -> int:
                     help="only combine these repair.json files (one run per model) into --out")
     ap.add_argument("--sweeps", nargs="+", type=Path, default=None,
                     help="with --merge: validation runs that chose the ridges (own section)")
+    ap.add_argument("--sequential-cost", action="store_true",
+                    help="only measure the layer-sequential repair's memory and time (repair_cost.py)")
+    ap.add_argument("--cost-layers", type=int, default=8, help="decoder layers of its checkpoint (8: 1.7 GB)")
+    ap.add_argument("--cost-rows", type=int, default=8, help="calibration rows of its repair")
+    ap.add_argument("--cost-method", default="lstsq", choices=("scale", "lstsq"))
+    ap.add_argument("--cost-threads", type=int, default=1, help="torch threads of its processes")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args(argv)
+    if args.sequential_cost:
+        return sequential_cost(args)
     if args.merge:
         return merge(args.merge, args.out, args.sweeps)
     if args.methods[0] != "none":
@@ -290,11 +336,13 @@ def main(argv=None) -> int:
                          "machine": f"{platform.machine()}, torch {torch.__version__}"},
             "models": []}
     args.out.mkdir(parents=True, exist_ok=True)
+    data.update(_kept_sections(args.out))
+
     def save(result: dict) -> None:
         models = [m for m in data["models"] if m["model"] != result["model"]] + [result]
         done = {**data, "models": models}
         (args.out / "repair.json").write_text(json.dumps(done, indent=1) + "\n")
-        (args.out / "repair.md").write_text(render(done))
+        (args.out / "repair.md").write_text(render_all(done))
 
     for name in args.models:
         data["models"].append(run_model(name, args, save))

@@ -9,6 +9,8 @@ directory and `out=`) all call :func:`apply_checkpoint`, so the runtime choices 
 streams the safetensors shard by shard (grape.streaming: memory stays flat whatever the model's
 size, quantised experts stay quantised) where it can — remove / mask, no dtype conversion — and
 loads the whole model otherwise; 'streaming' refuses what cannot stream; 'in-memory' always loads.
+With a repair, 'auto' loads the model when it fits in memory and otherwise (like 'streaming')
+prunes and repairs it from the shards one decoder layer at a time (grape.repair_sequential).
 """
 
 from __future__ import annotations
@@ -43,8 +45,8 @@ def check_plan(plan, model_config: dict, config: ApplyConfig, plan_name: str = "
 
 
 def check_repair(model_config: dict, config: ApplyConfig, data_flag: str = "--repair-data") -> None:
-    """A repair (grape.repair) needs calibration text, an unquantised model and the in-memory
-    apply: refused here, before any weight is read. `data_flag`: the flag that gives the text."""
+    """A repair (grape.repair) needs calibration text and an unquantised model: refused here,
+    before any weight is read. `data_flag`: the flag that gives the text."""
     from grape.errors import DataError
     from grape.quantized import describe
 
@@ -61,9 +63,11 @@ def check_repair(model_config: dict, config: ApplyConfig, data_flag: str = "--re
     if quant:
         raise PlanError(f"--repair changes expert weights, which this checkpoint stores quantised "
                         f"({quant}); apply it without --repair")
-    if config.mode == "streaming":
-        raise PlanError("--repair fits the pruned layers on the model in memory; the streaming apply "
-                        "cannot repair: use --mode in-memory (grape run: --apply-mode in-memory)")
+    from grape.repair import layerwise_refusal
+
+    refusal = layerwise_refusal(model_config.get("model_type"))
+    if refusal:
+        raise PlanError(refusal)
 
 
 def precheck_plan(plan, model_config: dict, allow_lower_top_k: bool) -> None:
@@ -100,19 +104,35 @@ def streams(model_dir, model_config: dict, config: ApplyConfig, dtype: str = "au
 
     if config.mode == "in-memory":
         return False
-    if config.repair != "none":  # fitted on the loaded model (check_repair refuses mode streaming)
-        if config.mode == "streaming":
-            raise PlanError("apply mode 'streaming' cannot repair; use mode 'in-memory' or --repair none")
-        say(f"grape apply: --repair {config.repair} fits the model in memory; loading it")
-        return False
     reason = streaming_unavailable(model_dir, model_config, config.method, dtype)
-    if reason is None:
+    if reason is not None:
+        if config.mode == "streaming":
+            raise PlanError(f"apply mode 'streaming': {reason}; use mode 'auto' or 'in-memory'")
+        if config.method != "merge":  # merge always loads the model: nothing to tell
+            say(f"grape apply: {reason}; loading the model in memory instead")
+        return False
+    if config.repair == "none" or config.mode == "streaming":
         return True
-    if config.mode == "streaming":
-        raise PlanError(f"apply mode 'streaming': {reason}; use mode 'auto' or 'in-memory'")
-    if config.method != "merge":  # merge always loads the model: nothing to tell
-        say(f"grape apply: {reason}; loading the model in memory instead")
-    return False
+    # auto with a repair: in memory where the model fits (one load), else layer by layer
+    choice = repair_placement(model_dir)
+    if choice.mode == "whole":
+        say(f"grape apply: --repair {config.repair}: {choice.reason}; repairing it in memory")
+        return False
+    say(f"grape apply: --repair {config.repair}: {choice.reason}; pruning and repairing it layer by "
+        "layer from the shards")
+    return True
+
+
+def repair_placement(model_dir):
+    """grape.placement's whole-or-sequential choice for a repair on this machine's host memory
+    (the in-memory apply loads the model there, in its stored dtype: its bytes on disk)."""
+    from grape.distributed import World
+    from grape.modelfiles import weight_files
+    from grape.placement import choose_mode, whole_capacity
+
+    needed = sum(file.stat().st_size for file in weight_files(Path(model_dir)))
+    capacity, where = whole_capacity("cpu", World())
+    return choose_mode("auto", needed, capacity, where, None)
 
 
 def apply_checkpoint(model_dir: str | os.PathLike, plan, out: str | os.PathLike,
@@ -130,6 +150,9 @@ def apply_checkpoint(model_dir: str | os.PathLike, plan, out: str | os.PathLike,
         tokenizer = model_tokenizer(model_dir, say)
     provenance = {"source_model": str(model_dir), **(provenance or {})}
     if streams(model_dir, model_config, config, dtype, say):
+        if config.repair != "none":
+            return _streamed_repair(model_dir, plan, out, config, tokenizer, provenance, overwrite,
+                                    progress, say)
         return _streamed(model_dir, plan, out, config, tokenizer, provenance, overwrite, progress)
     return _in_memory(model_dir, plan, out, config, dtype, tokenizer, provenance, overwrite, say)
 
@@ -146,6 +169,21 @@ def _streamed(model_dir, plan, out, config: ApplyConfig, tokenizer, provenance, 
     quant = describe(read_config(model_dir))
     return Applied(Path(path), True, "; streamed shard by shard"
                    + (f", quantisation kept ({quant})" if quant else ""))
+
+
+def _streamed_repair(model_dir, plan, out, config: ApplyConfig, tokenizer, provenance, overwrite,
+                     progress, say) -> Applied:
+    """Pruned and repaired one decoder layer at a time from the shards (grape.repair_sequential),
+    resumable from OUT.partial; the repair's text is read first (too little fails at once)."""
+    from grape.repair_sequential import stream_repair
+
+    input_ids = repair_tokens(model_dir, config, tokenizer, say)
+    repaired = stream_repair(model_dir, plan, out, config, input_ids, tokenizer=tokenizer,
+                             provenance={**provenance, "repair": {"data": list(config.repair_data)}},
+                             overwrite=overwrite, progress=progress, say=say)
+    say(f"grape apply: {repaired.report.line()} (layer by layer, hidden states in "
+        f"{repaired.hidden_states})")
+    return Applied(repaired.path, True, f"; streamed shard by shard, {repaired.report.line()}")
 
 
 def _in_memory(model_dir, plan, out, config: ApplyConfig, dtype: str, tokenizer, provenance,
@@ -231,5 +269,5 @@ def model_tokenizer(path, say=print):
         return None
 
 
-__all__ = ["Applied", "apply_checkpoint", "apply_in_place", "check_plan", "check_repair", "repair_tokens", "model_tokenizer", "precheck_plan",
-           "require_model_block", "streams"]
+__all__ = ["Applied", "apply_checkpoint", "apply_in_place", "check_plan", "check_repair", "repair_tokens",
+           "model_tokenizer", "precheck_plan", "repair_placement", "require_model_block", "streams"]

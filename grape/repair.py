@@ -15,8 +15,9 @@ repair. A fit that would not lower the layer's error on its tokens is undone (th
 plainly pruned), so a repaired layer is never worse than the unrepaired one on what was measured.
 
 Memory: the model, the calibration hidden states (tokens x hidden), and one layer's fitting
-state (x and y, tokens x hidden each, plus one expert's activations). In-memory models only;
-the streaming apply refuses --repair (grape.apply_stage).
+state (x and y, tokens x hidden each, plus one expert's activations). A checkpoint too large
+for memory is repaired from its shards one decoder layer at a time by grape.repair_sequential,
+which runs the same LayerPass and repair_layer on each layer as it is loaded.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from torch import nn
 from grape.adapters import MoEAdapter, get_adapter
 from grape.errors import ArchitectureError, DataError, PlanError
 from grape.pruning import APPLIED_METHOD_ATTR, APPLIED_PLAN_ATTR, REPAIR_METHODS, ApplyConfig, apply_plan, validate_plan
-from grape.repair_fit import FITS, Routing, mean_error, routed
+from grape.repair_fit import FITS, Routing, mean_energy, mean_error, routed
 from solvers.plan import Plan
 
 logger = logging.getLogger("grape.repair")
@@ -111,15 +112,28 @@ class RepairReport:
 # -- checks, before any forward ------------------------------------------------------------------
 def check_repairable(model: nn.Module, config: ApplyConfig) -> None:
     """Refuse what repair cannot do: another apply method, a quantised model (its experts would
-    have to be re-quantised after the fit)."""
+    have to be re-quantised after the fit), a family whose decoder layers cannot be run one at a
+    time (their adapter's sequential_refusal: the fit moves the tokens layer by layer)."""
     if config.method != "remove":
         raise PlanError(f"--repair {config.repair} re-fits the experts kept by --method remove; "
                         f"it does not combine with --method {config.method}")
+    refusal = layerwise_refusal(getattr(model.config, "model_type", None))
+    if refusal:
+        raise ArchitectureError(refusal)
     quant = getattr(model.config, "quantization_config", None)
     if quant:
         kind = quant.get("quant_method", "quantised") if isinstance(quant, dict) else type(quant).__name__
         raise ArchitectureError(f"--repair changes expert weights, which this {kind} checkpoint stores "
                                 "quantised; apply without --repair (or dequantise the checkpoint first)")
+
+
+def layerwise_refusal(model_type) -> str | None:
+    """Why --repair cannot run on this family (its layers cannot be run one at a time), or None."""
+    from grape.adapters.base import adapter_class
+
+    why = getattr(adapter_class(model_type), "sequential_refusal", None)
+    return (f"--repair fits one decoder layer at a time, which {model_type} models do not allow "
+            f"({why}); apply without --repair") if why else None
 
 
 def check_tokens(input_ids, attention_mask, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -159,7 +173,8 @@ def prune_and_repair(model: nn.Module, plan: Plan, config: ApplyConfig, input_id
     report = RepairReport(config.repair, tokens=int(ids.numel() if mask is None else mask.sum()))
     pruned = [layer for layer in plan.layers if plan.removed[layer]]
     if pruned:
-        _LayerRun(model, adapter, ids, mask, settings).run(plan, pruned, config.repair, report)
+        _run_layers(model, adapter, LayerPass(adapter, MemoryBatches(model, ids, mask, settings)),
+                   plan, pruned, config.repair, settings, report)
     sync = getattr(adapter, "sync_config", None)
     if sync is not None:
         sync()
@@ -170,22 +185,36 @@ def prune_and_repair(model: nn.Module, plan: Plan, config: ApplyConfig, input_id
     return report
 
 
+def _run_layers(model: nn.Module, adapter: MoEAdapter, passes: "LayerPass", plan: Plan,
+                pruned: list[int], method: str, settings: RepairSettings, report: RepairReport) -> None:
+    """The layer-sequential loop on a loaded model: each pruned layer repaired on its block
+    inputs, the tokens moved on through it, up to the last pruned layer (nothing above changes)."""
+    from grape.layerwise import decoder_layers
+
+    for index, layer in enumerate(decoder_layers(model)):
+        if index > pruned[-1]:
+            break
+        if index in pruned:
+            x = passes.block_inputs(index, layer)
+            report.layers.append(repair_layer(adapter, index, plan.kept[index], x, method, settings))
+        if index < pruned[-1]:
+            passes.forward(index, layer)
+
+
 class _Stop(Exception):
     """Raised by the block's pre-hook once its input is captured: the rest of the layer is not
     needed for the capture pass."""
 
 
-class _LayerRun:
-    """The calibration tokens' hidden states, moved through the model one decoder layer at a time."""
+class MemoryBatches:
+    """The calibration tokens' hidden states as a list of tensors, one per batch of
+    `settings.batch_size` rows, with the arguments the model's own forward gives each layer."""
 
-    def __init__(self, model: nn.Module, adapter: MoEAdapter, ids: torch.Tensor,
-                 mask: torch.Tensor | None, settings: RepairSettings):
+    def __init__(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None,
+                 settings: RepairSettings):
         from grape.evaluation import input_device
-        from grape.layerwise import decoder_layers
         from grape.sequential import layer_arguments
 
-        self.model, self.adapter, self.settings = model, adapter, settings
-        self.layers = decoder_layers(model)
         device = input_device(model)
         dtype = model.get_input_embeddings().weight.dtype
         rows = range(0, ids.shape[0], settings.batch_size)
@@ -194,30 +223,41 @@ class _LayerRun:
         with torch.no_grad():
             self.hidden = [embed(ids[r:r + settings.batch_size].to(device)) for r in rows]
         # the rotary embeddings, causal mask and positions the model's own forward gives a layer
-        self.arguments = [layer_arguments(model, tuple(ids[r:r + settings.batch_size].shape), m,
-                                          device, dtype) for r, m in zip(rows, self.masks)]
+        self.layer_args = [layer_arguments(model, tuple(ids[r:r + settings.batch_size].shape), m,
+                                           device, dtype) for r, m in zip(rows, self.masks)]
 
-    def run(self, plan: Plan, pruned: list[int], method: str, report: RepairReport) -> None:
-        for index, layer in enumerate(self.layers):
-            if index > pruned[-1]:
-                break  # nothing above the last pruned layer changes
-            if index in pruned:
-                x = self.block_inputs(index, layer)
-                report.layers.append(repair_layer(self.adapter, index, plan.kept[index], x, method,
-                                                  self.settings))
-            if index < pruned[-1]:
-                self.forward(index, layer)
+    def __len__(self) -> int:
+        return len(self.hidden)
+
+    def get(self, batch: int) -> torch.Tensor:
+        return self.hidden[batch]
+
+    def put(self, batch: int, value: torch.Tensor) -> None:
+        self.hidden[batch] = value
+
+    def arguments(self, batch: int, index: int) -> tuple[tuple, dict]:
+        return self.layer_args[batch][index]
+
+
+class LayerPass:
+    """The calibration tokens moved through decoder layers one at a time. `batches` holds their
+    hidden states (MemoryBatches; grape.repair_sequential keeps them in a HiddenStates): get /
+    put / arguments per batch, and `masks`. One code path for both, so the in-memory and the
+    layer-sequential repair see bit-identical block inputs."""
+
+    def __init__(self, adapter: MoEAdapter, batches):
+        self.adapter, self.batches = adapter, batches
 
     def _call(self, index: int, layer: nn.Module, batch: int):
-        args, kwargs = self.arguments[batch][index]
+        args, kwargs = self.batches.arguments(batch, index)
         device = next(layer.parameters()).device
-        return layer(self.hidden[batch].to(device), *args, **kwargs)
+        return layer(self.batches.get(batch).to(device), *args, **kwargs)
 
     @torch.no_grad()
     def forward(self, index: int, layer: nn.Module) -> None:
-        for batch in range(len(self.hidden)):
+        for batch in range(len(self.batches)):
             out = self._call(index, layer, batch)
-            self.hidden[batch] = out[0] if isinstance(out, (tuple, list)) else out
+            self.batches.put(batch, out[0] if isinstance(out, (tuple, list)) else out)
 
     @torch.no_grad()
     def block_inputs(self, index: int, layer: nn.Module) -> torch.Tensor:
@@ -231,7 +271,7 @@ class _LayerRun:
 
         handle = block.register_forward_pre_hook(capture, with_kwargs=True)
         try:
-            for batch in range(len(self.hidden)):
+            for batch in range(len(self.batches)):
                 try:
                     self._call(index, layer, batch)
                 except _Stop:
@@ -241,7 +281,7 @@ class _LayerRun:
         parts = []
         for batch, x in enumerate(seen):
             flat = x.reshape(-1, x.shape[-1])
-            mask = self.masks[batch]
+            mask = self.batches.masks[batch]
             parts.append(flat if mask is None else flat[mask.reshape(-1).to(flat.device).bool()])
         return torch.cat(parts)
 
@@ -268,7 +308,7 @@ def repair_layer(adapter: MoEAdapter, layer: int, kept: list[int], x: torch.Tens
         after = before
         logger.warning("repair %s did not lower layer %d's output error on its tokens; the layer "
                        "is left plainly pruned", method, layer)
-    energy = float(target.double().pow(2).sum(-1).mean())
+    energy = mean_energy(target)
     return LayerRepair(layer, int(x.shape[0]), energy, before, after, kept_fit,
                        time.perf_counter() - start)
 
@@ -278,5 +318,6 @@ def repair_needs(config: ApplyConfig) -> bool:
     return config.repair != "none"
 
 
-__all__ = ["DEFAULT_RIDGE", "LayerRepair", "REPAIR_METHODS", "RepairReport", "RepairSettings",
-           "check_repairable", "check_tokens", "prune_and_repair", "repair_layer", "repair_needs"]
+__all__ = ["DEFAULT_RIDGE", "LayerPass", "LayerRepair", "MemoryBatches", "REPAIR_METHODS",
+           "RepairReport", "RepairSettings", "check_repairable", "check_tokens", "layerwise_refusal",
+           "prune_and_repair", "repair_layer", "repair_needs"]

@@ -27,6 +27,10 @@ from grape.errors import ArchitectureError
 
 # tokens per chunk when accumulating the scale Gram (bounds the (chunk, k, H) contributions)
 _CHUNK = 2048
+# tokens per call of the experts module over a layer's fitting tokens: its intermediates are
+# (tokens x top_k) rows of the gate/up width, a GB at 8192 tokens of a top-8 layer; chunks keep
+# the fit within the layer-sequential calibration's memory (one layer + the hidden states)
+ROUTED_CHUNK = 1024
 
 
 @dataclass(frozen=True)
@@ -44,13 +48,28 @@ class Routing:
 
 
 def mean_error(y: torch.Tensor, approx: torch.Tensor) -> float:
-    """mean_t ||y_t - approx_t||^2 in float64 (the fits' objective without the ridge)."""
-    return float((y.double() - approx.double()).pow(2).sum(-1).mean()) if y.numel() else 0.0
+    """mean_t ||y_t - approx_t||^2 in float64 (the fits' objective without the ridge), summed
+    chunk by chunk (no float64 copy of the whole layer's outputs)."""
+    if not y.numel():
+        return 0.0
+    total = sum(float((y[s:s + ROUTED_CHUNK].double() - approx[s:s + ROUTED_CHUNK].double())
+                      .pow(2).sum()) for s in range(0, y.shape[0], ROUTED_CHUNK))
+    return total / y.shape[0]
+
+
+def mean_energy(y: torch.Tensor) -> float:
+    """mean_t ||y_t||^2 in float64, chunk by chunk."""
+    return mean_error(y, y.new_zeros(()).expand_as(y))
 
 
 def routed(experts: nn.Module, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-    """The routed output as the model computes it (the experts module's own forward)."""
-    return experts(x, routing.index, routing.weight)
+    """The routed output as the model computes it (the experts module's own forward), on
+    ROUTED_CHUNK tokens at a time (each token's output depends on that token alone)."""
+    if x.shape[0] <= ROUTED_CHUNK:
+        return experts(x, routing.index, routing.weight)
+    return torch.cat([experts(x[s:s + ROUTED_CHUNK], routing.index[s:s + ROUTED_CHUNK],
+                              routing.weight[s:s + ROUTED_CHUNK])
+                      for s in range(0, x.shape[0], ROUTED_CHUNK)])
 
 
 # -- scale --------------------------------------------------------------------------------------
@@ -218,5 +237,6 @@ def _set_down(experts: nn.Module, expert: int, m: torch.Tensor) -> None:
 
 FITS = {"scale": fit_scales, "lstsq": fit_down}
 
-__all__ = ["FITS", "Routing", "check_down_model", "down_input", "down_matrix", "fit_down",
-           "fit_scales", "fold_scales", "mean_error", "routed", "scale_statistics", "solve_scales"]
+__all__ = ["FITS", "ROUTED_CHUNK", "Routing", "check_down_model", "down_input", "down_matrix",
+           "fit_down", "fit_scales", "fold_scales", "mean_energy", "mean_error", "routed",
+           "scale_statistics", "solve_scales"]

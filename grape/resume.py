@@ -15,6 +15,11 @@ half-written checkpoint under its final name):
 * layer-sequential mode: ``layer{i}.scores.pt`` (a finished MoE layer), per rank
   ``rank{r}-of-{n}.hidden-{k}.bin`` (hidden states after k decoder layers) and
   ``progress.json`` (k), committed by rank 0 once every rank has written its part.
+
+`grape apply`'s layer-by-layer repair (grape.repair_sequential) keeps its progress the same way
+in ``OUT.partial/`` beside the checkpoint: ``progress.json`` (layers done and their fit records),
+the hidden states after them, and ``layer{i}.repaired.safetensors`` (the run key in the file's
+metadata: :meth:`CalibrationCheckpoint.save_tensors`).
 """
 
 from __future__ import annotations
@@ -100,17 +105,18 @@ class CalibrationCheckpoint:
     directory: Path
     key: str
     world: World
+    who: str = "grape calibrate"  # the command its notices name (grape apply's repair uses one too)
 
     @classmethod
     def open(cls, directory: str | os.PathLike, key: str, world: World,
-             say: Callable[[str], None] = print) -> "CalibrationCheckpoint":
+             say: Callable[[str], None] = print, who: str = "grape calibrate") -> "CalibrationCheckpoint":
         """Use `directory` for this run: kept when it holds this run's checkpoint, emptied
         (with a notice) when it holds another run's. A folder GRAPE did not write is refused."""
         directory = Path(directory)
         if world.main:
-            _prepare(directory, key, say)
+            _prepare(directory, key, say, who)
         barrier(world)
-        return cls(directory, key, world)
+        return cls(directory, key, world, who)
 
     def path(self, name: str) -> Path:
         return self.directory / name
@@ -137,19 +143,41 @@ class CalibrationCheckpoint:
             saved = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - an unreadable file is a checkpoint we lack
             say_bad = f"{path} cannot be read ({exc.__class__.__name__}); it is ignored"
-            print(f"grape calibrate: {say_bad}")
+            print(f"{self.who}: {say_bad}")
             return None
         return self._own(saved, path, "state")
 
     def _own(self, saved: Any, path: Path, field: str) -> Any | None:
         if isinstance(saved, dict) and saved.get("run_key") == self.key and field in saved:
             return saved[field]
-        print(f"grape calibrate: {path} was saved by another run (other settings or data); it is "
+        print(f"{self.who}: {path} was saved by another run (other settings or data); it is "
               "ignored and that part is measured again")
         return None
 
     def remove(self, name: str) -> None:
         self.path(name).unlink(missing_ok=True)
+
+    # -- tensors as safetensors files (byte ranges another writer can copy) --------------------
+    def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> Path:
+        """A safetensors file of `tensors`, the run key in its metadata, written atomically."""
+        from safetensors.torch import save_file
+
+        path = self.path(name)
+        plain = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        _atomic(path, lambda tmp: save_file(plain, str(tmp), metadata={"run_key": self.key}))
+        return path
+
+    def tensors_file(self, name: str) -> Path | None:
+        """The safetensors file `save_tensors` wrote under `name` in this run, or None (absent,
+        unreadable or another run's)."""
+        from grape.modelfiles import read_header
+
+        path = self.path(name)
+        try:
+            header, _, _ = read_header(path) if path.is_file() else ({}, 0, 0)
+        except (OSError, ValueError):
+            return None
+        return path if (header.get("__metadata__") or {}).get("run_key") == self.key else None
 
     # -- committed progress (layer-sequential) ------------------------------------------------
     def commit(self, progress: dict) -> None:
@@ -177,35 +205,36 @@ def discard(directory: str | os.PathLike) -> None:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def _prepare(directory: Path, key: str, say: Callable[[str], None]) -> None:
+def _prepare(directory: Path, key: str, say: Callable[[str], None], who: str = "grape calibrate") -> None:
     manifest = directory / MANIFEST
     if directory.exists():
         if not directory.is_dir() or not manifest.is_file():
-            raise DataError(f"{directory} exists and is not a checkpoint grape calibrate wrote; "
-                            "remove it or write the scores elsewhere (--out)")
+            where = "the scores" if who == "grape calibrate" else "the output"
+            raise DataError(f"{directory} exists and is not a checkpoint {who} wrote; "
+                            f"remove it or write {where} elsewhere (--out)")
         try:
             found = json.loads(manifest.read_text()).get("key")
         except (OSError, ValueError, AttributeError):
             found = None
         if found == key:
-            say(f"grape calibrate: resuming from the checkpoint in {directory}")
-            _remove_leftovers(directory, say)
+            say(f"{who}: resuming from the checkpoint in {directory}")
+            _remove_leftovers(directory, say, who)
             return
-        say(f"grape calibrate: {directory} holds the checkpoint of another run (other settings "
+        say(f"{who}: {directory} holds the checkpoint of another run (other settings "
             "or data); starting over")
         shutil.rmtree(directory)
     directory.mkdir(parents=True)
     _atomic(manifest, lambda tmp: tmp.write_text(json.dumps({"key": key}) + "\n"))
 
 
-def _remove_leftovers(directory: Path, say: Callable[[str], None]) -> None:
+def _remove_leftovers(directory: Path, say: Callable[[str], None], who: str = "grape calibrate") -> None:
     """Temporary files a killed run left in the checkpoint folder (a hidden-states scratch file
     can be as large as the calibration set's activations)."""
     removed, _ = remove_stale_staging(directory)
     if removed:
         from solvers.constraints.units import format_bytes
 
-        say(f"grape calibrate: removed {len(removed)} temporary file(s) of a killed run "
+        say(f"{who}: removed {len(removed)} temporary file(s) of a killed run "
             f"({format_bytes(sum(size for _, size in removed))}) from {directory}")
 
 

@@ -250,7 +250,6 @@ def test_grape_apply_repairs_in_memory_and_refuses_what_it_cannot(ws, tmp_path, 
     for argv, phrase in [
         (["--repair", "scale"], "pass --repair-data PATH"),
         (["--repair", "scale", "--repair-data", str(tmp_path / "missing.jsonl")], "does not exist"),
-        (["--repair", "scale", *data, "--mode", "streaming"], "--mode in-memory"),
         (["--repair", "scale", *data, "--method", "mask"], "does not combine with --method mask"),
         (["--repair", "scale", "--repair-data", str(ws.calibration), "--repair-samples", "10000"],
          "--repair-samples"),
@@ -272,6 +271,25 @@ def test_grape_run_repairs_its_plan_and_its_baselines_on_the_calibration_text(ws
     assert printed.count("repair lstsq:") == 2  # the applied plan and the uniform baseline
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["nll"]) == {"unpruned", "exact", "uniform"}
-    # a repair asked for on a model it cannot fit is refused before calibration
-    assert grape_main([*argv, "--apply-mode", "streaming", "--out", str(tmp_path / "bad")]) == 2
-    assert "--mode in-memory" in capsys.readouterr().err
+
+
+def test_grape_run_writes_its_repaired_checkpoint_layer_by_layer_when_it_streams(ws, tmp_path, capsys):
+    """--apply-mode streaming: the checkpoint is pruned and repaired from the shards
+    (grape.repair_sequential), the same tensors as grape apply's in-memory repair of that plan
+    on the same text; no longer refused."""
+    from cli_workspace import RUN_FLAGS
+
+    out = tmp_path / "run"
+    argv = ["run", "--model", str(ws.model), "--data", str(ws.calibration), "--eval-data", *map(str, ws.heldout),
+            "--out", str(out), "--budget", "0.5", "--no-search", "--no-compare", "--baselines", "none", *RUN_FLAGS,
+            "--repair", "lstsq", "--repair-samples", "4", "--repair-seq-len", "32", "--apply-mode", "streaming"]
+    assert grape_main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "streamed shard by shard, repair lstsq: 3 layer(s) on 128 tokens" in printed
+    record = json.loads((out / "checkpoint" / "grape_provenance.json").read_text())
+    assert record["apply_mode"] == "streaming" and record["repair"]["layer_sequential"] is True
+    assert grape_main(["apply", "--model", str(ws.model), "--plan", str(out / "plan.json"), "--out",
+                       str(tmp_path / "m"), "--mode", "in-memory", "--repair", "lstsq", "--repair-data",
+                       str(ws.calibration), "--repair-samples", "4", "--repair-seq-len", "32"]) == 0
+    got, expected = load_pruned(out / "checkpoint").state_dict(), load_pruned(tmp_path / "m").state_dict()
+    assert list(got) == list(expected) and all(torch.equal(got[n], expected[n]) for n in got)

@@ -13,7 +13,9 @@ HELP = "apply a plan to a model (remove / merge / mask experts) and save the che
 DESCRIPTION = (
     "Apply PLAN to MODEL with the chosen method and write a checkpoint to OUT. remove and mask "
     "stream the safetensors shard by shard (memory stays flat whatever the model's size; "
-    "quantised FP8 / MXFP4 experts stay quantised); merge, and --in-memory, load the model. A plan keeping "
+    "quantised FP8 / MXFP4 experts stay quantised); merge, and --in-memory, load the model. --repair "
+    "fits the pruned layers in memory when the model fits, else (and with --mode streaming) one "
+    "decoder layer at a time from the shards, resumable from OUT.partial/ (docs/repair.md). A plan keeping "
     "the same number of experts in every layer gives a standard checkpoint (transformers, vLLM); "
     "a non-uniform plan gives per-layer counts in config.json plus a small remote-code class "
     "(load with grape.load_pruned, or from_pretrained(..., trust_remote_code=True))."
