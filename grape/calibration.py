@@ -34,7 +34,8 @@ import torch
 from torch import nn
 
 import grape
-from grape.adapters.base import MoEAdapter, get_adapter
+from grape.adapters.base import MoEAdapter
+from grape.adapters import get_adapter
 from grape.data import CalibrationData
 from grape.distributed import World, current_world, gather_to_main, owner, reduce_layer, share
 from grape.errors import DataError

@@ -269,7 +269,7 @@ def check_config_values(path: Path, config: dict[str, Any]) -> None:
     if not isinstance(model_type, str) or not model_type:
         raise ArchitectureError(f"{where} has no model_type (found {model_type!r}); it must name "
                                 "the architecture, e.g. \"qwen3_moe\"")
-    from grape.adapters.base import check_model_config, supported_model_types
+    from grape.adapters import check_model_config, supported_model_types
 
     if check_model_config(config, str(where)):
         return

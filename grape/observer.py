@@ -49,7 +49,8 @@ try:  # the building block of transformers' grouped_mm backend (private; checked
 except ImportError:  # pragma: no cover - another transformers version: the generic path serves
     _grouped_linear = None
 
-from grape.adapters.base import MoEAdapter, get_adapter
+from grape.adapters.base import MoEAdapter
+from grape.adapters import get_adapter
 from grape.errors import ArchitectureError
 from solvers.scores import STAT_NAMES
 

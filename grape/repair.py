@@ -129,7 +129,7 @@ def check_repairable(model: nn.Module, config: ApplyConfig) -> None:
 
 def layerwise_refusal(model_type) -> str | None:
     """Why --repair cannot run on this family (its layers cannot be run one at a time), or None."""
-    from grape.adapters.base import adapter_class
+    from grape.adapters import adapter_class
 
     why = getattr(adapter_class(model_type), "sequential_refusal", None)
     return (f"--repair fits one decoder layer at a time, which {model_type} models do not allow "

@@ -412,7 +412,7 @@ def _record(job: _Job, report: RepairReport, done: _Layers, provenance: dict | N
 def _repair_layers(job: _Job, report: RepairReport, where: _Where, progress: bool, say,
                    on_layer) -> _Layers:
     """The layer loop on a meta-device skeleton, from the resume folder's progress."""
-    from grape.adapters.base import get_adapter
+    from grape.adapters import get_adapter
     from grape.layerwise import LayerLoader, build_skeleton, decoder_layers
     from grape.placement import sequential_device
     from grape.sequential import (HiddenStates, LayerArguments, choose_storage, final_norm_name,

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from grape.adapters.base import get_adapter
+from grape.adapters import get_adapter
 from grape.calibration import (
     BatchPlan,
     CalibrationConfig,

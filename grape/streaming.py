@@ -72,7 +72,7 @@ def streaming_unavailable(model_dir: str | Path, config: dict[str, Any], method:
 
 def family_refusal(model_type) -> str | None:
     """Why this family's checkpoints cannot be streamed (its adapter's declaration), or None."""
-    from grape.adapters.base import adapter_class
+    from grape.adapters import adapter_class
 
     why = getattr(adapter_class(model_type), "streaming_refusal", None)
     return f"{model_type} checkpoints cannot be pruned shard by shard: {why}" if why else None

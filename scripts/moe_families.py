@@ -75,7 +75,8 @@ def moe_model_types() -> list[tuple[str, str]]:
 
 def report() -> list[dict]:
     """One row per MoE model type: type, head, supported, and the adapter or the refusal."""
-    from grape.adapters.base import _REGISTRY, refusal_reason
+    from grape.adapters.base import _REGISTRY
+    from grape.adapters import refusal_reason
 
     rows = []
     for model_type, head in moe_model_types():

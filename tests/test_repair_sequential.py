@@ -206,7 +206,7 @@ def test_bad_requests_are_refused_before_any_layer_is_read(tmp_path, monkeypatch
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
     # a family whose layers cannot run one at a time (its adapter says why): refused by the
     # apply stage's check from config.json, and by the repair itself
-    from grape.adapters.base import adapter_class
+    from grape.adapters import adapter_class
     from grape.apply_stage import check_repair
 
     monkeypatch.setattr(adapter_class("qwen3_moe"), "sequential_refusal", "its layers need more",

@@ -21,7 +21,7 @@ from tiny_families import NEW_FAMILIES, make_family
 from tiny_models import make_tiny, tiny_input_ids
 
 from grape.adapters import get_adapter
-from grape.adapters.base import adapter_class
+from grape.adapters import adapter_class
 from grape.adapters.stored import _renames
 from grape.pruning import ApplyConfig, apply_plan
 from grape.checkpoint import load_provenance, load_pruned, save_pruned

@@ -23,7 +23,7 @@ from tiny_families import NEW_FAMILIES
 from tiny_models import FAMILIES
 
 from grape.adapters import get_adapter, supported_model_types
-from grape.adapters.base import adapter_class
+from grape.adapters import adapter_class
 from grape.checkpoint import MODELING_FILE, load_provenance, load_pruned, save_pruned
 from grape.pruning import ApplyConfig, apply_plan
 from grape.streaming import StreamingError, stream_apply, streaming_unavailable

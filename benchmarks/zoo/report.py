@@ -132,7 +132,7 @@ def specialisation(counts: dict[str, np.ndarray]) -> dict[str, float]:
 def measure(name: str, max_tokens: int, seeds: list[int], models_dir: Path = ZOO_DIR / "models") -> dict:
     import torch
 
-    from grape.adapters.base import get_adapter
+    from grape.adapters import get_adapter
     from grape.pruning import apply_plan
     from grape.evaluation import load_documents
 

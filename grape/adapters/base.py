@@ -40,10 +40,6 @@ def register_adapter(cls: type["MoEAdapter"]) -> type["MoEAdapter"]:
     return cls
 
 
-def supported_model_types() -> list[str]:
-    return sorted(_REGISTRY)
-
-
 # MoE model types GRAPE knows and refuses -> the specific reason (grape/adapters/refused.py)
 _REFUSED: dict[str, str] = {}
 
@@ -51,50 +47,6 @@ _REFUSED: dict[str, str] = {}
 def refuse_model_types(reasons: dict[str, str]) -> None:
     """Record why these model types are refused; get_adapter says it instead of the generic line."""
     _REFUSED.update(reasons)
-
-
-def refusal_reason(model_type) -> str | None:
-    """The one line get_adapter raises for `model_type`; None when it is supported."""
-    import grape.adapters  # noqa: F401 - importing the package registers every family
-
-    if model_type in _REGISTRY:
-        return None
-    why = _REFUSED.get(model_type)
-    if why is not None:
-        return f"model type {model_type!r} is not supported: {why}"
-    return (f"model type {model_type!r} is not supported; GRAPE supports "
-            f"{', '.join(supported_model_types())}. Adding a family is one adapter class in "
-            "grape/adapters/ (see docs/extending.md).")
-
-
-def check_model_config(config: dict, where: str) -> bool:
-    """Validate a config.json (a dict) with its family's adapter before any model is built;
-    False when no adapter handles its model_type (nothing checked)."""
-    import grape.adapters  # noqa: F401 - importing the package registers every family
-
-    adapter = _REGISTRY.get(config.get("model_type"))
-    if adapter is None:
-        return False
-    adapter.check_config(config, where)
-    return True
-
-
-def adapter_class(model_type) -> type["MoEAdapter"] | None:
-    """The adapter class registered for `model_type`, or None when it is not supported: what a
-    caller holding only a config.json asks for the family's declarations."""
-    import grape.adapters  # noqa: F401 - importing the package registers every family
-
-    return _REGISTRY.get(model_type)
-
-
-def get_adapter(model: nn.Module) -> "MoEAdapter":
-    """The adapter for `model`, or an ArchitectureError listing the supported model types."""
-    import grape.adapters  # noqa: F401 - importing the package registers every family
-
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in _REGISTRY:
-        raise ArchitectureError(refusal_reason(model_type))
-    return _REGISTRY[model_type](model)
 
 
 class MoEAdapter(ABC):
