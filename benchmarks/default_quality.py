@@ -155,6 +155,8 @@ def measure_cell(name: str, budget: float, seed: int, loaded, test: dict, base: 
             "held_out": {k: found.held_out[k]["documents"] if found.held_out.get(k) else 0
                          for k in ("search", "confirmation")},
             "kept_per_layer": {str(k): v for k, v in plan.kept_counts().items()},
+            # which experts (not only how many): the peers benchmark pairs its rows with this plan
+            "kept_experts": {str(k): sorted(int(e) for e in v) for k, v in plan.kept.items()},
             "search_seconds": round(search_seconds, 1)}
 
 
@@ -247,11 +249,14 @@ def main(argv=None) -> int:
                 if not budgets:
                     continue
                 log(f"{name} seed {seed}: calibrating (grape run's defaults)")
+                start = time.perf_counter()
                 loaded = calibrated(name, seed, Path(tmp) / f"{name}-{seed}")
+                calibration_seconds = round(time.perf_counter() - start, 1)  # once per model and seed
                 test = test_windows(loaded.tokenizer)
                 base = test_nll(loaded.model, None, test)
                 for budget in budgets:
                     cell = measure_cell(name, budget, seed, loaded, test, base, Path(tmp))
+                    cell["calibration_seconds"] = calibration_seconds
                     log(f"{name} seed {seed} {budget:.1%}: default {cell['rows']['default']['increase']:+.4f}, "
                         f"{cell['best_uniform']} {cell['rows'][cell['best_uniform']]['increase']:+.4f}, "
                         f"diff {cell['default_minus_best']:+.4f} ± {cell['default_minus_best_se']:.4f} "

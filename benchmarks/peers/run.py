@@ -5,34 +5,43 @@ Peers (each in its own virtual environment, built by benchmarks/peers/setup.sh f
 * ``reap``: llm-compressor 0.14.0.1, ``oneshot(model, dataset, recipe=REAPPruningModifier(sparsity=s))``;
 * ``magnitude``: compressed-tensors 0.19.0, data-free ``MagnitudeExpertPruner`` via ``convert_checkpoint``.
 
+REAP's own repository and EvoESAP's were tried and cannot run here; NOT_RUN gives the exact reason.
+
 For every zoo model and budget, each peer prunes in a subprocess of its own venv
-(benchmarks/peers/prune.py: wall time and peak RSS of that process), calibrating on the quality
-benchmark's calibration tokens (64 x 256 from benchmarks/zoo/heldout/calibration.jsonl, seed 0,
-packed here by grape.data.load_calibration_data); the pruned checkpoint is then measured here,
-in GRAPE's environment, with the quality benchmark's NLL code and test windows (pure
-cross-entropy from the logits, never ``.loss``). GRAPE's rows (``grape-run``, the default of
-``grape run``, and the best uniform plan) come from benchmarks/results/quality.json when it holds
-the same model (same weights digest), budget and windows.
+(benchmarks/peers/prune.py: wall time and peak RSS of that process); llm-compressor's REAP
+calibrates on 64 x 256 tokens of the calibration text GRAPE's default uses, packed here by
+grape.data.load_calibration_data. The pruned checkpoint is then measured here, in GRAPE's
+environment, exactly as benchmarks/default_quality.py measures GRAPE's plans: its test windows
+(the whole committed test split by document), its test_nll (pure cross-entropy from the logits,
+never ``.loss``) and its standard errors by document. GRAPE's rows are default_quality.json's
+seed-0 cells; the default's plan is rebuilt by default_quality's own functions
+(benchmarks/peers/grape_side.py) so that every peer is compared with it paired by document.
 
 Writes benchmarks/results/peers.json and peers.md (the README's table between
-``<!-- results:peers -->`` markers, copied by benchmarks/update_readme.py). Pruned checkpoints and
-per-step logs are kept in benchmarks/results/cache/peers/ (git-ignored); a step already there is
-reused unless --fresh.
+``<!-- results:peers -->`` markers, copied by benchmarks/update_readme.py). Pruned checkpoints,
+logs, per-window NLLs and rebuilt plans are kept in benchmarks/results/cache/peers/
+(git-ignored); a step already there is reused unless --fresh (NLLs: while the windows' digest holds).
 
     python benchmarks/peers/run.py                          # setup + every zoo model, 25% and 50%
     python benchmarks/peers/run.py --models qwen3moe-32x4   # one model
+    python benchmarks/peers/run.py --only peers             # fill the cache only (no results written);
+    python benchmarks/peers/run.py --only grape             #   the two can run side by side
     python benchmarks/peers/run.py --dry-run                # what would run; needs no venv
+    python benchmarks/peers/run.py --report-only            # peers.md from peers.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,6 +49,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(HERE))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
@@ -47,8 +57,10 @@ ZOO = ROOT / "benchmarks" / "zoo"
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = RESULTS / "cache" / "peers"
 VENVS = HERE / ".venvs"
+CALIBRATION = ROOT / "grape" / "assets" / "heldout" / "calibration.jsonl"  # grape run's default text
 ZOO_ORDER = ("qwen3moe-32x4", "deepseekv3-32x4g", "mixtral-8x2", "mixtral-8x2-upcycled", "olmoe-32x4")
-CALIB_SAMPLES, CALIB_SEQ_LEN = 64, 256  # the quality benchmark's calibration (Settings, fast mode)
+CALIB_SAMPLES, CALIB_SEQ_LEN = 64, 256  # REAP's rows: llm-compressor takes minutes per 64 on this CPU
+FORMAT = "grape.peers-benchmark/2"  # per-window NLLs on default_quality's test windows
 
 PEERS = {
     "reap": {"label": "llm-compressor REAP", "venv": "llmcompressor", "data": True,
@@ -58,9 +70,29 @@ PEERS = {
                            "model, router_pattern, expert_pattern, sparsity=s))"},
 }
 
+# Tried and not runnable here (CPU only, PyPI only, no network beyond it); read from their pinned sources.
+NOT_RUN = [
+    {"tool": "REAP (its own repository)", "repo": "CerebrasResearch/reap",
+     "commit": "1970473c51ca3caeb98c10392f15b3a08a672974",
+     "reason": "its pins cannot be installed on a CPU from PyPI: pyproject.toml requires Python >= 3.12, "
+               "torch==2.7.1, transformers==4.55.0 and vllm==0.10.0 (PyPI's only vllm 0.10.0 wheel is the "
+               "CUDA build, requiring xformers==0.0.31), plus evalplus, livecodebench, crfm-helm and "
+               "evalscope from git submodules (`[tool.uv.sources]` paths under third-party/); "
+               "`reap.prune` imports `reap.eval` (vllm, lm_eval, evalplus) and `reap.data` (`from vllm "
+               "import TokensPrompt`) at import time; calibration data come only from DATASET_REGISTRY's "
+               "Hugging Face Hub datasets; MODEL_ATTRS covers Qwen3Moe and Mixtral of our families "
+               "(no OlmoeForCausalLM, DeepseekV2 but not DeepseekV3)"},
+    {"tool": "EvoESAP", "repo": "ZongfangLiu/EvoESAP", "commit": "6933bd6d29bfdacb360d57ee6c0519f231bebfa7",
+     "reason": "a fork of REAP's repository with the same blockers and more: pyproject.toml pins "
+               "transformers==5.0.0dev (not a release on PyPI), vllm==0.13.0, flash-attn>=2.8.3 (CUDA "
+               "build only), torch==2.7.1, and four editable git-submodule packages; requirements.txt "
+               "marks vllm 'GPU-only'; its search script (experiments/search-pruning-cli.sh -> "
+               "src/reap/non_uni_prune.py) passes a vLLM server port and sets CUDA_VISIBLE_DEVICES"},
+]
+
 
 def log(msg: str) -> None:
-    print(msg, flush=True)
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def zoo_models() -> list[str]:
@@ -68,48 +100,21 @@ def zoo_models() -> list[str]:
     return sorted(names, key=lambda n: (ZOO_ORDER.index(n) if n in ZOO_ORDER else 99, n))
 
 
-def quality_entry(name: str, digest: str) -> dict | None:
-    path = RESULTS / "quality.json"
-    if not path.exists():
-        return None
-    data = json.loads(path.read_text(encoding="utf-8"))
-    settings = data.get("settings", {})
-    if settings.get("eval_tokens") is not None or settings.get("calib_samples") != CALIB_SAMPLES \
-            or settings.get("calib_seq_len") != CALIB_SEQ_LEN:
-        return None
-    for model in data["models"]:
-        if model["name"] == name and model.get("digest") == digest:
-            return {**model, "_command": data["command"], "_date": data["date"]}
-    return None
+def dq():
+    """benchmarks/default_quality.py as a module: its windows, NLL and SE code, unchanged."""
+    import default_quality
+
+    return default_quality
 
 
-def paired_se(windows: dict[str, list[float]], baseline: dict[str, list[float]]) -> float | None:
-    """Standard error of the mean-over-domains NLL increase, from per-window differences against
-    the unpruned model on the same windows (as quality_methods.paired_difference)."""
-    if set(windows) != set(baseline) or any(len(windows[d]) != len(baseline[d]) for d in baseline):
-        return None
-    var = 0.0
-    for d in baseline:
-        import numpy as np
-
-        w = np.asarray(windows[d]) - np.asarray(baseline[d])
-        var += float(w.var(ddof=1)) / w.size
-    return math.sqrt(var) / len(baseline)
-
-
-def increase(nll: dict[str, float], baseline: dict[str, float]) -> dict[str, float]:
-    out = {d: nll[d] - baseline[d] for d in baseline}
-    out["mean"] = sum(out.values()) / len(out)
-    return out
-
-
+# -- peers' pruning steps -------------------------------------------------------------------------
 def calibration_ids(name: str, tokenizer) -> Path:
     from grape.data import load_calibration_data
 
     path = CACHE / name / "calib.json"
     if not path.exists():
-        texts = [json.loads(line)["text"] for line in (ZOO / "heldout" / "calibration.jsonl").read_text(
-            encoding="utf-8").splitlines() if line.strip()]
+        texts = [json.loads(line)["text"] for line in CALIBRATION.read_text(encoding="utf-8").splitlines()
+                 if line.strip()]
         data = load_calibration_data([texts], tokenizer, seq_len=CALIB_SEQ_LEN, samples=CALIB_SAMPLES,
                                      seed=0, progress=False)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -119,8 +124,7 @@ def calibration_ids(name: str, tokenizer) -> Path:
 
 def prune_step(peer: str, name: str, budget: float, calib: Path, threads: int, fresh: bool) -> dict:
     """Run the peer in its venv (or reuse the step's result); returns prune.py's JSON line."""
-    tag = f"{PEERS[peer]['venv']}-{peer}-{round(budget * 100)}"
-    out = CACHE / name / tag
+    out = CACHE / name / f"{PEERS[peer]['venv']}-{peer}-{round(budget * 100)}"
     record = out.with_suffix(".json")
     if record.exists() and not fresh:
         result = json.loads(record.read_text(encoding="utf-8"))
@@ -133,6 +137,7 @@ def prune_step(peer: str, name: str, budget: float, calib: Path, threads: int, f
     if PEERS[peer]["data"]:
         cmd += ["--calib", str(calib)]
     log(f"  {peer} {budget:.0%}: {' '.join(cmd[1:3])} ... (log {out.with_suffix('.log').relative_to(ROOT)})")
+    out.parent.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     out.with_suffix(".log").write_text(proc.stdout + proc.stderr, encoding="utf-8")
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("PEER_RESULT ")]
@@ -142,202 +147,260 @@ def prune_step(peer: str, name: str, budget: float, calib: Path, threads: int, f
     return {**result, "checkpoint": str(out)}
 
 
-def evaluator(name: str):
-    from quality import FAST, Evaluator
+# -- measuring ------------------------------------------------------------------------------------
+def cached_nll(path: Path, digest: str, compute, fresh: bool = False) -> dict:
+    """domain -> per-window NLL list, from `path` when made on the same windows, else computed."""
+    if path.is_file() and not fresh:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if record.get("windows_digest") == digest:
+            return record["nll"]
+    nll = {d: [round(float(x), 6) for x in v] for d, v in compute().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"windows_digest": digest, "nll": nll}) + "\n", encoding="utf-8")
+    return nll
 
-    import grape
-    from grape.evaluation import default_heldout_files, load_documents
 
-    tokenizer = grape.load_tokenizer(ZOO / "models" / name)
-    return tokenizer, Evaluator(tokenizer, load_documents(default_heldout_files("test")), 256,
-                                FAST.eval_tokens, FAST.eval_batch, FAST, CACHE / "lmeval_tasks")
+class _LoadReport(logging.Handler):
+    """Keeps transformers' load-report warnings: their MISMATCH / MISSING / UNEXPECTED lines are the exact reason a pruned
+    checkpoint does not load (its RuntimeError only says 'see the above report')."""
+
+    STATES = ("MISMATCH", "MISSING", "UNEXPECTED")
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines += [" ".join(ln.replace("|", " ").split()) for ln in record.getMessage().splitlines()
+                       if any(f" {s} " in ln for s in self.STATES) and not ln.startswith("-")]
 
 
-def measure(checkpoint: str, test) -> tuple[dict, dict]:
+def checkpoint_nll(checkpoint: str, test: dict) -> dict:
+    """default_quality.test_nll of a checkpoint loaded as GRAPE loads one (float32 on CPU)."""
     import torch
 
     import grape
 
-    model = grape.load(checkpoint, dtype=torch.float32)
+    report = _LoadReport()
+    logging.getLogger("transformers").addHandler(report)
     try:
-        return test.nll(model)  # pure cross-entropy from the logits (grape.evaluation.window_losses)
+        model = grape.load(checkpoint, dtype=torch.float32)
+    except Exception as exc:
+        if not report.lines:
+            raise
+        lines = "; ".join(sorted(set(report.lines)))
+        # transformers' own text only points at the report: its lines are the reason
+        text = lines if "above report" in str(exc) else f"{exc} [{lines}]"
+        raise RuntimeError(f"{type(exc).__name__}: {text}") from exc
+    finally:
+        logging.getLogger("transformers").removeHandler(report)
+    try:
+        return dq().test_nll(model, None, test)
     finally:
         del model
 
 
-def run_model(name: str, budgets, peers, threads: int, fresh: bool) -> dict:
-    import torch
+def transformers_version() -> str:
+    from importlib.metadata import version
 
-    from quality import file_digest
-
-    torch.manual_seed(0)
-    digest = file_digest(ZOO / "models" / name / "model.safetensors")
-    tokenizer, test = evaluator(name)
-    quality = quality_entry(name, digest)
-    if quality is not None and quality.get("eval_tokens") == test.tokens:
-        baseline, baseline_windows = quality["baseline_nll"], quality["baseline_windows"]
-        log(f"== {name}: unpruned NLL and GRAPE rows from benchmarks/results/quality.json ({quality['_date']})")
-    else:
-        quality = None
-        baseline, baseline_windows = measure(str(ZOO / "models" / name), test)
-        log(f"== {name}: unpruned NLL measured {json.dumps({d: round(v, 4) for d, v in baseline.items()})}")
-    calib = calibration_ids(name, tokenizer)
-    rows = []
-    for budget in budgets:
-        for peer in peers:
-            step = prune_step(peer, name, budget, calib, threads, fresh)
-            row = {"model": name, "budget": budget, "tool": PEERS[peer]["label"], "peer": peer,
-                   "ok": bool(step.get("ok")), "seconds": step.get("seconds"),
-                   "peak_mib": step.get("peak_mib"), "versions": step.get("versions", {}),
-                   "kept": step.get("kept", {})}
-            if row["ok"]:
-                try:
-                    nll, windows = measure(step["checkpoint"], test)
-                except Exception as exc:  # pruned, but the checkpoint does not load or run
-                    row.update(ok=False, error=f"pruned checkpoint does not load in GRAPE's "
-                                               f"environment: {type(exc).__name__}: {exc}")
-                else:
-                    row.update(nll=nll, nll_increase=increase(nll, baseline), windows=windows,
-                               se=paired_se(windows, baseline_windows))
-                    log(f"  {peer} {budget:.0%}: dNLL {row['nll_increase']['mean']:+.4f} "
-                        f"± {row['se']:.4f}, {row['seconds']:.1f} s, {row['peak_mib']:.0f} MiB")
-            if not row["ok"]:
-                row["error"] = row.get("error") or step.get("error", "unknown")
-                log(f"  {peer} {budget:.0%}: cannot run: {row['error']}")
-            rows.append(row)
-        if quality is not None:
-            rows += grape_rows(quality, budget, baseline_windows)
-    return {"name": name, "digest": digest, "baseline_nll": baseline, "eval_tokens": test.tokens,
-            "grape_source": "benchmarks/results/quality.json" if quality else None, "rows": rows}
+    return version("transformers")
 
 
-def grape_rows(quality: dict, budget: float, baseline_windows) -> list[dict]:
-    at = [r for r in quality["rows"] if r["calibration"] == "mixed" and abs(r["budget"] - budget) < 1e-9
-          and r["apply"] == "remove"]
-    out = []
-    default = [r for r in at if r["method"] == "grape-run"]
-    uniform = sorted((r for r in at if r["family"] == "uniform"), key=lambda r: r["nll_increase"]["mean"])
-    for label, row in (("GRAPE default (`grape run`)", default[0] if default else None),
-                       ("GRAPE best uniform", uniform[0] if uniform else None)):
-        if row is None:
+def arrays(nll: dict) -> dict:
+    import numpy as np
+
+    return {d: np.asarray(v, dtype=np.float64) for d, v in nll.items()}
+
+
+class Measure:
+    """One model's windows and unpruned NLLs; the increase (and paired difference) of any NLLs."""
+
+    def __init__(self, name: str, tokenizer, fresh: bool):
+        from grape_side import windows_digest
+
+        self.name, self.test = name, dq().test_windows(tokenizer)
+        self.digest = windows_digest(self.test)
+        self._base, self.fresh = None, fresh
+
+    @property
+    def base(self) -> dict:
+        if self._base is None:
+            self._base = cached_nll(CACHE / self.name / "unpruned.nll.json", self.digest,
+                                    lambda: checkpoint_nll(str(ZOO / "models" / self.name), self.test))
+        return self._base
+
+    def increase(self, nll: dict, reference: dict | None = None) -> tuple[float, float]:
+        """default_quality.increase: mean over domains, SE by document."""
+        return dq().increase(arrays(nll), arrays(self.base), self.test,
+                             None if reference is None else arrays(reference))
+
+    def groups(self) -> dict:
+        return {d: [int(g) for g in w.groups] for d, w in self.test.items()}
+
+
+def peer_row(peer: str, name: str, budget: float, step: dict, meter: Measure) -> dict:
+    row = {"model": name, "budget": budget, "tool": PEERS[peer]["label"], "peer": peer,
+           "ok": bool(step.get("ok")), "seconds": step.get("seconds"), "peak_mib": step.get("peak_mib"),
+           "versions": step.get("versions", {}), "kept": step.get("kept", {})}
+    if row["ok"]:
+        tag = Path(step["checkpoint"]).name
+        try:
+            nll = cached_nll(CACHE / name / f"{tag}.nll.json", meter.digest,
+                             lambda: checkpoint_nll(step["checkpoint"], meter.test), meter.fresh)
+        except Exception as exc:  # pruned, but the checkpoint does not load or run
+            row.update(ok=False, error=f"the pruned checkpoint does not load (transformers "
+                                       f"{transformers_version()}): {exc}")
+        else:
+            inc, se = meter.increase(nll)
+            row.update(increase=inc, se=se, windows=nll)
+            log(f"  {peer} {budget:.0%}: dNLL {inc:+.4f} ± {se:.4f}, {row['seconds']:.1f} s, "
+                f"{row['peak_mib']:.0f} MiB")
+    if not row["ok"]:
+        from provenance import scrub  # no machine paths in the results
+
+        row["error"] = scrub(row.get("error") or step.get("error", "unknown"))
+        log(f"  {peer} {budget:.0%}: cannot run: {row['error'][:300]}")
+    return row
+
+
+def versus_default(rows: list[dict], meter: Measure) -> None:
+    """Each row's increase minus GRAPE default's: paired by document when the default's per-window
+    NLLs exist (its rebuilt plan), else unpaired (independent SEs)."""
+    default = next((r for r in rows if r["tool"].startswith("GRAPE default")), None)
+    if default is None:
+        return
+    for r in rows:
+        if r is default or not r["ok"] or "vs_default" in r:
             continue
-        out.append({"model": quality["name"], "budget": budget, "tool": label, "peer": None, "ok": True,
-                    "method": row["method"], "nll": row["nll"], "nll_increase": row["nll_increase"],
-                    "windows": row["windows"], "se": paired_se(row["windows"], baseline_windows),
-                    "seconds": row["solve_seconds"], "peak_mib": None, "kept": row["kept"],
-                    "from": "quality.json"})
-    return out
+        if default.get("windows") and r.get("windows"):
+            diff, se = meter.increase(r["windows"], reference=default["windows"])
+            r["vs_default"] = {"diff": diff, "se": se, "paired": True}
+        else:
+            r["vs_default"] = {"diff": r["increase"] - default["increase"],
+                               "se": math.hypot(r["se"], default["se"]), "paired": False}
 
 
-# -- report ---------------------------------------------------------------------------------------
-def render(data: dict) -> str:
-    lines = ["# GRAPE against the tools you would use instead", "",
-             f"Written by `{data['command']}` on {data['date']} ({data['machine']}).", "",
-             "<!-- readme -->",
-             "Mean over domains (prose, python, c) of the test-split NLL increase against the unpruned "
-             "model (nats/token, pure cross-entropy, the quality benchmark's windows), ± its paired "
-             "standard error over windows; uniform = same count in every layer. Seconds and peak "
-             "memory are those of the tool's pruning step (the peers: one process each, load + "
-             "calibrate + prune + save, peak RSS; GRAPE: the loss-verified search recorded in "
-             "quality.json, calibration not included, memory not recorded).", "",
-             "| model | removed | tool | dNLL ± SE | vs GRAPE default | kept per layer | seconds | peak MiB |",
-             "|---|---|---|---|---|---|---|---|"]
-    for model in data["models"]:
-        for budget in data["budgets"]:
-            rows = [r for r in model["rows"] if r["budget"] == budget]
-            default = next((r for r in rows if r["tool"].startswith("GRAPE default")), None)
-            for r in rows:
-                if not r["ok"]:
-                    lines.append(f"| `{model['name']}` | {budget:.0%} | {r['tool']} | cannot run | | | | |")
-                    continue
-                vs = ""
-                if default is not None and r is not default:
-                    diff = r["nll_increase"]["mean"] - default["nll_increase"]["mean"]
-                    se = paired_se(r["windows"], default["windows"])
-                    vs = f"{diff:+.4f}" + ("" if se is None else f" ± {se:.4f}")
-                kept = sorted(set(r["kept"].values())) if r["kept"] else []
-                kept_text = "/".join(str(k) for k in r["kept"].values()) if len(kept) > 1 else \
-                    (f"{kept[0]} each" if kept else "")
-                se = "" if r["se"] is None else f" ± {r['se']:.4f}"
-                mem = "" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
-                sec = "" if r["seconds"] is None else f"{r['seconds']:.1f}"
-                lines.append(f"| `{model['name']}` | {budget:.0%} | {r['tool']} | "
-                             f"{r['nll_increase']['mean']:+.4f}{se} | {vs} | {kept_text} | {sec} | {mem} |")
-    lines += ["", "_vs GRAPE default: this row's increase minus GRAPE default's, with the paired "
-              "standard error (negative: the row loses less)._", "<!-- /readme -->", ""]
-    failures = [r for m in data["models"] for r in m["rows"] if not r["ok"]]
-    if failures:
-        lines += ["## Peers that cannot run", "", "| model | removed | tool | exact reason |", "|---|---|---|---|"]
-        for r in failures:
-            lines.append(f"| `{r['model']}` | {r['budget']:.0%} | {r['tool']} | `{r['error'][:400]}` |")
-        lines.append("")
-    lines += ["## Versions and settings", ""]
-    for peer, info in PEERS.items():
-        vers = next((r["versions"] for m in data["models"] for r in m["rows"] if r.get("peer") == peer
-                     and r.get("versions")), {})
-        lines.append(f"- {info['label']}: `{info['types']}`; "
-                     + ", ".join(f"{k} {v}" for k, v in vers.items()))
-    lines += [f"- calibration (REAP and GRAPE): {CALIB_SAMPLES} x {CALIB_SEQ_LEN} tokens packed from "
-              "`benchmarks/zoo/heldout/calibration.jsonl` by grape.data.load_calibration_data, seed 0; "
-              "the magnitude pruner uses no data",
-              "- GRAPE rows: " + "; ".join(f"`{m['name']}` from {m['grape_source'] or 'not available'}"
-                                           for m in data["models"]), ""]
-    return "\n".join(lines)
+# -- one model ------------------------------------------------------------------------------------
+def run_model(name: str, args, only: str | None) -> dict | None:
+    """Peers' steps, GRAPE's rebuilt defaults and the rows of one model; `only` fills the cache
+    with one side and returns None."""
+    import grape
+    import grape_side
+
+    tokenizer = grape.load_tokenizer(ZOO / "models" / name)
+    meter = Measure(name, tokenizer, args.fresh)
+    log(f"== {name}: {sum(w.ids.shape[0] for w in meter.test.values())} test windows "
+        f"(digest {meter.digest})")
+    steps = {}
+    if only != "grape":
+        calib = calibration_ids(name, tokenizer)
+        for budget in args.budgets:
+            for peer in args.peers:
+                steps[budget, peer] = peer_row(peer, name, budget, prune_step(
+                    peer, name, budget, calib, args.threads, args.fresh), meter)
+    rebuilt = {}
+    if args.no_rebuild:  # only what is cached; the other cells compare unpaired
+        rebuilt = {b: grape_side.cached_default(CACHE, name, b, meter.digest) for b in args.budgets}
+    elif only != "peers":
+        with tempfile.TemporaryDirectory(prefix="grape-peers-") as tmp:
+            rebuilder = grape_side.Rebuilder(dq(), name, meter.test, meter.digest, CACHE, Path(tmp))
+            for budget in sorted(args.budgets, reverse=True):  # 50% first: the acceptance's budget
+                rebuilt[budget] = rebuilder.default(budget, log)
+    if only is not None:
+        return None
+    cells = grape_side.cells(RESULTS)
+    rows = []
+    for budget in args.budgets:
+        at = [steps[budget, p] for p in args.peers]
+        at += grape_side.rows(cells.get((name, budget)), rebuilt.get(budget), name, budget, meter.increase)
+        versus_default(at, meter)
+        rows += at
+    return {"name": name, "windows_digest": meter.digest, "groups": meter.groups(),
+            "baseline": meter.base, "rows": rows}
 
 
+# -- command line ---------------------------------------------------------------------------------
 def write(data: dict, out: Path) -> None:
-    (out / "peers.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    (out / "peers.md").write_text(render(data) + "\n", encoding="utf-8")
+    from report import render
+
+    text = json.dumps(data, indent=1)
+    # lists of numbers (per-window NLLs, documents) on one line each: a readable, diffable file
+    text = re.sub(r"\[\n\s+([-0-9.e,\s]+?)\n\s*\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
+    (out / "peers.json").write_text(text + "\n", encoding="utf-8")
+    (out / "peers.md").write_text(render(data, PEERS) + "\n", encoding="utf-8")
 
 
-def main(argv: list[str] | None = None) -> int:
+def dry_run(models: list[str], args) -> None:
+    for name in models:
+        for budget in args.budgets:
+            if args.only != "grape":
+                for peer in args.peers:
+                    log(f"{name} {budget:.0%} {peer}: {VENVS / PEERS[peer]['venv'] / 'bin/python'} prune.py {peer}")
+            if args.only != "peers":
+                how = "cached rebuild only (else unpaired)" if args.no_rebuild else \
+                    "default_quality.default_plan (seed 0), unless cached"
+                log(f"{name} {budget:.0%} grape: {how}")
+
+
+def parse(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="*", help="zoo model names (default: every one on disk)")
     parser.add_argument("--budgets", type=float, nargs="*", default=[0.25, 0.5])
     parser.add_argument("--peers", nargs="*", choices=sorted(PEERS), default=list(PEERS))
-    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    parser.add_argument("--fresh", action="store_true", help="prune again even if a step is cached")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of every step (default 1)")
+    parser.add_argument("--only", choices=("peers", "grape"),
+                        help="fill the cache with one side only and write no results")
+    parser.add_argument("--no-rebuild", action="store_true",
+                        help="do not rebuild GRAPE's default plans (calibration + search, minutes per "
+                             "cell): pair with the cached ones, compare the rest unpaired")
+    parser.add_argument("--fresh", action="store_true", help="prune and measure again even if cached")
     parser.add_argument("--no-setup", action="store_true", help="do not run setup.sh first")
     parser.add_argument("--dry-run", action="store_true", help="list the steps; needs no venv")
     parser.add_argument("--report-only", action="store_true", help="rewrite peers.md from peers.json")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
     models = args.models or zoo_models()
     if args.report_only:
+        from report import render
+
         data = json.loads((args.out / "peers.json").read_text(encoding="utf-8"))
-        (args.out / "peers.md").write_text(render(data) + "\n", encoding="utf-8")
+        (args.out / "peers.md").write_text(render(data, PEERS) + "\n", encoding="utf-8")
         return 0
     if args.dry_run:
-        for name in models:
-            for budget in args.budgets:
-                for peer in args.peers:
-                    log(f"{name} {budget:.0%} {peer}: {VENVS / PEERS[peer]['venv'] / 'bin/python'} prune.py {peer}")
+        dry_run(models, args)
         return 0
-    if not args.no_setup:
+    if not args.no_setup and args.only != "grape":
         subprocess.run(["bash", str(HERE / "setup.sh"), *sorted({PEERS[p]["venv"] for p in args.peers})],
                        check=True)
     import torch
 
     torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    data = {"format": "grape.peers-benchmark",
-            "command": "python benchmarks/peers/run.py" + ("" if not (argv or sys.argv[1:]) else
-                                                          " " + " ".join(argv or sys.argv[1:])),
+    torch.manual_seed(0)
+    data = {"format": FORMAT,
+            "command": " ".join(["python benchmarks/peers/run.py", *(argv if argv is not None else sys.argv[1:])]),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
-            "budgets": args.budgets, "models": []}
+            "threads": args.threads, "budgets": args.budgets,
+            "calibration": {"file": str(CALIBRATION.relative_to(ROOT)), "samples": CALIB_SAMPLES,
+                            "seq_len": CALIB_SEQ_LEN},
+            "not_run": NOT_RUN, "models": []}
     old = args.out / "peers.json"
-    kept = {m["name"]: m for m in json.loads(old.read_text(encoding="utf-8"))["models"]} if old.exists() else {}
+    previous = json.loads(old.read_text(encoding="utf-8")) if old.exists() else {}
+    others = [m for m in previous.get("models", []) if previous.get("format") == FORMAT and m["name"] not in models]
     for name in models:
-        data["models"].append(run_model(name, args.budgets, args.peers, args.threads, args.fresh))
-        kept.pop(name, None)
-        data["models"] += [m for m in kept.values() if m["name"] not in models and
-                           m not in data["models"]]
-        data["models"].sort(key=lambda m: ZOO_ORDER.index(m["name"]) if m["name"] in ZOO_ORDER else 99)
-        data["seconds"] = time.perf_counter() - start
+        model = run_model(name, args, args.only)
+        if model is None:
+            continue
+        data["models"] = sorted([*(m for m in data["models"] if m["name"] != name), model, *others],
+                                key=lambda m: ZOO_ORDER.index(m["name"]) if m["name"] in ZOO_ORDER else 99)
+        others = []
         write(data, args.out)
-    log(f"wrote {args.out / 'peers.md'}")
+    log("cache filled" if args.only else f"wrote {args.out / 'peers.md'}")
     return 0
 
 

@@ -4,6 +4,8 @@
 #   benchmarks/peers/.venvs/compressed-tensors  compressed-tensors 0.19.0 (MagnitudeExpertPruner)
 # torch is installed first as torch==2.13.0 (the CPU wheel the machine's pip finds), so the
 # resolver never fetches another build. Nothing goes into GRAPE's own environment.
+# REAP's own repository and EvoESAP get no venv: their pins (torch 2.7.1 + CUDA-only vLLM, git-submodule
+# packages) do not install on a CPU from PyPI; run.py's NOT_RUN gives the exact reasons.
 #   bash benchmarks/peers/setup.sh [PEER ...]      # default: every peer; an existing venv is kept
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
