@@ -88,6 +88,25 @@ SHAPES: dict[str, ModelShape] = {
         ModelShape("llama-4-maverick", "llama4_text", 48, 1, 128, 1, 1, 5120, 8192, moe_step=2),
         ModelShape("ernie-4.5-300b-a47b", "ernie4_5_moe", 54, 3, 64, 8, 0, 8192, 3584),
         ModelShape("gemma-4-26b-a4b", "gemma4_text", 30, 0, 128, 8, 1, 2816, 704),
+        # Qwen3.5-397B-A17B, the Qwen3.5 flagship: its model card (60 layers, hidden 4096, 512
+        # experts, 10 routed + 1 shared, expert intermediate 1024), which the text_config
+        # figures quoted by public inference code match (transformers' Qwen3_5MoeTextConfig
+        # defaults are the 35B-A3B's, not the flagship's)
+        ModelShape("qwen3.5-397b-a17b", "qwen3_5_moe_text", 60, 0, 512, 10, 1, 4096, 1024),
+        # the defaults of transformers 5.24's config classes, whose docstrings name the release:
+        # GlmMoeDsaConfig zai-org/GLM-5 (3 dense layers), MiMoV2FlashConfig
+        # XiaomiMiMo/MiMo-V2-Flash (1 dense layer, no shared expert), SolarOpenConfig
+        # upstage/Solar-Open-100B (MoE on every layer), BeamConfig reflection/Beam-1.0-501B-A23B
+        # (3 dense layers, no shared expert, 8 routing groups of which 4 are chosen),
+        # BailingHybridConfig inclusionAI/Ling-3.0-Flash (first_k_dense_replace 2,
+        # num_expert_group 8, topk_group 4), MiniMaxM3VLTextConfig MiniMaxAI/MiniMax-M3 (every
+        # layer sparse; one shared expert of shared_intermediate_size 3072)
+        ModelShape("glm-5", "glm_moe_dsa", 78, 3, 256, 8, 1, 6144, 2048, 1, 1),
+        ModelShape("mimo-v2-flash", "mimo_v2_flash", 48, 1, 256, 8, 0, 4096, 2048, 1, 1),
+        ModelShape("solar-open-100b", "solar_open", 48, 0, 128, 8, 1, 4096, 1280, 1, 1),
+        ModelShape("beam-1.0-501b-a23b", "beam", 52, 3, 256, 8, 0, 5120, 2560, 8, 4),
+        ModelShape("ling-3.0-flash", "bailing_hybrid", 42, 2, 512, 8, 1, 2560, 768, 8, 4),
+        ModelShape("minimax-m3", "minimax_m3_vl_text", 60, 0, 128, 4, 1, 6144, 3072),
     )
 }
 

@@ -20,7 +20,17 @@ NEW_SHAPES = {  # name: (MoE layers, routed experts, top_k)
     "llama-4-maverick": (24, 128, 1),
     "ernie-4.5-300b-a47b": (51, 64, 8),
     "gemma-4-26b-a4b": (30, 128, 8),
+    "qwen3.5-397b-a17b": (60, 512, 10),
+    "glm-5": (75, 256, 8),
+    "mimo-v2-flash": (47, 256, 8),
+    "solar-open-100b": (48, 128, 8),
+    "beam-1.0-501b-a23b": (49, 256, 8),
+    "ling-3.0-flash": (40, 512, 8),
+    "minimax-m3": (60, 128, 4),
 }
+# the shapes whose configs route within groups (n_group, topk_group), which the solver keeps
+# balanced as it does DeepSeek-V3's
+GROUPED = {"deepseek-v3.2": (8, 4), "beam-1.0-501b-a23b": (8, 4), "ling-3.0-flash": (8, 4)}
 # bf16 bytes of one routed expert (3 x hidden x moe_intermediate x 2) and total parameters in
 # billions (the releases' names: 355B with GLM's multi-token-prediction layer, 400B, 300B)
 FLAGSHIPS = {
@@ -28,6 +38,9 @@ FLAGSHIPS = {
     "llama-4-maverick": (3 * 5120 * 8192 * 2, 400.7),
     "ernie-4.5-300b-a47b": (3 * 8192 * 3584 * 2, 298.6),
     "gemma-4-26b-a4b": (3 * 2816 * 704 * 2, None),
+    "qwen3.5-397b-a17b": (3 * 4096 * 1024 * 2, None),
+    "glm-5": (3 * 6144 * 2048 * 2, None),
+    "minimax-m3": (3 * 6144 * 3072 * 2, None),
 }
 
 
@@ -43,6 +56,8 @@ def test_new_family_shape_builds_and_solves(name):
     assert check_plan(plan, problem) == []
     assert plan.num_removed == layers * experts // 4
     assert all(len(kept) >= top_k for kept in plan.kept.values())
+    groups = GROUPED.get(name)
+    assert (scores.model.n_group or 1, scores.model.topk_group or 1) == (groups or (1, 1))
 
 
 @pytest.mark.parametrize("name", sorted(FLAGSHIPS))
