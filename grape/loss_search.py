@@ -9,7 +9,11 @@ count from every layer. This stage measures instead of assuming:
    *on the search tokens*);
 2. each candidate costs one forward pass over held-out search tokens (tokens calibration did
    not see) with the routers masked to the plan's experts: no weights change, no copy; the
-   decoder layers a plan shares with one measured before are not run again (grape.prefix);
+   decoder layers a plan shares with one measured before are not run again (grape.prefix).
+   Passes go through grape.search_meter.Meter: the loaded model, or - for a model that does not
+   fit - the checkpoint streamed one decoder layer at a time (grape.search_sequential), the
+   plans of each generation (the seeds, the curve points, a round of switches, ...) measured
+   together on the search's hint; the same NLLs to the bit, so the same decisions;
 3. measured per-layer NLL curves (grape.sensitivity: each layer alone pruned at a few depths,
    one pass each, when they fit in half the budget) feed the integer program once more: its plan
    on *measured* costs is one more seed, and the curves are returned to be stored in the scores;
@@ -34,7 +38,6 @@ and search.json written) is grape.search_stage; the public function is ``grape.s
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import replace
@@ -46,8 +49,8 @@ import torch
 from torch import nn
 
 from grape.errors import DataError
-from grape.prefix import PrefixReuse
 from grape.search_config import Candidate, Role, SearchConfig, SearchResult
+from grape.search_meter import Meter, curve_plans, evaluator_for
 from grape.sensitivity import (
     masked,
     mean_nll,
@@ -101,69 +104,7 @@ def _key(plan: Plan) -> tuple:
 
 
 # -- the search ---------------------------------------------------------------------------------
-class _Meter:
-    """Measures plans within the pass budget; with a cache file, reuses earlier measurements of
-    the same plan on the same tokens (an interrupted search resumes) and records each new one."""
-
-    def __init__(self, model, ids, config: SearchConfig, cache: Path | None, groups=None):
-        self.model, self.ids, self.config, self.cache = model, ids, config, cache
-        self.groups = None if groups is None else np.asarray(groups)
-        self.limit, self.used, self.reused = config.max_passes, 0, 0
-        self.prefix = PrefixReuse(model, ids, config.batch_size, config.reuse_bytes)
-        self.known: dict[str, list[float]] = {}
-        self.tokens_key = _tokens_key(ids)
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=self.limit, desc="search", unit="pass", leave=False, disable=not config.progress)
-        if cache is not None and cache.is_file():
-            try:
-                stored = json.loads(cache.read_text())
-            except (OSError, json.JSONDecodeError):
-                stored = {}
-            if stored.get("tokens") == self.tokens_key:
-                self.known = stored.get("measured", {})
-
-    @property
-    def left(self) -> int:
-        return self.limit - self.used
-
-    def nll(self, name: str, plan: Plan | None) -> np.ndarray:
-        """Per-sequence NLL of the model under `plan` (None: unpruned); one pass, or none when
-        the cache has it."""
-        key = "unpruned" if plan is None else repr(_key(plan))
-        if key in self.known:
-            self.reused += 1
-            out = np.asarray(self.known[key], dtype=np.float64)
-        else:
-            out = self.prefix.nll(plan)
-            self.known[key] = [float(x) for x in out]
-            self._save()
-        self.used += 1
-        self.bar.update(1)
-        self.bar.set_postfix_str(f"{name}: NLL {float(out.mean()):.4f}"[:70])
-        return out
-
-    def candidate(self, name: str, plan: Plan, role: Role, criterion: str | None = None) -> Candidate:
-        per_sequence = self.nll(name, plan)
-        return Candidate(name, plan, float(per_sequence.mean()), per_sequence, role=role,
-                         criterion=criterion, groups=self.groups)
-
-    def _save(self) -> None:
-        if self.cache is None:
-            return
-        from solvers._io import atomic_write_text
-
-        self.cache.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.cache, json.dumps({"tokens": self.tokens_key, "measured": self.known}))
-
-
-def _tokens_key(ids: torch.Tensor) -> str:
-    import hashlib
-
-    return hashlib.sha256(ids.cpu().numpy().astype(np.int64).tobytes()).hexdigest()[:16]
-
-
-def search(model: nn.Module, scores, config: SolveConfig, ids: torch.Tensor,
+def search(model, scores, config: SolveConfig, ids: torch.Tensor,
            search_config: SearchConfig | None = None, cache: str | os.PathLike | None = None,
            confirm_ids: torch.Tensor | None = None, plan: Plan | None = None, *,
            groups=None, confirm_groups=None) -> SearchResult:
@@ -173,7 +114,9 @@ def search(model: nn.Module, scores, config: SolveConfig, ids: torch.Tensor,
     choice and its runners-up - are measured again and the final choice made, so that the
     selection on `ids` does not bias it. `groups` / `confirm_groups`: the document of each row
     (standard errors are by document; None: each row its own). `plan`: a plan to start from
-    instead of the configured solver's (it must meet `config`'s budget and constraints)."""
+    instead of the configured solver's (it must meet `config`'s budget and constraints).
+    `model`: the loaded model (nn.Module), or a checkpoint opened for layer-by-layer measurement
+    (grape.search_sequential.LayerStream): the same plans and NLLs, a generation at a time."""
     search_config = search_config or SearchConfig()
     search_config.check_names()
     search_config, lacking = _available_criteria(scores, search_config)
@@ -183,12 +126,15 @@ def search(model: nn.Module, scores, config: SolveConfig, ids: torch.Tensor,
     if plan is not None:
         check_given_plan(plan, problem)
     start = time.perf_counter()
-    was_training = model.training
-    model.eval()
-    meter = _Meter(model, ids, search_config, Path(cache) if cache is not None else None, groups)
+    was_training = isinstance(model, nn.Module) and model.training
+    if isinstance(model, nn.Module):
+        model.eval()
+    meter = Meter(evaluator_for(model, ids, search_config), ids, search_config,
+                  Path(cache) if cache is not None else None, groups)
     try:
-        unpruned_seq = meter.nll("unpruned", None)
         seeds, notes = seed_plans(scores, config, search_config, plan)
+        meter.prefetch([None, *(s.plan for s in seeds)])  # one generation: the reference and the seeds
+        unpruned_seq = meter.nll("unpruned", None)
         notes[:0] = lacking
         if not seeds:
             raise UserError("no seed plan could be built for the search: " + "; ".join(notes))
@@ -203,13 +149,15 @@ def search(model: nn.Module, scores, config: SolveConfig, ids: torch.Tensor,
             notes.append("no confirmation tokens: the choice was made on the tokens the search selected on")
     finally:
         meter.bar.close()
-        model.train(was_training)
+        if was_training:
+            model.train()
     return SearchResult(best=best, candidates=candidates, unpruned_nll=float(unpruned_seq.mean()),
                         passes=meter.used, tokens_per_pass=int(ids.numel()),
                         seconds=time.perf_counter() - start, notes=notes, nll_curves=curves,
                         reused=meter.reused, confirmed=confirmed,
-                        computed_passes=meter.prefix.layers_run / len(meter.prefix.layers),
-                        confirm_tokens=int(confirm_ids.numel()) if confirmed else 0, versus_uniform=versus)
+                        computed_passes=meter.computed_passes,
+                        confirm_tokens=int(confirm_ids.numel()) if confirmed else 0, versus_uniform=versus,
+                        mode=model.record() if not isinstance(model, nn.Module) else {"mode": "whole"})
 
 
 def _improve(model, scores, config, problem, candidates, meter, search_config, notes, unpruned_seq):
@@ -271,7 +219,9 @@ def _confirm(model, best: Candidate, candidates: list[Candidate], ids: torch.Ten
         raise DataError("confirmation tokens must be a (samples, seq_len >= 2) tensor of input ids")
     finalists = _finalists(best, candidates, config.runners_up)
     path = Path(cache).with_suffix(".confirm.json") if cache is not None else None
-    meter = _Meter(model, ids, replace(config, max_passes=len(finalists)), path, groups)
+    meter = Meter(evaluator_for(model, ids, config), ids, replace(config, max_passes=len(finalists)), path,
+                  groups)
+    meter.prefetch([c.plan for c in finalists])
     try:
         measured = [meter.candidate(c.name, c.plan, c.role, c.criterion) for c in finalists]
     finally:
@@ -371,6 +321,7 @@ def _curves_seed(model, scores, config, problem, criterion, orders, best, meter,
         notes.append(f"NLL curves at {len(fractions)} of {len(search_config.curve_fractions)} depths "
                      f"({', '.join(f'{f:.0%}' for f in fractions)} removed), the ones nearest the "
                      "budget, to stay within half the passes left")
+    meter.prefetch(lambda: curve_plans(scores, criterion, fractions, config))  # one generation
     curves = measure_nll_curves(model, scores, meter.ids, criterion, fractions, config,
                                 search_config.batch_size, unpruned_seq, measure=meter.nll)
     measured = with_nll_curves(scores, curves)
@@ -407,6 +358,7 @@ def _adopt(name: str, role: Role, plan: Plan, trial, best: Candidate, orders, me
 def _choose_criterion(problem, scores, best, orders, meter, config, candidates):
     """The incumbent's counts under every other criterion's within-layer order."""
     counts = _counts(problem, best.plan)
+    meter.prefetch(lambda: _criterion_trials(problem, scores, config.criteria, counts, best.plan, candidates))
     for criterion in config.criteria:
         trial = _orders(scores, criterion)
         plan = _plan_from_counts(problem, trial, counts, best.plan)
@@ -417,24 +369,44 @@ def _choose_criterion(problem, scores, best, orders, meter, config, candidates):
     return best, orders
 
 
+def _criterion_trials(problem, scores, criteria, counts, incumbent: Plan, candidates) -> list[Plan]:
+    """The plans _choose_criterion measures (the counts stay; a plan measured before is skipped)."""
+    seen, plans = {_key(c.plan) for c in candidates}, []
+    for criterion in criteria:
+        plan = _plan_from_counts(problem, _orders(scores, criterion), counts, incumbent)
+        if plan is not None and _key(plan) not in seen:
+            seen.add(_key(plan))
+            plans.append(plan)
+    return plans
+
+
 def _per_layer_criteria(problem, scores, best, orders, meter, config, candidates):
     """With passes left: each layer's experts under each other criterion, one layer at a time."""
     counts = _counts(problem, best.plan)
     by_criterion = {criterion: _orders(scores, criterion) for criterion in config.criteria}
-    for layer in problem.layers:
-        for criterion, ranked in by_criterion.items():
-            if meter.left < 1:
-                return best, orders
-            trial = {**orders, layer.index: ranked[layer.index]}
-            plan = _plan_from_counts(problem, trial, counts, best.plan)
-            if plan is None or _key(plan) == _key(best.plan):
-                continue
-            best, orders = _adopt(f"layer {layer.index} in {criterion} order", Role.LAYER_CRITERION, plan, trial, best, orders,
-                                  meter, config, candidates)
+    pairs = [(layer.index, criterion) for layer in problem.layers for criterion in by_criterion]
+    for i, (layer, criterion) in enumerate(pairs):
+        if meter.left < 1:
+            return best, orders
+        trial = {**orders, layer: by_criterion[criterion][layer]}
+        plan = _plan_from_counts(problem, trial, counts, best.plan)
+        if plan is None or _key(plan) == _key(best.plan):
+            continue
+        if not meter.ready(plan):  # the trials left, from the incumbent as it is now: one generation
+            meter.prefetch(lambda: _layer_trials(problem, by_criterion, orders, counts, best.plan, pairs[i:]))
+        best, orders = _adopt(f"layer {layer} in {criterion} order", Role.LAYER_CRITERION, plan, trial, best,
+                              orders, meter, config, candidates)
     return best, orders
 
 
-def _local_search(problem, best: Candidate, orders, meter: _Meter, config: SearchConfig,
+def _layer_trials(problem, by_criterion, orders, counts, incumbent: Plan, pairs) -> list[Plan]:
+    """The plans _per_layer_criteria measures for `pairs` while the incumbent stays."""
+    plans = (_plan_from_counts(problem, {**orders, layer: by_criterion[c][layer]}, counts, incumbent)
+             for layer, c in pairs)
+    return [p for p in plans if p is not None and _key(p) != _key(incumbent)]
+
+
+def _local_search(problem, best: Candidate, orders, meter: Meter, config: SearchConfig,
                   candidates: list[Candidate]) -> Candidate:
     """Level switches between layers around `best`, measured, while passes are left."""
     allowed = problem.allowed_counts()
@@ -444,13 +416,13 @@ def _local_search(problem, best: Candidate, orders, meter: _Meter, config: Searc
     while meter.left > 0 and step >= 1:
         moves = _moves(counts, allowed, step, rng, min(config.moves_per_round, meter.left))
         improved = False
-        for a, b in moves:
-            trial = counts.copy()
-            trial[a] += step
-            trial[b] -= step
+        for i, (a, b) in enumerate(moves):
+            trial = _switched(counts, a, b, step)
             plan = _plan_from_counts(problem, orders, trial, best.plan)
             if plan is None:
                 continue
+            if not meter.ready(plan):  # the round's moves left, from the counts as they are now
+                meter.prefetch(lambda: _round(problem, orders, counts, moves[i:], step, best.plan))
             name = f"switch {step} from layer {problem.layers[b].index} to {problem.layers[a].index}"
             candidate = meter.candidate(name, plan, Role.MOVE)
             candidates.append(candidate)
@@ -459,6 +431,19 @@ def _local_search(problem, best: Candidate, orders, meter: _Meter, config: Searc
         if not improved:
             step //= 2
     return best
+
+
+def _switched(counts: np.ndarray, a: int, b: int, step: int) -> np.ndarray:
+    trial = counts.copy()
+    trial[a] += step
+    trial[b] -= step
+    return trial
+
+
+def _round(problem, orders, counts, moves, step: int, incumbent: Plan) -> list[Plan]:
+    """The plans _local_search measures for `moves` while the incumbent stays."""
+    plans = (_plan_from_counts(problem, orders, _switched(counts, a, b, step), incumbent) for a, b in moves)
+    return [p for p in plans if p is not None]
 
 
 def _moves(counts, allowed, step: int, rng, how_many: int) -> list[tuple[int, int]]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -128,20 +128,22 @@ class _Stages:
 
 def run(config: RunConfig) -> RunResult:
     """Run every stage; see the module docstring. Checks that need no model come first."""
-    from grape.evaluation import evaluate
+    from grape.run_outputs import UNLOADED_NOTE, summary, write_eval, write_report
     from solvers._io import atomic_write_text
 
     docs = _checked_inputs(config)
-    out, label = config.out, config.model.name
+    out = config.out
     out.mkdir(parents=True, exist_ok=True)
     searching = config.search is not None and (config.scores is None or config.data is not None
                                                or config.search_data is not None)
+    held = _held(config)  # a model that does not fit is never loaded: those stages are skipped
     # with a search, the solver's own plan is evaluated as a baseline too
-    stages = _Stages(5 + searching + config.saves_checkpoint + bool(config.baselines or searching))
+    stages = _Stages(3 + 2 * held.fits + searching + config.saves_checkpoint
+                     + (held.fits and bool(config.baselines or searching)))
 
     stages.start("calibrate", f"calibrating {config.model}" if config.scores is None else
                  f"reading scores {config.scores}")
-    calibrated = _calibrate_stage(config, searching)
+    calibrated = _calibrate_stage(config, searching, load=held.fits)
     tokenizer, model, scores, held_out = calibrated[:4]
     if scores is None:  # a rank other than 0 of a torchrun calibration: rank 0 goes on alone
         return RunResult({}, out / "report.md")
@@ -155,63 +157,122 @@ def run(config: RunConfig) -> RunResult:
 
     solver, found = config.solve.solver, None
     if searching:  # the plan applied is the best measured candidate; the solver's becomes a baseline
-        confirm = held_out.confirm
-        stages.start("search", f"loss-verified allocation: at most {config.search.max_passes} forward "
-                     f"passes of {held_out.search.tokens:,} held-out tokens ({held_out.search.num_documents} "
-                     f"documents of the {held_out.source})" + (
-                         f", then the finalists on {confirm.tokens:,} tokens of {confirm.num_documents} "
-                         "other documents" if confirm is not None else ""))
-        found = _search_stage(config, model, scores, held_out, plans)
-        if config.stability:
-            _stability(config, calibrated, found)
+        found = _searched(config, stages, calibrated, plans, held)
         solver = "search"
-        stages.stop()
     elif config.search is not None:
         print("    no loss-verified search: it needs calibration text (--data) to hold tokens out of")
 
-    stages.start("eval_before", "evaluating the unpruned model")
-    base_eval = evaluate(model, tokenizer, docs, config.evaluation, name=f"{label} (unpruned)")
-    _write_eval(out / "eval" / "unpruned.json", base_eval)
-    stages.stop()
-
-    stages.start("apply_and_eval", f"applying the {solver} plan ({config.method}) and evaluating the "
-                 "pruned model")
     method = _repair_method(config, scores)
-    repair_ids = _repair_ids(config, method, tokenizer)
-    apply_in_place(model, plans[solver], method, repair_ids, say=_indent)
-    evals = {solver: evaluate(model, tokenizer, docs, config.evaluation, name=f"{label} ({solver})")}
-    files = {"resolved configuration": "run.recipe.yaml", "plan": "plan.json", "summary": "summary.json"}
-    if searching:
-        files["search (every measured candidate)"] = "search.json"
-    if config.scores is None or (found is not None and found.nll_curves is not None):
-        files["scores"] = "scores.npz"
-    stages.stop()
-
+    repair_ids = _repair_ids(config, method, tokenizer) if model is not None else None
+    base_eval, evals = None, {}
+    if model is not None:
+        base_eval, evals = _evaluate_and_apply(config, stages, model, tokenizer, docs, plans[solver], solver,
+                                               method, repair_ids)
+    else:
+        print(f"    note: {UNLOADED_NOTE}", flush=True)
+    files = _files(config, searching, found)
     if config.saves_checkpoint:  # after its evaluation: evaluated in the loading dtype, saved in its own
+        from grape.run_outputs import save_checkpoint
+
         stages.start("save", f"saving the pruned checkpoint to {out / 'checkpoint'}")
-        _save_checkpoint(model, config, plans[solver], tokenizer, method)
+        save_checkpoint(model, config, plans[solver], tokenizer, method)
         files["pruned checkpoint"] = "checkpoint/"
         stages.stop()
     del model, calibrated  # the baselines load fresh copies: free this one first
 
-    baselines = [n for n in plans if n != solver]
+    baselines = [n for n in plans if n != solver] if held.fits else []
     if baselines:  # each from a fresh copy of the model
         stages.start("baselines", f"applying and evaluating the baselines ({', '.join(baselines)})")
         evals.update(_baselines(config, plans, baselines, method, tokenizer, docs, repair_ids))
         stages.stop()
     for name, result in evals.items():
-        _write_eval(out / "eval" / f"{name}.json", result, base_eval)
+        write_eval(out / "eval" / f"{name}.json", result, base_eval)
         files[f"eval ({name})"] = f"eval/{name}.json"
-    files["eval (unpruned)"] = "eval/unpruned.json"
+    if base_eval is not None:
+        files["eval (unpruned)"] = "eval/unpruned.json"
 
     stages.start("report", "writing the report")
-    path = _write_report(config, scores, solver, plans, base_eval, evals, rows, files, stages.seconds)
+    notes = [MASK_NOTE] * (config.method == "mask") + [UNLOADED_NOTE] * (not held.fits)
+    path = write_report(config, scores, solver, plans, base_eval, evals, rows, files, stages.seconds, notes)
     stages.stop()
-    summary = _summary(config, scores, plans, base_eval, evals, stages.seconds)
+    record = summary(config, scores, plans, base_eval, evals, stages.seconds)
     if found is not None:
-        summary["search"] = found.to_json()
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    return RunResult(summary, path)
+        record["search"] = found.to_json()
+    atomic_write_text(out / "summary.json", json.dumps(record, indent=2) + "\n")
+    return RunResult(record, path)
+
+
+def _evaluate_and_apply(config: RunConfig, stages: _Stages, model, tokenizer, docs, plan, solver: str,
+                        method: ApplyConfig, repair_ids):
+    """The unpruned model evaluated, then `plan` applied to it in place and evaluated again;
+    (unpruned EvalResult, {solver: EvalResult})."""
+    from grape.evaluation import evaluate
+    from grape.run_outputs import write_eval
+
+    label = config.model.name
+    stages.start("eval_before", "evaluating the unpruned model")
+    base_eval = evaluate(model, tokenizer, docs, config.evaluation, name=f"{label} (unpruned)")
+    write_eval(config.out / "eval" / "unpruned.json", base_eval)
+    stages.stop()
+
+    stages.start("apply_and_eval", f"applying the {solver} plan ({config.method}) and evaluating the "
+                 "pruned model")
+    apply_in_place(model, plan, method, repair_ids, say=_indent)
+    evals = {solver: evaluate(model, tokenizer, docs, config.evaluation, name=f"{label} ({solver})")}
+    stages.stop()
+    return base_eval, evals
+
+
+def _files(config: RunConfig, searching: bool, found) -> dict[str, str]:
+    files = {"resolved configuration": "run.recipe.yaml", "plan": "plan.json", "summary": "summary.json"}
+    if searching:
+        files["search (every measured candidate)"] = "search.json"
+    if config.scores is None or (found is not None and found.nll_curves is not None):
+        files["scores"] = "scores.npz"
+    return files
+
+
+def _searched(config: RunConfig, stages: _Stages, calibrated: Calibrated, plans: dict, held):
+    """The search stage (and stability, when asked) as the run shows it."""
+    held_out = calibrated.held_out
+    confirm = held_out.confirm
+    stages.start("search", f"loss-verified allocation: at most {config.search.max_passes} forward "
+                 f"passes of {held_out.search.tokens:,} held-out tokens ({held_out.search.num_documents} "
+                 f"documents of the {held_out.source})" + (
+                     f", then the finalists on {confirm.tokens:,} tokens of {confirm.num_documents} "
+                     "other documents" if confirm is not None else ""))
+    found = _search_stage(config, calibrated.model, calibrated.scores, held_out, plans, held)
+    if config.stability and calibrated.model is None:
+        print("    stability: skipped (it calibrates and measures the model loaded whole, which does "
+              "not fit in memory)")
+    elif config.stability:
+        _stability(config, calibrated, found)
+    stages.stop()
+    return found
+
+
+def _held(config: RunConfig):
+    """How the run holds the model (grape.search_stage.SearchMode): calibration's rule decides
+    whether the search runs layer by layer and whether the model is loaded at all; a model that
+    does not fit and a stage that needs it loaded (a repair, a merge, an in-memory apply) are
+    refused now, before any work."""
+    from grape.apply_stage import streams
+    from grape.distributed import launched_size
+    from grape.modelfiles import read_config
+    from grape.search_stage import SearchMode, search_mode
+
+    if launched_size() > 1:  # under torchrun the calibration stage places each rank's copy itself
+        return SearchMode("whole", True, "a torchrun job")
+    held = search_mode(config.model, config.calibration)
+    if held.fits or not config.saves_checkpoint:
+        return held
+    method = _repair_method(config, None)
+    if method.repair != "none" or not streams(config.model, read_config(config.model), method, config.dtype,
+                                              say=lambda line: None):
+        raise UserError(f"the model does not fit in memory ({held.reason}), and --method {config.method}"
+                        f"{' with --repair ' + method.repair if method.repair != 'none' else ''} needs it "
+                        "loaded; use --method remove or mask without --repair, or --no-save")
+    return held
 
 
 # -- stages -------------------------------------------------------------------------------------
@@ -260,32 +321,17 @@ def _baselines(config: RunConfig, plans, names, method, tokenizer, docs, repair_
     return evals
 
 
-def _write_report(config: RunConfig, scores, solver: str, plans, base_eval, evals, rows, files,
-                  seconds) -> Path:
-    from grape.report import RunReport, plan_placement
-
-    report = RunReport(
-        model=str(config.model), budget=str(config.solve.budget), objective=config.solve.objective,
-        solver=solver, method=config.method, original=dict(scores.model.experts_per_layer), plans=plans,
-        base_eval=base_eval, evals=evals, solver_rows=rows,
-        calibration={"tokens": scores.tokens, **{k: v for k, v in scores.calibration.items()
-                                                 if k in ("samples", "seq_len", "subsample", "similarity",
-                                                          "criterion", "sources")}},
-        files=files, seconds=seconds, notes=[MASK_NOTE] if config.method == "mask" else [],
-        scores=scores, placement=plan_placement(plans[solver], scores, config.solve))
-    return report.write(config.out)
-
-
 def _load_model(config: RunConfig):
     from grape.loading import load_model
 
     return load_model(config.model, config.device, config.dtype)
 
 
-def _calibrate_stage(config: RunConfig, searching: bool):
+def _calibrate_stage(config: RunConfig, searching: bool, load: bool = True):
     """The stage's Calibrated (tokenizer, model, scores, held-out windows). Without --search-data the search's
     and the confirmation's documents are held out of the calibration text (grape.data_split).
-    Scores None: a rank other than 0 of a torchrun job."""
+    Scores None: a rank other than 0 of a torchrun job. `load` False: the model does not fit, so
+    it is never loaded (model None; calibration runs layer by layer)."""
     from grape.adapters import get_adapter
     from grape.loading import load_tokenizer
     from solvers.scores import Scores
@@ -305,10 +351,12 @@ def _calibrate_stage(config: RunConfig, searching: bool):
         if split is not None and split.held_out is not None and "held_out_documents" not in scores.calibration:
             _indent("note: these scores were calibrated on all of their text (not by `grape run`): if it "
                     "was --data, the search's held-out documents were seen by calibration")
-        model = _load_model(config)
-        scores.model.check_matches(get_adapter(model).identity())
+        model = _load_model(config) if load else None
+        if model is not None:  # else the layer-sequential search checks it against the shards
+            scores.model.check_matches(get_adapter(model).identity())
         return Calibrated(tokenizer, model, scores, held_out)
-    model, scores = _calibrated(config, replace(cal, samples=split.calibration.samples), split.calibration)
+    model, scores = _calibrated(config, replace(cal, samples=split.calibration.samples), split.calibration,
+                                load)
     return Calibrated(tokenizer, model, scores, held_out, split.calibration)
 
 
@@ -343,10 +391,11 @@ def _split(config: RunConfig, cal: CalibrationConfig, tokenizer, searching: bool
                       window_len=config.search.seq_len if holding else None)
 
 
-def _calibrated(config: RunConfig, cal: CalibrationConfig, data):
+def _calibrated(config: RunConfig, cal: CalibrationConfig, data, load: bool = True):
     """(model, scores) by the calibration stage (grape.calibrate_stage, as `grape calibrate`):
     whole mode on the model the later stages use, loaded first; sequential mode (asked for, or
-    the model does not fit) layer by layer, the model loaded for the later stages after."""
+    the model does not fit) layer by layer, the model loaded for the later stages after (never
+    when `load` is False: it does not fit)."""
     from grape.calibrate_stage import calibrate_checkpoint, resolve_mode
     from grape.distributed import launched_size
 
@@ -356,16 +405,22 @@ def _calibrated(config: RunConfig, cal: CalibrationConfig, data):
     model = _load_model(config) if whole else None
     scores = calibrate_checkpoint(config.model, calibration, cal, out=config.out / "scores.npz",
                                   model=model, say=_indent)
-    if scores is not None and model is None:
+    if scores is not None and model is None and load:
         model = _load_model(config)
     return model, scores
 
 
-def _search_stage(config: RunConfig, model, scores, held_out, plans: dict):
+def _search_stage(config: RunConfig, model, scores, held_out, plans: dict, held=None):
     """The search stage (grape.search_stage, as `grape search`): the best measured candidate
-    becomes plans["search"] and plan.json; the solver's plan moves to plans/<solver>.json."""
-    from grape.search_stage import describe, run_search
+    becomes plans["search"] and plan.json; the solver's plan moves to plans/<solver>.json.
+    `held` (grape.search_stage.SearchMode) 'sequential': the plans are measured layer by layer
+    from the shards, whether or not `model` is loaded too."""
+    from grape.search_stage import describe, open_sequential, run_search
 
+    if held is not None and held.mode == "sequential":
+        _indent(f"searching layer by layer ({held.reason})")
+        model = open_sequential(config.model, config.calibration, held.reason, scratch=config.out)
+        scores.model.check_matches(model.identity())
     found = run_search(model, scores, config.solve, held_out, config.search, out=config.out)
     plans["search"] = found.best.plan
     plans[config.solve.solver].save(config.out / "plans" / f"{config.solve.solver}.json")
@@ -419,72 +474,8 @@ def _solve_stage(config: RunConfig, scores):
     return plans, rows
 
 
-def _save_checkpoint(model, config: RunConfig, plan, tokenizer, method: ApplyConfig) -> None:
-    """The pruned checkpoint, by the rule of `grape apply` (grape.apply_stage): streamed from
-    the source shards where it can, else saved from the model pruned in memory."""
-    from grape.apply_stage import apply_checkpoint, streams
-    from grape.checkpoint import save_pruned
-    from grape.modelfiles import read_config
-
-    out, provenance = config.out / "checkpoint", {"run_dir": str(config.out)}
-    if streams(config.model, read_config(config.model), method, config.dtype, say=_indent):
-        written = apply_checkpoint(config.model, plan, out, method, dtype=config.dtype, tokenizer=tokenizer,
-                                   provenance=provenance, overwrite=config.overwrite)
-        print(f"    wrote {written.path}{written.note}", flush=True)
-        return
-    stored = _stored_dtype(config.model)
-    if stored is not None and stored != next(model.parameters()).dtype:
-        model.to(stored)  # the weights were widened to float32 for CPU work; write them as they came
-    save_pruned(model, out, plan=plan, tokenizer=tokenizer,
-                provenance={"source_model": str(config.model), **provenance}, overwrite=config.overwrite)
-
-
 def _indent(line: str) -> None:
     print("    " + line, flush=True)
-
-
-def _stored_dtype(model_dir: Path):
-    import torch
-
-    try:
-        stored = json.loads((model_dir / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    name = stored.get("dtype") or stored.get("torch_dtype")
-    value = getattr(torch, str(name), None) if name else None
-    return value if isinstance(value, torch.dtype) else None
-
-
-def _write_eval(path: Path, result, baseline=None) -> None:
-    from solvers._io import atomic_write_text
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, result.to_json(baseline))
-
-
-def _summary(config: RunConfig, scores, plans, base_eval, evals, seconds) -> dict:
-    from grape.inspect_runs import RUN_FORMAT
-
-    return {
-        "format": RUN_FORMAT,
-        "model": str(config.model),
-        "out": str(config.out),
-        "budget": str(config.solve.budget),
-        "objective": config.solve.objective,
-        "solver": config.solve.solver,
-        "method": config.method,
-        "experts": sum(scores.model.experts_per_layer.values()),
-        "plans": {name: {"status": p.status, "objective": p.objective, "bound": p.bound, "gap": p.gap,
-                         "removed": p.num_removed, "uniform": p.is_uniform,
-                         "kept_per_layer": {str(k): v for k, v in p.kept_counts().items()}}
-                  for name, p in plans.items()},
-        "nll": {"unpruned": {d: r.nll for d, r in base_eval.domains.items()} | {"mean": base_eval.mean_nll},
-                **{name: {d: r.nll for d, r in e.domains.items()} | {"mean": e.mean_nll}
-                   for name, e in evals.items()}},
-        "solve_config": config.solve.to_json(),
-        "eval": asdict(base_eval.config),
-        "seconds": seconds,
-    }
 
 
 run_pipeline = run  # the name the package exports (grape.run_pipeline)

@@ -17,6 +17,8 @@ unchanged; the states layer j receives are then the same tensors the full forwar
 so the NLL equals the full forward's (tests/test_prefix.py checks every family). Memory: one
 (sequences x seq_len x hidden) tensor per stored layer input and plan, at most `max_bytes`; past
 that, only evenly spaced layer inputs are kept, and with too little room none (a full pass each).
+The layer-sequential search (grape.search_sequential) shares prefixes by the same rule
+(:func:`kept_experts`), for a whole generation of plans at once.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ class PrefixReuse:
         self.layers_run = 0
 
     def nll(self, plan: Plan | None) -> np.ndarray:
-        kept = _kept(plan)
+        kept = kept_experts(plan)
         start, states = self._reference(kept)
         record = {b: [] for b in self.boundaries if b > start}
         hooks = [self.layers[b].register_forward_pre_hook(
@@ -116,7 +118,7 @@ class PrefixReuse:
             self.stored.popitem(last=False)
 
 
-def _kept(plan: Plan | None) -> dict[int, tuple]:
+def kept_experts(plan: Plan | None) -> dict[int, tuple]:
     """The kept experts of each MoE layer that loses any; a layer not listed keeps all (so the
     unpruned model is {})."""
     if plan is None:
@@ -141,4 +143,4 @@ def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
     return (args[0] if args else kwargs["hidden_states"]).detach()
 
 
-__all__ = ["DEFAULT_MAX_BYTES", "PrefixReuse"]
+__all__ = ["DEFAULT_MAX_BYTES", "PrefixReuse", "kept_experts"]

@@ -180,6 +180,9 @@ class SearchResult:
     # decoder layers actually computed over the search tokens, in full passes (prefix reuse makes
     # it fewer than `passes`; measurements read from the cache compute nothing)
     computed_passes: float = 0.0
+    # how the plans were measured: the loaded model, or layer by layer from the shards
+    # (grape.search_sequential; then also why, and on which device)
+    mode: dict = field(default_factory=lambda: {"mode": "whole"})
 
     @property
     def tokens_measured(self) -> int:
@@ -199,7 +202,7 @@ class SearchResult:
                 "tokens_per_pass": self.tokens_per_pass, "seconds": self.seconds, "notes": self.notes,
                 "reused_from_cache": self.reused, "confirmed": self.confirmed,
                 "confirm_tokens": self.confirm_tokens, "tokens_measured": self.tokens_measured,
-                "computed_passes": round(self.computed_passes, 2),
+                "computed_passes": round(self.computed_passes, 2), "mode": self.mode,
                 "versus_best_uniform": self.versus_uniform, "held_out": self.held_out,
                 "stability": self.stability,
                 "nll_curves": self.nll_curves.to_json() if self.nll_curves else None,

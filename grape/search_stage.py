@@ -11,11 +11,16 @@ calibration text).
 (`grape.search`) all call :func:`run_search` with a :class:`~grape.search_config.SearchConfig`,
 so the same inputs give the same plan whichever way the stage is called. The algorithm itself is
 grape.loss_search.
+
+The model is measured whole when it is loaded, or layer by layer from its shards
+(grape.search_sequential) when calibration's rule says so (:func:`search_mode`: `--mode
+sequential`, or `auto` and the model does not fit); both give the same plans and NLLs.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from grape.errors import DataError
@@ -92,15 +97,77 @@ def held_out_from_ids(ids, confirm_ids=None):
     return HeldOut(wrap(ids), wrap(confirm_ids), source="input ids")
 
 
+@dataclass(frozen=True)
+class SearchMode:
+    """How the search measures: `mode` 'whole' (the loaded model) or 'sequential' (layer by layer
+    from the shards), and whether the whole model `fits` in memory for the stages that need it
+    loaded (evaluation, in-memory apply, stability)."""
+
+    mode: str
+    fits: bool
+    reason: str
+
+
+def search_mode(model_dir, calibration, check_fit: bool = True) -> SearchMode:
+    """Calibration's rule (grape.calibrate_stage, grape.placement) for the search: `--mode` as
+    asked, else 'auto' - sequential when the weights need more than the free memory's headroom
+    or are stored quantised. Whether the model fits is the size check alone (a quantised model
+    that fits is still loaded for evaluation). `calibration`: a CalibrationConfig (its mode,
+    device_map and dtype are read). Reads config.json only (a meta-device skeleton);
+    `check_fit` False: a mode given is taken as it is, without the size check."""
+    import torch
+
+    from grape.calibrate_stage import joined_world
+    from grape.layerwise import build_skeleton, model_bytes
+    from grape.loading import device_map
+    from grape.modelfiles import read_config
+    from grape.placement import choose_mode, uses_cuda, whole_capacity
+    from grape.quantized import describe
+    from grape.sequential import _config, resolve_dtype
+
+    if calibration.mode != "auto" and not check_fit:
+        return SearchMode(calibration.mode, calibration.mode == "whole", f"--mode {calibration.mode}")
+    placement = device_map(calibration.device_map, calibration.offload_folder)
+    device = torch.device("cuda" if uses_cuda(placement) else "cpu")
+    dtype = resolve_dtype(calibration.dtype, device, _config(model_dir))
+    needed = model_bytes(build_skeleton(model_dir, dtype), dtype)
+    with joined_world(placement) as world:
+        capacity, where = whole_capacity(placement, world)
+    size = choose_mode("auto", needed, capacity, where, None)
+    if calibration.mode != "auto":
+        return SearchMode(calibration.mode, calibration.mode == "whole" or size.mode == "whole",
+                          f"--mode {calibration.mode}")
+    auto = choose_mode("auto", needed, capacity, where, describe(read_config(model_dir)))
+    return SearchMode(auto.mode, size.mode == "whole", auto.reason)
+
+
+def open_sequential(model_dir, calibration, reason: str, scratch: Path | None = None):
+    """The checkpoint opened for a layer-sequential search (grape.search_sequential.LayerStream)
+    on calibration's one device (--device-map / --device), its dtype and --hidden-states."""
+    from grape.distributed import World
+    from grape.loading import device_map
+    from grape.placement import sequential_device
+    from grape.search_sequential import SequentialModel, open_stream
+
+    device = sequential_device(device_map(calibration.device_map, calibration.offload_folder), World())
+    return open_stream(SequentialModel(Path(model_dir), str(device), calibration.dtype,
+                                       calibration.hidden_states, reason, scratch))
+
+
 def run_search(model, scores, solve: SolveConfig, held_out, config: SearchConfig,
                out: Path | None = None, plan: Plan | None = None) -> SearchResult:
     """The stage: the loss-verified search (grape.loss_search.search) on `held_out`
     (grape.data_split.HeldOut) from `plan` or the configured solver's; with `out`, it resumes
     from and records into out/search.cache.json and writes out/plan.json, out/search.json and,
     when it measured NLL curves, out/scores.npz (the scores with them, so that `grape solve
-    --objective curves` plans on measured costs)."""
+    --objective curves` plans on measured costs). `model`: the loaded model, or a checkpoint
+    opened layer by layer (:func:`open_sequential`, or a grape.search_sequential.SequentialModel
+    to open)."""
     from grape.loss_search import search
+    from grape.search_sequential import SequentialModel, open_stream
 
+    if isinstance(model, SequentialModel):
+        model = open_stream(model)
     cache = Path(out) / CACHE_FILE if out is not None else None
     confirm = held_out.confirm
     found = search(model, scores, solve, held_out.search.ids, config, cache=cache,
@@ -137,9 +204,12 @@ def write_outputs(found: SearchResult, scores, out: Path) -> None:
 
 def describe(found: SearchResult) -> str:
     """The lines `grape run` and `grape search` print when the search is done."""
+    sequential = found.mode.get("mode") == "sequential"
+    how = ("computed layer by layer from the shards, a generation of plans at a time" if sequential
+           else "computed, the rest reused layers or cached measurements")
     line = (f"search: chose {found.best.name} ({found.best.role.value}; search NLL {found.best.nll:.4f}, "
             f"unpruned {found.unpruned_nll:.4f}) after {found.passes} passes ({found.computed_passes:.1f} "
-            "computed, the rest reused layers or cached measurements)"
+            f"{how})"
             + (f" and {len(found.confirmed)} confirmation passes" if found.confirmed else "")
             + f" ({found.tokens_measured:,} tokens), {found.seconds:.0f} s")
     versus = found.versus_uniform
@@ -150,5 +220,6 @@ def describe(found: SearchResult) -> str:
     return line + "".join(f"\n    note: {n}" for n in found.notes if n.startswith(("held out", "confirmation on", "calibration:")))
 
 
-__all__ = ["CACHE_FILE", "RESULT_FILE", "describe", "held_out_from_files", "held_out_from_ids", "run_search",
-           "search_tokens", "sequence_length", "targets", "write_outputs"]
+__all__ = ["CACHE_FILE", "RESULT_FILE", "SearchMode", "describe", "held_out_from_files", "held_out_from_ids",
+           "open_sequential", "run_search", "search_mode", "search_tokens", "sequence_length", "targets",
+           "write_outputs"]

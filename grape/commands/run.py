@@ -233,6 +233,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print_result(summary: dict, report: Path) -> None:
+    if not summary["nll"]:  # a model that does not fit is not evaluated (the run said why)
+        print(f"wrote {report}")
+        return
     before = summary["nll"]["unpruned"]["mean"]
     parts = [f"unpruned {before:.4f}"] + [
         f"{name} {values['mean']:.4f} ({values['mean'] - before:+.4f})"

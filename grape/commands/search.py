@@ -23,8 +23,13 @@ DESCRIPTION = (
     "beats it by --search-margin paired standard errors. Writes plan.json, search.json (every "
     "candidate, its role and NLL), search.cache.json (resume) and, when it measured NLL curves, "
     "scores.npz with them into --out. Given the scores a `grape run` started from and the same "
-    "flags, it chooses the plan that run chose."
+    "flags, it chooses the plan that run chose. A model that does not fit in memory (or --mode "
+    "sequential) is measured one decoder layer at a time from its shards, with the same plans "
+    "and NLLs."
 )
+# the flags of calibration's runtime that say how the model is held: --mode, --sequential and
+# --hidden-states, declared once (grape.calibration.CalibrationConfig) for both verbs
+MODE_FIELDS = ("mode", "hidden_states")
 OUTPUT = DirOutput(signature=("search.json",), what="a search folder",
                    inputs=("model", "tokenizer", "scores", "plan", "search_data"))
 
@@ -75,8 +80,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rt.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1'")
     rt.add_argument("--dtype", default="auto", choices=DTYPES,
                     help="'auto': float32 on CPU, the checkpoint's dtype on GPU")
+    add_mode_arguments(rt)
     rt.add_argument("--seed", type=int, default=0, help="seed of the level-switch moves")
     rt.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def add_mode_arguments(group) -> None:
+    """`grape calibrate`'s --mode, --sequential and --hidden-states (the search measures layer
+    by layer where calibration would calibrate layer by layer)."""
+    import dataclasses
+
+    from grape.calibrate_stage import add_calibration_arguments
+    from grape.calibration import CalibrationConfig
+
+    others = tuple(f.name for f in dataclasses.fields(CalibrationConfig) if f.name not in MODE_FIELDS)
+    add_calibration_arguments(group, skip=others)
+
+
+def mode_config(args: argparse.Namespace):
+    """The CalibrationConfig holding how the model is held (mode, hidden states, device, dtype);
+    --sequential with --mode whole is refused here, before anything is read."""
+    from grape.calibrate_stage import calibration_config_from_args
+
+    return calibration_config_from_args(args, device_map=args.device, dtype=args.dtype)
 
 
 def _resolve(args: argparse.Namespace, scores, plan) -> tuple:
@@ -109,20 +135,35 @@ def _resolve(args: argparse.Namespace, scores, plan) -> tuple:
     return solve, replace(search, seq_len=sequence_length(scores, search))
 
 
-def run(args: argparse.Namespace) -> int:
+def _model(args: argparse.Namespace, held):
+    """The model to measure, as `held` (grape.search_stage.SearchMode) says: loaded whole, or
+    opened layer by layer from its shards; and its identity."""
     from grape.adapters import get_adapter
-    from grape.loading import load_model, load_tokenizer
-    from grape.search_stage import describe, held_out_from_files, run_search
+    from grape.loading import load_model
+    from grape.search_stage import open_sequential
+
+    if held.mode == "sequential":
+        stream = open_sequential(args.model, mode_config(args), held.reason, scratch=args.out)
+        return stream, stream.identity()
+    model = load_model(args.model, args.device, args.dtype)
+    return model, get_adapter(model).identity()
+
+
+def run(args: argparse.Namespace) -> int:
+    from grape.loading import load_tokenizer
+    from grape.search_stage import describe, held_out_from_files, run_search, search_mode
     from solvers.plan import Plan
     from solvers.scores import Scores
 
     scores = Scores.load(args.scores)  # read before the model: a bad file fails fast
     plan = Plan.load(args.plan) if args.plan is not None else None
     solve, search = _resolve(args, scores, plan)
+    held = search_mode(args.model, mode_config(args), check_fit=False)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     held_out = held_out_from_files(args.search_data, tokenizer, search.seq_len, search)
-    model = load_model(args.model, args.device, args.dtype)
-    scores.model.check_matches(get_adapter(model).identity())
+    print(f"grape search: {held.mode} mode ({held.reason})", flush=True)
+    model, identity = _model(args, held)
+    scores.model.check_matches(identity)
     confirm = held_out.confirm
     print(f"searching: at most {search.max_passes} forward passes of {held_out.search.tokens:,} tokens "
           f"({held_out.search.num_documents} documents)" + (
@@ -134,5 +175,5 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["DESCRIPTION", "HELP", "OUTPUT", "add_arguments", "add_search_arguments", "run",
-           "search_config_from_args"]
+__all__ = ["DESCRIPTION", "HELP", "OUTPUT", "add_arguments", "add_mode_arguments", "add_search_arguments",
+           "mode_config", "run", "search_config_from_args"]
