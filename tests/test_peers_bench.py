@@ -16,7 +16,7 @@ RUN = PEERS_DIR / "run.py"
 sys.path.insert(0, str(PEERS_DIR))
 
 import grape_side  # noqa: E402
-import report  # noqa: E402
+import peers_report as report  # noqa: E402
 
 
 def _run(*argv: str) -> subprocess.CompletedProcess:

@@ -237,7 +237,7 @@ def test_the_default_table_and_merging_two_runs(rows, tmp_path):
     assert quality.main(["--out", str(tmp_path / "a"), "--merge", str(tmp_path / "b")]) == 0
     merged = json.loads((tmp_path / "a" / "quality.json").read_text())
     assert [m["name"] for m in merged["models"]] == ["qwen3moe-32x4", "olmoe-32x4"]
-    assert "merged with `b`" in merged["command"] and (tmp_path / "a" / "quality.md").is_file()
+    assert merged["commands"] == ["a", "b"] and (tmp_path / "a" / "quality.md").is_file()
     other = {**base, "settings": {**base["settings"], "search_passes": 1}, "models": []}
     (tmp_path / "b" / "quality.json").write_text(json.dumps(other))
     with pytest.raises(SystemExit, match="other settings"):

@@ -321,7 +321,7 @@ def run_model(name: str, args, only: str | None) -> dict | None:
 
 # -- command line ---------------------------------------------------------------------------------
 def write(data: dict, out: Path) -> None:
-    from report import render
+    from peers_report import render
 
     text = json.dumps(data, indent=1)
     # lists of numbers (per-window NLLs, documents) on one line each: a readable, diffable file
@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     models = args.models or zoo_models()
     if args.report_only:
-        from report import render
+        from peers_report import render
 
         data = json.loads((args.out / "peers.json").read_text(encoding="utf-8"))
         (args.out / "peers.md").write_text(render(data, PEERS) + "\n", encoding="utf-8")
