@@ -322,8 +322,8 @@ def forward_pass(model: Path) -> None:
     after loading; prints one JSON line."""
     import transformers as T
 
-    from grape.data import load_calibration_data
-    from grape.loading import load_tokenizer
+    from grape.data.text import load_calibration_data
+    from grape.models.loading import load_tokenizer
 
     settings = dict(zip(COST_SETTINGS[::2], COST_SETTINGS[1::2]))
     data = load_calibration_data([str(DATA)], load_tokenizer(model), seq_len=int(settings["--seq-len"]),
@@ -358,10 +358,10 @@ def cost_rounds(model: Path, workdir: Path, repeats: int, experts: int) -> dict:
 
 
 def _old_trial_seconds(adapter, layer: int, rows: torch.Tensor, grams: torch.Tensor, count: int) -> float:
-    """CPU seconds of one trial of the greedy as it was (grape.reconstruction.full_reconstruction_order:
+    """CPU seconds of one trial of the greedy as it was (grape.calibration.reconstruction.full_reconstruction_order:
     every row re-routed around the removal, its error from the per-token Gram matrices)."""
-    from grape.layer_outputs import _bilinear_errors
-    from grape.reconstruction import _ProjectionMemo
+    from grape.calibration.layer_outputs import _bilinear_errors
+    from grape.calibration.reconstruction import _ProjectionMemo
 
     full_index, full_weight = adapter.route(layer, rows)
     full_weight = full_weight.to(torch.float64)
@@ -401,9 +401,9 @@ def greedy_alone(experts: int, whole: bool, grouped: bool = False) -> dict:
     (reconstruction_order) and before (the per-token Gram matrices, then every row re-routed
     for each of the E(E+1)/2 - 1 trials: measured `whole`, else from 64 trials, which all cost
     the same); and the layer's forward over ROWS tokens, the unit of the projection."""
-    from grape.adapters import get_adapter
-    from grape.layer_outputs import expert_grams
-    from grape.reconstruction import full_reconstruction_order, reconstruction_order
+    from grape.models.adapters import get_adapter
+    from grape.calibration.layer_outputs import expert_grams
+    from grape.calibration.reconstruction import full_reconstruction_order, reconstruction_order
 
     model = _layer_model(experts, grouped)
     adapter = get_adapter(model)
@@ -523,7 +523,7 @@ def _cost_details(result: dict) -> str:
              "(single-threaded). Before: the per-token Gram matrices of every expert's outputs "
              "(T x E x E), then every row re-routed for each of the E(E+1)/2 - 1 trials; measured "
              "whole at 32 experts, and from the Gram matrices plus 64 timed trials (every trial "
-             "costs the same) at every size. After: `grape.reconstruction.reconstruction_order`. Layer "
+             "costs the same) at every size. After: `grape.calibration.reconstruction.reconstruction_order`. Layer "
              f"forward: the one-layer model over {ROWS} tokens, the projection's unit.", "",
              "| router | experts | layer forward | before, measured | before, Grams + trials x "
              "one trial | after | speedup | same order |", "|---|---:|---:|---:|---:|---:|---:|---|"]

@@ -5,7 +5,7 @@ For each zoo model, calibration seed and budget this builds the run configuratio
 `grape run --model M --data CALIBRATION --budget B --seed S` builds it (the CLI's own parser and
 settings resolution: calibration size, held-out search and confirmation documents, passes,
 solver limits) and calls the pipeline's own stages: calibration with the search's documents
-held out (grape.data_split), the solver, and the loss-verified search with its confirmation.
+held out (grape.data.split), the solver, and the loss-verified search with its confirmation.
 Calibration does not depend on the budget, so it runs once per model and seed. Nothing here is a
 benchmark-only setting; the only thing not run is the pipeline's own evaluation and checkpoint
 (they do not change the plan).
@@ -13,7 +13,7 @@ benchmark-only setting; the only thing not run is the pipeline's own evaluation 
 Then every plan is measured on the committed test split (grape/assets/heldout/*.test.jsonl) by
 masked routing (the same NLL as removal, tests/test_apply.py): the default's choice and the
 uniform plan under every criterion (reconstruction, reap_mass, frequency, reap, ean). The NLL
-increase is the mean over domains; standard errors are by document (grape.stats), paired
+increase is the mean over domains; standard errors are by document (grape.evaluation.stats), paired
 against the best uniform plan (the lowest uniform plan on the test split, chosen after the fact:
 the strictest baseline).
 
@@ -45,7 +45,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 
 from grape.outputs import atomic_write_text  # noqa: E402
-from grape.stats import domain_mean_se  # noqa: E402
+from grape.evaluation.stats import domain_mean_se  # noqa: E402
 from provenance import scrub  # noqa: E402
 
 ZOO = ROOT / "benchmarks" / "zoo"
@@ -66,8 +66,8 @@ def log(message: str) -> None:
 def default_config(model: str, budget: float, seed: int, out: Path):
     """The RunConfig of `grape run --model M --data CALIBRATION --budget B --seed S --out OUT`
     (the CLI's parser and settings resolution, nothing else)."""
-    from grape.cli import build_parser
-    from grape.commands.run import resolve_settings, run_config
+    from grape.cli.main import build_parser
+    from grape.cli.commands.run import resolve_settings, run_config
 
     argv = ["run", "--model", str(ZOO / "models" / model), "--data", str(CALIBRATION),
             "--budget", str(budget), "--seed", str(seed), "--out", str(out), "--no-progress"]
@@ -106,9 +106,9 @@ def default_plan(model_name: str, budget: float, seed: int, loaded, out: Path):
 
 # -- the test split, by document ---------------------------------------------------------------------
 def test_windows(tokenizer) -> dict:
-    """domain -> grape.data_split.Windows over the whole test split (every document, uncapped)."""
-    from grape.data_split import _tokenized, windows
-    from grape.heldout import load_documents
+    """domain -> grape.data.split.Windows over the whole test split (every document, uncapped)."""
+    from grape.data.split import _tokenized, windows
+    from grape.data.heldout import load_documents
 
     docs = load_documents([str(p) for p in sorted(HELDOUT.glob("*.test.jsonl"))])
     separator = tokenizer.eos_token_id
@@ -120,7 +120,7 @@ def test_nll(model, plan, test: dict) -> dict:
     """domain -> per-window mean NLL under `plan` (None: unpruned), masked routing."""
     from contextlib import nullcontext
 
-    from grape.sensitivity import masked, sequence_nll
+    from grape.searching.sensitivity import masked, sequence_nll
 
     with masked(model, plan) if plan is not None else nullcontext():
         return {d: sequence_nll(model, w.ids, 8) for d, w in test.items()}

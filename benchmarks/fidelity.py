@@ -22,7 +22,7 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from grape.api import SolveConfig, build_problem
-from grape.sensitivity import with_nll_curves
+from grape.searching.sensitivity import with_nll_curves
 from solvers.errors import UserError
 from solvers.plan import Plan
 

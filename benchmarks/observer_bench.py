@@ -1,7 +1,7 @@
 """Observer overhead: a calibration pass under ExpertObserver vs a plain forward pass.
 
 Same model, same batches, same call (`model(input_ids, use_cache=False, logits_to_keep=1)`, as
-grape.calibration makes it). Measured:
+grape.calibration.calibrate makes it). Measured:
 
 * plain          - the model's own experts backend (grouped_mm);
 * stats          - per-expert statistics + output energy (the one-pass observer); target <= 1.2x;
@@ -88,9 +88,9 @@ class _Clock:
 
 def run_pass(model, batches, mode: str, subsample: int, device: str) -> tuple[float, float]:
     """(wall, cpu) seconds of one pass of `mode` over all batches (redundancy: post-pass only)."""
-    from grape.adapters import get_adapter
-    from grape.calibration import CalibrationConfig, layer_scores
-    from grape.observer import ExpertObserver, per_call_quota
+    from grape.models.adapters import get_adapter
+    from grape.calibration.calibrate import CalibrationConfig, layer_scores
+    from grape.calibration.observer import ExpertObserver, per_call_quota
 
     adapter = get_adapter(model)
     with torch.no_grad():

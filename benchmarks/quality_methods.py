@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from grape.api import SolveConfig, apply, build_problem
-from grape.sensitivity import measure_nll_curves, uniform_plan
+from grape.searching.sensitivity import measure_nll_curves, uniform_plan
 from solvers.constraints import EntropyGuard
 from solvers.errors import UserError
 from solvers.plan import Plan
@@ -276,7 +276,7 @@ def measure_layer_curves(
     log: Callable[[str], None] = print,
 ) -> tuple[LayerCurves, list[dict]]:
     """Each MoE layer pruned alone to each fraction (uniform REAP's experts in that layer) and
-    evaluated end to end: grape.sensitivity.measure_nll_curves, each single-layer plan applied
+    evaluated end to end: grape.searching.sensitivity.measure_nll_curves, each single-layer plan applied
     to a copy of `base` and scored by `evaluate` (mean NLL increase over the domains against
     `baseline_nll`). Returns per-layer curves of that increase against the kept count and one
     record per (fraction, layer). `time_limit` is unused (the uniform plans take no search)."""
@@ -311,7 +311,7 @@ def measure_layer_curves(
 def pruned_copy(base, plan: Plan, method: Method, scores: Scores):
     """A deep copy of the unpruned model with the plan applied (merges are frequency-weighted)."""
     model = copy.deepcopy(base)
-    quiet = logging.getLogger("grape.pruning")
+    quiet = logging.getLogger("grape.pruning.apply")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # the nearest-expert fallback warning is the intended merge
     try:

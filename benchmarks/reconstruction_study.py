@@ -7,7 +7,7 @@ documents it saw. This study calibrates each zoo model twice with the *same numb
 * `packed`  - grape's calibration packing: shuffled documents joined and cut into rows, so 64
               rows of 256 tokens cover the first dozen or so shuffled documents;
 * `spread`  - 64 windows of 256 tokens spread evenly over the whole calibration file
-              (grape.search_stage.search_tokens), so they cover nearly every document.
+              (grape.searching.stage.search_tokens), so they cover nearly every document.
 
 Each row: the NLL increase of the uniform plan by `reconstruction` and by REAP, on the whole
 test split (mean over domains; benchmarks/quality.py's evaluation), and their ratio. Usage:
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality import FAST, ZOO, Evaluator, available_models, calibration_texts
+from quality_setup import FAST, ZOO, Evaluator, available_models, calibration_texts
 
 from grape.outputs import atomic_write_text
 
@@ -41,7 +41,7 @@ def calibrate(model, tokenizer, how: str):
     """Scores from 64 x 256 calibration tokens, packed as the quality benchmark packs them or
     spread over the whole file."""
     import grape
-    from grape.search_stage import search_tokens
+    from grape.searching.stage import search_tokens
 
     config = grape.CalibrationConfig(samples=FAST.calib_samples, seq_len=FAST.calib_seq_len,
                                      subsample=FAST.subsample, seed=0, progress=False)
@@ -57,8 +57,8 @@ def study(name: str, budget: float) -> list[dict]:
     import torch
 
     import grape
-    from grape.evaluation import default_heldout_files, load_documents
-    from grape.sensitivity import masked, uniform_plan
+    from grape.evaluation.perplexity import default_heldout_files, load_documents
+    from grape.searching.sensitivity import masked, uniform_plan
 
     path = ZOO / "models" / name
     model = grape.load(path, dtype=torch.float32).eval()

@@ -1,5 +1,5 @@
 """Prune, then repair (issue 27): how much of the NLL increase of a pruned zoo model each repair
-method of grape.repair wins back, at what cost.
+method of grape.pruning.repair wins back, at what cost.
 
 For each zoo model and budget, the uniform REAP-mass plan (solver `uniform`) is applied to a fresh
 copy of the model with each repair method (none = plain removal), fitted on calibration rows of
@@ -63,7 +63,7 @@ def documents(split: str, max_docs: int | None = None) -> dict[str, list[str]]:
 
 
 def calibration_rows(tokenizer, rows: int, seq_len: int, seed: int) -> torch.Tensor:
-    from grape.data import load_calibration_data
+    from grape.data.text import load_calibration_data
 
     return load_calibration_data([str(HELDOUT / "calibration.jsonl")], tokenizer, seq_len=seq_len,
                                  samples=rows, seed=seed, progress=False).input_ids
@@ -71,11 +71,11 @@ def calibration_rows(tokenizer, rows: int, seq_len: int, seed: int) -> torch.Ten
 
 class DocumentEval:
     """Summed NLL and token count per document: each document is [EOS] + its tokens, cut into
-    windows of seq_len inputs (grape.evaluation's protocol, per document so that documents are
+    windows of seq_len inputs (grape.evaluation.perplexity's protocol, per document so that documents are
     the blocks of the standard errors)."""
 
     def __init__(self, tokenizer, docs: dict[str, list[str]], seq_len: int, batch: int = 16):
-        from grape.evaluation import pack_windows
+        from grape.evaluation.perplexity import pack_windows
 
         self.batch, self.pad = batch, tokenizer.pad_token_id or 0
         self.windows: list[tuple[str, int, list[int]]] = []  # (domain, document, window)
@@ -86,7 +86,7 @@ class DocumentEval:
         self.windows.sort(key=lambda item: len(item[2]))  # similar lengths share a batch
 
     def run(self, model) -> dict[str, dict[int, tuple[float, int]]]:
-        from grape.evaluation import window_losses
+        from grape.evaluation.perplexity import window_losses
 
         out: dict[str, dict[int, list[float]]] = {d: {} for d in DOMAINS}
         model.eval()
@@ -175,8 +175,8 @@ def parse_method(text: str) -> tuple[str, float | None]:
 
 def run_model(name: str, args, save=lambda result: None) -> dict:
     import grape
-    from grape.pruning import ApplyConfig
-    from grape.repair import RepairSettings, prune_and_repair
+    from grape.pruning.apply import ApplyConfig
+    from grape.pruning.repair import RepairSettings, prune_and_repair
     from transformers import AutoTokenizer
 
     path = ZOO / "models" / name

@@ -1,5 +1,5 @@
 """What repair costs at any size (issue 27 item 2): `grape apply --repair --mode streaming` prunes
-and repairs a checkpoint one decoder layer at a time from its shards (grape.repair_sequential).
+and repairs a checkpoint one decoder layer at a time from its shards (grape.pruning.repair_sequential).
 
 On the random-weight Qwen3-MoE checkpoint of benchmarks/streaming_bench.py (bf16, 200 MB shards,
 written shard by shard, never built in memory; 8 layers: 1.7 GB) with a uniform 50% plan, each
@@ -59,8 +59,8 @@ def measured(command: list[str], threads: int) -> dict:
 
 
 def import_baseline(threads: int) -> dict:
-    code = ("import torch, transformers, grape.streaming, grape.checkpoint, grape.repair_sequential, "
-            "grape.sequential; from transformers import Qwen3MoeForCausalLM")
+    code = ("import torch, transformers, grape.pruning.streaming, grape.pruning.checkpoint, grape.pruning.repair_sequential, "
+            "grape.calibration.sequential; from transformers import Qwen3MoeForCausalLM")
     return measured([sys.executable, "-c", code], threads)
 
 
@@ -159,7 +159,7 @@ def render(cost: dict) -> str:
         f"{state['fit_bytes'] / GB:.3f} GB). Acceptance (the repair's peak under the streaming "
         f"apply's plus that, {bound / GB:.2f} GB): **{'pass' if ok else 'FAIL'}** "
         f"({runs['repair']['peak_rss_bytes'] / GB:.2f} GB).", "",
-        "Both peaks are the read of one layer (grape.layerwise through transformers' conversion: "
+        "Both peaks are the read of one layer (grape.models.layerwise through transformers' conversion: "
         "the stored bf16 pieces, their stacked copies and the float32 result alive together), "
         "well above the layer itself: counted by size alone (the streaming apply's peak, one "
         f"float32 layer, the hidden states and the fit's inputs and targets, "

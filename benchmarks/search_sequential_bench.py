@@ -232,7 +232,7 @@ def markdown(record: dict) -> str:
             lines += ["The calibration's peak is above the checkpoint's size: layer-sequential calibration "
                       "loads each layer with the same loader, but glibc keeps the per-expert copies a load "
                       "frees, so its resident memory grows layer by layer; the search hands them back "
-                      "(grape.search_sequential: `bound_heap`, `release_memory`).", ""]
+                      "(grape.searching.sequential: `bound_heap`, `release_memory`).", ""]
     return "\n".join(lines) + "\n"
 
 

@@ -138,7 +138,7 @@ def run_apply(model: Path, plan: Path, out: Path, extra: list[str]) -> dict:
 
 def import_baseline() -> int:
     """Peak RSS of a process that only imports what streaming apply imports."""
-    code = ("import torch, transformers, grape.streaming, grape.checkpoint; "
+    code = ("import torch, transformers, grape.pruning.streaming, grape.pruning.checkpoint; "
             "from transformers import Qwen3MoeForCausalLM")
     done = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-c", code], capture_output=True,
                           text=True, cwd=ROOT, check=True)
@@ -147,7 +147,7 @@ def import_baseline() -> int:
 
 def tensor_digests(directory: Path) -> dict[str, tuple[str, list[int], str]]:
     """name -> (dtype, shape, sha256 of the bytes), one tensor in memory at a time."""
-    from grape.shards import stored_tensors
+    from grape.models.shards import stored_tensors
 
     out = {}
     for name, tensor in stored_tensors(directory).items():

@@ -14,8 +14,8 @@ The Python API (grape/api.py), one verb per stage, each imported on first use so
     result  = grape.evaluate(model, tok, data, grape.EvalConfig(...))
     run     = grape.run_pipeline(grape.RunConfig(model="moe/", out="runs/x", data=["corpus/"]))
 
-The work is done in modules named for their stage, not for the verb (grape.calibration,
-grape.pruning, grape.evaluation, grape.search_stage, ...), so `grape.calibrate` and
+The work is done in modules named for their stage, not for the verb (grape.calibration.calibrate,
+grape.pruning.apply, grape.evaluation.perplexity, grape.searching.stage, ...), so `grape.calibrate` and
 `grape.search` are always the functions.
 """
 
@@ -44,20 +44,20 @@ _LAZY = {
     "RunConfig": "grape.pipeline",
     "run_pipeline": "grape.pipeline",
     # configuration objects and artifacts
-    "CalibrationConfig": "grape.calibration",
-    "EvalConfig": "grape.evaluation",
-    "EvalResult": "grape.evaluation",
-    "ApplyConfig": "grape.pruning",
-    "SearchConfig": "grape.search_config",
-    "SearchResult": "grape.search_config",
+    "CalibrationConfig": "grape.calibration.calibrate",
+    "EvalConfig": "grape.evaluation.perplexity",
+    "EvalResult": "grape.evaluation.perplexity",
+    "ApplyConfig": "grape.pruning.apply",
+    "SearchConfig": "grape.searching.config",
+    "SearchResult": "grape.searching.config",
     "Scores": "solvers.scores",
     "Plan": "solvers.plan",
     "UserError": "solvers.errors",
     # lower-level entry points
-    "apply_plan": "grape.pruning",
-    "save_pruned": "grape.checkpoint",
-    "load_pruned": "grape.checkpoint",
-    "get_adapter": "grape.adapters",
+    "apply_plan": "grape.pruning.apply",
+    "save_pruned": "grape.pruning.checkpoint",
+    "load_pruned": "grape.pruning.checkpoint",
+    "get_adapter": "grape.models.adapters",
 }
 
 

@@ -19,6 +19,6 @@ def _drop_working_directory() -> None:
 
 _drop_working_directory()
 
-from grape.cli import main  # noqa: E402  (after the working directory is gone)
+from grape.cli.main import main  # noqa: E402  (after the working directory is gone)
 
 sys.exit(main())

@@ -34,11 +34,11 @@ if TYPE_CHECKING:  # pragma: no cover - only for annotations; the imports below 
     import torch
     from torch import nn
 
-    from grape.pruning import ApplyConfig
-    from grape.calibration import CalibrationConfig
-    from grape.search_config import SearchConfig, SearchResult
-    from grape.data import CalibrationData
-    from grape.evaluation import EvalConfig, EvalResult
+    from grape.pruning.apply import ApplyConfig
+    from grape.calibration.calibrate import CalibrationConfig
+    from grape.searching.config import SearchConfig, SearchResult
+    from grape.data.text import CalibrationData
+    from grape.evaluation.perplexity import EvalConfig, EvalResult
     from solvers.plan import Plan
     from solvers.problem import Problem
     from solvers.scores import Scores
@@ -63,16 +63,16 @@ def load(path: str | os.PathLike, device: str = "auto", dtype: Any = "auto",
          **from_pretrained_kwargs) -> nn.Module:
     """Load a model directory: a stock MoE checkpoint or one GRAPE pruned (per-layer expert
     counts included), in eval mode, without remote code, with the same defaults as every verb
-    (grape.loading: float32 on the CPU, all GPUs in the checkpoint's dtype otherwise). Other
+    (grape.models.loading: float32 on the CPU, all GPUs in the checkpoint's dtype otherwise). Other
     keyword arguments go to ``from_pretrained``."""
-    from grape.loading import load_model
+    from grape.models.loading import load_model
 
     return load_model(path, device, dtype, **from_pretrained_kwargs)
 
 
 def load_tokenizer(path: str | os.PathLike):
     """The tokenizer saved in a model (or tokenizer) directory."""
-    from grape.loading import load_tokenizer as _load
+    from grape.models.loading import load_tokenizer as _load
 
     return _load(path)
 
@@ -89,7 +89,7 @@ def calibrate(
     """Measure `model` on calibration `data` and return its Scores.
 
     `model`: a model directory, calibrated by the stage `grape calibrate` runs
-    (grape.calibrate_stage: ``config.mode`` whole / sequential / auto, torchrun, the device
+    (grape.calibration.stage: ``config.mode`` whole / sequential / auto, torchrun, the device
     map), or a loaded model (whole mode on it). `data` is a ``CalibrationData``, a 2-D tensor of
     input ids, a tokenizer's padded output (``tok(texts, padding=True, return_tensors="pt")``;
     padded positions are not counted), or raw sources (text / JSONL files, directories, a
@@ -97,10 +97,10 @@ def calibrate(
     sequences of ``config.seq_len`` tokens (capped at the model's context, with a notice) with
     `tokenizer` (default: the one in the model directory when `model` is a path). `out`: write
     the scores file there, resuming from ``OUT.partial/`` as `grape calibrate --out` does."""
-    from grape.calibrate_stage import calibrate_checkpoint, fit_seq_len
-    from grape.calibration import CalibrationConfig, is_tokenized
-    from grape.calibration import calibrate as _calibrate
-    from grape.data import load_calibration_data
+    from grape.calibration.stage import calibrate_checkpoint, fit_seq_len
+    from grape.calibration.calibrate import CalibrationConfig, is_tokenized
+    from grape.calibration.calibrate import calibrate as _calibrate
+    from grape.data.text import load_calibration_data
 
     config = config or CalibrationConfig()
     config.validate()
@@ -157,8 +157,8 @@ def search(model: nn.Module | str | os.PathLike, scores: Scores | str | os.PathL
     ids, each row its own document, no confirmation),
     from `plan` or `config`'s solver; `result.best.plan` is the choice. With `out`, writes
     plan.json, search.json and the resume cache there as `grape search --out` does."""
-    from grape.search_config import SearchConfig
-    from grape.search_stage import held_out_from_files, held_out_from_ids, run_search, sequence_length
+    from grape.searching.config import SearchConfig
+    from grape.searching.stage import held_out_from_files, held_out_from_ids, run_search, sequence_length
 
     search_config = search_config or SearchConfig()
     search_config.check_names()
@@ -197,19 +197,19 @@ def apply(model: nn.Module | str | os.PathLike, plan: Plan | str | os.PathLike,
           out: str | os.PathLike | None = None, dtype: str = "auto", tokenizer: Any = True,
           overwrite: bool = False) -> nn.Module | Path:
     """Apply `plan` (remove / merge / mask). To a loaded `model`: in place, returning it. To a
-    model directory: the stage `grape apply` runs (grape.apply_stage), writing the checkpoint to
+    model directory: the stage `grape apply` runs (grape.pruning.stage), writing the checkpoint to
     `out` and returning its path; ``config.mode`` 'auto' streams the shards where it can
     (remove / mask), so memory stays flat whatever the model's size. `merge_weights` (a Scores
     object or file, or {layer: weights}) weights a merge; with an ApplyConfig it is its field."""
-    from grape.pruning import ApplyConfig, apply_plan
+    from grape.pruning.apply import ApplyConfig, apply_plan
 
     if not isinstance(config, ApplyConfig):
         config = ApplyConfig(config, merge_weights=load_scores(merge_weights)
                              if isinstance(merge_weights, (str, os.PathLike)) else merge_weights)
     if not isinstance(model, (str, os.PathLike)):
         return apply_plan(model, load_plan(plan), config)
-    from grape.apply_stage import apply_checkpoint, check_plan
-    from grape.modelfiles import check_model_dir
+    from grape.pruning.stage import apply_checkpoint, check_plan
+    from grape.models.files import check_model_dir
 
     if out is None:
         raise UserError("apply: a model directory needs out=... (the checkpoint to write)")
@@ -222,7 +222,7 @@ def apply(model: nn.Module | str | os.PathLike, plan: Plan | str | os.PathLike,
 def save(model: nn.Module, path: str | os.PathLike, *, plan: Plan | None = None,
          tokenizer: Any = None, provenance: Mapping[str, Any] | None = None) -> Path:
     """Write a pruned model as a checkpoint directory that `load` (and transformers) reload."""
-    from grape.checkpoint import save_pruned
+    from grape.pruning.checkpoint import save_pruned
 
     return save_pruned(model, path, plan=plan, tokenizer=tokenizer,
                        provenance=dict(provenance) if provenance else None)
@@ -233,7 +233,7 @@ def evaluate(model: nn.Module, tokenizer: Any,
              config: EvalConfig | None = None, *, name: str | None = None) -> EvalResult:
     """Held-out NLL per domain (and lm-eval tasks if `config.tasks`); `data` None = the test
     bed's held-out test split."""
-    from grape.evaluation import evaluate as _evaluate
+    from grape.evaluation.perplexity import evaluate as _evaluate
 
     return _evaluate(model, tokenizer, data, config, name=name)
 

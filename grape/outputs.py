@@ -3,7 +3,7 @@ not write is ever lost.
 
 Each verb that writes declares its output with :class:`DirOutput` (a checkpoint, a run, an eval
 or compare folder) or :class:`FileOutput` (a scores or plan file) as ``OUTPUT`` in its command
-module; ``grape.cli`` adds ``--overwrite`` and calls :meth:`check` before the verb runs, so a bad
+module; ``grape.cli.main`` adds ``--overwrite`` and calls :meth:`check` before the verb runs, so a bad
 ``--out`` fails in a second, not after calibration. The rules (docs/formats.md, "Outputs"):
 
 * an output is never an input, inside one, or around one (``--out`` equal to ``--model``, or a
@@ -18,7 +18,7 @@ module; ``grape.cli`` adds ``--overwrite`` and calls :meth:`check` before the ve
 A write the disk refuses is a :class:`DiskError` (one line, with the size against the free
 space); :func:`clean_leftovers` removes what killed runs staged for the same output.
 
-The library's own writers (``solvers._io``, ``grape.checkpoint``) give files and folders the
+The library's own writers (``solvers._io``, ``grape.pruning.checkpoint``) give files and folders the
 permissions the umask allows (0644 / 0755 by default), not the 0600 / 0700 of temporary files.
 """
 
@@ -55,7 +55,7 @@ def check_creatable(path: Path, flag: str = "--out") -> None:
     """`path` can be created or replaced: the nearest existing folder above it is a directory in
     which this process can really create a file (tried with a temporary file, since permission
     bits say nothing for root, read-only mounts or /proc)."""
-    # a mount point is written into (grape.checkpoint stages inside it), not renamed over
+    # a mount point is written into (grape.pruning.checkpoint stages inside it), not renamed over
     parent = path if os.path.ismount(path) else _nearest_existing(path.parent)
     if not parent.is_dir():
         raise OutputError(f"{flag} {str(path)!r}: {str(parent)!r} is a file, not a directory; "
@@ -162,7 +162,7 @@ def _as_path(item: object) -> Path | None:
     for candidate in (text, text.split("=", 1)[-1]):
         if Path(candidate).exists():
             return Path(candidate)
-    from grape.modelfiles import _HUB_ID, cached_model
+    from grape.models.files import _HUB_ID, cached_model
 
     if not _HUB_ID.match(text):
         return None

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from grape.apply_stage import apply_in_place
-from grape.calibration import CalibrationConfig
-from grape.evaluation import EvalConfig
-from grape.pruning import ApplyConfig
-from grape.search_config import SearchConfig
+from grape.pruning.stage import apply_in_place
+from grape.calibration.calibrate import CalibrationConfig
+from grape.evaluation.perplexity import EvalConfig
+from grape.pruning.apply import ApplyConfig
+from grape.searching.config import SearchConfig
 from solvers.errors import UserError
 from solvers.spec import SolveConfig, check_budget
 
@@ -58,19 +58,19 @@ class RunConfig:
     device: str = "auto"
     dtype: str = "auto"
     overwrite: bool = False  # replace an out/checkpoint GRAPE did not write
-    # the loss-verified search (grape.search_stage, the same stage as `grape search`); None:
+    # the loss-verified search (grape.searching.stage, the same stage as `grape search`); None:
     # apply the solver's plan as it is
     search: SearchConfig | None = field(default_factory=SearchConfig)
     # where the search and confirmation tokens come from: None: whole documents of `data` held
-    # out of calibration (grape.data_split); else these files, split by document, each domain
+    # out of calibration (grape.data.split); else these files, split by document, each domain
     # weighing the same (e.g. a validation split shaped like the evaluation)
     search_data: list[str] | None = None
     # calibrate again on each half of the calibration rows and report how much of the chosen
-    # plan survives (grape.stability; one more calibration's cost)
+    # plan survives (grape.searching.stability; one more calibration's cost)
     stability: bool = False
 
     def __post_init__(self) -> None:
-        from grape.compare import solver_names
+        from grape.report.compare import solver_names
 
         self.model, self.out = Path(self.model), Path(self.out)
         shorthands = {"method": self.method, "allow_lower_top_k": self.allow_lower_top_k}
@@ -106,8 +106,8 @@ class Calibrated(NamedTuple):
     tokenizer: Any
     model: Any
     scores: Any  # None on a torchrun rank other than 0
-    held_out: Any  # grape.data_split.HeldOut, or None without a search
-    rows: Any = None  # the calibration rows (grape.data.CalibrationData) when calibrated here
+    held_out: Any  # grape.data.split.HeldOut, or None without a search
+    rows: Any = None  # the calibration rows (grape.data.text.CalibrationData) when calibrated here
 
 
 class _Stages:
@@ -206,7 +206,7 @@ def _evaluate_and_apply(config: RunConfig, stages: _Stages, model, tokenizer, do
                         method: ApplyConfig, repair_ids):
     """The unpruned model evaluated, then `plan` applied to it in place and evaluated again;
     (unpruned EvalResult, {solver: EvalResult})."""
-    from grape.evaluation import evaluate
+    from grape.evaluation.perplexity import evaluate
     from grape.run_outputs import write_eval
 
     label = config.model.name
@@ -252,14 +252,14 @@ def _searched(config: RunConfig, stages: _Stages, calibrated: Calibrated, plans:
 
 
 def _held(config: RunConfig):
-    """How the run holds the model (grape.search_stage.SearchMode): calibration's rule decides
+    """How the run holds the model (grape.searching.stage.SearchMode): calibration's rule decides
     whether the search runs layer by layer and whether the model is loaded at all; a model that
     does not fit and a stage that needs it loaded (a repair, a merge, an in-memory apply) are
     refused now, before any work."""
-    from grape.apply_stage import streams
-    from grape.distributed import launched_size
-    from grape.modelfiles import read_config
-    from grape.search_stage import SearchMode, search_mode
+    from grape.pruning.stage import streams
+    from grape.calibration.distributed import launched_size
+    from grape.models.files import read_config
+    from grape.searching.stage import SearchMode, search_mode
 
     if launched_size() > 1:  # under torchrun the calibration stage places each rank's copy itself
         return SearchMode("whole", True, "a torchrun job")
@@ -279,10 +279,10 @@ def _held(config: RunConfig):
 def _checked_inputs(config: RunConfig):
     """The held-out documents, after the checks that need no model (budget, lm-eval tasks, a
     repair's text and model)."""
-    from grape.apply_stage import check_repair
-    from grape.evaluation import default_heldout_files, load_documents
-    from grape.lmeval_offline import check_eval_tasks
-    from grape.modelfiles import read_config
+    from grape.pruning.stage import check_repair
+    from grape.evaluation.perplexity import default_heldout_files, load_documents
+    from grape.evaluation.lmeval_offline import check_eval_tasks
+    from grape.models.files import read_config
 
     check_budget(config.solve.budget)
     check_repair(read_config(config.model), _repair_method(config, None), data_flag="--repair-data or --data")
@@ -302,7 +302,7 @@ def _repair_ids(config: RunConfig, method: ApplyConfig, tokenizer):
     """The repair's calibration rows (None without a repair), read once for every plan."""
     if method.repair == "none":
         return None
-    from grape.apply_stage import repair_tokens
+    from grape.pruning.stage import repair_tokens
 
     return repair_tokens(config.model, method, tokenizer, say=_indent)
 
@@ -310,7 +310,7 @@ def _repair_ids(config: RunConfig, method: ApplyConfig, tokenizer):
 def _baselines(config: RunConfig, plans, names, method, tokenizer, docs, repair_ids=None) -> dict:
     """Each baseline plan applied (and repaired, with a repair) to a fresh copy of the model and
     evaluated."""
-    from grape.evaluation import evaluate
+    from grape.evaluation.perplexity import evaluate
 
     evals = {}
     for name in names:
@@ -322,18 +322,18 @@ def _baselines(config: RunConfig, plans, names, method, tokenizer, docs, repair_
 
 
 def _load_model(config: RunConfig):
-    from grape.loading import load_model
+    from grape.models.loading import load_model
 
     return load_model(config.model, config.device, config.dtype)
 
 
 def _calibrate_stage(config: RunConfig, searching: bool, load: bool = True):
     """The stage's Calibrated (tokenizer, model, scores, held-out windows). Without --search-data the search's
-    and the confirmation's documents are held out of the calibration text (grape.data_split).
+    and the confirmation's documents are held out of the calibration text (grape.data.split).
     Scores None: a rank other than 0 of a torchrun job. `load` False: the model does not fit, so
     it is never loaded (model None; calibration runs layer by layer)."""
-    from grape.adapters import get_adapter
-    from grape.loading import load_tokenizer
+    from grape.models.adapters import get_adapter
+    from grape.models.loading import load_tokenizer
     from solvers.scores import Scores
 
     tokenizer = load_tokenizer(config.tokenizer or config.model)
@@ -341,7 +341,7 @@ def _calibrate_stage(config: RunConfig, searching: bool, load: bool = True):
     split = _split(config, cal, tokenizer, searching)
     held_out = split.held_out if split is not None else None
     if searching and config.search_data is not None:
-        from grape.search_stage import held_out_from_files
+        from grape.searching.stage import held_out_from_files
 
         held_out = held_out_from_files(config.search_data, tokenizer, config.search.seq_len, config.search)
     for note in (split.notes if split is not None else ()):
@@ -363,8 +363,8 @@ def _calibrate_stage(config: RunConfig, searching: bool, load: bool = True):
 def _fitted_calibration(config: RunConfig) -> CalibrationConfig:
     """The calibration settings with the stage's sequence-length policy applied (the search
     windows are cut with the same policy)."""
-    from grape.calibrate_stage import fit_seq_len
-    from grape.modelfiles import context_length, read_config
+    from grape.calibration.stage import fit_seq_len
+    from grape.models.files import context_length, read_config
 
     model_config = read_config(config.model)
     cal = fit_seq_len(config.calibration, model_config, who="grape run")
@@ -375,10 +375,10 @@ def _fitted_calibration(config: RunConfig) -> CalibrationConfig:
 
 
 def _split(config: RunConfig, cal: CalibrationConfig, tokenizer, searching: bool):
-    """The calibration text split by document (grape.data_split): calibration rows (none when
+    """The calibration text split by document (grape.data.split): calibration rows (none when
     the scores are given) and, when the search holds its tokens out of it, the held-out sets."""
-    from grape.data_split import Targets, split_text
-    from grape.search_stage import targets
+    from grape.data.split import Targets, split_text
+    from grape.searching.stage import targets
 
     holding = searching and config.search_data is None
     fresh = config.scores is None
@@ -392,12 +392,12 @@ def _split(config: RunConfig, cal: CalibrationConfig, tokenizer, searching: bool
 
 
 def _calibrated(config: RunConfig, cal: CalibrationConfig, data, load: bool = True):
-    """(model, scores) by the calibration stage (grape.calibrate_stage, as `grape calibrate`):
+    """(model, scores) by the calibration stage (grape.calibration.stage, as `grape calibrate`):
     whole mode on the model the later stages use, loaded first; sequential mode (asked for, or
     the model does not fit) layer by layer, the model loaded for the later stages after (never
     when `load` is False: it does not fit)."""
-    from grape.calibrate_stage import calibrate_checkpoint, resolve_mode
-    from grape.distributed import launched_size
+    from grape.calibration.stage import calibrate_checkpoint, resolve_mode
+    from grape.calibration.distributed import launched_size
 
     calibration = data
     # under torchrun the stage places each rank's copy itself (one GPU per rank)
@@ -411,11 +411,11 @@ def _calibrated(config: RunConfig, cal: CalibrationConfig, data, load: bool = Tr
 
 
 def _search_stage(config: RunConfig, model, scores, held_out, plans: dict, held=None):
-    """The search stage (grape.search_stage, as `grape search`): the best measured candidate
+    """The search stage (grape.searching.stage, as `grape search`): the best measured candidate
     becomes plans["search"] and plan.json; the solver's plan moves to plans/<solver>.json.
-    `held` (grape.search_stage.SearchMode) 'sequential': the plans are measured layer by layer
+    `held` (grape.searching.stage.SearchMode) 'sequential': the plans are measured layer by layer
     from the shards, whether or not `model` is loaded too."""
-    from grape.search_stage import describe, open_sequential, run_search
+    from grape.searching.stage import describe, open_sequential, run_search
 
     if held is not None and held.mode == "sequential":
         _indent(f"searching layer by layer ({held.reason})")
@@ -429,10 +429,10 @@ def _search_stage(config: RunConfig, model, scores, held_out, plans: dict, held=
 
 
 def _stability(config: RunConfig, calibrated: Calibrated, found) -> None:
-    """grape.stability on the calibration rows of this run (recorded in search.json)."""
-    from grape import stability
+    """grape.searching.stability on the calibration rows of this run (recorded in search.json)."""
+    from grape.searching import stability
 
-    from grape.search_stage import RESULT_FILE
+    from grape.searching.stage import RESULT_FILE
     from solvers._io import atomic_write_text
 
     if calibrated.rows is None:
@@ -444,7 +444,7 @@ def _stability(config: RunConfig, calibrated: Calibrated, found) -> None:
 
 
 def _solve_stage(config: RunConfig, scores):
-    from grape.compare import compare_solvers, solver_names
+    from grape.report.compare import compare_solvers, solver_names
     from solvers.spec import build_problem, plan_for
 
     solver, out = config.solve.solver, config.out

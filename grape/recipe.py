@@ -28,7 +28,7 @@ flags: same type conversion, same choices.
 Relative paths in a recipe (model, data, scores, plan, out, ...) are relative to the recipe
 file's folder, not to the directory the command runs in, so a recipe means the same from
 anywhere. A ``model`` or ``tokenizer`` of the form owner/name that is not a folder there is a
-Hub id (grape.modelfiles.resolve_model).
+Hub id (grape.models.files.resolve_model).
 
 After a verb succeeds, its resolved configuration (every option, whatever set it) is written
 beside its outputs as a recipe of its own (``<verb>.recipe.yaml`` inside an output directory,
@@ -55,8 +55,8 @@ RECIPE_SUFFIXES = (".yaml", ".yml", ".toml", ".json")
 # options whose values are paths: relative ones in a recipe are read from the recipe's folder
 PATH_OPTIONS = {"model", "tokenizer", "data", "eval_data", "search_data", "scores", "plan", "out",
                 "baseline", "task_path", "offload_folder", "path"}
-_HUB_ID_OPTIONS = {"model", "tokenizer"}  # may also be a Hub id (grape.modelfiles.resolve_model)
-# argparse destinations that are not options of the run (set by grape.cli or the recipe itself)
+_HUB_ID_OPTIONS = {"model", "tokenizer"}  # may also be a Hub id (grape.models.files.resolve_model)
+# argparse destinations that are not options of the run (set by grape.cli.main or the recipe itself)
 # not settable from a recipe and not recorded: --overwrite must be asked for on each run
 _INTERNAL = {"recipe", "verb", "overwrite"}
 
@@ -293,7 +293,7 @@ def resolved_options(args: argparse.Namespace, folder: Path | None = None) -> di
         if key.startswith("_") or key in _INTERNAL:
             continue
         if key == "budget" and isinstance(value, str) and type(value) is not str:
-            # the budget nobody gave (grape.config.DEFAULT_BUDGET): recorded as what it became
+            # the budget nobody gave (grape.cli.problem.DEFAULT_BUDGET): recorded as what it became
             value = "fit" if getattr(args, "fit", None) is not None else str(value)
         value = _plain(value)
         if folder is not None and key in PATH_OPTIONS:

@@ -19,12 +19,12 @@ def say(line: str) -> None:
 
 
 def save_checkpoint(model, config, plan, tokenizer, method) -> None:
-    """The pruned checkpoint, by the rule of `grape apply` (grape.apply_stage): streamed from
+    """The pruned checkpoint, by the rule of `grape apply` (grape.pruning.stage): streamed from
     the source shards where it can, else saved from the model pruned in memory (`model` None:
     a model that does not fit, refused before the run when it cannot stream)."""
-    from grape.apply_stage import apply_checkpoint, streams
-    from grape.checkpoint import save_pruned
-    from grape.modelfiles import read_config
+    from grape.pruning.stage import apply_checkpoint, streams
+    from grape.pruning.checkpoint import save_pruned
+    from grape.models.files import read_config
 
     out, provenance = config.out / "checkpoint", {"run_dir": str(config.out)}
     if streams(config.model, read_config(config.model), method, config.dtype, say=say):
@@ -60,7 +60,7 @@ def write_eval(path: Path, result, baseline=None) -> None:
 
 def write_report(config, scores, solver: str, plans, base_eval, evals, rows, files, seconds,
                  notes: list[str]) -> Path:
-    from grape.report import RunReport, plan_placement
+    from grape.report.tables import RunReport, plan_placement
 
     report = RunReport(
         model=str(config.model), budget=str(config.solve.budget), objective=config.solve.objective,
@@ -76,7 +76,7 @@ def write_report(config, scores, solver: str, plans, base_eval, evals, rows, fil
 
 def summary(config, scores, plans, base_eval, evals, seconds) -> dict:
     """summary.json; without evaluations (a model that does not fit) "nll" is empty."""
-    from grape.inspect_runs import RUN_FORMAT
+    from grape.report.inspect_runs import RUN_FORMAT
 
     def per_domain(result) -> dict:
         return {d: r.nll for d, r in result.domains.items()} | {"mean": result.mean_nll}

@@ -1,6 +1,6 @@
 """List every model type of the installed transformers whose model contains a routed sparse
 mixture-of-experts block, and say for each whether GRAPE supports it or the one line
-`grape.adapters.get_adapter` refuses it with.
+`grape.models.adapters.get_adapter` refuses it with.
 
 A model type counts when its modeling module defines a routed-experts class: one decorated with
 `@use_experts_implementation` (the transformers v5 fused experts interface) or a class named
@@ -75,8 +75,8 @@ def moe_model_types() -> list[tuple[str, str]]:
 
 def report() -> list[dict]:
     """One row per MoE model type: type, head, supported, and the adapter or the refusal."""
-    from grape.adapters.base import _REGISTRY
-    from grape.adapters import refusal_reason
+    from grape.models.adapters.base import _REGISTRY
+    from grape.models.adapters import refusal_reason
 
     rows = []
     for model_type, head in moe_model_types():
@@ -110,7 +110,7 @@ def adapter_rows() -> list[dict]:
     """One row per adapter class, by family name: family, model types, examples, special (with
     a note when `grape apply` cannot stream the family's checkpoints, or a layer-sequential run
     cannot run it)."""
-    from grape.adapters.base import _REGISTRY
+    from grape.models.adapters.base import _REGISTRY
 
     types: dict[type, list[str]] = {}
     for model_type, cls in _REGISTRY.items():

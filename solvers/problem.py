@@ -262,7 +262,7 @@ def _curve_source(scores: Scores, curves: str):
         raise UserError(f"--curves {curves!r}: choose auto, nll or output")
     if curves == "nll" and not has_nll:
         raise UserError("--curves nll needs measured NLL curves in the scores file for every layer; "
-                        "`grape run` (with its search) or grape.sensitivity.measure_nll_curves stores "
+                        "`grape run` (with its search) or grape.searching.sensitivity.measure_nll_curves stores "
                         "them, or use --curves output")
     if curves == "nll" or (curves == "auto" and has_nll):
         return (lambda ls: ls.nll_curve), "nll"

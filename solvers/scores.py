@@ -21,10 +21,10 @@ Format (version 1): a numpy ``.npz`` archive (``allow_pickle=False``) holding
   ``similarity/<kind>``     (N, N)     optional; symmetric, e.g. ``cka``, ``cosine``, ``router``
   ``cost_curve``            (N+1,)     optional; entry n = block output error keeping n experts
   ``nll_curve``             (N+1,)     optional; entry n = measured NLL increase (nats) when only
-                                       this layer keeps n experts (grape.sensitivity)
+                                       this layer keeps n experts (grape.searching.sensitivity)
   ``reconstruction``        (N,)       optional; the criterion of that name: block output error
                                        once e and the experts greedy re-routed elimination removed
-                                       before it are gone (grape.reconstruction.reconstruction_order)
+                                       before it are gone (grape.calibration.reconstruction.reconstruction_order)
   ========================  =========  ====================================================
 
 All statistics are float64. ``grape synth`` writes the same format from synthetic numbers.
@@ -123,7 +123,7 @@ class LayerScores:
     similarity: dict[str, np.ndarray] = field(default_factory=dict)  # kind -> (N, N)
     cost_curve: np.ndarray | None = None  # (N+1,)
     # (N+1,) optional: measured end-to-end NLL increase (nats) when only this layer keeps n
-    # experts (grape.sensitivity); preferred by the curves objective when every layer has one
+    # experts (grape.searching.sensitivity); preferred by the curves objective when every layer has one
     nll_curve: np.ndarray | None = None
 
     @property
@@ -167,7 +167,7 @@ CRITERIA = {
     "msan": lambda s, t: _safe_div(s["gate_norm_sq_sum"], s["count"]),
     "max_norm": lambda s, t: np.asarray(s["norm_max"], dtype=np.float64),
     # greedy elimination on the layer's output error with tokens re-routed around each removal:
-    # sees substitution between experts, which no per-expert statistic does (grape.scoring)
+    # sees substitution between experts, which no per-expert statistic does (grape.calibration.scoring)
     "reconstruction": lambda s, t: np.asarray(s["reconstruction"], dtype=np.float64),
 }
 

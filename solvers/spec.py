@@ -7,7 +7,7 @@ here, beside the Problem it builds, so that the optimisation package can be used
 
 * the Python API's argument (``grape.solve(scores, SolveConfig(budget=0.5))``);
 * the source of the command-line flags of ``grape solve``, ``grape compare``, ``grape search``
-  and ``grape run`` (the field metadata below; ``grape.config.add_problem_arguments`` turns it
+  and ``grape run`` (the field metadata below; ``grape.cli.problem.add_problem_arguments`` turns it
   into flags, so every verb accepts the same problem flags with the same validation);
 * validated once, when it is built (cheap checks that need no scores: the budget's form, the
   objective's terms and weights, the per-layer floor, flag combinations);
@@ -79,7 +79,7 @@ class SolveConfig:
         "how each layer's importance is rescaled before layers meet", "what", choices="normalizations"))
     curves: str = field(default="auto", metadata=_flag(
         "layer curves for the curves objective: nll (measured end-to-end NLL increase, stored by "
-        "the search or grape.sensitivity), output (block-output error from calibration), or auto "
+        "the search or grape.searching.sensitivity), output (block-output error from calibration), or auto "
         "(nll when the scores have it for every layer, else output)", "what",
         choices=("auto", "nll", "output")))
     similarity: str | None = field(default="auto", metadata=_flag(

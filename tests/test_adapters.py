@@ -7,13 +7,13 @@ import torch
 from tiny_models import FAMILIES, make_tiny
 from torch import nn
 
-from grape.adapters import get_adapter, supported_model_types
-from grape.adapters.deepseek import DeepseekV2Adapter, DeepseekV3Adapter
-from grape.adapters.gpt_oss import GptOssAdapter
-from grape.adapters.mixtral import MixtralAdapter
-from grape.adapters.olmoe import OlmoeAdapter
-from grape.adapters.qwen2_moe import Qwen2MoeAdapter
-from grape.adapters.qwen3_moe import Qwen3MoeAdapter
+from grape.models.adapters import get_adapter, supported_model_types
+from grape.models.adapters.deepseek import DeepseekV2Adapter, DeepseekV3Adapter
+from grape.models.adapters.gpt_oss import GptOssAdapter
+from grape.models.adapters.mixtral import MixtralAdapter
+from grape.models.adapters.olmoe import OlmoeAdapter
+from grape.models.adapters.qwen2_moe import Qwen2MoeAdapter
+from grape.models.adapters.qwen3_moe import Qwen3MoeAdapter
 from grape.errors import ArchitectureError
 from solvers.scores import ModelIdentity
 

@@ -107,7 +107,7 @@ def test_sequences_past_the_context_are_capped_or_refused(ws, capsys):
 
 
 def test_the_whole_pipeline_is_one_library_call(ws, scores, tmp_path):
-    from grape.search_config import SearchConfig
+    from grape.searching.config import SearchConfig
 
     """grape.run_pipeline is what `grape run` calls: same outputs, from typed configurations."""
     scores_file = tmp_path / "scores.npz"
@@ -144,9 +144,9 @@ def test_no_hidden_state_between_calls(scores):
 def test_verb_names_are_plain_functions_and_the_stage_modules_import():
     import types
 
-    from grape.calibration import CalibrationConfig
-    from grape.evaluation import EvalConfig
-    from grape.pruning import apply_plan
+    from grape.calibration.calibrate import CalibrationConfig
+    from grape.evaluation.perplexity import EvalConfig
+    from grape.pruning.apply import apply_plan
 
     for verb in ("calibrate", "apply", "evaluate"):
         assert isinstance(getattr(grape, verb), types.FunctionType)

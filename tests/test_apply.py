@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from tiny_models import FAMILIES, make_tiny, tiny_input_ids
 
-from grape.adapters import get_adapter
-from grape.pruning import ApplyConfig, apply_plan
+from grape.models.adapters import get_adapter
+from grape.pruning.apply import ApplyConfig, apply_plan
 from grape.errors import ArchitectureError, PlanError, ScoresError
 from solvers.plan import Plan
 from solvers.scores import LayerScores, Scores
@@ -269,7 +269,7 @@ def test_merge_without_map_uses_weight_cosine(caplog):
     before = {name: t.detach().clone() for name, t in adapter.experts(2).named_parameters()}
     kept = {layer: list(range(8)) for layer in adapter.moe_blocks()}
     kept[2] = [0, 1, 2, 3, 4, 5, 7]
-    with caplog.at_level(logging.WARNING, logger="grape.pruning"):
+    with caplog.at_level(logging.WARNING, logger="grape.pruning.apply"):
         apply_plan(model, plan_for(model, kept), method="merge")  # equal weights
     assert "no merge map for layers [2]" in caplog.text
     for name, tensor in adapter.experts(2).named_parameters():

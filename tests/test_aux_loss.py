@@ -11,9 +11,9 @@ import torch
 import transformers as T
 from tiny_models import make_tiny, tiny_input_ids
 
-from grape.adapters import get_adapter
-from grape.pruning import apply_plan
-from grape.checkpoint import load_pruned, save_pruned
+from grape.models.adapters import get_adapter
+from grape.pruning.apply import apply_plan
+from grape.pruning.checkpoint import load_pruned, save_pruned
 from grape.templates.grape_moe_aux import uneven_load_balancing_loss
 from solvers.plan import Plan
 

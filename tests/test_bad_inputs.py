@@ -25,7 +25,7 @@ from cli_workspace import make_workspace
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from grape.cli import main
+from grape.cli.main import main
 from solvers.errors import PlanError, ScoresError, UserError
 from solvers.plan import Plan
 from solvers.scores import Scores

@@ -11,8 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from grape.adapters import get_adapter
-from grape.calibration import (
+from grape.models.adapters import get_adapter
+from grape.calibration.calibrate import (
     CalibrationConfig,
     all_expert_outputs,
     calibrate,
@@ -21,7 +21,7 @@ from grape.calibration import (
     position_ids_from_mask,
 )
 from grape.errors import ArchitectureError, DataError
-from grape.observer import OBSERVER_IMPLEMENTATION, ExpertObserver
+from grape.calibration.observer import OBSERVER_IMPLEMENTATION, ExpertObserver
 from solvers.errors import ScoresError
 from solvers.scores import STAT_NAMES, Scores
 from tests.tiny_models import FAMILIES, make_tiny, tiny_input_ids
@@ -137,13 +137,13 @@ def test_observer_leaves_logits_and_implementation_unchanged(family):
 def test_generic_path_equals_the_grouped_mm_fast_path(family, monkeypatch):
     """Without the grouped_mm fast path the observer calls the backend on the routed pairs
     (T*k rows, k=1): same logits bit for bit, same statistics."""
-    import grape.observer
+    import grape.calibration.observer
 
     model = make_tiny(family)
     adapter = _adapter(model)
     ids = tiny_input_ids(4, 12)
     fast_logits, fast = observe(model, adapter, ids)
-    monkeypatch.setattr(grape.observer, "_grouped_linear", None)
+    monkeypatch.setattr(grape.calibration.observer, "_grouped_linear", None)
     generic_logits, generic = observe(model, adapter, ids)
     assert torch.equal(generic_logits, fast_logits)
     for layer in fast:
@@ -432,8 +432,8 @@ def _dense(index, weights, n):
 def _subsample(model, adapter, layer, config, every=False):
     """Re-run the observer as calibrate does to get the same subsample rows: the ones similarity
     and cost curves use, or (every=True) all the rows kept, on which the reconstruction order runs."""
-    from grape.observer import per_call_quota
-    from grape.scoring import shared_rows
+    from grape.calibration.observer import per_call_quota
+    from grape.calibration.scoring import shared_rows
 
     ids = tiny_input_ids(6, 16)
     batches = ids.split(config.batch_size)
@@ -527,7 +527,7 @@ def test_config_errors_name_the_fix():
 
 # -- the command ----------------------------------------------------------------------------
 def test_grape_calibrate_command(tmp_path, capsys):
-    from grape.cli import main
+    from grape.cli.main import main
     from tests.test_data import _words, char_tokenizer
 
     model = make_tiny("qwen3_moe")
@@ -723,13 +723,13 @@ def test_interrupted_whole_model_run_resumes_to_the_same_scores(tmp_path, monkey
     """Accumulators saved every 2 batches; a run stopped after its second save, run again with
     the same folder, settings and data, runs only the batches after that save and gives the
     uninterrupted run's scores."""
-    import grape.resume
+    import grape.calibration.resume
 
     model = make_tiny("olmoe")
     ids = tiny_input_ids(10, 12)
     config = CalibrationConfig(batch_size=2, subsample=30, progress=False)
     reference = calibrate(model, ids, config)
-    saves, original = [], grape.resume.CalibrationCheckpoint.save
+    saves, original = [], grape.calibration.resume.CalibrationCheckpoint.save
 
     class Stop(Exception):
         pass
@@ -740,11 +740,11 @@ def test_interrupted_whole_model_run_resumes_to_the_same_scores(tmp_path, monkey
         if len(saves) == 2:
             raise Stop
 
-    monkeypatch.setattr(grape.resume.CalibrationCheckpoint, "save", save_then_stop)
+    monkeypatch.setattr(grape.calibration.resume.CalibrationCheckpoint, "save", save_then_stop)
     with pytest.raises(Stop):
         calibrate(model, ids, config, checkpoint=tmp_path / "partial", checkpoint_every=2)
     assert saves == [2, 4]
-    monkeypatch.setattr(grape.resume.CalibrationCheckpoint, "save", original)
+    monkeypatch.setattr(grape.calibration.resume.CalibrationCheckpoint, "save", original)
     forwards = []
     handle = model.register_forward_pre_hook(lambda module, args: forwards.append(1))
     scores = calibrate(model, ids, config, checkpoint=tmp_path / "partial", checkpoint_every=2)
@@ -787,8 +787,8 @@ def test_the_calibrate_flags_are_generated_from_the_config():
     the parsed flags build the same config back (grape/flags.py)."""
     import dataclasses
 
-    from grape.cli import build_parser
-    from grape.commands.calibrate import config_from_args
+    from grape.cli.main import build_parser
+    from grape.cli.commands.calibrate import config_from_args
 
     parser = build_parser().verb_parsers["calibrate"]
     dests = {a.dest: a for a in parser._actions}

@@ -12,10 +12,10 @@ import torch
 import transformers as T
 from tiny_models import FAMILIES, make_tiny, tiny_input_ids
 
-from grape.adapters import get_adapter
-from grape.pruning import ApplyConfig
-from grape.pruning import apply_plan as _apply_plan
-from grape.checkpoint import (
+from grape.models.adapters import get_adapter
+from grape.pruning.apply import ApplyConfig
+from grape.pruning.apply import apply_plan as _apply_plan
+from grape.pruning.checkpoint import (
     MODELING_FILE,
     PLAN_FILE,
     CheckpointError,
@@ -23,7 +23,7 @@ from grape.checkpoint import (
     load_pruned,
     save_pruned,
 )
-from grape.cli import main as grape_main
+from grape.cli.main import main as grape_main
 from solvers.plan import Plan
 
 GROUPED = {"deepseek_v3": {"n_group": 2, "topk_group": 1}}

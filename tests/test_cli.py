@@ -1,4 +1,4 @@
-"""The `grape` command line end to end on tiny models: every verb in-process (grape.cli.main),
+"""The `grape` command line end to end on tiny models: every verb in-process (grape.cli.main.main),
 the main job and an error as subprocesses (`python -m grape`), complete --help, and every user
 error exiting 2 with one line and no traceback."""
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from cli_workspace import RUN_FLAGS, make_workspace
 
-from grape.cli import build_parser, main
+from grape.cli.main import build_parser, main
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -35,7 +35,7 @@ def ws(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipeline(ws):
-    """calibrate -> solve -> apply -> eval through grape.cli.main, once for the module."""
+    """calibrate -> solve -> apply -> eval through grape.cli.main.main, once for the module."""
     out = ws.root / "pipeline"
     scores, plan, pruned, evaluation = out / "scores.npz", out / "plan.json", out / "pruned", out / "eval"
     steps = [
@@ -88,7 +88,7 @@ def test_help_prints_and_exits_zero(verb, capsys):
 
 # -- every verb in-process ----------------------------------------------------------------
 def test_pipeline_writes_every_artifact_and_its_resolved_recipe(pipeline):
-    from grape.adapters.base import read_block
+    from grape.models.adapters.base import read_block
     from solvers.plan import Plan
 
     plan = Plan.load(pipeline["plan"])
@@ -203,7 +203,7 @@ def test_run_as_a_subprocess_writes_the_report(ws, tmp_path):
     from grape import load
 
     model = load(out / "checkpoint")
-    from grape.adapters import get_adapter
+    from grape.models.adapters import get_adapter
 
     adapter = get_adapter(model)
     assert {l: adapter.num_experts(l) for l in adapter.moe_blocks()} == \

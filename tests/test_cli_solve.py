@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from grape.cli import main
+from grape.cli.main import main
 from solvers.check import check_plan
 from solvers.plan import Plan
 from solvers.problem import build_problem
@@ -185,7 +185,7 @@ def test_help_documents_everything(capsys):
 
 def test_commands_do_not_import_torch():
     code = (
-        "import sys, grape.commands.solve, grape.commands.synth, solvers.solve; "
+        "import sys, grape.cli.commands.solve, grape.cli.commands.synth, solvers.solve; "
         "sys.exit(1 if 'torch' in sys.modules else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

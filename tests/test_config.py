@@ -1,7 +1,7 @@
 """One problem configuration for every verb, and plugins.
 
 * `grape solve`, `grape compare` and `grape run` accept exactly the same problem flags (generated
-  from grape.config.SolveConfig) and refuse bad values with the same message;
+  from grape.cli.problem.SolveConfig) and refuse bad values with the same message;
 * the plugin example in docs/extending.md, written to a temporary directory, works through
   `grape solve --plugin`, `grape compare` and `grape run`.
 """
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from cli_workspace import RUN_FLAGS, make_workspace
 
-from grape.cli import build_parser, main
-from grape.config import PROBLEM_FLAGS, SolveConfig, parse_constraint_spec
+from grape.cli.main import build_parser, main
+from grape.cli.problem import PROBLEM_FLAGS, SolveConfig, parse_constraint_spec
 from solvers.errors import UserError
 from solvers.plan import Plan
 
@@ -185,12 +185,12 @@ def test_the_library_never_imports_the_command_line():
     offenders = []
     for path in _python_files("grape", "solvers"):
         rel = path.relative_to(REPO).as_posix()
-        if rel.startswith("grape/commands/") or rel in ("grape/cli.py", "grape/__main__.py"):
+        if rel.startswith("grape/cli/commands/") or rel in ("grape/cli/main.py", "grape/__main__.py"):
             continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            offenders += [f"{rel}: {n}" for n in names if n.startswith(("grape.commands", "grape.cli"))]
+            offenders += [f"{rel}: {n}" for n in names if n.startswith(("grape.cli.commands", "grape.cli.main"))]
     assert not offenders, offenders
 
 
@@ -214,9 +214,9 @@ def test_the_defaults_table_matches_the_flags_and_the_api():
     """docs/index.md "Defaults": every `code` cell equals the parser's (or the API's) default."""
     import dataclasses
 
-    from grape.pruning import ApplyConfig
-    from grape.calibration import CalibrationConfig
-    from grape.evaluation import EvalConfig
+    from grape.pruning.apply import ApplyConfig
+    from grape.calibration.calibrate import CalibrationConfig
+    from grape.evaluation.perplexity import EvalConfig
 
     text = (REPO / "docs" / "index.md").read_text(encoding="utf-8")
     section = text.split("## Defaults, in one table", 1)[1].split("\n## ", 1)[0]

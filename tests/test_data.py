@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from grape.data import CalibrationData, iter_documents, load_calibration_data, pack_documents
+from grape.data.text import CalibrationData, iter_documents, load_calibration_data, pack_documents
 from grape.errors import DataError, UserError
 
 _CHARS = [chr(c) for c in range(32, 127)] + ["\n"]  # newlines too: paragraph blocks hold them

@@ -1,11 +1,11 @@
-"""Held-out documents for the search (grape.data_split) and standard errors by document (grape.stats)."""
+"""Held-out documents for the search (grape.data.split) and standard errors by document (grape.evaluation.stats)."""
 
 import json
 
 import numpy as np
 import pytest
 
-from grape.data_split import (
+from grape.data.split import (
     DOCUMENT_SHARE,
     MIN_CALIBRATION_ROWS,
     Targets,
@@ -14,7 +14,7 @@ from grape.data_split import (
     split_text,
 )
 from grape.errors import DataError
-from grape.stats import clustered_se, domain_mean_se
+from grape.evaluation.stats import clustered_se, domain_mean_se
 
 
 class WordTokenizer:

@@ -15,8 +15,8 @@ import default_quality  # noqa: E402
 
 
 def test_the_benchmarked_configuration_is_grape_runs(tmp_path):
-    from grape.cli import build_parser
-    from grape.commands.run import resolve_settings, run_config
+    from grape.cli.main import build_parser
+    from grape.cli.commands.run import resolve_settings, run_config
 
     config, argv = default_quality.default_config("olmoe-32x4", 0.5, 1, tmp_path / "out")
     args = build_parser().parse_args(argv)

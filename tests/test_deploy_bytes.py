@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 import grape
-from grape.cli import main
-from grape.modelsizes import Stored, classify, model_sizes
+from grape.cli.main import main
+from grape.models.sizes import Stored, classify, model_sizes
 from grape.testbed import calibration_file, model_dir
 from solvers.errors import UserError
 from solvers.plan import Plan
@@ -179,8 +179,8 @@ def test_quantised_and_fused_layouts_are_sized_as_stored():
 
 
 def test_a_model_changed_since_loading_is_sized_in_memory():
-    from grape.adapters import get_adapter
-    from grape.pruning import apply_plan
+    from grape.models.adapters import get_adapter
+    from grape.pruning.apply import apply_plan
 
     model = grape.load(model_dir(), dtype=torch.bfloat16)
     apply_plan(model, Plan(kept={i: list(range(8)) for i in range(6)},

@@ -1,4 +1,4 @@
-"""Data-parallel calibration (grape.distributed): a 2-process gloo job gives the single-process
+"""Data-parallel calibration (grape.calibration.distributed): a 2-process gloo job gives the single-process
 scores, in whole-model and layer-sequential mode, also when a rank has no batch, and through
 `grape calibrate` started as torchrun starts it; the batch split and the planned subsample are
 the single-process ones."""
@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from grape.calibration import CalibrationConfig, calibrate
-from grape.distributed import World, share
-from grape.loading import load_model
-from grape.observer import ExpertObserver, per_call_quota, sample_plan
-from grape.sequential import calibrate_sequential
+from grape.calibration.calibrate import CalibrationConfig, calibrate
+from grape.calibration.distributed import World, share
+from grape.models.loading import load_model
+from grape.calibration.observer import ExpertObserver, per_call_quota, sample_plan
+from grape.calibration.sequential import calibrate_sequential
 from solvers.scores import Scores
 from tests.test_sequential import same_scores
 from tests.tiny_models import make_tiny, tiny_input_ids
@@ -57,8 +57,8 @@ def test_planned_subsample_is_the_unplanned_one():
 def _rank(rank: int, size: int, port: int, model_dir: str, out: str, argv: list[str]) -> None:
     """One rank, started as torchrun starts it (the environment), joined by the function the
     command uses; the library in both modes, then the command itself."""
-    from grape.cli import main
-    from grape.distributed import current_world, init_from_env, shutdown
+    from grape.cli.main import main
+    from grape.calibration.distributed import current_world, init_from_env, shutdown
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(size),
                       LOCAL_WORLD_SIZE=str(size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -96,7 +96,7 @@ def test_two_gloo_processes_equal_one(tmp_path, capfd):
     """Two ranks (as torchrun starts them) give the single-process scores: the library in
     whole-model and sequential mode, a rank without a batch, and `grape calibrate
     --sequential`, where rank 0 alone prints and writes."""
-    from grape.cli import main
+    from grape.cli.main import main
     from tests.test_sequential import _cli
 
     argv = _cli(tmp_path, "--sequential")

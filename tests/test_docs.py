@@ -5,7 +5,7 @@ How a block is treated, by its language tag (every block must have one):
 
 * ``bash``: each command (``\\`` continuations joined, ``#`` comments dropped, ``~`` and ``*``
   expanded as the shell does) must be a ``grape`` command; it runs in-process through
-  ``grape.cli.main`` and must exit 0.
+  ``grape.cli.main.main`` and must exit 0.
 * ``python``: executed in order, the blocks of one page sharing one namespace. A block whose
   first line is ``# NAME.py`` is a module the reader writes: it is saved as NAME.py and run in a
   fresh interpreter (so its registrations do not leak into this test process).
@@ -54,7 +54,7 @@ import pytest
 import yaml
 
 from grape import testbed
-from grape.cli import main
+from grape.cli.main import main
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = ["README.md", *sorted(f"docs/{p.name}" for p in (REPO / "docs").glob("*.md"))]
@@ -171,7 +171,7 @@ def check_data(block: Block, text: str, namespace: dict, modules: list) -> None:
     assert isinstance(data, dict), f"{block}: not a mapping"
     from grape import recipe
 
-    parsers = __import__("grape.cli", fromlist=["build_parser"]).build_parser().verb_parsers
+    parsers = __import__("grape.cli.main", fromlist=["build_parser"]).build_parser().verb_parsers
     for verb in [k for k in data if k in parsers]:  # a recipe: every verb it names accepts it
         path = Path(f"_recipe.{block.lang}")
         path.write_text(text, encoding="utf-8")

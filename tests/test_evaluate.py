@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from grape.errors import DataError
-from grape.evaluation import (
+from grape.evaluation.perplexity import (
     EvalConfig,
     EvalResult,
     evaluate,
@@ -24,7 +24,7 @@ from grape.evaluation import (
     window_losses,
     window_nll,
 )
-from grape.lmeval_tasks import LOCAL_TAG, build_local_tasks, run_lm_eval
+from grape.evaluation.lmeval_tasks import LOCAL_TAG, build_local_tasks, run_lm_eval
 from solvers.errors import UserError
 from tests.tiny_models import make_tiny, make_tiny_tokenizer
 
@@ -227,7 +227,7 @@ def test_config_rejects_bad_values():
 
 
 def test_seq_len_beyond_model_positions_is_capped_with_a_notice(tokenizer, model, capsys):
-    """The one policy of every stage (grape.modelfiles.cap_seq_len): capped, with a notice."""
+    """The one policy of every stage (grape.models.files.cap_seq_len): capped, with a notice."""
     limit = model.config.max_position_embeddings
     result = evaluate(model, tokenizer, DOCS, quiet(seq_len=limit + 1))
     assert result.config.seq_len == limit
@@ -345,7 +345,7 @@ def test_unknown_lm_eval_task_is_a_data_error(tokenizer, model, tmp_path):
 
 
 def test_grape_eval_command_writes_results(tokenizer, model, tmp_path, capsys):
-    from grape.cli import main
+    from grape.cli.main import main
 
     model_dir = tmp_path / "model"
     model.save_pretrained(model_dir)
@@ -377,7 +377,7 @@ def test_grape_eval_command_writes_results(tokenizer, model, tmp_path, capsys):
 @pytest.mark.parametrize("flag, needle", [("--model", "model directory"),
                                           ("--data", "evaluation data file")])
 def test_grape_eval_bad_path_exits_2_with_one_line(tmp_path, capsys, flag, needle):
-    from grape.cli import main
+    from grape.cli.main import main
 
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"text": "hello world", "domain": "x"}) + "\n")
@@ -393,9 +393,9 @@ def test_grape_eval_bad_path_exits_2_with_one_line(tmp_path, capsys, flag, needl
 
 
 def test_grape_eval_loads_a_non_uniform_pruned_checkpoint(tokenizer, tmp_path):
-    checkpoint = pytest.importorskip("grape.checkpoint")
-    from grape.pruning import apply_plan
-    from grape.cli import main
+    checkpoint = pytest.importorskip("grape.pruning.checkpoint")
+    from grape.pruning.apply import apply_plan
+    from grape.cli.main import main
     from solvers.plan import Plan
 
     pruned = tiny("qwen3_moe", tokenizer)
@@ -415,9 +415,9 @@ def test_grape_eval_loads_a_non_uniform_pruned_checkpoint(tokenizer, tmp_path):
 
 def test_the_eval_flags_are_generated_from_the_config():
     """Every flagged EvalConfig field is a `grape eval` flag, and the flags build it back."""
-    from grape.cli import build_parser
-    from grape.commands.eval import config_from_args
-    from grape.evaluation import EvalConfig
+    from grape.cli.main import build_parser
+    from grape.cli.commands.eval import config_from_args
+    from grape.evaluation.perplexity import EvalConfig
 
     parser = build_parser().verb_parsers["eval"]
     args = parser.parse_args(["--model", "m", "--out", "o"])

@@ -1,4 +1,4 @@
-"""The families added by declaration (grape/adapters/{deepseek_like,minimax_m2,lfm2_moe,
+"""The families added by declaration (grape/models/adapters/{deepseek_like,minimax_m2,lfm2_moe,
 qwen3_next,standard}.py), each from a tiny random config: the adapter routes as the block does
 and its experts add up to the block's output; physical removal equals masking and equals the
 original with the removed experts' router scores at -inf; a uniform checkpoint reloads in stock
@@ -21,11 +21,11 @@ import transformers as T
 from tiny_families import NEW_FAMILIES, make_family
 from tiny_models import FAMILIES, make_tiny, tiny_input_ids
 
-from grape.adapters import get_adapter, supported_model_types
-from grape.calibration import CalibrationConfig, calibrate
-from grape.checkpoint import save_pruned
+from grape.models.adapters import get_adapter, supported_model_types
+from grape.calibration.calibrate import CalibrationConfig, calibrate
+from grape.pruning.checkpoint import save_pruned
 from grape.errors import ArchitectureError
-from grape.pruning import ApplyConfig, apply_plan
+from grape.pruning.apply import ApplyConfig, apply_plan
 from solvers.plan import Plan
 
 IDS = tiny_input_ids(batch=2, seq=12)

@@ -6,8 +6,8 @@ import json
 import pytest
 
 from grape.api import build_problem
-from grape.cli import main
-from grape.config import SolveConfig
+from grape.cli.main import main
+from grape.cli.problem import SolveConfig
 from solvers import InfeasibleError, Plan
 from solvers.check import check_plan
 from solvers.constraints import MemoryCap, parse_caps
@@ -271,7 +271,7 @@ def test_infeasible_fits_name_the_smallest_cap_and_device_count(scores, real):
 
 
 def test_run_report_shows_memory_per_device(real, tmp_path):
-    from grape.report import RunReport, plan_placement
+    from grape.report.tables import RunReport, plan_placement
 
     config = SolveConfig(fit="2x24GB", max_seq_len=4096, batch=8)
     plan = solve(build_problem(real, config), "exact", time_limit=30)
@@ -315,7 +315,7 @@ def test_balanced_stages_need_a_pipeline_and_never_need_more_removals(tmp_path):
     from dataclasses import replace
 
     from grape.api import build_problem, solve
-    from grape.config import SolveConfig
+    from grape.cli.problem import SolveConfig
     from solvers.synth import synth_scores
 
     with pytest.raises(UserError, match="--stages balanced"):

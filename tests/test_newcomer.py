@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from cli_workspace import RUN_FLAGS, make_workspace
 
-from grape.cli import main
+from grape.cli.main import main
 from solvers.synth import custom_shape, synth_scores
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,9 +48,9 @@ def _no_model_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the tasks were checked")
 
-    import grape.loading
+    import grape.models.loading
 
-    monkeypatch.setattr(grape.loading, "load_model", refuse)
+    monkeypatch.setattr(grape.models.loading, "load_model", refuse)
 
 
 # -- lm-eval tasks, checked up front -------------------------------------------------------------
@@ -69,7 +69,7 @@ def test_eval_refuses_a_task_without_local_data_before_any_model_work(ws, tmp_pa
 
 @pytest.mark.slow
 def test_an_unknown_task_name_is_refused_after_asking_lm_eval(tmp_path):
-    from grape.lmeval_offline import UnavailableTaskError, check_tasks
+    from grape.evaluation.lmeval_offline import UnavailableTaskError, check_tasks
 
     with pytest.raises(UnavailableTaskError, match=r"no_such_task_xyz \(not an lm-eval task here\)"):
         check_tasks(["no_such_task_xyz"])  # lm-eval's own index (~10 s) confirms it is unknown
@@ -87,7 +87,7 @@ def test_run_refuses_a_task_before_calibrating(ws, tmp_path, capsys, monkeypatch
 
 
 def test_list_tasks_shows_local_ones_and_installed_ones_whose_data_is_cached(ws, tmp_path, capsys, monkeypatch):
-    from grape.lmeval_offline import check_tasks
+    from grape.evaluation.lmeval_offline import check_tasks
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "no-hub"))
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
@@ -101,7 +101,7 @@ def test_list_tasks_shows_local_ones_and_installed_ones_whose_data_is_cached(ws,
 
 
 def test_tasks_from_a_task_path_need_their_data_files(tmp_path):
-    from grape.lmeval_offline import UnavailableTaskError, check_tasks
+    from grape.evaluation.lmeval_offline import UnavailableTaskError, check_tasks
 
     data = tmp_path / "mine.jsonl"
     config = ("task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {path}\n"
@@ -118,7 +118,7 @@ def test_tasks_from_a_task_path_need_their_data_files(tmp_path):
 def test_lm_eval_is_quiet_while_tasks_run_and_everything_is_restored():
     import lm_eval.api.task as task_module
 
-    from grape.lmeval_tasks import quiet_lm_eval
+    from grape.evaluation.lmeval_tasks import quiet_lm_eval
 
     logger = logging.getLogger("lm_eval")
     level, bar = logger.level, task_module.tqdm
@@ -203,7 +203,7 @@ def _fake_hub_cache(root: Path, model: Path, repo: str) -> Path:
 
 
 def test_hub_ids_resolve_from_the_local_cache_only(ws, tmp_path, monkeypatch, capsys):
-    from grape.modelfiles import check_model_dir, resolve_model
+    from grape.models.files import check_model_dir, resolve_model
 
     snapshot = _fake_hub_cache(tmp_path / "hub", ws.model, "tiny-org/tiny-moe")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))

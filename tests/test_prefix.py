@@ -1,4 +1,4 @@
-"""Prefix reuse (grape.prefix): a plan measured from stored decoder-layer inputs gives the NLL of
+"""Prefix reuse (grape.searching.prefix): a plan measured from stored decoder-layer inputs gives the NLL of
 the full forward pass, for every family, and computes only the layers after the shared prefix."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from grape.adapters import get_adapter
-from grape.layerwise import PassThrough
-from grape.prefix import PrefixReuse
-from grape.sensitivity import masked, sequence_nll
+from grape.models.adapters import get_adapter
+from grape.models.layerwise import PassThrough
+from grape.searching.prefix import PrefixReuse
+from grape.searching.sensitivity import masked, sequence_nll
 from solvers.plan import Plan
 from tests.tiny_models import FAMILIES, make_tiny, tiny_input_ids
 

@@ -16,6 +16,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import quality
+import quality_report
 from quality_methods import (
     CALIBRATION_DOMAIN_METHODS,
     METHODS,
@@ -28,8 +29,8 @@ from quality_methods import (
 )
 from tiny_models import make_tiny
 
-from grape.calibration import CalibrationConfig, calibrate
-from grape.sensitivity import interpolate_curve
+from grape.calibration.calibrate import CalibrationConfig, calibrate
+from grape.searching.sensitivity import interpolate_curve
 
 BUDGETS = (0.25, 0.5)
 
@@ -144,15 +145,15 @@ def test_report_renders_every_row_and_states_a_verdict(rows, tmp_path):
     data = {"command": "test", "date": "today", "machine": "cpu", "seconds": 1.0,
             "settings": {"budgets": list(BUDGETS)}, "settings_text": [("mode", "test")],
             "models": [model]}
-    text = quality.render_markdown(data)
+    text = quality_report.render_markdown(data)
     for m in (*METHODS, *PROBES):
         assert f"`{m.name}`" in text
     table_rows = [line for line in text.splitlines() if line.startswith("| ") and "| `" in line
                   and line.split("|")[1].strip().isdigit()]
     assert len(table_rows) == len(out)
-    verdict = quality.verdicts(model, BUDGETS)
+    verdict = quality_report.verdicts(model, BUDGETS)
     assert len(verdict) == 2 and all("uniform REAP" in v for v in verdict)
-    written = quality.plot(model, list(BUDGETS), tmp_path)
+    written = quality_report.plot(model, list(BUDGETS), tmp_path)
     assert all(p.exists() and p.stat().st_size > 1000 for p in written)
 
 
@@ -208,7 +209,7 @@ def test_the_default_searches_within_its_passes_and_fidelity_ranks_the_proxies(r
         assert e["plans"] > 0
         assert all(v is None or -1.0 <= v <= 1.0 for v in e["per_budget"].values())
     data = {"models": [{"name": "tiny", "fidelity": entries}]}
-    text = "\n".join(quality.fidelity_section(data, BUDGETS))
+    text = "\n".join(quality_report.fidelity_section(data, BUDGETS))
     assert "| tiny | additive, reap_mass |" in text
 
 
@@ -221,9 +222,9 @@ def test_the_default_table_and_merging_two_runs(rows, tmp_path):
              "experts_per_layer": {"0": 8, "1": 8, "2": 8}, "top_k": {"0": 2, "1": 2, "2": 2},
              "n_group": None, "baseline_nll": baseline, "baseline_tasks": {},
              "rows": [r.to_json() for r in out], "sensitivity": [], "seconds": 2.0}
-    table = quality.default_rows(model, BUDGETS)
+    table = quality_report.default_rows(model, BUDGETS)
     assert len(table) == len(BUDGETS) and all(line.startswith("| tiny |") for line in table)
-    best = min((r for r in out if r.budget == 0.25 and r.method in quality.UNIFORM_BASELINES),
+    best = min((r for r in out if r.budget == 0.25 and r.method in quality_report.UNIFORM_BASELINES),
                key=lambda r: r.mean_increase)
     assert f"`{best.method}` {best.mean_increase:+.4f}" in table[0]
     settings = quality.replace(quality.FAST, budgets=BUDGETS)

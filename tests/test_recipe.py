@@ -9,7 +9,7 @@ import json
 import pytest
 
 from grape import recipe
-from grape.cli import build_parser, main
+from grape.cli.main import build_parser, main
 from grape.recipe import RecipeError, load_recipe
 
 

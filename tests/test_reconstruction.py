@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from grape.adapters import get_adapter
-from grape.calibration import CalibrationConfig, all_expert_outputs, calibrate
+from grape.models.adapters import get_adapter
+from grape.calibration.calibrate import CalibrationConfig, all_expert_outputs, calibrate
 from grape.errors import DataError
-from grape.scoring import (
+from grape.calibration.scoring import (
     expert_grams,
     full_reconstruction_order,
     reconstruction_importance,
@@ -203,7 +203,7 @@ def test_a_family_without_a_removal_effect_takes_the_full_evaluation(monkeypatch
     fast = reconstruction_order(adapter, layer, hidden)
     monkeypatch.setattr(adapter, "removal_effect", lambda layer: None)
     calls = []
-    monkeypatch.setattr("grape.reconstruction.full_reconstruction_order",
+    monkeypatch.setattr("grape.calibration.reconstruction.full_reconstruction_order",
                         lambda *a, **k: calls.append(1) or full_reconstruction_order(*a, **k))
     slow = reconstruction_order(adapter, layer, hidden)
     assert calls and fast[0].tolist() == slow[0].tolist()
@@ -316,7 +316,7 @@ def test_cost_curves_can_follow_the_reconstruction_order():
 
 
 def test_solve_with_the_criterion_missing_is_a_one_line_error(tmp_path, capsys):
-    from grape.cli import main
+    from grape.cli.main import main
 
     model = make_tiny("qwen3_moe")
     scores = calibrate(model, tiny_input_ids(4, 16), CalibrationConfig(**QUICK, reconstruction=False))

@@ -1,4 +1,4 @@
-"""Prune, then repair (grape.repair): the repaired layers reconstruct the original layers' outputs
+"""Prune, then repair (grape.pruning.repair): the repaired layers reconstruct the original layers' outputs
 better than plain removal on the fitting tokens (measured here independently of the report),
 only the kept experts' down projections change, the checkpoint reloads to the same logits, repair
 none is plain removal bit for bit, and bad requests fail in one line before any forward."""
@@ -14,13 +14,13 @@ import transformers as T
 from tiny_models import make_tiny, tiny_input_ids
 
 from cli_workspace import make_workspace
-from grape.adapters import get_adapter
-from grape.checkpoint import load_pruned, save_pruned
-from grape.cli import main as grape_main
+from grape.models.adapters import get_adapter
+from grape.pruning.checkpoint import load_pruned, save_pruned
+from grape.cli.main import main as grape_main
 from grape.errors import ArchitectureError, DataError, PlanError
-from grape.pruning import ApplyConfig, apply_plan
-from grape.repair import RepairSettings, prune_and_repair
-from grape.repair_fit import Routing, scale_statistics, solve_scales
+from grape.pruning.apply import ApplyConfig, apply_plan
+from grape.pruning.repair import RepairSettings, prune_and_repair
+from grape.pruning.repair_fit import Routing, scale_statistics, solve_scales
 from solvers.plan import Plan
 
 FAMILIES = ("qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss")
@@ -275,7 +275,7 @@ def test_grape_run_repairs_its_plan_and_its_baselines_on_the_calibration_text(ws
 
 def test_grape_run_writes_its_repaired_checkpoint_layer_by_layer_when_it_streams(ws, tmp_path, capsys):
     """--apply-mode streaming: the checkpoint is pruned and repaired from the shards
-    (grape.repair_sequential), the same tensors as grape apply's in-memory repair of that plan
+    (grape.pruning.repair_sequential), the same tensors as grape apply's in-memory repair of that plan
     on the same text; no longer refused."""
     from cli_workspace import RUN_FLAGS
 

@@ -1,4 +1,4 @@
-"""Repair at any size (grape.repair_sequential): pruned and repaired from the shards one decoder
+"""Repair at any size (grape.pruning.repair_sequential): pruned and repaired from the shards one decoder
 layer at a time, the checkpoint equals the in-memory repair's bit for bit (families with and
 without shared experts, fused and per-expert layouts, both methods, padded rows, hidden states on
 disk); an interrupted run resumes after its last finished layer with the same result; `grape
@@ -16,15 +16,15 @@ import torch
 from tiny_models import make_tiny, tiny_input_ids
 
 from cli_workspace import make_workspace
-from grape.adapters import get_adapter
-from grape.checkpoint import load_pruned
-from grape.cli import main as grape_main
+from grape.models.adapters import get_adapter
+from grape.pruning.checkpoint import load_pruned
+from grape.cli.main import main as grape_main
 from grape.errors import ArchitectureError, DataError, PlanError
-from grape.layerwise import LayerLoader
-from grape.pruning import ApplyConfig
-from grape.repair import RepairSettings, prune_and_repair
-from grape.repair_sequential import check_layout, stream_repair
-from grape.shards import stored_tensors
+from grape.models.layerwise import LayerLoader
+from grape.pruning.apply import ApplyConfig
+from grape.pruning.repair import RepairSettings, prune_and_repair
+from grape.pruning.repair_sequential import check_layout, stream_repair
+from grape.models.shards import stored_tensors
 from solvers.plan import Plan
 
 IDS = tiny_input_ids(batch=6, seq=24)
@@ -87,7 +87,7 @@ def test_sequential_repair_equals_the_in_memory_repair_bit_for_bit(family, metho
 
 
 def stream_plain(source: Path, plan: Plan, out: Path) -> dict:
-    from grape.streaming import stream_apply
+    from grape.pruning.streaming import stream_apply
 
     return load_pruned(stream_apply(source, plan, out)).state_dict()
 
@@ -109,10 +109,10 @@ def test_padded_rows_a_non_uniform_plan_and_hidden_states_on_disk(tmp_path):
 
 
 def test_the_fit_in_token_chunks_matches_one_call_and_stays_equal_to_in_memory(tmp_path, monkeypatch):
-    """grape.repair_fit runs the experts over ROUTED_CHUNK tokens at a time (bounded memory):
+    """grape.pruning.repair_fit runs the experts over ROUTED_CHUNK tokens at a time (bounded memory):
     the chunked routed output equals one call over all tokens to float rounding, and both
     repairs, chunked alike, still agree bit for bit."""
-    import grape.repair_fit as fit
+    import grape.pruning.repair_fit as fit
 
     source = saved(tmp_path, "qwen3_moe")
     plan = half_plan(source)
@@ -206,8 +206,8 @@ def test_bad_requests_are_refused_before_any_layer_is_read(tmp_path, monkeypatch
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
     # a family whose layers cannot run one at a time (its adapter says why): refused by the
     # apply stage's check from config.json, and by the repair itself
-    from grape.adapters import adapter_class
-    from grape.apply_stage import check_repair
+    from grape.models.adapters import adapter_class
+    from grape.pruning.stage import check_repair
 
     monkeypatch.setattr(adapter_class("qwen3_moe"), "sequential_refusal", "its layers need more",
                         raising=False)
@@ -230,7 +230,7 @@ def test_a_stored_layout_that_does_not_match_is_refused(tmp_path):
     """check_layout compares the loaded layer, turned back into stored form, with the stored
     bytes: pointing expert 0's down projection at expert 1's bytes is caught."""
     source = saved(tmp_path, "qwen3_moe")
-    from grape.layerwise import build_skeleton
+    from grape.models.layerwise import build_skeleton
 
     model = build_skeleton(source, torch.float32)
     loader = LayerLoader(model, source, "cpu", torch.float32)
@@ -266,7 +266,7 @@ def test_grape_apply_repairs_layer_by_layer_with_mode_streaming(ws, tmp_path, ca
     # auto: in memory when the model fits, layer by layer when it does not
     assert grape_main([*base, "--out", str(tmp_path / "a")]) == 0
     assert "repairing it in memory" in capsys.readouterr().out
-    monkeypatch.setattr("grape.placement.whole_capacity", lambda *a: (1000, "host memory"))
+    monkeypatch.setattr("grape.models.placement.whole_capacity", lambda *a: (1000, "host memory"))
     assert grape_main([*base, "--out", str(tmp_path / "b")]) == 0
     assert "layer by layer from the shards" in capsys.readouterr().out
     assert_same_model(load_pruned(tmp_path / "b"), load_pruned(tmp_path / "m"))

@@ -30,8 +30,8 @@ from pathlib import Path
 import pytest
 from cli_workspace import RUN_FLAGS, make_workspace
 
-from grape.cli import main
-from grape.commands.apply import OUTPUT as APPLY_OUTPUT
+from grape.cli.main import main
+from grape.cli.commands.apply import OUTPUT as APPLY_OUTPUT
 from grape.outputs import clean_leftovers
 from solvers import _io
 from solvers._io import DiskError, atomic_write_text, remove_stale_staging, staging_prefix
@@ -165,12 +165,12 @@ def test_a_refused_write_is_one_line_and_changes_nothing(ws, case, argv, limit, 
 
 def test_the_staged_size_is_named_when_space_runs_out(ws, tmp_path, monkeypatch, capsys):
     """ENOSPC while staging a checkpoint: the message gives what it needs and what is free."""
-    import grape.streaming
+    import grape.pruning.streaming
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(grape.streaming, "_write_weights", full)
+    monkeypatch.setattr(grape.pruning.streaming, "_write_weights", full)
     out = tmp_path / "ckpt"
     assert main(_apply_argv(ws, out)) == 2
     line = _error_lines(capsys.readouterr().err)[0]
@@ -191,8 +191,8 @@ def test_atomic_open_translates_only_its_own_errors(tmp_path):
 
 
 def test_the_cli_names_a_disk_error_no_writer_caught(monkeypatch, capsys, tmp_path):
-    """Last resort in grape.cli: a refused write wrapped by a library (torch's RuntimeError)."""
-    import grape.commands.inspect as inspect_verb
+    """Last resort in grape.cli.main: a refused write wrapped by a library (torch's RuntimeError)."""
+    import grape.cli.commands.inspect as inspect_verb
 
     def fails(args):
         try:
@@ -212,14 +212,14 @@ def test_the_cli_names_a_disk_error_no_writer_caught(monkeypatch, capsys, tmp_pa
 STALLED_APPLY = """
 import os, sys, time
 from pathlib import Path
-import grape.streaming as streaming
+import grape.pruning.streaming as streaming
 write = streaming._write_weights
 def stalled(tmp, *args, **kwargs):
     write(tmp, *args, **kwargs)
     Path(os.environ["READY"]).write_text(str(tmp))
     time.sleep(120)
 streaming._write_weights = stalled
-from grape.cli import main
+from grape.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -292,7 +292,7 @@ def test_a_previous_output_moved_aside_by_a_killed_run_is_put_back(tmp_path):
 
 
 def test_sigterm_handler_is_installed_for_the_verb_only(monkeypatch, capsys, tmp_path):
-    import grape.commands.inspect as inspect_verb
+    import grape.cli.commands.inspect as inspect_verb
 
     def terminated(args):
         os.kill(os.getpid(), signal.SIGTERM)
@@ -407,7 +407,7 @@ def test_a_resolved_recipe_is_still_replaced(ws, tmp_path):
 def test_a_resumed_calibration_removes_a_killed_runs_temporary_files(tmp_path):
     """A killed calibrate leaves its half-written checkpoint file or hidden-states scratch in
     OUT.partial/; the run that resumes there removes them."""
-    from grape import resume
+    from grape.calibration import resume
 
     folder = tmp_path / "scores.npz.partial"
     folder.mkdir()

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from cli_workspace import make_workspace
 
-from grape.cli import main
+from grape.cli.main import main
 from solvers.plan import Plan
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,7 +159,7 @@ def test_the_bait_works_when_the_working_directory_is_on_sys_path(made, bait):
     """The control: with the working directory on sys.path (as load_plugins once put it),
     `grape solve` imports cython.py from it, so the test above would see it."""
     folder, markers = bait
-    code = ("import os, sys; sys.path.append(os.getcwd()); from grape.cli import main; "
+    code = ("import os, sys; sys.path.append(os.getcwd()); from grape.cli.main import main; "
             f"sys.exit(main(['solve', '--scores', {str(made['scores'])!r}, '--budget', '9', "
             f"'--out', {str(folder.parent / 'p.json')!r}]))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=folder, env=_env(), text=True,

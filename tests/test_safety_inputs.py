@@ -27,7 +27,7 @@ import pytest
 import torch
 from cli_workspace import make_workspace
 
-from grape.cli import main
+from grape.cli.main import main
 from tests.test_bad_inputs import _refused, _snapshot  # one refusal check for every bad-input table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -189,7 +189,7 @@ def _tokens(seed: int = 0) -> torch.Tensor:
 
 
 def _config(**changes):
-    from grape.calibration import CalibrationConfig
+    from grape.calibration.calibrate import CalibrationConfig
 
     return CalibrationConfig(**{"batch_size": 1, "subsample": 16, "progress": False, **changes})
 
@@ -215,8 +215,8 @@ def _interrupted(run, after: int) -> None:
 def test_whole_model_resume_ignores_the_state_another_run_saved(ws, tmp_path, capsys):
     """Two runs with other settings to one --out: A saves its state into the folder after B
     took it over. Resuming B must not count A's batches: it equals a clean B run."""
-    from grape.calibration import calibrate
-    from grape.loading import load_model
+    from grape.calibration.calibrate import calibrate
+    from grape.models.loading import load_model
 
     model, ids, folder = load_model(ws["model"]), _tokens(), tmp_path / "scores.npz.partial"
     first, second = _config(seed=1, subsample=8), _config(seed=3)
@@ -254,7 +254,7 @@ def _stop():
 def test_sequential_resume_ignores_the_state_another_run_saved(ws, tmp_path, capsys, monkeypatch):
     """The same race in layer-by-layer mode: A's committed progress, layer scores and hidden
     states land in B's folder; B starts over and equals a clean B run."""
-    from grape.sequential import _Run, calibrate_sequential
+    from grape.calibration.sequential import _Run, calibrate_sequential
 
     ids, folder = _tokens(), tmp_path / "scores.npz.partial"
     first, second = _config(seed=1, subsample=8), _config(seed=3)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from cli_workspace import make_workspace
 
-from grape.cli import main
+from grape.cli.main import main
 from grape.outputs import OutputError, check_not_input
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from cli_workspace import make_workspace
 
-from grape.cli import main
+from grape.cli.main import main
 
 TIMEOUT = 180
 MODEL_TYPE = "grape_unknown_xyz"
@@ -167,8 +167,8 @@ def test_eval_runs_remote_code_only_when_trusted_and_says_which(ws, evil):
 
 
 def test_the_python_loader_refuses_remote_code_too(evil):
-    from grape.loading import load_model, load_tokenizer
-    from grape.modelfiles import RemoteCodeError
+    from grape.models.loading import load_model, load_tokenizer
+    from grape.models.files import RemoteCodeError
 
     with pytest.raises(RemoteCodeError, match="modeling_evil.py"):
         load_model(evil["model"], device="cpu")
@@ -180,7 +180,7 @@ def test_the_python_loader_refuses_remote_code_too(evil):
 def test_a_grape_checkpoint_with_an_auto_map_is_not_remote_code(ws, tmp_path):
     """GRAPE's own non-uniform checkpoints name modeling_grape_pruned.py in their auto_map, but
     their model type is built in: they load with transformers' classes, no flag needed."""
-    from grape.modelfiles import check_model_dir, model_code_files
+    from grape.models.files import check_model_dir, model_code_files
 
     config = json.loads((ws.model / "config.json").read_text())
     config["auto_map"] = {"AutoModelForCausalLM": "modeling_grape_pruned.GrapePrunedForCausalLM"}

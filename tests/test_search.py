@@ -1,4 +1,4 @@
-"""Loss-verified allocation (grape.loss_search, the search stage): measured candidates, never worse than the best
+"""Loss-verified allocation (grape.searching.algorithm, the search stage): measured candidates, never worse than the best
 uniform plan on the search tokens, within its pass budget, deterministic, model left as it was."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import torch
 from cli_workspace import make_workspace
 
 import grape
-from grape.data import load_calibration_data
-from grape.loss_search import SearchConfig, masked, mean_nll, search
-from grape.search_config import Candidate, Role
+from grape.data.text import load_calibration_data
+from grape.searching.algorithm import SearchConfig, masked, mean_nll, search
+from grape.searching.config import Candidate, Role
 from solvers.plan import Plan
 from solvers.spec import SolveConfig
 from solvers.errors import UserError
@@ -64,7 +64,7 @@ def test_the_search_is_deterministic_and_improves_by_measurement(setup):
 def test_a_candidate_must_win_by_a_margin_of_paired_standard_errors():
     import numpy as np
 
-    from grape.loss_search import Candidate
+    from grape.searching.algorithm import Candidate
     from solvers.plan import Plan
 
     plan = Plan(kept={0: [0]}, removed={0: [1]})
@@ -145,7 +145,7 @@ def test_the_reconstruction_criterion_is_a_seed_and_skipped_where_the_scores_lac
 
 
 def test_curves_at_fewer_depths_when_the_passes_are_short(setup):
-    from grape.loss_search import _curve_depths, seed_plans
+    from grape.searching.algorithm import _curve_depths, seed_plans
 
     model, scores, ids = setup
     layers = len(scores.layers)
@@ -162,7 +162,7 @@ def test_curves_at_fewer_depths_when_the_passes_are_short(setup):
 
 
 def test_runners_up_that_beat_every_uniform_plan_get_a_second_hearing(setup):
-    from grape.loss_search import Candidate, _confirm, _finalists, _key
+    from grape.searching.algorithm import Candidate, _confirm, _finalists, _key
 
     model, scores, ids = setup
     found = search(model, scores, SolveConfig(budget=0.5, time_limit=10), ids[:3],
@@ -191,7 +191,7 @@ def test_runners_up_that_beat_every_uniform_plan_get_a_second_hearing(setup):
 def test_a_thin_confirmation_never_adopts_a_non_uniform_plan(setup):
     """Below the confirmation minimums the best uniform plan there is the result, however good
     a non-uniform finalist looks (here: made to look far better by its role alone)."""
-    from grape.loss_search import _confirm
+    from grape.searching.algorithm import _confirm
 
     model, scores, ids = setup
     found = search(model, scores, SolveConfig(budget=0.5, time_limit=10), ids[:3],
@@ -223,7 +223,7 @@ def test_standard_errors_are_by_document():
 def test_search_tokens_spread_over_the_whole_file(tmp_path):
     import json
 
-    from grape.search_stage import search_tokens
+    from grape.searching.stage import search_tokens
     from grape.errors import DataError
 
     ws = make_workspace(tmp_path / "ws")
@@ -233,7 +233,7 @@ def test_search_tokens_spread_over_the_whole_file(tmp_path):
     data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     ids = search_tokens([data, data], tokenizer, seq_len=16, samples=4)
     assert ids.shape == (8, 16) and torch.equal(ids[:4], ids[4:])  # each file weighs the same
-    from grape.evaluation import pack_windows, token_stream
+    from grape.evaluation.perplexity import pack_windows, token_stream
 
     stream, _ = token_stream(tokenizer, docs, 64 * 4 * 16)  # the spread cap: 64 x samples x seq_len
     full = [w[:16] for w in pack_windows(stream, 16) if len(w) == 17]

@@ -1,4 +1,4 @@
-"""Layer-sequential search (grape.search_sequential, grape.search_meter): measured one decoder
+"""Layer-sequential search (grape.searching.sequential, grape.searching.meter): measured one decoder
 layer at a time from the shards, a generation of plans at once, the NLLs equal the whole-model
 meter's to the bit for every family tried (hybrids included), a full search chooses the same plan
 with the same candidate NLLs, `grape search --mode sequential` writes the same plan.json, and
@@ -15,14 +15,14 @@ import pytest
 from cli_workspace import RUN_FLAGS, make_workspace
 
 import grape
-from grape.adapters import get_adapter
-from grape.cli import main
-from grape.loading import load_model
-from grape.loss_search import search
-from grape.search_config import SearchConfig
-from grape.search_meter import Meter, WholeModelEvaluator
-from grape.search_sequential import LayerStream, SequentialModel
-from grape.sensitivity import masked, sequence_nll
+from grape.models.adapters import get_adapter
+from grape.cli.main import main
+from grape.models.loading import load_model
+from grape.searching.algorithm import search
+from grape.searching.config import SearchConfig
+from grape.searching.meter import Meter, WholeModelEvaluator
+from grape.searching.sequential import LayerStream, SequentialModel
+from grape.searching.sensitivity import masked, sequence_nll
 from solvers.plan import Plan
 from solvers.spec import SolveConfig
 from tests.tiny_families import make_family
@@ -236,19 +236,19 @@ def test_contradicting_mode_flags_are_refused_in_one_line(ws, tmp_path, capsys):
 
 def _not_fitting(monkeypatch):
     """Every whole-model placement has 1 kB free: the rule of calibration says sequential."""
-    import grape.placement
+    import grape.models.placement
 
-    monkeypatch.setattr(grape.placement, "whole_capacity", lambda placement, world: (1000, "a test"))
+    monkeypatch.setattr(grape.models.placement, "whole_capacity", lambda placement, world: (1000, "a test"))
 
 
 def test_grape_run_on_a_model_that_does_not_fit_searches_layer_by_layer(ws, tmp_path, monkeypatch, capsys):
     """The run never loads the model: the search streams it, the checkpoint is written by
     streaming, the evaluations are skipped with a notice; the plan is the whole-mode search's."""
-    import grape.loading
+    import grape.models.loading
 
     assert _searched(ws, tmp_path / "whole", "--mode", "whole") == 0
     _not_fitting(monkeypatch)
-    monkeypatch.setattr(grape.loading, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(grape.models.loading, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     data = [str(p) for p in ws.heldout]
     out = tmp_path / "run"
     assert main(["run", "--model", str(ws.model), "--scores", str(ws.root / "scores.npz"),

@@ -11,8 +11,8 @@ import pytest
 from cli_workspace import RUN_FLAGS, make_workspace
 
 import grape
-from grape.cli import main
-from grape.search_config import Candidate, Role, SearchConfig
+from grape.cli.main import main
+from grape.searching.config import Candidate, Role, SearchConfig
 from solvers.errors import UserError
 from solvers.plan import Plan
 from solvers.spec import SolveConfig
@@ -87,7 +87,7 @@ def test_the_python_function_is_the_same_stage(ws, tmp_path):
 
 
 def test_the_uniform_floor_reads_roles_not_names():
-    from grape.loss_search import _choose_seed
+    from grape.searching.algorithm import _choose_seed
 
     plan = Plan(kept={0: [0]}, removed={0: [1]})
     base = np.array([1.0, 1.2, 0.8, 1.0])
@@ -111,7 +111,7 @@ def test_search_settings_name_their_flags():
 
 
 def test_stability_recalibrates_on_each_half_and_reports_overlap(ws, tmp_path):
-    from grape.stability import overlap
+    from grape.searching.stability import overlap
 
     out = tmp_path / "stable"
     assert main(["run", "--model", str(ws.model), "--data", str(ws.calibration), "--eval-data",

@@ -1,4 +1,4 @@
-"""Measured per-layer NLL curves (grape.sensitivity): measured as the model says, stored in the
+"""Measured per-layer NLL curves (grape.searching.sensitivity): measured as the model says, stored in the
 scores file, and preferred by the curves objective."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from cli_workspace import make_workspace
 
 import grape
 from grape.api import build_problem, solve
-from grape.config import SolveConfig
-from grape.data import load_calibration_data
-from grape.sensitivity import (interpolate_curve, masked, mean_nll, measure_nll_curves, single_layer_plan,
+from grape.cli.problem import SolveConfig
+from grape.data.text import load_calibration_data
+from grape.searching.sensitivity import (interpolate_curve, masked, mean_nll, measure_nll_curves, single_layer_plan,
                                uniform_plan, with_nll_curves)
 from solvers.errors import UserError
 from solvers.scores import Scores

@@ -1,4 +1,4 @@
-"""Layer-sequential calibration (grape.sequential): the scores equal the whole-model pass's for
+"""Layer-sequential calibration (grape.calibration.sequential): the scores equal the whole-model pass's for
 every family (sliding-window layers, padded batches, bf16 checkpoints, GRAPE-pruned non-uniform
 and masked checkpoints, FP8 and MXFP4 experts); models it cannot run (no rotary embedding or
 final norm where it expects them) are refused in one line; hidden states on disk; the mode
@@ -20,13 +20,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from grape.calibration import CalibrationConfig, calibrate
-from grape.distributed import World
+from grape.calibration.calibrate import CalibrationConfig, calibrate
+from grape.calibration.distributed import World
 from grape.errors import ArchitectureError, DataError
-from grape.layerwise import LayerLoader
-from grape.loading import load_model
-from grape.placement import choose_mode, sequential_device
-from grape.sequential import calibrate_sequential, final_norm_name, layer_arguments, refuse_unhandled
+from grape.models.layerwise import LayerLoader
+from grape.models.loading import load_model
+from grape.models.placement import choose_mode, sequential_device
+from grape.calibration.sequential import calibrate_sequential, final_norm_name, layer_arguments, refuse_unhandled
 from solvers.scores import STAT_NAMES, Scores
 from tests.tiny_families import NEW_FAMILIES, make_family
 from tests.tiny_models import FAMILIES, make_tiny, tiny_input_ids
@@ -34,7 +34,7 @@ from tests.tiny_models import FAMILIES, make_tiny, tiny_input_ids
 REPO = Path(__file__).resolve().parents[1]
 QUICK = dict(batch_size=2, subsample=24, progress=False)
 SEQ = 24  # longer than gpt_oss's sliding window (16): the sliding layers mask differently
-# every family has a final norm by one of grape.sequential.FINAL_NORMS (Mamba / short-conv
+# every family has a final norm by one of grape.calibration.sequential.FINAL_NORMS (Mamba / short-conv
 # hybrids and NoPE configs have no rotary embedding: nothing to move)
 # layers that hand the next layer more than the hidden states (their adapters declare
 # sequential_refusal), and a decoder without a final norm: refused in one line
@@ -141,7 +141,7 @@ def test_padded_batches_and_a_bf16_checkpoint(family, tmp_path):
 
 def test_layer_arguments_follow_each_layers_attention_type(tmp_path):
     """gpt_oss alternates sliding-window and full attention: each layer gets its own mask."""
-    from grape.layerwise import build_skeleton
+    from grape.models.layerwise import build_skeleton
 
     model = build_skeleton(saved(tmp_path, "gpt_oss"), torch.float32)
     model.model.rotary_emb.to("cpu")
@@ -153,8 +153,8 @@ def test_layer_arguments_follow_each_layers_attention_type(tmp_path):
 
 
 def test_grape_pruned_non_uniform_and_masked_checkpoints(tmp_path):
-    from grape.pruning import apply_plan
-    from grape.checkpoint import save_pruned
+    from grape.pruning.apply import apply_plan
+    from grape.pruning.checkpoint import save_pruned
     from solvers.plan import Plan
 
     ids = tiny_input_ids(4, SEQ)
@@ -172,7 +172,7 @@ def test_grape_pruned_non_uniform_and_masked_checkpoints(tmp_path):
 
 def _fp8_checkpoint(tmp_path: Path) -> tuple[Path, Path]:
     """DeepSeek-V3 with block-FP8 routed and shared experts (two shards), and its float copy."""
-    from grape.quantized import dequantize_fp8_blocks, quantize_fp8_blocks
+    from grape.models.quantized import dequantize_fp8_blocks, quantize_fp8_blocks
 
     float_dir = saved(tmp_path, "deepseek_v3", hidden_size=160, moe_intermediate_size=144)
     tensors = load_file(str(float_dir / "model.safetensors"))
@@ -222,7 +222,7 @@ def test_fp8_experts_are_dequantised_layer_by_layer(tmp_path):
 
 
 def test_mxfp4_experts_are_dequantised_layer_by_layer(tmp_path):
-    from grape.quantized import dequantize_mxfp4
+    from grape.models.quantized import dequantize_mxfp4
 
     float_dir = saved(tmp_path, "gpt_oss", intermediate_size=32)
     tensors = load_file(str(float_dir / "model.safetensors"))
@@ -302,13 +302,13 @@ def _cli(tmp_path: Path, *extra: str) -> list[str]:
 
 
 def test_auto_mode_goes_sequential_when_the_model_does_not_fit(tmp_path, capsys, monkeypatch):
-    import grape.placement
-    from grape.cli import main
+    import grape.models.placement
+    from grape.cli.main import main
 
     assert main(_cli(tmp_path)) == 0
     assert "whole mode (the model needs" in capsys.readouterr().out
     whole_scores = Scores.load(tmp_path / "scores.npz")
-    monkeypatch.setattr(grape.placement, "whole_capacity", lambda placement, world: (1000, "test"))
+    monkeypatch.setattr(grape.models.placement, "whole_capacity", lambda placement, world: (1000, "test"))
     assert main(_cli(tmp_path, "--overwrite")) == 0
     out = capsys.readouterr().out
     assert "sequential mode (the model needs" in out and "more than 85% of the 0.00 GB" in out
@@ -326,13 +326,13 @@ class Stop(Exception):
 
 
 def test_interrupted_sequential_run_resumes_to_the_same_scores(tmp_path, monkeypatch, capsys):
-    import grape.resume
+    import grape.calibration.resume
 
     directory = saved(tmp_path, "deepseek_v3")
     ids = tiny_input_ids(6, SEQ)
     config = CalibrationConfig(**QUICK)
     reference = calibrate_sequential(directory, ids, config)
-    commits, original = [], grape.resume.CalibrationCheckpoint.commit
+    commits, original = [], grape.calibration.resume.CalibrationCheckpoint.commit
 
     def commit_then_stop(self, progress):
         original(self, progress)
@@ -340,10 +340,10 @@ def test_interrupted_sequential_run_resumes_to_the_same_scores(tmp_path, monkeyp
         if len(commits) == 2:
             raise Stop
 
-    monkeypatch.setattr(grape.resume.CalibrationCheckpoint, "commit", commit_then_stop)
+    monkeypatch.setattr(grape.calibration.resume.CalibrationCheckpoint, "commit", commit_then_stop)
     with pytest.raises(Stop):
         calibrate_sequential(directory, ids, config, checkpoint=tmp_path / "partial")
-    monkeypatch.setattr(grape.resume.CalibrationCheckpoint, "commit", original)
+    monkeypatch.setattr(grape.calibration.resume.CalibrationCheckpoint, "commit", original)
     ran = []
     monkeypatch.setattr(LayerLoader, "load_layer", _recording(LayerLoader.load_layer, ran))
     scores = calibrate_sequential(directory, ids, config, checkpoint=tmp_path / "partial")
@@ -365,14 +365,14 @@ def _recording(method, ran):
 
 _KILLER = """
 import os, signal, sys
-import grape.resume
-from grape.cli import main
-original = grape.resume.CalibrationCheckpoint.commit
+import grape.calibration.resume
+from grape.cli.main import main
+original = grape.calibration.resume.CalibrationCheckpoint.commit
 def commit(self, progress):
     original(self, progress)
     if progress["layers_done"] == int(os.environ["KILL_AFTER"]):
         os.kill(os.getpid(), signal.SIGKILL)
-grape.resume.CalibrationCheckpoint.commit = commit
+grape.calibration.resume.CalibrationCheckpoint.commit = commit
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -380,7 +380,7 @@ sys.exit(main(sys.argv[1:]))
 def test_kill_9_during_a_sequential_command_then_the_same_command(tmp_path):
     """The acceptance case: `grape calibrate --sequential` killed with SIGKILL after its second
     layer; the same command finishes and writes the uninterrupted run's scores."""
-    from grape.cli import main
+    from grape.cli.main import main
 
     argv = _cli(tmp_path, "--sequential")
     assert main(argv) == 0
@@ -399,7 +399,7 @@ def test_kill_9_during_a_sequential_command_then_the_same_command(tmp_path):
 
 
 def test_a_layer_handing_the_next_more_than_hidden_states_stops_the_run():
-    from grape.sequential import _hidden_out
+    from grape.calibration.sequential import _hidden_out
 
     hidden = torch.zeros(2, 3)
     assert _hidden_out(hidden, 0) is hidden and _hidden_out((hidden,), 0) is hidden

@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 from cli_workspace import make_workspace
-from grape.cli import build_parser, main
+from grape.cli.main import build_parser, main
 
 
 @pytest.fixture(scope="module")
@@ -38,12 +38,12 @@ def test_run_help_lists_every_stage_flag(capsys):
 
 
 def test_each_verb_flags_are_its_stage_config_fields():
-    from grape.calibration import CalibrationConfig
-    from grape.commands import run
-    from grape.evaluation import EvalConfig
+    from grape.calibration.calibrate import CalibrationConfig
+    from grape.cli.commands import run
+    from grape.evaluation.perplexity import EvalConfig
     from grape.flags import flag_names
-    from grape.pruning import ApplyConfig
-    from grape.search_config import SearchConfig
+    from grape.pruning.apply import ApplyConfig
+    from grape.searching.config import SearchConfig
     from solvers.spec import PROBLEM_FLAGS
 
     stages = {"calibrate": CalibrationConfig, "apply": ApplyConfig, "eval": EvalConfig, "search": SearchConfig}
@@ -70,7 +70,7 @@ def test_each_verb_flags_are_its_stage_config_fields():
 
 
 def test_run_flags_build_the_stage_configs(tmp_path):
-    from grape.commands.run import run_config
+    from grape.cli.commands.run import run_config
 
     parser = build_parser(only="run").verb_parsers["run"]
     args = parser.parse_args(["--model", "m", "--out", str(tmp_path), "--data", "x", "--samples", "4",
@@ -89,7 +89,9 @@ def test_run_flags_build_the_stage_configs(tmp_path):
 def test_library_functions_leave_the_environment_alone():
     import inspect
 
-    from grape import api, apply_stage, calibrate_stage, pipeline
+    from grape import api, pipeline
+    from grape.calibration import stage as calibrate_stage
+    from grape.pruning import stage as apply_stage
 
     for module in (api, apply_stage, calibrate_stage, pipeline):
         assert "os.environ" not in inspect.getsource(module), module.__name__

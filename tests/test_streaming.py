@@ -1,4 +1,4 @@
-"""Streaming apply (grape/streaming.py): `mask` and a re-pruned GRAPE checkpoint equal the
+"""Streaming apply (grape/pruning/streaming.py): `mask` and a re-pruned GRAPE checkpoint equal the
 in-memory path; block-FP8 (DeepSeek-V3 layout) and MXFP4 (gpt-oss) experts stay quantised with
 their scales and give the masked original's logits; the plan is validated exactly as in memory
 (fingerprint included); `grape apply` streams by default; byte-range slicing on any axis; a
@@ -20,16 +20,16 @@ from safetensors.torch import load_file, save_file
 from tiny_families import NEW_FAMILIES, make_family
 from tiny_models import make_tiny, tiny_input_ids
 
-from grape.adapters import get_adapter
-from grape.adapters import adapter_class
-from grape.adapters.stored import _renames
-from grape.pruning import ApplyConfig, apply_plan
-from grape.checkpoint import load_provenance, load_pruned, save_pruned
-from grape.cli import main as grape_main
+from grape.models.adapters import get_adapter
+from grape.models.adapters import adapter_class
+from grape.models.adapters.stored import _renames
+from grape.pruning.apply import ApplyConfig, apply_plan
+from grape.pruning.checkpoint import load_provenance, load_pruned, save_pruned
+from grape.cli.main import main as grape_main
 from grape.errors import PlanError
-from grape.quantized import dequantize_fp8_blocks, dequantize_mxfp4, quantize_fp8_blocks
-from grape.shards import Piece, StoredTensor, parse_size
-from grape.streaming import StreamingError, stream_apply, streaming_unavailable
+from grape.models.quantized import dequantize_fp8_blocks, dequantize_mxfp4, quantize_fp8_blocks
+from grape.models.shards import Piece, StoredTensor, parse_size
+from grape.pruning.streaming import StreamingError, stream_apply, streaming_unavailable
 from solvers.plan import Plan
 
 GROUPED = {"deepseek_v3": {"n_group": 2, "topk_group": 1}}

@@ -1,4 +1,4 @@
-"""Streaming calibration data (grape.data): files are read lazily in seeded units, never whole;
+"""Streaming calibration data (grape.data.text): files are read lazily in seeded units, never whole;
 --samples bounds what is read; Hub-style dataset folders (Parquet, JSONL with a dataset card,
 save_to_disk) are read from their train split."""
 
@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-import grape.data
-from grape.data import iter_documents, load_calibration_data
+import grape.data.text
+from grape.data.text import iter_documents, load_calibration_data
 from grape.errors import DataError
 from tests.test_data import CountingTokenizer, _words
 
 
 class CountingOpener:
-    """Stands in for `open` inside grape.data: records which files are opened and how many
+    """Stands in for `open` inside grape.data.text: records which files are opened and how many
     bytes are read from each."""
 
     def __init__(self):
@@ -60,7 +60,7 @@ class CountingOpener:
 @pytest.fixture
 def opener(monkeypatch):
     counting = CountingOpener()
-    monkeypatch.setattr(grape.data, "open", counting, raising=False)
+    monkeypatch.setattr(grape.data.text, "open", counting, raising=False)
     return counting
 
 
@@ -78,7 +78,7 @@ def test_eight_sequences_from_a_200_file_corpus_open_only_the_files_needed(tmp_p
     assert used != {"000.txt", "001.txt"}  # a seeded order, not the sorted one
     assert tokenizer.texts_seen == 2
     again = CountingOpener()
-    grape.data.open = again
+    grape.data.text.open = again
     load_calibration_data(corpus, CountingTokenizer(), seq_len=64, samples=8, progress=False)
     assert again.opened == opener.opened  # deterministic
 
@@ -98,7 +98,7 @@ def test_a_large_file_is_never_read_whole(tmp_path, opener):
 def test_units_partition_a_file(tmp_path, monkeypatch, kind):
     """Every line belongs to exactly one unit, whatever the unit size cuts: all documents are
     read exactly once."""
-    monkeypatch.setattr(grape.data, "_UNIT_BYTES", 97)
+    monkeypatch.setattr(grape.data.text, "_UNIT_BYTES", 97)
     docs = [f"doc {i} " + _words(20 + 13 * (i % 7), i) for i in range(60)]
     if kind == "jsonl":
         path = tmp_path / "d.jsonl"
@@ -116,7 +116,7 @@ def test_units_partition_a_file(tmp_path, monkeypatch, kind):
 
 
 def test_a_bad_line_far_into_a_file_is_named(tmp_path, monkeypatch):
-    monkeypatch.setattr(grape.data, "_UNIT_BYTES", 64)
+    monkeypatch.setattr(grape.data.text, "_UNIT_BYTES", 64)
     path = tmp_path / "bad.jsonl"
     lines = [json.dumps({"text": _words(30, i)}) for i in range(40)]
     lines[33] = "{not json"

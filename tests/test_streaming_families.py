@@ -22,11 +22,11 @@ from test_streaming import logits, make_plan, raw, read_all, renamed, source_che
 from tiny_families import NEW_FAMILIES
 from tiny_models import FAMILIES
 
-from grape.adapters import get_adapter, supported_model_types
-from grape.adapters import adapter_class
-from grape.checkpoint import MODELING_FILE, load_provenance, load_pruned, save_pruned
-from grape.pruning import ApplyConfig, apply_plan
-from grape.streaming import StreamingError, stream_apply, streaming_unavailable
+from grape.models.adapters import get_adapter, supported_model_types
+from grape.models.adapters import adapter_class
+from grape.pruning.checkpoint import MODELING_FILE, load_provenance, load_pruned, save_pruned
+from grape.pruning.apply import ApplyConfig, apply_plan
+from grape.pruning.streaming import StreamingError, stream_apply, streaming_unavailable
 
 _ONE_EXPERT = re.compile(r"\.experts\.\d+\.")
 # tiny_models builds DeepSeek-V2 (not in its FAMILIES: it shares the V3 adapter)

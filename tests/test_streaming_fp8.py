@@ -30,11 +30,11 @@ from test_streaming import (
     read_all,
 )
 
-from grape.adapters import get_adapter
-from grape.checkpoint import load_provenance, load_pruned
-from grape.pruning import apply_plan
-from grape.quantized import quantize_fp8_blocks
-from grape.streaming import stream_apply
+from grape.models.adapters import get_adapter
+from grape.pruning.checkpoint import load_provenance, load_pruned
+from grape.pruning.apply import apply_plan
+from grape.models.quantized import quantize_fp8_blocks
+from grape.pruning.streaming import stream_apply
 
 # one tensor per expert, as every one of these families' save_pretrained stores them
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.(.+)\.experts\.(\d+)\.(.+)$")

@@ -70,7 +70,7 @@ CONFIGS = {
     # dense layer 0; correction bias [1, E] in the router's child gate.moe_statics
     "ernie4_5_moe": dict(intermediate_size=48, moe_intermediate_size=16, moe_num_experts=8, moe_k=2,
                          moe_num_shared_experts=1, moe_layer_start_index=1, head_dim=8),
-    # DeepSeek-V3 router copies (grape/adapters/deepseek_v3_copies.py)
+    # DeepSeek-V3 router copies (grape/models/adapters/deepseek_v3_copies.py)
     "glm_moe_dsa": dict(**_V3, **_MLA, **_DENSE_FIRST, n_routed_experts=8, q_lora_rank=16, head_dim=4,
                         index_topk=8, index_n_heads=2, index_head_dim=8),
     # every layer MoE (no dense layers in Solar Open): 2 layers, so the grouped plans cover them
@@ -91,7 +91,7 @@ CONFIGS = {
     # A.X-K2-Light: no groups (grouped A.X-K2 is refused)
     "axk2": dict(**{**_V3, "n_group": None, "topk_group": None}, **_MLA, **_DENSE_FIRST,
                  n_routed_experts=8, q_lora_rank=16, head_dim=4, gated_norm_rank=8),
-    # the standard layout (grape/adapters/fused_families.py)
+    # the standard layout (grape/models/adapters/fused_families.py)
     "flint": dict(intermediate_size=48, moe_intermediate_size=16, shared_expert_intermediate_size=24,
                   num_experts=8, num_experts_per_tok=2, mlp_only_layers=[0], head_dim=8),
     "kolibri1": dict(moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=8,

@@ -6,7 +6,7 @@ from __future__ import annotations
 HEADER = ("Mean over domains (prose, python, c) of the NLL increase against the unpruned model on the "
           "committed test split (`grape/assets/heldout/*.test.jsonl`, every document, 256-token windows, "
           "pure cross-entropy: benchmarks/default_quality.py's `test_windows` and `test_nll`), ± its "
-          "standard error by document (grape.stats); uniform = same count in every layer. GRAPE's rows "
+          "standard error by document (grape.evaluation.stats); uniform = same count in every layer. GRAPE's rows "
           "are benchmarks/default_quality.json's seed-0 cells: the default of `grape run` with no flags, "
           "and the lowest uniform plan over five criteria on the test split (chosen after the fact). "
           "*vs GRAPE default*: this row's increase minus the default's, paired by document against the "
@@ -103,7 +103,7 @@ def settings(data: dict, peers: dict) -> list[str]:
         lines.append(f"- {info['label']}: `{info['types']}`; " + ", ".join(f"{k} {v}" for k, v in vers.items()))
     calib = data.get("calibration", {})
     lines += [f"- calibration of llm-compressor's REAP: {calib.get('samples')} x {calib.get('seq_len')} tokens "
-              f"packed from `{calib.get('file')}` by grape.data.load_calibration_data, seed 0 (the text "
+              f"packed from `{calib.get('file')}` by grape.data.text.load_calibration_data, seed 0 (the text "
               "GRAPE's default calibrates and searches on; GRAPE's default uses up to 256 rows of it, minus "
               "its held-out documents); the magnitude pruner uses no data",
               f"- threads: {data.get('threads')} per peer process",

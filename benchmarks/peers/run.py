@@ -10,7 +10,7 @@ REAP's own repository and EvoESAP's were tried and cannot run here; NOT_RUN give
 For every zoo model and budget, each peer prunes in a subprocess of its own venv
 (benchmarks/peers/prune.py: wall time and peak RSS of that process); llm-compressor's REAP
 calibrates on 64 x 256 tokens of the calibration text GRAPE's default uses, packed here by
-grape.data.load_calibration_data. The pruned checkpoint is then measured here, in GRAPE's
+grape.data.text.load_calibration_data. The pruned checkpoint is then measured here, in GRAPE's
 environment, exactly as benchmarks/default_quality.py measures GRAPE's plans: its test windows
 (the whole committed test split by document), its test_nll (pure cross-entropy from the logits,
 never ``.loss``) and its standard errors by document. GRAPE's rows are default_quality.json's
@@ -109,7 +109,7 @@ def dq():
 
 # -- peers' pruning steps -------------------------------------------------------------------------
 def calibration_ids(name: str, tokenizer) -> Path:
-    from grape.data import load_calibration_data
+    from grape.data.text import load_calibration_data
 
     path = CACHE / name / "calib.json"
     if not path.exists():

@@ -4,8 +4,8 @@ Per model: per-domain validation NLL (nats/token), expert usage per domain per l
 specialisation figures, and the test bed's sensitivity: held-out (test split) NLL increase after
 removing 50% of the routed experts of every MoE layer (a) at random (same count per layer,
 several seeds) and (b) the least-used 50% per layer by routing frequency on the calibration
-text. Removal goes through grape.pruning.apply_plan(method="remove"); NLL through
-grape.evaluation.domain_nll, the same code the method comparison uses.
+text. Removal goes through grape.pruning.apply.apply_plan(method="remove"); NLL through
+grape.evaluation.perplexity.domain_nll, the same code the method comparison uses.
 
     python benchmarks/zoo/report.py                      # all models present, then README
     python benchmarks/zoo/report.py --models mixtral-8x2 # one model (others kept from JSON)
@@ -79,7 +79,7 @@ def _load(model_dir: Path):
 
 
 def _nll(model, tokenizer, docs, max_tokens: int) -> dict[str, float]:
-    from grape.evaluation import EvalConfig, domain_nll
+    from grape.evaluation.perplexity import EvalConfig, domain_nll
 
     config = EvalConfig(max_tokens_per_domain=max_tokens, batch_size=16, progress=False)
     return {d: r.nll for d, r in domain_nll(model, tokenizer, docs, config).items()}
@@ -132,9 +132,9 @@ def specialisation(counts: dict[str, np.ndarray]) -> dict[str, float]:
 def measure(name: str, max_tokens: int, seeds: list[int], models_dir: Path = ZOO_DIR / "models") -> dict:
     import torch
 
-    from grape.adapters import get_adapter
-    from grape.pruning import apply_plan
-    from grape.evaluation import load_documents
+    from grape.models.adapters import get_adapter
+    from grape.pruning.apply import apply_plan
+    from grape.evaluation.perplexity import load_documents
 
     torch.set_num_threads(int(os.environ.get("ZOO_THREADS", "2")))
     model_dir = models_dir / name

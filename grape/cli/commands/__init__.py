@@ -1,0 +1,1 @@
+"""One module per `grape` verb; see grape/cli/main.py for the contract."""

@@ -1,1 +1,0 @@
-"""One module per `grape` verb; see grape/cli.py for the contract."""

@@ -1,0 +1,273 @@
+"""The apply stage: a checkpoint + a plan -> a smaller checkpoint.
+
+    written = apply_checkpoint("path/to/moe", plan, "pruned/", ApplyConfig("remove"))
+    written.path, written.streamed
+
+`grape apply`, `grape run` (grape.pipeline) and the Python API (`grape.apply` given a model
+directory and `out=`) all call :func:`apply_checkpoint`, so the runtime choices of
+:class:`~grape.pruning.apply.ApplyConfig` hold whichever way the stage is called: ``mode`` 'auto'
+streams the safetensors shard by shard (grape.pruning.streaming: memory stays flat whatever the model's
+size, quantised experts stay quantised) where it can — remove / mask, no dtype conversion — and
+loads the whole model otherwise; 'streaming' refuses what cannot stream; 'in-memory' always loads.
+With a repair, 'auto' loads the model when it fits in memory and otherwise (like 'streaming')
+prunes and repairs it from the shards one decoder layer at a time (grape.pruning.repair_sequential).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from grape.errors import PlanError
+from grape.pruning.apply import ApplyConfig
+
+
+@dataclass(frozen=True)
+class Applied:
+    path: Path  # the checkpoint written
+    streamed: bool  # shard by shard (True) or from the model loaded in memory
+    note: str = ""  # for the summary line: how it was written
+
+
+def check_plan(plan, model_config: dict, config: ApplyConfig, plan_name: str = "the plan",
+               skip_model_check: bool = False) -> None:
+    """What config.json and the plan's recorded model identity can tell before any weights are
+    read: the plan records its model (else refused unless `skip_model_check`), the same model
+    family, no layer left with fewer experts than its top_k, and a method the format supports."""
+    from grape.models.quantized import check_method
+
+    precheck_plan(plan, model_config, config.allow_lower_top_k)
+    require_model_block(plan, plan_name, skip_model_check)
+    check_method(model_config, config.method)
+    check_repair(model_config, config)
+
+
+def check_repair(model_config: dict, config: ApplyConfig, data_flag: str = "--repair-data") -> None:
+    """A repair (grape.pruning.repair) needs calibration text and an unquantised model: refused here,
+    before any weight is read. `data_flag`: the flag that gives the text."""
+    from grape.errors import DataError
+    from grape.models.quantized import describe
+
+    if config.repair == "none":
+        return
+    if not config.repair_data:
+        raise DataError(f"--repair {config.repair} fits on calibration text; pass {data_flag} PATH "
+                        "(text / JSONL files or folders), or --repair none")
+    missing = [p for p in config.repair_data if not Path(p).exists()]
+    if missing:
+        raise DataError(f"{data_flag} {missing[0]} does not exist; give existing text / JSONL files "
+                        "or folders")
+    quant = describe(model_config)
+    if quant:
+        raise PlanError(f"--repair changes expert weights, which this checkpoint stores quantised "
+                        f"({quant}); apply it without --repair")
+    from grape.pruning.repair import layerwise_refusal
+
+    refusal = layerwise_refusal(model_config.get("model_type"))
+    if refusal:
+        raise PlanError(refusal)
+
+
+def precheck_plan(plan, model_config: dict, allow_lower_top_k: bool) -> None:
+    """The same model family, and no layer left with fewer experts than its top_k."""
+    from grape.pruning.apply import check_top_k
+
+    recorded = plan.model or {}
+    planned_type, model_type = recorded.get("model_type"), model_config.get("model_type")
+    if planned_type and model_type and planned_type != model_type:
+        raise PlanError(f"the plan was made for a different model: a {planned_type} model, but --model "
+                        f"is a {model_type} model; make the plan from scores measured on this model")
+    try:
+        top_k = {int(k): int(v) for k, v in recorded.get("top_k", {}).items()}
+    except (TypeError, ValueError, AttributeError):
+        top_k = {}  # an unreadable identity is reported by apply_plan with the model at hand
+    if not allow_lower_top_k:
+        check_top_k(plan, top_k)
+
+
+def require_model_block(plan, path: str, skip: bool) -> None:
+    """A plan without its `model` block cannot be checked against the model (type, expert counts,
+    router fingerprint), so a plan for another model of the same shape would apply silently:
+    refused unless `skip` (--skip-model-check) says the check is knowingly skipped."""
+    if not plan.model and not skip:
+        raise PlanError(f"plan file {path} records no model (its `model` block is missing or "
+                        "empty), so it cannot be checked against --model; make the plan with "
+                        "`grape solve`, or pass --skip-model-check to apply it unchecked")
+
+
+def streams(model_dir, model_config: dict, config: ApplyConfig, dtype: str = "auto",
+            say=print) -> bool:
+    """Whether the checkpoint is written by streaming (the rule every caller shares)."""
+    from grape.pruning.streaming import streaming_unavailable
+
+    if config.mode == "in-memory":
+        return False
+    reason = streaming_unavailable(model_dir, model_config, config.method, dtype)
+    if reason is not None:
+        if config.mode == "streaming":
+            raise PlanError(f"apply mode 'streaming': {reason}; use mode 'auto' or 'in-memory'")
+        if config.method != "merge":  # merge always loads the model: nothing to tell
+            say(f"grape apply: {reason}; loading the model in memory instead")
+        return False
+    if config.repair == "none" or config.mode == "streaming":
+        return True
+    # auto with a repair: in memory where the model fits (one load), else layer by layer
+    choice = repair_placement(model_dir)
+    if choice.mode == "whole":
+        say(f"grape apply: --repair {config.repair}: {choice.reason}; repairing it in memory")
+        return False
+    say(f"grape apply: --repair {config.repair}: {choice.reason}; pruning and repairing it layer by "
+        "layer from the shards")
+    return True
+
+
+def repair_placement(model_dir):
+    """grape.models.placement's whole-or-sequential choice for a repair on this machine's host memory
+    (the in-memory apply loads the model there, in its stored dtype: its bytes on disk)."""
+    from grape.calibration.distributed import World
+    from grape.models.files import weight_files
+    from grape.models.placement import choose_mode, whole_capacity
+
+    needed = sum(file.stat().st_size for file in weight_files(Path(model_dir)))
+    capacity, where = whole_capacity("cpu", World())
+    return choose_mode("auto", needed, capacity, where, None)
+
+
+def apply_checkpoint(model_dir: str | os.PathLike, plan, out: str | os.PathLike,
+                     config: ApplyConfig | None = None, *, dtype: str = "auto", tokenizer: Any = True,
+                     provenance: dict | None = None, overwrite: bool = False, progress: bool = False,
+                     say=print) -> Applied:
+    """Apply `plan` (a Plan, already checked with :func:`check_plan`) to the checkpoint in
+    `model_dir` and write the result to `out`. `tokenizer`: True copies the model's own (if it
+    has one), None writes none, or a tokenizer object."""
+    from grape.models.files import check_model_dir
+
+    config = config or ApplyConfig()
+    model_config = check_model_dir(model_dir)
+    if tokenizer is True:
+        tokenizer = model_tokenizer(model_dir, say)
+    provenance = {"source_model": str(model_dir), **(provenance or {})}
+    if streams(model_dir, model_config, config, dtype, say):
+        if config.repair != "none":
+            return _streamed_repair(model_dir, plan, out, config, tokenizer, provenance, overwrite,
+                                    progress, say)
+        return _streamed(model_dir, plan, out, config, tokenizer, provenance, overwrite, progress)
+    return _in_memory(model_dir, plan, out, config, dtype, tokenizer, provenance, overwrite, say)
+
+
+def _streamed(model_dir, plan, out, config: ApplyConfig, tokenizer, provenance, overwrite,
+              progress) -> Applied:
+    from grape.models.files import read_config
+    from grape.models.quantized import describe
+    from grape.pruning.streaming import stream_apply
+
+    path = stream_apply(model_dir, plan, out, config.method, tokenizer=tokenizer, provenance=provenance,
+                        allow_lower_top_k=config.allow_lower_top_k,
+                        max_shard_size=config.max_shard_size, overwrite=overwrite, progress=progress)
+    quant = describe(read_config(model_dir))
+    return Applied(Path(path), True, "; streamed shard by shard"
+                   + (f", quantisation kept ({quant})" if quant else ""))
+
+
+def _streamed_repair(model_dir, plan, out, config: ApplyConfig, tokenizer, provenance, overwrite,
+                     progress, say) -> Applied:
+    """Pruned and repaired one decoder layer at a time from the shards (grape.pruning.repair_sequential),
+    resumable from OUT.partial; the repair's text is read first (too little fails at once)."""
+    from grape.pruning.repair_sequential import stream_repair
+
+    input_ids = repair_tokens(model_dir, config, tokenizer, say)
+    repaired = stream_repair(model_dir, plan, out, config, input_ids, tokenizer=tokenizer,
+                             provenance={**provenance, "repair": {"data": list(config.repair_data)}},
+                             overwrite=overwrite, progress=progress, say=say)
+    say(f"grape apply: {repaired.report.line()} (layer by layer, hidden states in "
+        f"{repaired.hidden_states})")
+    return Applied(repaired.path, True, f"; streamed shard by shard, {repaired.report.line()}")
+
+
+def _in_memory(model_dir, plan, out, config: ApplyConfig, dtype: str, tokenizer, provenance,
+               overwrite, say) -> Applied:
+    import torch
+
+    from grape.pruning.checkpoint import load_pruned, save_pruned
+    from grape.pruning.apply import apply_plan
+
+    # the repair's text first: too little of it fails before the weights are read
+    input_ids = repair_tokens(model_dir, config, tokenizer, say) if config.repair != "none" else None
+    model = load_pruned(model_dir, dtype="auto" if dtype == "auto" else getattr(torch, dtype))
+    if config.method == "merge" and config.merge_weights is None:
+        say("grape apply: no --scores given; merged experts are averaged with equal weights")
+    if config.method == "merge" and not plan.merge_map:
+        say("grape apply: the plan has no merge map; each removed expert is merged into the kept "
+            "expert with the most similar weights (cosine)")
+    note = ""
+    if config.repair != "none":
+        from grape.pruning.repair import prune_and_repair
+
+        report = prune_and_repair(model, plan, config, input_ids)
+        provenance = {**provenance, "repair": {**report.to_json(), "data": list(config.repair_data),
+                                               "rows": int(input_ids.shape[0]),
+                                               "seq_len": int(input_ids.shape[1])}}
+        say(f"grape apply: {report.line()}")
+        note = f"; {report.line()}"
+    else:
+        apply_plan(model, plan, config)
+    path = save_pruned(model, out, plan=plan, tokenizer=tokenizer, provenance=provenance,
+                       overwrite=overwrite)
+    return Applied(Path(path), False, note)
+
+
+def apply_in_place(model, plan, config: ApplyConfig, repair_ids=None, say=print) -> None:
+    """`plan` applied to a loaded model in place; with a repair (and its calibration rows,
+    :func:`repair_tokens`), pruned and repaired layer by layer (grape.pruning.repair)."""
+    if repair_ids is None or config.repair == "none":
+        from grape.pruning.apply import apply_plan
+
+        apply_plan(model, plan, config)
+        return
+    from grape.pruning.repair import prune_and_repair
+
+    say(prune_and_repair(model, plan, config, repair_ids).line())
+
+
+def repair_tokens(model_dir, config: ApplyConfig, tokenizer, say=print):
+    """The repair's calibration rows: config.repair_data packed into repair_samples rows of
+    repair_seq_len tokens (capped at the model's context) with the model's tokenizer."""
+    from grape.data.text import load_calibration_data
+    from grape.errors import DataError
+    from grape.models.files import cap_seq_len, read_config
+
+    if tokenizer is None or tokenizer is True:
+        tokenizer = model_tokenizer(model_dir, say)
+    if tokenizer is None:
+        raise DataError(f"--repair needs the model's tokenizer to read --repair-data; {model_dir} has "
+                        "none that loads")
+    seq_len = cap_seq_len(config.repair_seq_len, read_config(model_dir), "--repair-seq-len", "grape apply")
+    try:
+        data = load_calibration_data(list(config.repair_data), tokenizer, seq_len=seq_len,
+                                     samples=config.repair_samples, seed=0, progress=False)
+    except DataError as exc:  # its advice names the calibration flags
+        raise DataError(str(exc).replace("--samples", "--repair-samples")
+                        .replace("--seq-len", "--repair-seq-len")) from exc
+    return data.input_ids
+
+
+def model_tokenizer(path, say=print):
+    """The model's tokenizer if it has one; a model directory without one is fine."""
+    from transformers import AutoTokenizer
+
+    from grape.models.files import remote_code_files
+
+    try:
+        # explicit False: None would prompt on stdin for a tokenizer class of the folder's own code
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError, TypeError, KeyError):
+        files = remote_code_files(path)
+        why = f" that loads without running its code ({', '.join(files)})" if files else ""
+        say(f"grape apply: no tokenizer found at {path}{why}; the checkpoint has none")
+        return None
+
+
+__all__ = ["Applied", "apply_checkpoint", "apply_in_place", "check_plan", "check_repair", "repair_tokens",
+           "model_tokenizer", "precheck_plan", "repair_placement", "require_model_block", "streams"]
