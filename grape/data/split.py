@@ -149,17 +149,19 @@ def _cap(target: int, seq_len: int) -> int:
 
 # -- reading --------------------------------------------------------------------------------------
 def _tokenized(texts: list[str], tokenizer, domain: str | None = None) -> list[_Doc]:
-    from grape.data.text import _tokenize
+    from grape.data.text import tokenize_texts
 
     return [_Doc(hashlib.sha256(t.encode("utf-8")).hexdigest()[:12], ids, domain)
-            for t, ids in zip(texts, _tokenize(tokenizer, texts))]
+            for t, ids in zip(texts, tokenize_texts(tokenizer, texts))]
 
 
 def _read_until(documents: Iterator[str], tokenizer, targets: Targets, seq_len: int) -> list[_Doc]:
     """Documents in order, tokenised, until every target is met or the text runs out."""
     docs: list[_Doc] = []
     while True:
-        batch = [text for _, text in zip(range(_READ_BATCH), documents)]
+        # batches grow with what is read (a quarter more each time): the check below walks
+        # every document read so far, so a fixed batch would make a long read quadratic
+        batch = [text for _, text in zip(range(max(_READ_BATCH, len(docs) // 4)), documents)]
         if not batch:
             return docs
         docs += _tokenized(batch, tokenizer)

@@ -355,7 +355,8 @@ def iter_documents(
 
 
 # -- tokenising and packing -------------------------------------------------------------------
-def _tokenize(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+def tokenize_texts(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Each text's token ids, no special tokens (a batch call of the fast tokenizer)."""
     encoded = tokenizer(texts, add_special_tokens=False)
     ids = encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded
     return [list(map(int, row)) for row in ids]
@@ -386,7 +387,7 @@ def pack_documents(
     seen = {"chars": 0, "tokens": 0}  # tokenised so far: the characters-per-token estimate
 
     def flush() -> None:
-        for text, ids in zip(pending, _tokenize(tokenizer, pending)):
+        for text, ids in zip(pending, tokenize_texts(tokenizer, pending)):
             before = len(stream)
             stream.extend(ids)
             if separator is not None:

@@ -77,8 +77,10 @@ class ApplyConfig:
     # runtime: how a checkpoint is written (grape.pruning.stage), never which weights it holds
     mode: str = field(default="auto", metadata=flag(
         "writing a checkpoint: 'streaming' slices the safetensors shard by shard (memory stays "
-        "flat; remove / mask only); 'in-memory' loads the whole model and saves it; 'auto': "
-        "streaming where it can (--in-memory is short for 'in-memory')", choices=APPLY_MODES))
+        "flat; remove and mask, with a repair one decoder layer at a time; merge always loads "
+        "the model); 'in-memory' loads the whole model and saves it; 'auto': streaming where it "
+        "can, and with a repair in memory when the model fits (--in-memory is short for "
+        "'in-memory')", choices=APPLY_MODES))
     max_shard_size: str = field(default=DEFAULT_MAX_SHARD_SIZE, metadata=flag(
         "largest output shard when streaming (e.g. 5GB, 200MB; transformers' default); a single "
         "larger tensor gets a shard of its own"))
