@@ -202,6 +202,7 @@ def run_model(name: str, settings: Settings, first: bool, methods: list[Method],
         "n_group": identity.n_group,
         "baseline_nll": baseline_nll,
         "baseline_windows": baseline_windows,
+        "window_documents": test.documents,  # the unit of every paired standard error
         "eval_tokens": test.tokens,
         "baseline_tasks": baseline_tasks,
         "rows": [r.to_json() for r in rows],
@@ -230,6 +231,29 @@ def _with_kept_rows(rows: list[Row], previous: dict, rerun: set[str]) -> list[Ro
     order = {m.name: i for i, m in enumerate((*METHODS, *PROBES))}
     both = kept + rows
     return sorted(both, key=lambda r: (r.calibration != "mixed", r.budget, order.get(r.method, len(order))))
+
+
+def backfill_documents(data: dict, settings: Settings) -> None:
+    """Each window's document for model entries of a quality.json written before they were
+    recorded: the test windows are rebuilt from the model's tokenizer and the committed test
+    split (no model runs), and kept only if they match the recorded windows one for one."""
+    import grape
+    from grape.evaluation.perplexity import default_heldout_files, load_documents
+
+    for model in data["models"]:
+        path = ZOO / "models" / model["name"]
+        if model.get("window_documents") or not (path / "config.json").exists():
+            continue
+        context = json.loads((path / "config.json").read_text(encoding="utf-8")).get("max_position_embeddings", 256)
+        test = Evaluator(grape.load_tokenizer(path), load_documents(default_heldout_files("test")),
+                         min(256, int(context)), settings.eval_tokens, settings.eval_batch, settings,
+                         RESULTS / "cache" / "lmeval_tasks")
+        recorded = model.get("baseline_windows", {})
+        if {d: len(w) for d, w in test.documents.items()} == {d: len(w) for d, w in recorded.items()}:
+            model["window_documents"] = test.documents
+        else:
+            log(f"{model['name']}: the rebuilt test windows differ from quality.json's; its "
+                "standard errors stay by window")
 
 
 def reusable(path: Path, settings: Settings) -> dict[str, dict]:
@@ -286,6 +310,7 @@ def merge(out: Path, others: list[Path]) -> int:
     data["models"].sort(key=lambda m: order.get(m["name"], len(order)))
     refresh_fidelity(data, [out, *others])
     settings = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in data["settings"].items()})
+    backfill_documents(data, settings)
     write_report(data, settings, out)
     log(f"merged {len(data['models'])} models into {out / 'quality.json'}")
     return 0
@@ -337,8 +362,9 @@ def main(argv: list[str] | None = None) -> int:
         return merge(args.out, args.merge)
     if args.report_only:
         data = json.loads((args.out / "quality.json").read_text(encoding="utf-8"))
-        write_report(data, Settings(**{k: tuple(v) if isinstance(v, list) else v
-                                       for k, v in data["settings"].items()}), args.out)
+        settings = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in data["settings"].items()})
+        backfill_documents(data, settings)
+        write_report(data, settings, args.out)
         log(f"rewrote {args.out / 'quality.md'} from quality.json")
         return 0
 

@@ -220,20 +220,27 @@ def _split(result) -> tuple[dict[str, float], dict[str, list[float]]]:
     return result if isinstance(result, tuple) else (result, {})
 
 
-def paired_difference(a: Row, b: Row) -> tuple[float, float | None]:
+def paired_difference(a: Row, b: Row, documents: dict[str, list[int]] | None = None
+                      ) -> tuple[float, float | None]:
     """Mean NLL increase of `a` minus `b`, and its standard error from the per-window
-    differences (same windows for both; None without per-window values)."""
+    differences (same windows for both; None without per-window values): by document when
+    `documents` gives each window's document (quality.json's "window_documents"), the
+    unit every GRAPE standard error uses (grape.evaluation.stats); else by window, which
+    understates it."""
+    from grape.evaluation.stats import domain_mean_se
+
     diff = a.mean_increase - b.mean_increase
     domains = [d for d in a.windows if d in b.windows and len(a.windows[d]) == len(b.windows[d])]
-    if not domains or len(domains) != len(a.nll):
+    if not domains or len(domains) != len(a.nll) or any(len(a.windows[d]) < 2 for d in domains):
         return diff, None
-    var = 0.0
+    documents = documents or {}
+    per_domain = {}
     for d in domains:
-        w = np.asarray(a.windows[d]) - np.asarray(b.windows[d])
-        if w.size < 2:
-            return diff, None
-        var += float(w.var(ddof=1)) / w.size
-    return diff, math.sqrt(var) / len(domains)
+        groups = documents.get(d)
+        if groups is not None and len(groups) != len(a.windows[d]):
+            raise ValueError(f"{d}: {len(groups)} window documents for {len(a.windows[d])} windows")
+        per_domain[d] = (np.asarray(a.windows[d]) - np.asarray(b.windows[d]), groups)
+    return diff, domain_mean_se(per_domain)[1]
 
 
 def nll_increase(nll: dict[str, float], baseline: dict[str, float]) -> dict[str, float]:

@@ -43,9 +43,9 @@ def _fmt(v: float | None, spec: str = "+.4f") -> str:
     return "" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
-def _versus(a: Row, b: Row) -> str:
+def _versus(a: Row, b: Row, documents: dict | None) -> str:
     """'beats' / 'loses to' / 'ties with' b, by the paired difference and twice its error."""
-    diff, se = paired_difference(a, b)
+    diff, se = paired_difference(a, b, documents)
     if se is not None and abs(diff) <= 2 * se:  # equal plans give 0 <= 0: a tie
         word = "ties with"
     else:
@@ -56,8 +56,10 @@ def _versus(a: Row, b: Row) -> str:
 
 def verdicts(model: dict, budgets) -> list[str]:
     """Plain statements, generated from the numbers: who wins where. A difference counts only
-    when it exceeds twice its paired standard error over the evaluation windows."""
+    when it exceeds twice its paired standard error (by document where quality.json has each
+    window's document)."""
     rows = [Row.from_json(r) for r in model["rows"] if r["calibration"] == "mixed"]
+    documents = model.get("window_documents")
     main = {m.name for m in METHODS}
     out = []
     for budget in budgets:
@@ -76,15 +78,15 @@ def verdicts(model: dict, budgets) -> list[str]:
         globals_ = [r for r in table if r.family == "global"]
         if globals_:
             g = min(globals_, key=lambda r: r.mean_increase)
-            line += f". Best global allocation `{g.method}` {_versus(g, reap)}"
+            line += f". Best global allocation `{g.method}` {_versus(g, reap, documents)}"
         exact = [r for r in table if r.solver == "exact"]
         if exact:
             e = min(exact, key=lambda r: r.mean_increase)
-            line += f"; best exact integer program `{e.method}` {_versus(e, reap)}"
+            line += f"; best exact integer program `{e.method}` {_versus(e, reap, documents)}"
         probes = [r for r in at if r.method not in main]
         if probes:
             p = min(probes, key=lambda r: r.mean_increase)
-            line += f". Best probe `{p.method}` {_versus(p, reap)}"
+            line += f". Best probe `{p.method}` {_versus(p, reap, documents)}"
         out.append(line + ".")
     return out
 
@@ -105,7 +107,7 @@ def summary_rows(model: dict, budgets) -> list[str]:
                 cells += ["", ""]
                 continue
             best = min(chosen, key=lambda r: r.mean_increase)
-            diff, se = paired_difference(best, reap)
+            diff, se = paired_difference(best, reap, model.get("window_documents"))
             cells += [f"`{best.method}` {best.mean_increase:+.4f}",
                       f"{diff:+.4f}" + ("" if se is None else f" ± {se:.4f}")]
         out.append("| " + " | ".join(cells) + " |")
@@ -128,7 +130,7 @@ def default_rows(model: dict, budgets) -> list[str]:
         if default is None or not uniform:
             continue
         best = min(uniform, key=lambda r: r.mean_increase)
-        diff, se = paired_difference(default, best)
+        diff, se = paired_difference(default, best, model.get("window_documents"))
         ok = diff <= (se or 0.0)
         ratio = default.mean_increase / reap.mean_increase if reap and reap.mean_increase > 0 else None
         if budget == 0.5 and ratio is not None:
@@ -205,7 +207,8 @@ def render_markdown(data: dict) -> str:
               "|---|---:|---|---:|---:|---:|---:|---|",
               *[line for model in data["models"] for line in default_rows(model, budgets)], "",
               ("Mean NLL increase on held-out test text (nats/token, lower is better) against "
-               "the unpruned model; ± is the paired standard error over the evaluation windows. "
+               "the unpruned model; ± is the paired standard error by document (the windows of one "
+               "document are one unit, grape.evaluation.stats). "
                "Mixed-domain calibration."), "",
               ("| model | removed | uniform REAP | best global allocation | vs uniform REAP | "
                "best exact program | vs uniform REAP |"),

@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -154,6 +156,27 @@ def cached_scores(model, tokenizer, name: str, calibration: str, settings: Setti
     return scores
 
 
+def _lengths(tokenizer, texts) -> list[int]:
+    """Each document's token count, tokenised as grape.evaluation.perplexity.token_stream does."""
+    return [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]]
+
+
+def window_documents(lengths: list[int], stream_length: int, seq_len: int) -> list[int]:
+    """The document that gives each window (pack_windows over token_stream's EOS-joined stream)
+    most of its predicted tokens: the unit of the standard errors (grape.evaluation.stats), since
+    windows of one document are not independent. A document owns its tokens and the EOS after
+    them (predicting the EOS ends it); the leading EOS is never predicted."""
+    separators = stream_length - sum(lengths)  # one EOS before each document and after the last
+    if separators not in (0, len(lengths) + 1):
+        raise ValueError(f"{stream_length} stream tokens do not match documents of {sum(lengths)} tokens")
+    step = 1 if separators else 0
+    owner = np.repeat(np.arange(len(lengths)), np.asarray(lengths) + step)
+    if separators:
+        owner = np.concatenate([[0], owner])
+    return [int(np.bincount(owner[start + 1:start + seq_len + 1]).argmax())
+            for start in range(0, max(stream_length - 1, 0), seq_len)]
+
+
 class Evaluator:
     """NLL per domain on windows spread evenly over each domain's whole held-out stream, and
     (optionally) local lm-eval accuracy on tasks built from the same documents.
@@ -167,13 +190,15 @@ class Evaluator:
         from grape.evaluation.perplexity import EvalConfig, pack_windows, spread_windows, token_stream
 
         self.tokenizer, self.docs, self.batch = tokenizer, docs, batch
-        self.windows = {}
+        self.windows, self.documents = {}, {}  # domain -> windows, and each window's document
         for domain, texts in docs.items():
             stream, _ = token_stream(tokenizer, texts, None)
             windows = pack_windows(stream, seq_len)
+            owners = window_documents(_lengths(tokenizer, texts), len(stream), seq_len)
             if max_tokens is not None and max_tokens < len(windows) * seq_len:
-                windows = spread_windows(windows, math.ceil(max_tokens / seq_len))
-            self.windows[domain] = windows
+                take = spread_windows(range(len(windows)), math.ceil(max_tokens / seq_len))
+                windows, owners = [windows[i] for i in take], [owners[i] for i in take]
+            self.windows[domain], self.documents[domain] = windows, owners
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.task_config = EvalConfig(seq_len=seq_len, perplexity=False, tasks=("local",),
                                       local_task_kinds=settings.lmeval_kinds,

@@ -191,6 +191,39 @@ def test_paired_difference_uses_the_per_window_differences(rows):
     assert math.isclose(d2, 0.15) and math.isclose(se2, 0.0, abs_tol=1e-9)
 
 
+def test_paired_difference_by_document_counts_a_document_once(rows):
+    """Windows of one document move together: by document, one unit per document, so the error
+    of a difference carried by a single document's windows is larger than the per-window one."""
+    out, _, _ = rows
+    noise = [0.01, -0.02, 0.015, 0.0, -0.01, 0.02, -0.005, 0.01]
+    base = {**out[0].to_json(), "nll": {"a": 1.0, "b": 1.0},
+            "nll_increase": {"a": 0.0, "b": 0.0, "mean": 0.0},
+            "windows": {"a": [1.0] * 8, "b": [1.0] * 8}}
+    a = Row.from_json(base)
+    b = Row.from_json({**base, "windows": {"a": [1.0 + n + (0.5 if i < 2 else 0.0) for i, n in enumerate(noise)],
+                                           "b": [1.0 + n for n in noise]}})
+    by_window = paired_difference(b, a)[1]
+    one_document = {"a": [0, 0, 1, 2, 3, 4, 5, 6], "b": list(range(8))}
+    by_document = paired_difference(b, a, one_document)[1]
+    assert by_document > by_window > 0
+    singletons = {"a": list(range(8)), "b": list(range(8))}
+    assert math.isclose(paired_difference(b, a, singletons)[1], by_window)  # every window its own unit
+    with pytest.raises(ValueError, match="window documents"):
+        paired_difference(b, a, {"a": [0], "b": [0]})
+
+
+def test_window_documents_follow_the_eos_joined_stream():
+    from quality_setup import window_documents
+
+    # [EOS] d0 (5) [EOS] d1 (2) [EOS] d2 (9) [EOS]: 20 tokens; windows of 4 predict 1-4, 5-8, ...
+    lengths = [5, 2, 9]
+    owners = window_documents(lengths, sum(lengths) + 4, 4)
+    assert owners == [0, 0, 2, 2, 2]  # window 1 (positions 5-8) is half d0, half d1: the earlier
+    assert window_documents([3, 3], 6, 2) == [0, 1, 1]  # no separators: predicted 1-2, 3-4, 5
+    with pytest.raises(ValueError):
+        window_documents([3, 3], 10, 2)
+
+
 def test_the_default_searches_within_its_passes_and_fidelity_ranks_the_proxies(rows, tiny):
     from fidelity import MEASURED, fidelity
 
