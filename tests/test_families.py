@@ -266,6 +266,21 @@ def test_grouped_axk2_is_refused():
     assert len(str(refused.value).splitlines()) == 1
 
 
+def test_refused_config_values_stop_before_the_model_is_built():
+    """config_refusals are read from config.json itself: the refusal comes before any weight
+    is loaded, in one line naming the file."""
+    from grape.models.adapters import check_model_config
+
+    for family, extra in (("nemotron_h", {"moe_latent_size": 16}), ("axk2", {"n_group": 2, "topk_group": 1})):
+        config = {**make_family(family).config.to_dict(), **extra}
+        with pytest.raises(ArchitectureError) as refused:
+            check_model_config(config, "m/config.json")
+        message = str(refused.value)
+        assert message.startswith(f"m/config.json: {family} with {next(iter(extra))}"), message
+        assert len(message.splitlines()) == 1
+        check_model_config({**config, **{key: None for key in extra}}, "m/config.json")  # unset: fine
+
+
 def moe_families_script():
     path = Path(__file__).resolve().parents[1] / "scripts" / "moe_families.py"
     spec = importlib.util.spec_from_file_location("moe_families", path)

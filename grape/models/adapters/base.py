@@ -69,6 +69,10 @@ class MoEAdapter(ABC):
     # e.g. ERNIE-4.5's [1, E] correction bias in a router child; streaming apply
     # (grape/pruning/stream_layout.py) slices their stored copies along that axis
     extra_expert_tensors: ClassVar[dict[str, int]] = {}
+    # config values the family's adapter cannot prune correctly: {config key: why, one line};
+    # a key set to anything but None is refused by check_config (before the model is built)
+    # and by the adapter itself (a model handed over already loaded)
+    config_refusals: ClassVar[dict[str, str]] = {}
     # the README's architecture table (scripts/moe_families.py --write): the family as people
     # name it, checkpoints of it, what is special about its routing or layout (may be "")
     family: ClassVar[str] = ""
@@ -78,12 +82,24 @@ class MoEAdapter(ABC):
     def __init__(self, model: nn.Module):
         self.model = model
         self.config = model.config
+        refused = self._refusal(lambda key: getattr(self.config, key, None))
+        if refused is not None:
+            raise ArchitectureError(refused)
+
+    @classmethod
+    def _refusal(cls, value_of) -> str | None:
+        """The first config_refusals reason whose key is set (`value_of(key)` not None)."""
+        return next((why for key, why in cls.config_refusals.items() if value_of(key) is not None), None)
 
     @classmethod
     def check_config(cls, config: dict, where: str) -> None:
         """Refuse config.json values (a dict; `where` names the file) the family's model cannot
         be built from: an expert count that is missing or not a whole number >= 1, a top_k
-        outside 1..experts. transformers would fail deep inside, or run nonsense."""
+        outside 1..experts, a value the family refuses (config_refusals). transformers would
+        fail deep inside, or run nonsense."""
+        refused = cls._refusal(config.get)
+        if refused is not None:
+            raise ArchitectureError(f"{where}: {refused}")
         counts = {key: config[key] for key in cls.expert_count_keys if config.get(key) is not None}
         if not counts:
             raise ArchitectureError(f"{where} has no expert count; a {config.get('model_type')} "

@@ -11,11 +11,9 @@ structure; shared experts are never pruned.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from grape.models.adapters.base import register_adapter
 from grape.models.adapters.deepseek import DeepseekV3Adapter
-from grape.errors import ArchitectureError
 
 
 @register_adapter
@@ -70,12 +68,9 @@ class NemotronHAdapter(DeepseekV3Adapter):
     special = ("Mamba-2 hybrid, MoE block `mixer`, the DeepSeek-V3 router; latent MoE "
                "(moe_latent_size) refused")
 
-    def __init__(self, model: nn.Module):
-        super().__init__(model)
-        if getattr(self.config, "moe_latent_size", None) is not None:
-            raise ArchitectureError(
-                "nemotron_h with moe_latent_size (latent MoE) is not supported yet: its experts "
-                "see a projected input, not the router's; Nemotron-H without a latent size is")
+    config_refusals = {"moe_latent_size": (
+        "nemotron_h with moe_latent_size (latent MoE) is not supported yet: its experts see a "
+        "projected input, not the router's; Nemotron-H without a latent size is")}
 
     def expert_forward(self, layer: int, hidden: torch.Tensor, expert: int) -> torch.Tensor:
         # the experts module itself, every row sent to `expert` at weight 1

@@ -8,11 +8,9 @@ first ones (GLM-4.5, Kimi-Linear, ...)."""
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from grape.models.adapters.base import RemovalEffect, register_adapter
 from grape.models.adapters.deepseek import DeepseekV3Adapter
-from grape.errors import ArchitectureError
 
 # most of these configs store `n_routed_experts`, aliased `num_local_experts`
 _ROUTED = ("n_routed_experts", "num_local_experts")
@@ -131,13 +129,10 @@ class AXK2Adapter(DeepseekV3Adapter):
     special = ("gated RMSNorms; the DeepSeek-V3 router without groups; grouped configs "
                "(n_group) refused; shared expert kept")
 
-    def __init__(self, model: nn.Module):
-        super().__init__(model)
-        if getattr(self.config, "n_group", None) is not None:
-            raise ArchitectureError(
-                "axk2 with n_group (group-limited routing) is not supported: its router scores "
-                "the experts of unchosen groups 0, not -inf, so removing an expert is not "
-                "masking it; A.X-K2 without n_group (A.X-K2-Light) is")
+    config_refusals = {"n_group": (
+        "axk2 with n_group (group-limited routing) is not supported: its router scores the "
+        "experts of unchosen groups 0, not -inf, so removing an expert is not masking it; "
+        "A.X-K2 without n_group (A.X-K2-Light) is")}
 
     def group_limited(self) -> bool:
         return False
