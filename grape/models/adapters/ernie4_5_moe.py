@@ -3,8 +3,8 @@ layers, block `mlp` with shared experts; router `mlp.gate`: fp32 softmax over ev
 top-k chosen on softmax + a correction bias, the chosen weights renormalised (clamped at
 `moe_norm_min`). The correction bias is a [1, E] parameter of a child module,
 `gate.moe_statics.e_score_correction_bias`, which the generic slicing (direct tensors, expert on
-dim 0) misses: surgery, shrinking, masks and the fingerprint handle it here, and the adapter
-declares it (`extra_expert_tensors`) so streaming apply slices its stored copy too."""
+dim 0) misses: the adapter declares it (`extra_expert_tensors`), by which surgery and streaming
+apply slice it; shrinking, masks and the fingerprint handle it here."""
 
 from __future__ import annotations
 
@@ -45,8 +45,8 @@ class Ernie45MoeAdapter(FusedMoEAdapter):
     examples = "ERNIE-4.5-21B-A3B, ERNIE-4.5-300B-A47B"
     special = ("softmax + a correction bias in the router's child gate.moe_statics; MoE from "
                "moe_layer_start_index")
-    # the correction bias [1, E], expert on the last axis (keep_experts below slices it; streaming
-    # apply slices its stored copy, mlp.moe_statics.e_score_correction_bias, the same way)
+    # the correction bias [1, E], expert on the last axis (FusedMoEAdapter.keep_experts slices it;
+    # streaming apply slices its stored copy, mlp.moe_statics.e_score_correction_bias, the same way)
     extra_expert_tensors = {f"gate.moe_statics.{_BIAS}": -1}
 
     def statics(self, layer: int) -> nn.Module:
@@ -69,14 +69,6 @@ class Ernie45MoeAdapter(FusedMoEAdapter):
         install_router_mask(view, keep, top_k=min(self.top_k(layer), len(keep)))
         _, weights, index = view(hidden)
         return index, weights
-
-    @torch.no_grad()
-    def keep_experts(self, layer: int, keep: list[int]) -> None:
-        super().keep_experts(layer, keep)
-        statics = self.statics(layer)
-        bias = getattr(statics, _BIAS)
-        index = torch.tensor(sorted(int(e) for e in keep), dtype=torch.long, device=bias.device)
-        statics._parameters[_BIAS] = nn.Parameter(bias.index_select(-1, index).contiguous(), requires_grad=False)
 
     def mask_experts(self, layer: int, removed: list[int]) -> None:
         super().mask_experts(layer, removed)

@@ -219,6 +219,14 @@ class FusedMoEAdapter(MoEAdapter):
             for name, tensor in _per_expert_tensors(module, n).items():
                 # a fresh contiguous tensor so the removed experts' memory is freed
                 _replace_tensor(module, name, tensor.index_select(0, _index(keep, tensor.device)).contiguous())
+        # and the per-expert tensors the family declares elsewhere under the block (e.g.
+        # ERNIE-4.5's [1, E] correction bias in a router child), along their declared axis: the
+        # same declaration streaming apply slices the stored copies by
+        for path, axis in type(self).extra_expert_tensors.items():
+            owner, _, name = path.rpartition(".")
+            module = block.get_submodule(owner)
+            tensor = getattr(module, name)
+            _replace_tensor(module, name, tensor.index_select(axis, _index(keep, tensor.device)).contiguous())
         set_counts(block, router, experts, kept, top_k)
 
     def mask_experts(self, layer: int, removed: list[int]) -> None:
