@@ -7,7 +7,7 @@ HEADER = ("Mean over domains (prose, python, c) of the NLL increase against the 
           "committed test split (`grape/assets/heldout/*.test.jsonl`, every document, 256-token windows, "
           "pure cross-entropy: benchmarks/default_quality.py's `test_windows` and `test_nll`), ± its "
           "standard error by document (grape.evaluation.stats); uniform = same count in every layer. GRAPE's rows "
-          "are benchmarks/default_quality.json's seed-0 cells: the default of `grape run` with no flags, "
+          "are benchmarks/results/default_quality.json's seed-0 cells: the default of `grape run` with no flags, "
           "and the lowest uniform plan over five criteria on the test split (chosen after the fact). "
           "*vs GRAPE default*: this row's increase minus the default's, paired by document against the "
           "default's plan rebuilt by default_quality's own functions (negative: the row loses less). "
