@@ -150,28 +150,54 @@ def search(model: nn.Module | str | os.PathLike, scores: Scores | str | os.PathL
            data: torch.Tensor | str | os.PathLike | Sequence[str | os.PathLike],
            config: SolveConfig | None = None, search_config: SearchConfig | None = None, *,
            plan: Plan | str | os.PathLike | None = None, tokenizer: Any = None,
-           out: str | os.PathLike | None = None) -> SearchResult:
+           out: str | os.PathLike | None = None,
+           runtime: CalibrationConfig | str | None = None) -> SearchResult:
     """The loss-verified search (the stage `grape search` and `grape run` run): candidate plans
     measured on held-out `data` (search-data files, split by document into the search's
     `search_config.tokens` and the confirmation's `confirm_tokens`; or a 2-D tensor of input
     ids, each row its own document, no confirmation),
     from `plan` or `config`'s solver; `result.best.plan` is the choice. With `out`, writes
-    plan.json, search.json and the resume cache there as `grape search --out` does."""
+    plan.json, search.json and the resume cache there as `grape search --out` does.
+
+    `model`: a loaded model (measured whole), or a model directory, held as `grape search` holds
+    it (grape.searching.stage.open_model): `runtime` is calibration's runtime (a
+    CalibrationConfig: its mode, hidden_states, device_map and dtype; a string is the mode),
+    default mode 'auto' - loaded whole when it fits, else measured one decoder layer at a time
+    from its shards (the same plans and NLLs); 'sequential' forces that, 'whole' loading. A
+    directory's identity must match the scores'."""
     from grape.searching.config import SearchConfig
-    from grape.searching.stage import held_out_from_files, held_out_from_ids, run_search, sequence_length
+    from grape.searching.stage import (
+        held_out_from_files,
+        held_out_from_ids,
+        open_model,
+        run_search,
+        sequence_length,
+    )
 
     search_config = search_config or SearchConfig()
     search_config.check_names()
+    runtime = _runtime(runtime)
     scores = load_scores(scores)
     plan = load_plan(plan) if plan is not None else None
     if config is None:  # a plan brings its own budget
         config = SolveConfig(budget=plan.num_removed) if plan is not None else SolveConfig()
-    model, tokenizer = _model_and_tokenizer(model, tokenizer, need_tokenizer=not _is_ids(data))
+    is_path = isinstance(model, (str, os.PathLike))
+    if not is_path and runtime.mode == "sequential":
+        raise UserError("search: mode 'sequential' reads the checkpoint one layer at a time; "
+                        "pass the model directory instead of a loaded model")
     if _is_ids(data):
         held_out = held_out_from_ids(data)
     else:
+        if tokenizer is None and is_path:
+            tokenizer = load_tokenizer(model)
+        if tokenizer is None:
+            raise UserError("search: search-data files need a tokenizer; pass tokenizer=... or a "
+                            "tensor of ids")
         files = [data] if isinstance(data, (str, os.PathLike)) else list(data)
         held_out = held_out_from_files(files, tokenizer, sequence_length(scores, search_config), search_config)
+    if is_path:  # after the data: a bad file fails before the model is read
+        model, identity = open_model(model, runtime, scratch=Path(out) if out is not None else None)
+        scores.model.check_matches(identity)
     return run_search(model, scores, config, held_out, search_config,
                       out=Path(out) if out is not None else None, plan=plan)
 
@@ -180,16 +206,18 @@ def _is_ids(data: Any) -> bool:
     return hasattr(data, "dim") and hasattr(data, "dtype")  # a tensor (without importing torch)
 
 
-def _model_and_tokenizer(model, tokenizer, need_tokenizer: bool):
-    """A loaded model (a path is loaded as every verb loads it) and, when needed, a tokenizer
-    (default: the one in the model directory)."""
-    if isinstance(model, (str, os.PathLike)):
-        if tokenizer is None and need_tokenizer:
-            tokenizer = load_tokenizer(model)
-        model = load(model)
-    if need_tokenizer and tokenizer is None:
-        raise UserError("search: search-data files need a tokenizer; pass tokenizer=... or a tensor of ids")
-    return model, tokenizer
+def _runtime(runtime) -> CalibrationConfig:
+    """How a model directory is held: a CalibrationConfig, a mode name, or None (mode 'auto')."""
+    from grape.calibration.calibrate import CalibrationConfig
+
+    if runtime is None:
+        return CalibrationConfig()
+    if isinstance(runtime, str):
+        return CalibrationConfig(mode=runtime)
+    if not isinstance(runtime, CalibrationConfig):
+        raise UserError("search: runtime must be a CalibrationConfig or a mode name, not "
+                        f"{type(runtime).__name__}")
+    return runtime
 
 
 def apply(model: nn.Module | str | os.PathLike, plan: Plan | str | os.PathLike,

@@ -273,6 +273,46 @@ def test_a_run_that_needs_the_model_loaded_is_refused_before_any_work(ws, tmp_pa
     assert not (tmp_path / "merge" / "scores.npz").exists()
 
 
+# -- the stage, from Python ---------------------------------------------------------------------------
+def _api_search(ws, runtime, out: Path):
+    config = SearchConfig(max_passes=8, tokens=128, confirm_tokens=256, progress=False)
+    return grape.search(ws.model, ws.root / "scores.npz", [str(p) for p in ws.heldout],
+                        SolveConfig(budget=0.5, time_limit=10), config, out=out, runtime=runtime)
+
+
+def test_the_python_api_holds_a_directory_as_grape_search_does(ws, tmp_path, monkeypatch):
+    """`grape.search(path, ..., runtime=...)`: mode 'sequential' measures layer by layer with the
+    choice and NLLs of the whole-model search; 'auto' does so by itself (never loading the model)
+    when the model does not fit."""
+    import grape.models.loading
+    from grape.calibration.calibrate import CalibrationConfig
+
+    whole = _api_search(ws, CalibrationConfig(mode="whole", device_map="cpu"), tmp_path / "whole")
+    layers = _api_search(ws, "sequential", tmp_path / "layers")
+    assert whole.mode == {"mode": "whole"} and layers.mode["mode"] == "sequential"
+    assert layers.best.plan.kept == whole.best.plan.kept and layers.best.name == whole.best.name
+    assert len(whole.candidates) > 2
+    assert [c.nll for c in layers.candidates] == [c.nll for c in whole.candidates]
+    assert layers.confirmed == whole.confirmed and layers.unpruned_nll == whole.unpruned_nll
+    assert _plan_file(tmp_path / "layers" / "plan.json") == _plan_file(tmp_path / "whole" / "plan.json")
+
+    _not_fitting(monkeypatch)
+    monkeypatch.setattr(grape.models.loading, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    auto = _api_search(ws, None, tmp_path / "auto")
+    assert auto.mode["mode"] == "sequential" and "free on a test" in auto.mode["reason"]
+    assert [c.nll for c in auto.candidates] == [c.nll for c in whole.candidates]
+
+
+def test_the_python_api_refuses_sequential_mode_on_a_loaded_model(ws):
+    from solvers.errors import UserError
+
+    with pytest.raises(UserError, match="pass the model directory"):
+        grape.search(load_model(ws.model, "cpu"), ws.root / "scores.npz", [str(p) for p in ws.heldout],
+                     runtime="sequential")
+    with pytest.raises(UserError, match="not one of auto, whole, sequential"):
+        grape.search(ws.model, ws.root / "scores.npz", [str(p) for p in ws.heldout], runtime="layers")
+
+
 def test_unknown_storage_is_refused(tmp_path):
     from grape.errors import DataError
 

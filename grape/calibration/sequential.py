@@ -11,7 +11,12 @@
    weights are there. Then the layer is freed.
 
 Peak device memory is one layer plus the hidden states of the calibration set (kept on the
-device when they fit, else in host memory, else in a memory-mapped file). Each layer gets the
+device when they fit, else in host memory, else in a memory-mapped file). Host memory holds
+one layer too: a layer's load runs under grape.models.layerwise.bounded_heap and the freed
+heap goes back to the system after each load and each layer (release_memory), else glibc
+keeps the loader's per-expert copies and the resident set grows layer by layer.
+
+Each layer gets the
 arguments the model's own forward gives it - rotary position embeddings, position ids, the
 causal (or sliding-window, per layer type) mask - because they are taken from the model's own
 forward run with every decoder layer replaced by a stub that records its arguments
@@ -57,7 +62,14 @@ from grape.calibration.distributed import (
     reduce_layer,
 )
 from grape.errors import ArchitectureError, DataError
-from grape.models.layerwise import LayerLoader, PassThrough, build_skeleton, decoder_layers
+from grape.models.layerwise import (
+    LayerLoader,
+    PassThrough,
+    bounded_heap,
+    build_skeleton,
+    decoder_layers,
+    release_memory,
+)
 from grape.models.sizes import model_sizes
 from grape.calibration.observer import ExpertObserver
 from grape.calibration.resume import CalibrationCheckpoint, layer_scores_from_state, layer_scores_state
@@ -248,11 +260,14 @@ class _Run:
             for b, batch, _ in self.plan.masked_batches():
                 self.hidden.put(self.rows[b], embed(batch.to(self.loader.device)))
         self.loader.free(embed)
+        release_memory()  # the table's load copies, kept by glibc otherwise
 
     def run_layer(self, index: int) -> tuple[dict, dict]:
         """Decoder layer `index` over every batch of this rank; for a MoE layer also its scores
         (on its owner rank) and its subsample size. Returns ({layer: scores}, {layer: rows})."""
-        layer = self.loader.load_layer(index)
+        with bounded_heap():  # the load's per-expert copies mapped apart, not left in the heap
+            layer = self.loader.load_layer(index)
+        release_memory()  # what the load freed in the heap all the same
         moe = index in self.moe_layers
         if moe:
             self.observer.set_recording(True, [index])
@@ -266,6 +281,9 @@ class _Run:
             self.observer.set_token_mask(None)
             scores, sampled = self._moe_scores(index) if moe else ({}, {})
         self.loader.free(layer)
+        # the layer's pages and the scoring's transients back to the system: glibc would keep
+        # them, and the resident memory would grow layer by layer (as in the sequential search)
+        release_memory()
         return scores, sampled
 
     def _moe_scores(self, index: int) -> tuple[dict, dict]:

@@ -16,11 +16,16 @@ MXFP4, with grape.models.quantized's exact dequantisers), and loaded through tra
 ``convert_and_load_state_dict_in_model`` with the model's own conversion mapping (renamed keys,
 per-expert tensors fused into ``gate_up_proj``), so a layer gets exactly the tensors a
 whole-model load gives it.
+
+Host memory between layers (glibc): :func:`release_memory` hands freed heap pages back after a
+layer is dropped, :func:`bound_heap` / :func:`bounded_heap` keep a load's per-expert copies out
+of the heap; the layer-sequential calibration, search and repair use them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from pathlib import Path
 
@@ -258,6 +263,63 @@ def _tensors(module: nn.Module):
     yield from module.named_buffers()
 
 
+# -- host memory between layers ------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def _glibc():
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): its allocator is left as it is
+        return None
+
+
+def release_memory() -> None:
+    """Hand freed heap pages back to the system; call it after a layer's weights are dropped.
+    glibc keeps the chunks a layer's load (per-expert tensors, below its mmap threshold) and
+    its computations freed, so without this the resident memory of a layer-by-layer run
+    carries about half a layer into the next one and grows layer by layer (measured on a
+    0.4 GB float32 layer: 0.85 GB above the baseline after three loads and frees, none with
+    it). No-op without glibc."""
+    trim = getattr(_glibc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+def bound_heap() -> None:
+    """Serve every allocation from 64 KiB up with its own mapping, returned when freed: a layer's
+    load makes ~1 MB per-expert copies that glibc's heap (its threshold rises to 32 MB) keeps
+    fragmented, so the peak of a load was 2.6 layers above the baseline, 1.6 with this (0.4 GB
+    float32 layer: 1.50 GB -> 1.09 GB peak, the same CPU time). Process-wide and for good: set
+    by the layer-sequential search, whose process exists to hold little; see bounded_heap."""
+    mallopt = getattr(_glibc(), "mallopt", None)
+    if mallopt is not None:
+        mallopt(_M_MMAP_THRESHOLD, _SMALL_MMAP)  # fixed from now on: no dynamic rise
+
+
+_M_MMAP_THRESHOLD = -3
+_SMALL_MMAP, _LARGE_MMAP = 64 * 1024, 32 * 1024 * 1024  # the range of glibc's dynamic threshold
+
+
+@contextlib.contextmanager
+def bounded_heap():
+    """bound_heap for the block only (a layer's load); afterwards allocations up to 32 MB come
+    from the heap again (the threshold glibc's dynamic rule would reach, fixed). Under
+    bound_heap a forward pass maps and faults in fresh pages for every tensor it makes: on the
+    1.07 GB benchmark checkpoint, layer-sequential calibration took 63 s of CPU with it for the
+    whole run (24 s of them system time), 44 s with it around the loads only (as without it),
+    at about the same peak RSS (1.74 GB / 1.80 GB; 2.38 GB with none of these helpers)."""
+    mallopt = getattr(_glibc(), "mallopt", None)
+    if mallopt is None:
+        yield
+        return
+    mallopt(_M_MMAP_THRESHOLD, _SMALL_MMAP)
+    try:
+        yield
+    finally:
+        mallopt(_M_MMAP_THRESHOLD, _LARGE_MMAP)
+
+
 def model_bytes(model: nn.Module, dtype: torch.dtype) -> int:
     """Bytes of the whole model's parameters in `dtype` (a skeleton counts as loaded)."""
     size = torch.empty((), dtype=dtype).element_size()
@@ -265,5 +327,5 @@ def model_bytes(model: nn.Module, dtype: torch.dtype) -> int:
                for p in model.parameters())
 
 
-__all__ = ["DTYPES", "LayerLoader", "LazyTensor", "build_skeleton", "decoder_layers",
-           "lazy_tensors", "model_bytes", "read_tensor"]
+__all__ = ["DTYPES", "LayerLoader", "LazyTensor", "bound_heap", "bounded_heap", "build_skeleton",
+           "decoder_layers", "lazy_tensors", "model_bytes", "read_tensor", "release_memory"]

@@ -40,7 +40,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from grape.models.layerwise import LayerLoader, PassThrough, build_skeleton, decoder_layers
+from grape.models.layerwise import (
+    LayerLoader,
+    PassThrough,
+    bound_heap,
+    build_skeleton,
+    decoder_layers,
+    release_memory,
+)
 from grape.searching.prefix import kept_experts
 from grape.searching.sensitivity import masked
 from solvers.plan import Plan
@@ -65,36 +72,6 @@ class SequentialModel:
         if self.hidden_states not in STORAGE:
             raise DataError(f"hidden_states {self.hidden_states!r} is not one of {', '.join(STORAGE)} "
                             "(--hidden-states)")
-
-
-def _glibc():
-    import ctypes
-
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (macOS, musl): its allocator is left as it is
-        return None
-
-
-def release_memory() -> None:
-    """Hand freed heap pages back to the system. glibc keeps the chunks a layer's load freed
-    (per-expert tensors, below its mmap threshold), so without this the resident memory of a
-    layer-by-layer run grows by about half a layer per layer (measured on a 0.4 GB float32
-    layer: 0.85 GB above the baseline after three loads and frees, none with it)."""
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-def bound_heap() -> None:
-    """Serve every allocation from 64 KiB up with its own mapping, returned when freed: a layer's
-    load makes ~1 MB per-expert copies that glibc's heap (its threshold rises to 32 MB) keeps
-    fragmented, so the peak of a load was 2.6 layers above the baseline, 1.6 with this (0.4 GB
-    float32 layer: 1.50 GB -> 1.09 GB peak, the same CPU time). Process-wide: set by the
-    layer-sequential search, whose process exists to hold little."""
-    libc = _glibc()
-    if libc is not None:
-        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD (fixed from now on: no dynamic rise)
 
 
 class _Stop(Exception):

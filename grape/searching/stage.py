@@ -15,6 +15,7 @@ grape.searching.algorithm.
 The model is measured whole when it is loaded, or layer by layer from its shards
 (grape.searching.sequential) when calibration's rule says so (:func:`search_mode`: `--mode
 sequential`, or `auto` and the model does not fit); both give the same plans and NLLs.
+`grape search` and `grape.search` given a model directory open it with :func:`open_model`.
 """
 
 from __future__ import annotations
@@ -154,6 +155,27 @@ def open_sequential(model_dir, calibration, reason: str, scratch: Path | None = 
                                        calibration.hidden_states, reason, scratch))
 
 
+def open_model(model_dir, calibration, held: SearchMode | None = None, scratch: Path | None = None):
+    """(model, identity): the model the search measures, held as `held` says - loaded whole on
+    calibration's device map and dtype, as every verb loads it, or opened layer by layer from
+    its shards (:func:`open_sequential`) - and its identity (router fingerprint included) to
+    check the scores against. `held` None: :func:`search_mode` without the size check for a
+    mode given. `grape search` and `grape.search` both call it; `scratch`: the folder of
+    disk-held hidden states (None: the temporary folder)."""
+    from grape.models.adapters import get_adapter
+    from grape.models.loading import load_model
+
+    if calibration.mode not in ("auto", "whole", "sequential"):
+        raise UserError(f"mode {calibration.mode!r} is not one of auto, whole, sequential")
+    held = held or search_mode(model_dir, calibration, check_fit=False)
+    if held.mode == "sequential":
+        stream = open_sequential(model_dir, calibration, held.reason, scratch=scratch)
+        return stream, stream.identity()
+    model = load_model(model_dir, calibration.device_map, calibration.dtype,
+                       offload_folder=calibration.offload_folder)
+    return model, get_adapter(model).identity()
+
+
 def run_search(model, scores, solve: SolveConfig, held_out, config: SearchConfig,
                out: Path | None = None, plan: Plan | None = None) -> SearchResult:
     """The stage: the loss-verified search (grape.searching.algorithm.search) on `held_out`
@@ -220,6 +242,6 @@ def describe(found: SearchResult) -> str:
     return line + "".join(f"\n    note: {n}" for n in found.notes if n.startswith(("held out", "confirmation on", "calibration:")))
 
 
-__all__ = ["CACHE_FILE", "RESULT_FILE", "SearchMode", "describe", "held_out_from_files", "held_out_from_ids",
-           "open_sequential", "run_search", "search_mode", "search_tokens", "sequence_length", "targets",
-           "write_outputs"]
+__all__ = ["CACHE_FILE", "RESULT_FILE", "SearchMode", "describe", "held_out_from_files",
+           "held_out_from_ids", "open_model", "open_sequential", "run_search", "search_mode",
+           "search_tokens", "sequence_length", "targets", "write_outputs"]

@@ -135,23 +135,15 @@ def _resolve(args: argparse.Namespace, scores, plan) -> tuple:
     return solve, replace(search, seq_len=sequence_length(scores, search))
 
 
-def _model(args: argparse.Namespace, held):
-    """The model to measure, as `held` (grape.searching.stage.SearchMode) says: loaded whole, or
-    opened layer by layer from its shards; and its identity."""
-    from grape.models.adapters import get_adapter
-    from grape.models.loading import load_model
-    from grape.searching.stage import open_sequential
-
-    if held.mode == "sequential":
-        stream = open_sequential(args.model, mode_config(args), held.reason, scratch=args.out)
-        return stream, stream.identity()
-    model = load_model(args.model, args.device, args.dtype)
-    return model, get_adapter(model).identity()
-
-
 def run(args: argparse.Namespace) -> int:
     from grape.models.loading import load_tokenizer
-    from grape.searching.stage import describe, held_out_from_files, run_search, search_mode
+    from grape.searching.stage import (
+        describe,
+        held_out_from_files,
+        open_model,
+        run_search,
+        search_mode,
+    )
     from solvers.plan import Plan
     from solvers.scores import Scores
 
@@ -162,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     held_out = held_out_from_files(args.search_data, tokenizer, search.seq_len, search)
     print(f"grape search: {held.mode} mode ({held.reason})", flush=True)
-    model, identity = _model(args, held)
+    model, identity = open_model(args.model, mode_config(args), held, scratch=args.out)
     scores.model.check_matches(identity)
     confirm = held_out.confirm
     print(f"searching: at most {search.max_passes} forward passes of {held_out.search.tokens:,} tokens "
