@@ -12,6 +12,8 @@ peak extra resident memory. Writes benchmarks/results/repair.md and repair.json.
     python benchmarks/repair_bench.py                                  # 3 models, 2 budgets
     python benchmarks/repair_bench.py --models qwen3moe-32x4 --split validation \\
         --methods none scale lstsq lstsq:0.01 lstsq:1 --out /tmp/ridge   # choose the ridges
+    python benchmarks/repair_bench.py --models olmoe-32x4 qwen3moe-32x4 --max-docs 8 \\
+        --methods none lstsq router lstsq+router --out /tmp/router   # the router re-fit
     python benchmarks/repair_bench.py --sequential-cost    # repair from the shards: memory, time
 
 `--sequential-cost` (benchmarks/repair_cost.py) measures the layer-sequential repair of a 1.7 GB
@@ -199,7 +201,8 @@ def run_model(name: str, args, save=lambda result: None) -> dict:
             with PeakRSS() as memory:
                 t = time.perf_counter()
                 report = prune_and_repair(model, plan, ApplyConfig(repair=method), fit_ids,
-                                          settings=RepairSettings(ridge=ridge))
+                                          settings=RepairSettings(ridge=ridge, router_steps=args.router_steps,
+                                                                  router_lr=args.router_lr))
                 seconds = time.perf_counter() - t
             evals[text] = evaluator.run(model)
             rows[text] = {"nll_increase": increase(evals[text], baseline), "fit_seconds": seconds,
@@ -303,11 +306,17 @@ def _kept_sections(out: Path) -> dict:
 
 
 def main(argv=None) -> int:
+    from grape.pruning.repair_router import DEFAULT_LR, DEFAULT_STEPS
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
     ap.add_argument("--budgets", nargs="+", type=float, default=[0.25, 0.5])
     ap.add_argument("--methods", nargs="+", default=["none", "scale", "lstsq"],
                     help="repair methods, optionally with a ridge: lstsq:0.1")
+    ap.add_argument("--router-steps", type=int, default=DEFAULT_STEPS,
+                    help="Adam steps per layer of the router / lstsq+router repairs")
+    ap.add_argument("--router-lr", type=float, default=DEFAULT_LR,
+                    help="their step size (largest logit change per step, relative to the logits' spread)")
     ap.add_argument("--split", default="test", choices=("test", "validation"))
     ap.add_argument("--fit-rows", type=int, default=32)
     ap.add_argument("--calib-rows", type=int, default=64, help="rows of the REAP-mass calibration")
@@ -333,6 +342,7 @@ def main(argv=None) -> int:
         ap.error("--methods must start with none (the reference of every ratio)")
     data = {"settings": {"split": args.split, "max_docs": args.max_docs, "fit_rows": args.fit_rows, "seq_len": args.seq_len,
                          "calib_rows": args.calib_rows, "threads": torch.get_num_threads(),
+                         "router_steps": args.router_steps, "router_lr": args.router_lr,
                          "machine": f"{platform.machine()}, torch {torch.__version__}"},
             "models": []}
     args.out.mkdir(parents=True, exist_ok=True)

@@ -47,8 +47,9 @@ APPLIED_METHOD_ATTR = "grape_applied_method"
 
 
 APPLY_MODES = ("auto", "streaming", "in-memory")
-# closed-form repair of the kept experts after removal (grape.pruning.repair, docs/repair.md)
-REPAIR_METHODS = ("none", "scale", "lstsq")
+# repair of the kept experts (closed form) or router rows (a short local re-fit) after removal
+# (grape.pruning.repair, docs/repair.md)
+REPAIR_METHODS = ("none", "scale", "lstsq", "router", "lstsq+router")
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,9 @@ class ApplyConfig:
     repair: str = field(default="none", metadata=flag(
         "after removal, re-fit each pruned layer's kept experts toward the original layer's output "
         "on calibration text (docs/repair.md): scale: one output scale per kept expert; lstsq: "
-        "ridge least squares of each kept expert's down projection; none: plain removal",
+        "ridge least squares of each kept expert's down projection; router: a short local re-fit "
+        "(Adam) of the kept router rows; lstsq+router: lstsq, then the router re-fit; none: plain "
+        "removal",
         choices=REPAIR_METHODS))
     repair_data: tuple[str, ...] = field(default=(), metadata=flag(
         "calibration text the repair fits on (files or directories, as `grape calibrate --data`); "

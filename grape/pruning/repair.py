@@ -10,9 +10,11 @@ layers below; at MoE layer l the block's input x is captured, the ORIGINAL block
 y on x is computed, the layer is then pruned (exactly as ``apply_plan(remove)`` prunes it) and
 the fit of grape.pruning.repair_fit brings the pruned routed output back toward y on those tokens;
 then the tokens go through the pruned, repaired layer to the next. Only the kept experts' down
-projections change (values, never names or shapes): the checkpoint is as standard as without
-repair. A fit that would not lower the layer's error on its tokens is undone (the layer stays
-plainly pruned), so a repaired layer is never worse than the unrepaired one on what was measured.
+projections change (values, never names or shapes), and with ``router`` / ``lstsq+router`` the
+kept router rows (grape.pruning.repair_router's short local re-fit): the checkpoint is as
+standard as without repair. A fit that would not lower the layer's error on its tokens is
+undone (the layer stays as it was before that fit), so a repaired layer is never worse than the
+unrepaired one on what was measured.
 
 Memory: the model, the calibration hidden states (tokens x hidden), and one layer's fitting
 state (x and y, tokens x hidden each, plus one expert's activations). A checkpoint too large
@@ -33,12 +35,18 @@ from grape.models.adapters import MoEAdapter, get_adapter
 from grape.errors import ArchitectureError, DataError, PlanError
 from grape.pruning.apply import APPLIED_METHOD_ATTR, APPLIED_PLAN_ATTR, REPAIR_METHODS, ApplyConfig, apply_plan, validate_plan
 from grape.pruning.repair_fit import FITS, Routing, mean_energy, mean_error, routed
+from grape.pruning.repair_router import DEFAULT_LR, DEFAULT_STEPS, fit_router, router_parameters
 from solvers.plan import Plan
 
 logger = logging.getLogger("grape.pruning.repair")
 
-# ridge of each method when RepairSettings leaves it unset (chosen on the zoo, docs/repair.md)
+# ridge of each closed-form fit when RepairSettings leaves it unset (chosen on the zoo, docs/repair.md)
 DEFAULT_RIDGE = {"scale": 1e-3, "lstsq": 0.1}
+# the fits each --repair method runs, in order (grape.pruning.repair_fit's FITS and the router
+# re-fit of grape.pruning.repair_router); each is undone on its own if it does not lower the
+# layer's error, so lstsq+router is never worse than lstsq on the fitting tokens
+STAGES = {"scale": ("scale",), "lstsq": ("lstsq",), "router": ("router",),
+          "lstsq+router": ("lstsq", "router")}
 
 
 @dataclass(frozen=True)
@@ -49,11 +57,15 @@ class RepairSettings:
         energy (see grape.pruning.repair_fit); None: the method's default (DEFAULT_RIDGE).
     sweeps: passes of ``lstsq``'s block coordinate descent over the kept experts.
     batch_size: calibration sequences per forward pass.
+    router_steps, router_lr: the ``router`` re-fit's Adam steps per layer and step size (the
+        largest logit change of a step, relative to the logits' spread; grape.pruning.repair_router).
     """
 
     ridge: float | None = None
     sweeps: int = 2
     batch_size: int = 4
+    router_steps: int = DEFAULT_STEPS
+    router_lr: float = DEFAULT_LR
 
     def __post_init__(self) -> None:
         if self.ridge is not None and not (self.ridge >= 0 and self.ridge < float("inf")):
@@ -61,9 +73,16 @@ class RepairSettings:
         if self.sweeps < 1 or self.batch_size < 1:
             raise PlanError(f"repair sweeps ({self.sweeps}) and batch size ({self.batch_size}) "
                             "must be at least 1")
+        if self.router_steps < 0 or not (0 < self.router_lr < float("inf")):
+            raise PlanError(f"repair router steps ({self.router_steps}) must be at least 0 and its "
+                            f"step size ({self.router_lr!r}) a finite number > 0")
 
-    def ridge_for(self, method: str) -> float:
-        return DEFAULT_RIDGE[method] if self.ridge is None else float(self.ridge)
+    def ridge_for(self, method: str) -> float | None:
+        """The ridge of `method`'s closed-form fit (a stage or a --repair method); None: it has none."""
+        stage = next((s for s in STAGES.get(method, (method,)) if s in DEFAULT_RIDGE), None)
+        if stage is None:
+            return None
+        return DEFAULT_RIDGE[stage] if self.ridge is None else float(self.ridge)
 
 
 @dataclass(frozen=True)
@@ -289,28 +308,50 @@ class LayerPass:
 @torch.no_grad()
 def repair_layer(adapter: MoEAdapter, layer: int, kept: list[int], x: torch.Tensor, method: str,
                  settings: RepairSettings) -> LayerRepair:
-    """Prune `layer` to `kept` and fit `method` on the block inputs `x` (see the module docstring)."""
+    """Prune `layer` to `kept` and fit `method`'s stages on the block inputs `x` (see the module
+    docstring)."""
     start = time.perf_counter()
     target = routed(adapter.experts(layer), x, Routing(*adapter.route(layer, x)))
     adapter.keep_experts(layer, kept)
-    experts = adapter.experts(layer)
-    routing = Routing(*adapter.route(layer, x))
-    before = mean_error(target, routed(experts, x, routing))
-    saved = {n: t.detach().clone() for n in ("down_proj", "down_proj_bias")
-             if (t := getattr(experts, n, None)) is not None}
-    FITS[method](experts, x, target, routing, adapter.num_experts(layer),
-                 settings.ridge_for(method), settings.sweeps)
-    after = mean_error(target, routed(experts, x, routing))
-    kept_fit = after < before
-    if not kept_fit:  # never worse than plain removal on what was measured
-        for name, tensor in saved.items():
-            getattr(experts, name).copy_(tensor)
-        after = before
-        logger.warning("repair %s did not lower layer %d's output error on its tokens; the layer "
-                       "is left plainly pruned", method, layer)
-    energy = mean_energy(target)
-    return LayerRepair(layer, int(x.shape[0]), energy, before, after, kept_fit,
+    before = error = layer_error(adapter, layer, x, target)
+    for stage in STAGES[method]:
+        error = _fit_stage(adapter, layer, x, target, stage, settings, error)
+    return LayerRepair(layer, int(x.shape[0]), mean_energy(target), before, error, error < before,
                        time.perf_counter() - start)
+
+
+def layer_error(adapter: MoEAdapter, layer: int, x: torch.Tensor, target: torch.Tensor) -> float:
+    """mean ||y - y'||^2 of the layer's routed output as the model computes it now (its routing
+    recomputed: the router stage changes it)."""
+    return mean_error(target, routed(adapter.experts(layer), x, Routing(*adapter.route(layer, x))))
+
+
+def _stage_tensors(adapter: MoEAdapter, layer: int, stage: str) -> list[torch.Tensor]:
+    """The tensors `stage` may change (what undoing it restores)."""
+    if stage == "router":
+        return list(router_parameters(adapter, layer).values())
+    experts = adapter.experts(layer)
+    return [t for n in ("down_proj", "down_proj_bias") if (t := getattr(experts, n, None)) is not None]
+
+
+def _fit_stage(adapter: MoEAdapter, layer: int, x: torch.Tensor, target: torch.Tensor, stage: str,
+               settings: RepairSettings, error: float) -> float:
+    """Run one fit; keep it only if it lowers the layer's error (`error` before it): never worse
+    than the layer it started from on what was measured. Returns the error after."""
+    saved = [(t, t.detach().clone()) for t in _stage_tensors(adapter, layer, stage)]
+    if stage == "router":
+        fit_router(adapter, layer, x, target, settings.router_steps, settings.router_lr)
+    else:
+        FITS[stage](adapter.experts(layer), x, target, Routing(*adapter.route(layer, x)),
+                    adapter.num_experts(layer), settings.ridge_for(stage), settings.sweeps)
+    after = layer_error(adapter, layer, x, target)
+    if after < error:
+        return after
+    for tensor, value in saved:
+        tensor.copy_(value)
+    logger.warning("repair %s did not lower layer %d's output error on its tokens; it is undone",
+                   stage, layer)
+    return error
 
 
 def repair_needs(config: ApplyConfig) -> bool:
@@ -318,6 +359,6 @@ def repair_needs(config: ApplyConfig) -> bool:
     return config.repair != "none"
 
 
-__all__ = ["DEFAULT_RIDGE", "LayerPass", "LayerRepair", "MemoryBatches", "REPAIR_METHODS",
-           "RepairReport", "RepairSettings", "check_repairable", "check_tokens", "layerwise_refusal",
-           "prune_and_repair", "repair_layer", "repair_needs"]
+__all__ = ["DEFAULT_RIDGE", "STAGES", "LayerPass", "LayerRepair", "MemoryBatches", "REPAIR_METHODS",
+           "RepairReport", "RepairSettings", "check_repairable", "check_tokens", "layer_error",
+           "layerwise_refusal", "prune_and_repair", "repair_layer", "repair_needs"]

@@ -20,7 +20,8 @@ arguments the model's forward gives each layer):
    is the target; the inputs come from the pruned, repaired layers below, as in memory); the
    tokens go on through the repaired layer, and the layer is freed;
 4. each repaired layer's changed tensors (the kept experts' down projections, and their biases
-   where the family has them) are turned back into the checkpoint's own stored names and layout
+   where the family has them; the router's weight rows and bias with ``router`` /
+   ``lstsq+router``) are turned back into the checkpoint's own stored names and layout
    (transformers' ``revert_weight_conversion``, checked against the stored bytes of the original
    layer) and written as a small safetensors file;
 5. the checkpoint is written shard by shard as ``grape apply --mode streaming`` writes it, those
@@ -52,6 +53,7 @@ from torch import nn
 from grape.errors import ArchitectureError, PlanError
 from grape.pruning.apply import ApplyConfig
 from grape.pruning.repair import LayerPass, LayerRepair, RepairReport, RepairSettings, repair_layer
+from grape.models.layerwise import release_memory
 from grape.models.shards import Piece, StoredTensor
 from solvers.plan import Plan
 
@@ -104,11 +106,21 @@ def _target(model_dir: Path, plan: Plan, allow_lower_top_k: bool) -> _Target:
 _CHANGED = ("down_proj", "down_proj_bias")  # all grape.pruning.repair_fit changes
 
 
-def _changed_tensors(model: nn.Module, adapter, layer: int) -> dict[str, torch.Tensor]:
+def _changed_tensors(model: nn.Module, adapter, layer: int, method: str = "lstsq") -> dict[str, torch.Tensor]:
+    """The tensors `method` may change, under their model names: the experts' down projections
+    first (check_layout compares the first value for value), then the router's parameters if
+    one of its stages is the router re-fit."""
+    from grape.pruning.repair import STAGES
+    from grape.pruning.repair_router import router_parameters
+
     experts = adapter.experts(layer)
-    name = next(n for n, m in model.named_modules() if m is experts)
-    return {f"{name}.{t}": getattr(experts, t).detach() for t in _CHANGED
-            if isinstance(getattr(experts, t, None), torch.Tensor)}
+    names = {id(m): n for n, m in model.named_modules()}
+    out = {f"{names[id(experts)]}.{t}": getattr(experts, t).detach() for t in _CHANGED
+           if isinstance(getattr(experts, t, None), torch.Tensor)}
+    if "router" in STAGES.get(method, ()):
+        router = names[id(adapter.router(layer))]
+        out.update({f"{router}.{n}": t.detach() for n, t in router_parameters(adapter, layer).items()})
+    return out
 
 
 def _stored_form(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -124,13 +136,14 @@ def _unmatched(layer: int, name: str) -> ArchitectureError:
                              "checkpoint's stored layout; repair it with --mode in-memory")
 
 
-def check_layout(model: nn.Module, adapter, layer: int, stored: dict[str, StoredTensor]) -> None:
-    """The loaded (not yet pruned) layer's down projections, turned back into stored form,
-    are the checkpoint's tensors: every name and shape, and the first one value for value (a
-    transposed square matrix would pass a shape check)."""
+def check_layout(model: nn.Module, adapter, layer: int, stored: dict[str, StoredTensor],
+                 method: str = "lstsq") -> None:
+    """The loaded (not yet pruned) layer's tensors `method` changes (down projections, router),
+    turned back into stored form, are the checkpoint's tensors: every name and shape, and the
+    first one value for value (a transposed square matrix would pass a shape check)."""
     from grape.models.layerwise import DTYPES, read_tensor
 
-    form = _stored_form(model, _changed_tensors(model, adapter, layer))
+    form = _stored_form(model, _changed_tensors(model, adapter, layer, method))
     for position, (name, value) in enumerate(form.items()):
         source = stored.get(name)
         if source is None or list(value.shape) != list(source.shape):
@@ -139,13 +152,13 @@ def check_layout(model: nn.Module, adapter, layer: int, stored: dict[str, Stored
             raise _unmatched(layer, name)
 
 
-def repaired_tensors(model: nn.Module, adapter, layer: int,
-                     pruned: dict[str, StoredTensor]) -> dict[str, torch.Tensor]:
+def repaired_tensors(model: nn.Module, adapter, layer: int, pruned: dict[str, StoredTensor],
+                     method: str = "lstsq") -> dict[str, torch.Tensor]:
     """The repaired layer's changed tensors under their pruned-checkpoint names, in the stored dtype."""
     from grape.models.layerwise import DTYPES
 
     out = {}
-    for name, value in _stored_form(model, _changed_tensors(model, adapter, layer)).items():
+    for name, value in _stored_form(model, _changed_tensors(model, adapter, layer, method)).items():
         target = pruned.get(name)
         if target is None or list(value.shape) != list(target.shape) or target.dtype not in DTYPES:
             raise _unmatched(layer, name)
@@ -230,13 +243,13 @@ class _Run:
         through it unless it is the last pruned one, then freed."""
         layer = self.loader.load_layer(index)
         if index in self.pruned:
-            check_layout(self.model, self.adapter, index, self.target.stored)
+            check_layout(self.model, self.adapter, index, self.target.stored, self.method)
             x = self.passes.block_inputs(index, layer)
             fit = repair_layer(self.adapter, index, self.plan.kept[index], x, self.method, self.settings)
             del x
             self.report.layers.append(fit)
             self.store.save_tensors(_tensors_name(index), repaired_tensors(
-                self.model, self.adapter, index, self.target.pruned()))
+                self.model, self.adapter, index, self.target.pruned(), self.method))
         if index < self.pruned[-1]:
             self.passes.forward(index, layer)
         self.loader.free(layer)
@@ -272,20 +285,6 @@ class _Run:
             raise PlanError(f"{self.store.directory} lacks the repaired tensors of layer {missing[0]} "
                             "(removed while the run was going on?); delete the folder and run again")
         return files
-
-
-def release_memory() -> None:
-    """Hand the heap pages a freed layer leaves back to the system. glibc keeps the chunks of a
-    layer's load and fit (many are below its mmap threshold), so without this the resident
-    memory carries about half a layer into the next load (measured on the 1.7 GB benchmark
-    checkpoint: 0.98 GB between layers instead of 0.44 GB). No-op without glibc. (The same
-    helper as grape.searching.sequential's; both belong in grape.models.layerwise.LayerLoader.free.)"""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _tensors_name(layer: int) -> str:
@@ -457,6 +456,7 @@ def _world():
 def _open_store(job: _Job, folder: Path, dtype: torch.dtype, device: torch.device, say):
     """The resume folder, keyed by everything that changes the repaired tensors."""
     from grape.calibration.resume import CalibrationCheckpoint, run_key, weight_files_key
+    from grape.pruning.repair import STAGES
 
     method = job.config.repair
     settings = {"what": "layer-sequential repair", "format": _FORMAT, "method": method,
@@ -465,6 +465,8 @@ def _open_store(job: _Job, folder: Path, dtype: torch.dtype, device: torch.devic
                 "kept": {str(k): list(v) for k, v in sorted(job.plan.kept.items())},
                 "allow_lower_top_k": job.config.allow_lower_top_k,
                 "weights": weight_files_key(job.model_dir)}
+    if "router" in STAGES.get(method, ()):  # only then (earlier runs' keys stay the same)
+        settings["router"] = {"steps": job.settings.router_steps, "lr": job.settings.router_lr}
     key = run_key(settings, [job.ids, job.mask])
     return CalibrationCheckpoint.open(folder, key, _world(), say=say, who=WHO)
 
