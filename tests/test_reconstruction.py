@@ -185,6 +185,39 @@ def test_router_near_ties_are_routed_by_the_router(family, overrides):
     _same(fast, slow)
 
 
+@pytest.mark.parametrize("family, overrides", [("qwen3_moe", {}), ("qwen3_moe", {"norm_topk_prob": False}),
+                                               ("deepseek_v3", {"n_group": 1, "topk_group": 1})])
+@pytest.mark.parametrize("ties", [False, True])
+def test_many_experts_with_and_without_ties(family, overrides, ties):
+    """At 48 experts a row's k + 2 best come from its previous ones and the next of its
+    ranking (_Greedy._top), except on rows whose scores tie (copied router rows), which take
+    topk: the same orders as the full evaluation either way."""
+    model, adapter, layer = _model(family, 8, experts=48, top_k=4, **overrides)
+    if ties:
+        _copy_expert(adapter, layer, 2, 3)  # exact ties
+        _copy_expert(adapter, layer, 7, 30, weights=False)  # router ties, different outputs
+    fast, slow = _orders(adapter, layer, _rows(model, 160, 8), exact_ties=not ties)
+    _same(fast, slow)
+
+
+def test_the_expert_cache_grows_when_a_row_needs_more_slots(monkeypatch):
+    """No outputs fetched ahead: the cache starts with k + 1 slots a row, and rows routed by
+    the router (near-ties) need more; it grows, and the order is the full evaluation's."""
+    import grape.calibration.reconstruction_cache as cache
+    import grape.calibration.reconstruction_greedy as greedy
+
+    monkeypatch.setattr(greedy, "_AHEAD", 0)
+    grown = []
+    grow = cache._ExpertCache._grow
+    monkeypatch.setattr(cache._ExpertCache, "_grow", lambda self, extra: grown.append(extra) or grow(self, extra))
+    model, adapter, layer = _model("qwen3_moe", 4, experts=16, top_k=3)
+    _copy_expert(adapter, layer, 1, 8, weights=False)
+    _copy_expert(adapter, layer, 3, 12, weights=False)
+    fast, slow = _orders(adapter, layer, _rows(model, 150, 4), exact_ties=True)
+    assert grown
+    _same(fast, slow)
+
+
 @pytest.mark.parametrize("family", NEW_FAMILIES)
 def test_the_later_families_too(family):
     """The families added since (tests/tiny_families.py): DeepSeek-V3's router copies take the

@@ -14,16 +14,14 @@ grape.calibration.scoring assembles these into a layer's scores; see docs/calibr
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from grape.models.adapters.base import MoEAdapter
 from grape.calibration.layer_outputs import _bilinear_errors, expert_grams
 from grape.calibration.reconstruction_greedy import _Greedy, _pick
-
+from grape.models.adapters.base import MoEAdapter
 
 
 class _ProjectionMemo(TorchFunctionMode):

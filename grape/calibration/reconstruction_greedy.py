@@ -1,16 +1,16 @@
 """The incremental greedy behind grape.calibration.reconstruction.reconstruction_order: a removal re-evaluates
 only the rows whose routing it can change (the adapter's RemovalEffect), from the experts'
-outputs on the (token, expert) pairs routing can reach, cached per row; the trial with the
-smallest layer output error is removed, ties by index (see _pick)."""
+outputs on the (token, expert) pairs routing can reach, cached per row
+(grape.calibration.reconstruction_cache); the trial with the smallest layer output error is
+removed, ties by index (see _pick)."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from grape.calibration.reconstruction_cache import _at, _ExpertCache
 from grape.models.adapters.base import MoEAdapter
-
-from grape.calibration.layer_outputs import _MAX_ROWS_PER_CALL, token_grams
 
 # Trial errors within _TIE * sqrt(error * energy) (+ _TIE_FLOOR * energy, for errors that are
 # rounding noise about 0) of the smallest are a tie, won by the lower expert index. The errors
@@ -38,126 +38,9 @@ def _pick(values: torch.Tensor, energy: float, allowed: torch.Tensor) -> int:
     return int(torch.nonzero(allowed & (values <= best + tol))[0, 0])
 
 
-def _expert_rows(adapter: MoEAdapter, layer: int, hidden: torch.Tensor, rows: torch.Tensor,
-                 experts: torch.Tensor) -> torch.Tensor:
-    """f_{experts[i]}(hidden[rows[i]]) for each i, (n, H) in the model's dtype: the experts
-    module itself (offload hooks fire), each row routed to its one expert at weight 1."""
-    out = []
-    for start in range(0, rows.shape[0], _MAX_ROWS_PER_CALL):
-        r, e = rows[start:start + _MAX_ROWS_PER_CALL], experts[start:start + _MAX_ROWS_PER_CALL]
-        ones = torch.ones(r.shape[0], 1, dtype=hidden.dtype, device=hidden.device)
-        out.append(adapter.experts(layer)(hidden[r], e[:, None], ones))
-    return torch.cat(out)
-
-
-class _ExpertCache:
-    """Expert outputs f_e(x_t) for the (row, expert) pairs the greedy needs, in slots of each
-    row (a row needs its chosen experts and the next of its ranking, not all E: E x T outputs
-    would cost E/k forward passes of the layer), with the Gram entries <f_a, f_b> between a
-    row's cached outputs and their products with the row's full output y_full (float64, as
-    token_grams); the outputs in the model's dtype (a row's block is read once per call)."""
-
-    def __init__(self, adapter: MoEAdapter, layer: int, hidden: torch.Tensor, capacity: int):
-        rows, device = hidden.shape[0], hidden.device
-        self.adapter, self.layer, self.hidden = adapter, layer, hidden
-        self.slot = torch.full((rows, adapter.num_experts(layer)), -1, dtype=torch.long,
-                               device=device)
-        self.used = torch.zeros((rows, capacity), dtype=torch.bool, device=device)
-        self.out = torch.zeros((rows, capacity, hidden.shape[1]), dtype=hidden.dtype, device=device)
-        self.cross = torch.zeros((rows, capacity), dtype=torch.float64, device=device)
-        self.gram = torch.zeros((rows, capacity, capacity), dtype=torch.float64, device=device)
-        self.full: torch.Tensor | None = None  # y_full (T, H) float64, once set
-        self.computed = 0  # outputs computed, for the record
-
-    def add(self, rows: torch.Tensor, experts: torch.Tensor) -> None:
-        """Compute and store the pairs not cached yet (repeats are fine), with their products
-        with the row's other outputs (one batched product per row: its outputs read once)."""
-        key = torch.unique(rows * self.slot.shape[1] + experts)  # sorted: grouped by row
-        rows, experts = key // self.slot.shape[1], key % self.slot.shape[1]
-        new = self.slot[rows, experts] < 0
-        rows, experts = rows[new], experts[new]
-        if rows.numel() == 0:
-            return
-        slots = self._allocate(rows)
-        self.out[rows, slots] = _expert_rows(self.adapter, self.layer, self.hidden, rows, experts)
-        self.slot[rows, experts] = slots
-        self.used[rows, slots] = True
-        self.computed += rows.numel()
-        self._products(rows, slots)
-
-    def _allocate(self, rows: torch.Tensor) -> torch.Tensor:
-        """Free slots for new pairs of `rows` (sorted): the i-th new pair of a row takes its
-        i-th free slot; the slots grow for every row when one runs out."""
-        owners, counts = torch.unique_consecutive(rows, return_counts=True)
-        short = int((counts - (~self.used[owners]).sum(1)).max())
-        if short > 0:
-            self._grow(max(short, self.used.shape[1] // 2))
-        free = torch.sort(self.used[rows].to(torch.int8), dim=1, stable=True).indices
-        starts = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-        rank = torch.arange(rows.shape[0], device=rows.device) - starts
-        return free[torch.arange(rows.shape[0], device=rows.device), rank]
-
-    def _grow(self, extra: int) -> None:
-        def more(t: torch.Tensor, dim: int) -> torch.Tensor:  # `extra` zero slots along dim
-            shape = list(t.shape)
-            shape[dim] = extra
-            return torch.cat([t, t.new_zeros(shape)], dim)
-
-        self.used, self.out, self.cross = more(self.used, 1), more(self.out, 1), more(self.cross, 1)
-        self.gram = more(more(self.gram, 1), 2)
-
-    def _products(self, rows: torch.Tensor, slots: torch.Tensor) -> None:
-        """Gram entries of the new outputs (`rows` sorted) with every slot of their row
-        (stale slots included: never read), and their products with y_full; ~32 MB of
-        float64 at a time."""
-        owners, counts = torch.unique_consecutive(rows, return_counts=True)
-        place = torch.arange(rows.shape[0], device=rows.device) - \
-            torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-        owner = torch.repeat_interleave(torch.arange(owners.shape[0], device=rows.device), counts)
-        new = torch.zeros((owners.shape[0], int(counts.max())), dtype=torch.long, device=rows.device)
-        new[owner, place] = slots
-        per = max(1, (1 << 22) // (self.out.shape[1] * self.out.shape[2]))
-        for start in range(0, owners.shape[0], per):
-            block = self.out[owners[start:start + per]].to(torch.float64)  # (R, slots, H)
-            mine = block.gather(1, new[start:start + per, :, None].expand(-1, -1, block.shape[2]))
-            products = torch.bmm(block, mine.transpose(1, 2))  # (R, slots, new)
-            at = (owner >= start) & (owner < start + per)
-            o, i = owner[at] - start, place[at]
-            r, s = owners[o + start], new[o + start, i]
-            self.gram[r, s, :] = products[o, :, i]
-            self.gram[r, :, s] = products[o, :, i]
-            if self.full is not None:
-                self.cross[r, s] = (mine[o, i] * self.full[r]).sum(1)
-
-    def set_full(self, full: torch.Tensor) -> None:
-        """y_full, and its products with every output cached so far."""
-        self.full = full
-        per = max(1, (1 << 22) // (self.out.shape[1] * self.out.shape[2]))
-        for start in range(0, full.shape[0], per):
-            part = self.out[start:start + per].to(torch.float64)
-            products = torch.bmm(part, full[start:start + per, :, None])
-            self.cross[start:start + per] = products.squeeze(2)
-
-    def free(self, expert: int) -> None:
-        rows = torch.nonzero(self.slot[:, expert] >= 0).squeeze(1)
-        self.used[rows, self.slot[rows, expert]] = False
-        self.slot[rows, expert] = -1
-
-    def window(self, rows: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(<y_full, f_i>, <f_i, f_j>) for the cached experts `index` (n, m) of each row, float64:
-        (n, m) and (n, m, m); stale values for uncached (removed) experts."""
-        slots = self.slot[rows[:, None], index].clamp_min(0)
-        size = self.gram.shape[1]  # flat positions: one take instead of 3-d indexing
-        at = ((rows * size)[:, None, None] + slots[:, :, None]) * size + slots[:, None, :]
-        return self.cross.view(-1)[rows[:, None] * size + slots], self.gram.view(-1)[at]
-
-    def products(self, rows: torch.Tensor, index: torch.Tensor, weight: torch.Tensor):
-        """(<y_full, y>, ||y||^2) per row for y = sum_i weight[:, i] f_{index[:, i]}, float64."""
-        weight = weight.to(torch.float64)
-        if bool(((self.slot[rows[:, None], index] < 0) & (weight != 0)).any()):
-            raise RuntimeError("reconstruction order: an expert output was not computed")
-        cross, block = self.window(rows, index)  # a removed expert is only chosen at weight 0
-        return (weight * cross).sum(1), torch.einsum("ni,nij,nj->n", weight, block, weight)
+def _subset(top, keep: torch.Tensor):
+    """The rows `keep` of a topk result."""
+    return torch.return_types.topk((top.values[keep], top.indices[keep]))
 
 
 def _near(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -174,7 +57,8 @@ class _Greedy:
     error sums the affected rows' stored errors and the other rows' current ones (rescaled
     per row for a softmax router). A removal changes only the rows whose routings or
     near-ties involve the removed expert (`depends`); those are evaluated again, so a step
-    costs O(rows it changed x k).
+    costs O(rows it changed x k): the sums over rows are updated by the rows that changed,
+    and a row's k + 2 best left come from its previous ones (_top).
 
     Routings come from the router itself (`route_rows`: the same operations on the same
     values as `route_masked`) for near-ties and group-limited routers; otherwise from the
@@ -188,10 +72,9 @@ class _Greedy:
         self.adapter, self.layer, self.effect, self.logits = adapter, layer, effect, logits
         self.k = int(full_index.shape[1])
         self.removed = torch.zeros(experts, dtype=torch.bool, device=device)
-        self.rank = (effect.choice(logits) if effect.choice else logits).to(torch.float64)
-        self.ranking = torch.argsort(self.rank, dim=1, descending=True, stable=True)
-        self.scale = 1 + self.rank.abs().amax(1)  # of a near-tie (_near)
-        self.cache = _ExpertCache(adapter, layer, hidden, capacity=self.k + _AHEAD + 4)
+        self.alive = experts  # experts not removed
+        self._ranking_setup()
+        self.cache = _ExpertCache(adapter, layer, hidden, capacity=self.k + _AHEAD + 1)
         every = torch.arange(rows, device=device)
         self._fetch(every, full_index)
         full = self._outputs(full_index, full_weight)
@@ -200,15 +83,47 @@ class _Greedy:
         self.energy = float(self.energy_rows.mean())
         del full
         self._formula_setup(full_index, full_weight)
-        dense = lambda dtype: torch.zeros((rows, experts), dtype=dtype, device=device)  # noqa: E731
+        self._state_setup()
+        self.refresh(every)
+
+    def _state_setup(self) -> None:
+        """What values() reads, per row and trial; a refresh rewrites its rows' part."""
+        (rows, experts), device, k = self.rank.shape, self.removed.device, self.k
+        dense = lambda dtype: torch.zeros((rows, experts), dtype=dtype, device=device)
         self.affected, self.depends = dense(torch.bool), dense(torch.bool)
-        if effect.rescale:  # per row and trial: <y_full, y>, ||y||^2 and the softmax mass of y
+        self.formula = torch.zeros(rows, dtype=torch.bool, device=device)  # last stored by _by_formula
+        if self.effect.rescale:  # per row and trial: <y_full, y>, ||y||^2 and the softmax mass of y
             self.current = torch.zeros((3, rows), dtype=torch.float64, device=device)
             self.trial = torch.zeros((3, rows, experts), dtype=torch.float64, device=device)
-        else:  # the row's error now, and how much each affected trial adds to it
-            self.error = torch.zeros(rows, dtype=torch.float64, device=device)
-            self.delta = dense(torch.float64)
-        self.refresh(every)
+            return
+        # the row's error now, and how much each affected trial adds to it; their sums over
+        # rows kept up to date by _keep (values() reads them every step, a step changes a few
+        # hundred rows); where a row's delta entries are: its `marked` experts (-1: none)
+        # when the formula stored it, anywhere when the router did (`spread`), so that a
+        # refresh clears k entries of the row rather than E
+        self.error, self.delta = torch.zeros(rows, dtype=torch.float64, device=device), dense(torch.float64)
+        self.error_sum = self.delta_sum = None  # on a GPU index_add_ adds in any order: dense sums
+        if device.type == "cpu":
+            self.error_sum = torch.zeros((), dtype=torch.float64, device=device)
+            self.delta_sum = torch.zeros(experts, dtype=torch.float64, device=device)
+        self.marked = torch.full((rows, k), -1, dtype=torch.long, device=device)
+        self.spread = torch.ones(rows, dtype=torch.bool, device=device)
+
+    def _ranking_setup(self) -> None:
+        """The routers' scores per row (`rank`; `value`: the removed at -inf), each row's
+        experts best first (`ranking`) and each expert's place in it (`where`), whether a
+        row's scores are distinct and finite (then topk orders its best as `ranking` does),
+        and the scale of a near-tie (_near)."""
+        logits, rows, experts = self.logits, self.logits.shape[0], self.logits.shape[1]
+        self.rank = (self.effect.choice(logits) if self.effect.choice else logits).to(torch.float64)
+        self.ranking = torch.argsort(self.rank, dim=1, descending=True, stable=True)
+        self.value = self.rank.clone()
+        self.where = torch.empty_like(self.ranking).scatter_(
+            1, self.ranking, torch.arange(experts, device=self.ranking.device).expand(rows, -1))
+        ordered = self.rank.gather(1, self.ranking)
+        self.distinct = torch.isfinite(ordered).all(1) & (ordered[:, 1:] != ordered[:, :-1]).all(1)
+        self.top: torch.Tensor | None = None  # each row's k + 2 best left when last refreshed
+        self.scale = 1 + self.rank.abs().amax(1)
 
     def _formula_setup(self, full_index: torch.Tensor, full_weight: torch.Tensor) -> None:
         """Per row, what turns strengths into weights (RemovalEffect): the chosen weights'
@@ -231,12 +146,13 @@ class _Greedy:
 
     def _outputs(self, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """sum_i weight[:, i] f_{index[:, i]}(x) per row (all rows), float64, from the cache."""
-        out = []
+        out, experts, capacity = [], self.cache.slot.shape[1], self.cache.out.shape[1]
         for start in range(0, index.shape[0], 256):
             rows = torch.arange(start, min(start + 256, index.shape[0]), device=index.device)
-            slots = self.cache.slot[rows[:, None], index[rows]]
-            f = self.cache.out[rows[:, None], slots].to(torch.float64)
-            out.append((weight[rows].to(torch.float64)[:, :, None] * f).sum(1))
+            slots = _at(self.cache.slot, rows[:, None] * experts + index[start:start + 256])
+            at = (rows[:, None] * capacity + slots).view(-1)
+            f = self.cache.out.view(-1, self.cache.out.shape[2]).index_select(0, at).view(*slots.shape, -1)
+            out.append((weight[start:start + 256].to(torch.float64)[:, :, None] * f.to(torch.float64)).sum(1))
         return torch.cat(out)
 
     def _route(self, rows: torch.Tensor, removed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -246,22 +162,34 @@ class _Greedy:
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def _fetch(self, rows: torch.Tensor, index: torch.Tensor) -> None:
-        """Cache the outputs a routing needs; when some are missing, also the next of each
-        row's ranking for rows with fewer than _AHEAD // 2 left beyond their chosen ones."""
-        owners = rows[:, None].expand_as(index).reshape(-1)
-        experts = index.reshape(-1)
-        missing = ~self.removed[experts] & (self.cache.slot[owners, experts] < 0)
-        if not bool(missing.any()):
-            return
-        cached = (self.cache.slot >= 0) & ~self.removed
-        ahead = cached.sum(1) - min(self.k, int((~self.removed).sum()))
+        """Cache the outputs a routing needs (see _fetch_missing)."""
+        slots = _at(self.cache.slot, rows[:, None] * self.cache.slot.shape[1] + index)
+        missing = (slots < 0) & ~self.removed[index]
+        if bool(missing.any()):
+            self._fetch_missing(rows, index, missing)
+
+    def _fetch_missing(self, rows: torch.Tensor, index: torch.Tensor, missing: torch.Tensor) -> None:
+        """Cache the `missing` (n, m) pairs of `index`; also the next of each row's ranking
+        for rows with fewer than _AHEAD // 2 left beyond their chosen ones."""
+        owners, experts = rows[:, None].expand_as(index)[missing], index[missing]
+        ahead = self.cache.live - min(self.k, self.alive)
         short = torch.nonzero(ahead < _AHEAD // 2).squeeze(1)
-        ranking = self.ranking[short]
-        fresh = ~self.removed[ranking] & ~cached[short].gather(1, ranking)
+        ranking = self.ranking.index_select(0, short)
+        cached = self.cache.slot.index_select(0, short) >= 0  # removed ones are not: freed
+        fresh = ~self.removed[ranking] & ~cached.gather(1, ranking)
         take = fresh & (fresh.cumsum(1) <= (_AHEAD - ahead[short])[:, None])
         pick, at = torch.nonzero(take, as_tuple=True)
-        self.cache.add(torch.cat([owners[missing], short[pick]]),
-                       torch.cat([experts[missing], ranking[pick, at]]))
+        self.cache.add(torch.cat([owners, short[pick]]), torch.cat([experts, ranking[pick, at]]))
+
+    def _window(self, rows: torch.Tensor, index: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """_ExpertCache.window of `index` (n, m) (`key`: rows * E + index), the missing outputs
+        computed first."""
+        slots = _at(self.cache.slot, key)
+        missing = (slots < 0) & ~self.removed[index]
+        if bool(missing.any()):
+            self._fetch_missing(rows, index, missing)
+            slots = _at(self.cache.slot, key)
+        return self.cache.window_at(rows, slots.clamp_min(0))
 
     def refresh(self, rows: torch.Tensor) -> None:
         """Evaluate `rows` again: their routing with the experts removed so far and each
@@ -270,23 +198,69 @@ class _Greedy:
         if self.strength is None:
             self._store(rows, *self._by_router(rows))
             return
-        value = self.rank[rows].masked_fill(self.removed, float("-inf"))
-        top = value.topk(min(self.k + 2, value.shape[1]), dim=1)
-        fragile = torch.zeros(rows.shape[0], dtype=torch.bool, device=rows.device)
-        for i in (self.k - 1, self.k):  # the k-th choice, and the next after one is removed
-            if i + 1 < top.values.shape[1]:  # (removed experts tie at -inf, chosen at weight 0)
-                fragile |= _near(top.values[:, i], top.values[:, i + 1], self.scale[rows]) & \
-                    torch.isfinite(top.values[:, i + 1])
-        if bool(fragile.any()):
-            self._store(rows[fragile], *self._by_router(rows[fragile]))
+        before = self.top.index_select(0, rows) if self.top is not None else None
+        top = self._top(rows)
+        # the k-th choice, and the next after one is removed (removed experts tie at -inf,
+        # chosen at weight 0)
+        a, b = top.values[:, self.k - 1:self.k + 1], top.values[:, self.k:self.k + 2]
+        fragile = (_near(a[:, :b.shape[1]], b, self.scale.index_select(0, rows)[:, None])
+                   & torch.isfinite(b)).any(1)
+        if before is not None and self.alive >= self.k + 2:
+            # the (k + 2)-th went: a row the formula evaluated with the same k + 1 keeps its
+            # errors (the same experts, strengths and products), and watches the new one
+            same = (top.indices[:, :self.k + 1] == before[:, :self.k + 1]).all(1) & \
+                self.formula.index_select(0, rows) & ~fragile
+            if bool(same.any()):
+                kept = rows[same]
+                self.depends.view(-1).index_fill_(0, kept * self.value.shape[1] + before[same, -1], False)
+                self.depends.view(-1).index_fill_(0, kept * self.value.shape[1] + top.indices[same, -1], True)
+                rows, top, fragile = rows[~same], _subset(top, ~same), fragile[~same]
+                if rows.numel() == 0:
+                    return
+        if not bool(fragile.any()):
+            self._by_formula(rows, top.indices)
+            return
+        self._store(rows[fragile], *self._by_router(rows[fragile]))
         if not bool(fragile.all()):
-            self._store(rows[~fragile], *self._by_formula(rows[~fragile], top.indices[~fragile]))
+            self._by_formula(rows[~fragile], top.indices[~fragile])
+
+    def _top(self, rows: torch.Tensor):
+        """value[rows].topk(k + 2) (the removed at -inf), from the rows' previous best and the
+        next few of their ranking where that gives the same answer: a row's experts ranked
+        above its previous (k + 2)-th that are left are those previous best still there (a
+        removal among them refreshed it), so with distinct scores the k + 2 best are among
+        them and the next of the ranking; other rows (ties, too few left there) take topk."""
+        width, experts = min(self.k + 2, self.value.shape[1]), self.value.shape[1]
+        reach = max(8, 4 * experts // max(self.alive, 1))  # about 4 left among the next `reach`
+        if self.top is None or width + reach >= experts // 2:
+            top = self.value.index_select(0, rows).topk(width, dim=1)
+            if self.top is None:
+                self.top = top.indices.new_zeros((self.value.shape[0], width))
+            self.top.index_copy_(0, rows, top.indices)
+            return top
+        old = self.top.index_select(0, rows)
+        place = _at(self.where, rows * experts + old[:, -1])[:, None] + \
+            torch.arange(1, reach + 1, device=rows.device)
+        beyond = place >= experts
+        candidates = torch.cat([old, _at(self.ranking, rows[:, None] * experts + place.clamp_max(experts - 1))], 1)
+        value = _at(self.value, rows[:, None] * experts + candidates)
+        value[:, width:].masked_fill_(beyond, float("-inf"))
+        values, at = value.topk(width, dim=1)
+        top = torch.return_types.topk((values, candidates.gather(1, at)))
+        # too few left among the candidates, or ties: the whole row
+        redo = ~self.distinct.index_select(0, rows) | (~torch.isfinite(values[:, -1]) & (self.alive >= width))
+        if bool(redo.any()):
+            again = self.value[rows[redo]].topk(width, dim=1)
+            top.values[redo], top.indices[redo] = again.values, again.indices
+        self.top.index_copy_(0, rows, top.indices)
+        return top
 
     def _store(self, rows: torch.Tensor, affected: torch.Tensor, watched: torch.Tensor, now: tuple,
                trials: tuple) -> None:
         """Keep what values() needs: `now` (cross, square, mass) per row, `trials` (row
         position, expert, cross, square, mass) per affected trial."""
         self.affected[rows], self.depends[rows] = affected, watched
+        self.formula.index_fill_(0, rows, False)
         (now_cross, now_square, now_mass), (pair, expert, cross, square, mass) = now, trials
         owner = rows[pair]
         energy = self.energy_rows
@@ -294,10 +268,9 @@ class _Greedy:
             self.current[:, rows] = torch.stack([now_cross, now_square, now_mass])
             self.trial[:, owner, expert] = torch.stack([cross, square, mass])
         else:
-            self.error[rows] = (energy[rows] - 2 * now_cross + now_square).clamp_min(0)
-            self.delta[rows] = 0
-            error = (energy[owner] - 2 * cross + square).clamp_min(0)
-            self.delta[owner, expert] = error - self.error[owner]
+            error = (energy[rows] - 2 * now_cross + now_square).clamp_min(0)
+            trial = (energy[owner] - 2 * cross + square).clamp_min(0)
+            self._keep(rows, error, owner, expert, trial - error[pair])
 
     def _by_router(self, rows: torch.Tensor):
         """Route `rows`, and each of their affected trials, with the router itself."""
@@ -320,20 +293,23 @@ class _Greedy:
         now = (now_cross, now_square, now_mass)
         return affected, watched, now, (pair, expert, cross, square, mass)
 
-    def _by_formula(self, rows: torch.Tensor, top: torch.Tensor):
+    def _by_formula(self, rows: torch.Tensor, top: torch.Tensor) -> None:
         """`rows` (no near-tie, no groups) chose top[:, :k]; removing chosen expert i brings
         in top[:, k], and the weights follow from the strengths (RemovalEffect). With v the
         weights over those k + 1 experts f and y = sum v f, trial i routes to
         a_i (y - v_i f_i) (a_i renormalises), so every trial's products with y_full and its
         own come in closed form from <y_full, f>, <y, f> = G v and ||f||^2 = diag G.
         A softmax router's weights are kept as at no removal (mass: every expert's);
-        values() rescales them."""
-        n, k = rows.shape[0], self.k
+        values() rescales them. Stored here (what _store keeps), the trials as (n, k)."""
+        k = self.k
         window = top[:, :k + 1]
-        self._fetch(rows, window)
-        cross, block = self.cache.window(rows, window)
-        v = self.strength[rows[:, None], window] * ~self.removed[window]  # fewer than k + 1 left
-        unit = self.unit[rows][:, None]
+        key = rows[:, None] * self.value.shape[1] + window  # flat (row, expert) positions
+        cross, block = self._window(rows, window, key)
+        v = _at(self.strength, key)
+        every = self.alive >= k + 2  # else fewer than k + 2 left: the rest of `top` is removed
+        if not every:
+            v = v * ~self.removed[window]
+        unit = self.unit.index_select(0, rows)[:, None]
         v = v * (unit / v[:, :k].sum(1, keepdim=True) if self.effect.renormalise else unit)
         fy = torch.bmm(block, v[:, :, None]).squeeze(2)  # <f_i, y>
         norm = block.diagonal(dim1=1, dim2=2)
@@ -346,17 +322,67 @@ class _Greedy:
             torch.ones_like(out)
         trial_cross = scale * (cy[:, None] - out * cross[:, :k])
         trial_square = scale ** 2 * (yy[:, None] - 2 * out * fy[:, :k] + out ** 2 * norm[:, :k])
-        affected = torch.zeros((n, self.rank.shape[1]), dtype=torch.bool, device=rows.device)
-        affected.scatter_(1, top[:, :k], True)
-        watched = affected.clone().scatter_(1, top, True)
-        affected &= ~self.removed
-        pair, slot = torch.nonzero(~self.removed[top[:, :k]], as_tuple=True)
-        now_mass = mass = None
+        self._store_formula(rows, top, every, now_cross, now_square, trial_cross, trial_square)
+
+    def _store_formula(self, rows: torch.Tensor, top: torch.Tensor, every: bool, now_cross: torch.Tensor,
+                       now_square: torch.Tensor, trial_cross: torch.Tensor, trial_square: torch.Tensor) -> None:
+        """_store for _by_formula's rows: they watch top (their k + 2 best left), the trials of
+        their chosen top[:, :k] come as (n, k) (`every`: all of them still there), and the
+        writes go through flat positions (index_fill_, index_copy_)."""
+        k = self.k
+        self.formula.index_fill_(0, rows, True)
+        self.depends.index_fill_(0, rows, False)
+        self.depends.view(-1).index_fill_(0, (rows[:, None] * self.value.shape[1] + top).view(-1), True)
+        owner, expert = rows[:, None], top[:, :k]
+        if not every:  # only the trials of chosen experts still there
+            pair, slot = torch.nonzero(~self.removed[expert], as_tuple=True)
+            owner, expert = rows[pair], expert[pair, slot]
+            trial_cross, trial_square = trial_cross[pair, slot], trial_square[pair, slot]
+        energy = self.energy_rows
         if self.effect.rescale:
+            self.affected[rows] = False
+            self.affected[owner, expert] = True
             now_mass = self.mass[rows].sum(1)
-            mass = now_mass[pair]
-        return affected, watched, (now_cross, now_square, now_mass), \
-            (pair, top[pair, slot], trial_cross[pair, slot], trial_square[pair, slot], mass)
+            self.current[:, rows] = torch.stack([now_cross, now_square, now_mass])
+            mass = now_mass[:, None].expand_as(trial_cross) if every else now_mass[pair]
+            self.trial[:, owner, expert] = torch.stack([trial_cross, trial_square, mass])
+        else:
+            energy = energy.index_select(0, rows)
+            error = (energy - 2 * now_cross + now_square).clamp_min(0)
+            trial = ((energy[:, None] if every else energy[pair]) - 2 * trial_cross + trial_square).clamp_min(0)
+            marks = top[:, :self.k] if every else top[:, :self.k].masked_fill(self.removed[top[:, :self.k]], -1)
+            self._keep(rows, error, owner, expert, trial - (error[:, None] if every else error[pair]), marks)
+
+    def _keep(self, rows: torch.Tensor, error: torch.Tensor, owner: torch.Tensor, expert: torch.Tensor,
+              delta: torch.Tensor, marks: torch.Tensor | None = None) -> None:
+        """Store `rows`' errors and their trials' increments `delta` (at (owner, expert);
+        `marks`: each row's experts among them, (n, k), or None when they may be any), the
+        sums too."""
+        experts, running = self.delta.shape[1], self.delta_sum is not None
+        if running:
+            self.error_sum += (error - self.error.index_select(0, rows)).sum()
+        spread = self.spread.index_select(0, rows)
+        if bool(spread.any()):  # clear the whole row
+            wide = rows[spread]
+            if running:
+                self.delta_sum -= self.delta.index_select(0, wide).sum(0)
+            self.delta.index_fill_(0, wide, 0)
+        if not bool(spread.all()):  # clear its marked entries only
+            narrow = rows[~spread]
+            old = self.marked.index_select(0, narrow)
+            there = old >= 0
+            at = (narrow[:, None] * experts + old)[there]
+            if running:
+                self.delta_sum.index_add_(0, old[there], -self.delta.view(-1).index_select(0, at))
+            self.delta.view(-1).index_fill_(0, at, 0)
+        self.error.index_copy_(0, rows, error)
+        owner, expert = torch.broadcast_tensors(owner, expert)
+        self.delta.view(-1).index_copy_(0, (owner * experts + expert).reshape(-1), delta.reshape(-1))
+        if running:
+            self.delta_sum.index_add_(0, expert.reshape(-1), delta.reshape(-1))
+        self.spread.index_fill_(0, rows, marks is None)
+        if marks is not None:
+            self.marked.index_copy_(0, rows, marks)
 
     def _scope(self, rows: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(affected, watched) (n, E) bool for `rows` routed to `index` by the router: the
@@ -364,7 +390,7 @@ class _Greedy:
         and the further ones whose removal changes that answer (the next choices, a group's
         next best)."""
         n, experts = index.shape[0], self.rank.shape[1]
-        value = self.rank[rows].masked_fill(self.removed, float("-inf"))
+        value = self.value[rows]
         affected = torch.zeros((n, experts), dtype=torch.bool, device=index.device)
         affected.scatter_(1, index, True)
         watched = torch.zeros_like(affected)
@@ -426,16 +452,21 @@ class _Greedy:
         removed too; +inf for the removed."""
         rows = self.energy_rows.shape[0]
         if not self.effect.rescale:
-            value = (self.error.sum() + self.delta.sum(0)) / rows
+            running = self.delta_sum is not None
+            value = ((self.error_sum + self.delta_sum) if running else (self.error.sum() + self.delta.sum(0))) / rows
         else:  # y scales by the ratio of the softmax masses: ||y_full - c y||^2 per row
-            left = self._mass()[:, None] - self.mass
-            energy = self.energy_rows[:, None]
-            scale = self.current[2][:, None] / left
-            now_cross, now_square = self.current[0][:, None], self.current[1][:, None]
-            kept = energy - 2 * scale * now_cross + scale ** 2 * now_square
-            scale = self.trial[2] / left
-            moved = energy - 2 * scale * self.trial[0] + scale ** 2 * self.trial[1]
-            value = torch.where(self.affected, moved, kept).clamp_min(0).sum(0) / rows
+            left = self._mass()[:, None] - self.mass  # every row's mass with each expert out too
+            # the rows as they are, rescaled (few passes over rows x experts: every step)
+            kept = torch.div(self.current[2][:, None], left)
+            scale = kept.clone()
+            kept.mul_(self.current[1][:, None]).sub_(2 * self.current[0][:, None]).mul_(scale)
+            kept.add_(self.energy_rows[:, None]).clamp_min_(0)
+            # the affected trials instead, where they are
+            row, expert = torch.nonzero(self.affected, as_tuple=True)
+            trial = self.trial[:, row, expert]
+            scale = trial[2] / left[row, expert]
+            kept[row, expert] = (self.energy_rows[row] - 2 * scale * trial[0] + scale ** 2 * trial[1]).clamp_min(0)
+            value = kept.sum(0) / rows
         return value.masked_fill(self.removed, float("inf"))
 
     def run(self) -> tuple[np.ndarray, np.ndarray]:
@@ -447,6 +478,8 @@ class _Greedy:
             order.append(best)
             errors.append(float(values[best]))
             self.removed[best] = True
+            self.value[:, best] = float("-inf")
+            self.alive -= 1
             self.cache.free(best)
             rows = torch.nonzero(self.depends[:, best]).squeeze(1)
             if rows.numel() and step < experts - 2:
