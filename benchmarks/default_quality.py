@@ -194,12 +194,14 @@ def summary(cells: list[dict]) -> list[str]:
     best = {}
     for c in half:
         best.setdefault(c["model"], []).append(c["ratio_to_best"] <= 0.9)
+    total = len(MODELS) * len(BUDGETS) * 2
     return [f"- no worse than the best uniform plan + 1 SE: **{ok} of {len(cells)}** cells",
             f"- at 50%: at most 0.8x uniform REAP in **{reap} of {len(half)}** cells; at most 0.9x the best "
             f"uniform plan in every measured seed on **{sum(all(v) for v in best.values())} of {len(best)}** models",
-            f"- measured: {len(cells)} of {len(MODELS) * len(BUDGETS) * 2} cells (5 models x 4 budgets x 2 seeds); "
-            "the rest is still to run (`python benchmarks/default_quality.py --models M --budgets B --seeds S` "
-            "adds cells)"]
+            f"- measured: {len(cells)} of {total} cells (5 models x 4 budgets x 2 seeds)" + (
+                "" if len(cells) >= total else
+                "; the rest is still to run (`python benchmarks/default_quality.py --models M --budgets B "
+                "--seeds S` adds cells)")]
 
 
 def write(cells: list[dict], env: dict) -> None:
