@@ -92,9 +92,9 @@ def choose_storage(requested: str, nbytes: int, device: torch.device, layer_byte
         free, _ = torch.cuda.mem_get_info(device)
         if nbytes + 2 * layer_bytes < 0.9 * free:
             return "device"
-    import psutil
+    from grape.models.host_memory import available_bytes
 
-    if nbytes < 0.8 * psutil.virtual_memory().available:
+    if nbytes < 0.8 * available_bytes()[0]:  # a container's memory limit bounds it too
         return "cpu"
     return "disk"
 

@@ -3,7 +3,8 @@
 ``grape calibrate`` picks the mode with a simple size check made before any weight is read: the
 model's parameters in the compute dtype (counted on the meta-device skeleton) against 85% of
 the memory the whole-model placement would have (free memory of the GPUs it uses, else the
-available host memory), the rest being left for activations and the subsample pass. A
+available host memory, bounded by a container's or job's cgroup memory limit:
+grape.models.host_memory), the rest being left for activations and the subsample pass. A
 checkpoint whose experts are stored quantised (FP8, MXFP4) always goes layer by layer: its
 layers are dequantised one at a time, which the whole-model path cannot observe.
 """
@@ -73,11 +74,12 @@ def whole_capacity(placement, world: World) -> tuple[int, str]:
             indices = list(range(torch.cuda.device_count()))
         free = sum(torch.cuda.mem_get_info(i)[0] for i in indices)
         return int(free), f"{len(indices)} GPU(s)"
-    import psutil
+    from grape.models.host_memory import available_bytes
 
     share = _local_world_size()  # ranks on this node each load a copy into host memory
-    free = psutil.virtual_memory().available // share
-    return int(free), "host memory" + (f" (1/{share} per rank)" if share > 1 else "")
+    free, limited = available_bytes()  # the machine's, or a container's memory limit if tighter
+    where = "host memory" + (" (this process's cgroup memory limit)" if limited else "")
+    return int(free // share), where + (f" (1/{share} per rank)" if share > 1 else "")
 
 
 def whole_placement(placement, world: World):
