@@ -9,10 +9,13 @@ checkpoint larger than the memory it is allowed.
     time and peak RSS of each mode.
 (b) Random checkpoint: a random-weight Qwen3-MoE of about 1.6 GB (bf16; the shapes of
     benchmarks/streaming_bench.py, 8 layers x 64 experts, hidden 1024) is calibrated layer by
-    layer (`grape calibrate --mode sequential`, its peak RSS recorded: it is not capped, its
-    loader keeps freed memory, see the results) and searched layer by layer in a fresh process
-    held below a resident-memory cap under the checkpoint's size: a watchdog reads the process's RSS every 20 ms and kills it above the cap,
-    and /usr/bin/time -v reports the exact peak (which must stay under the cap too). An
+    layer (`grape calibrate --mode sequential`) and searched layer by layer, each in a fresh
+    process held below a resident-memory cap under the checkpoint's size: a watchdog reads the
+    process's RSS every 20 ms and kills it above the cap, and /usr/bin/time -v reports the exact
+    peak (which must stay under the cap too). Then `grape run`, end to end and with no --mode,
+    runs in a memory cgroup of the same limit (where the machine lets one be made), as in a
+    container: it must see the limit (grape.models.host_memory), choose layer by layer, and
+    stream the pruned checkpoint. An
     address-space cap (RLIMIT_AS) is no use here: the Python + torch + transformers process maps
     about 1.3 GB of address space before reading a weight, and building the meta-device skeleton
     reserves (never touches) each parameter's size once. Recorded: completion, wall time, peak RSS.
@@ -27,6 +30,7 @@ to benchmarks/results/search_sequential.{json,md} (a part not run keeps its earl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -57,6 +61,9 @@ SEARCH = ["--budget", "0.25", "--search-passes", "24", "--search-tokens", "1024"
           "--time-limit", "10", "--no-progress", "--device", "cpu"]
 RANDOM_SEARCH = ["--budget", "0.25", "--search-passes", "12", "--search-tokens", "512",
                  "--confirm-tokens", "1024", "--time-limit", "10", "--no-progress", "--device", "cpu"]
+# `grape run` on the random checkpoint: the search's flags and small calibration settings, every
+# default statistic (reconstruction included), no --mode: it picks layer by layer by itself
+RANDOM_RUN = ["--samples", "8", "--seq-len", "128", "--subsample", "64", *RANDOM_SEARCH]
 GB = 1e9
 
 
@@ -82,12 +89,13 @@ def _watch(process: subprocess.Popen, limit: int, over: list) -> None:
         time.sleep(0.02)
 
 
-def grape(argv: list[str], limit: int | None = None) -> dict:
+def grape(argv: list[str], limit: int | None = None, prefix: tuple[str, ...] = ()) -> dict:
     """`python -m grape ARGV` in a fresh process under /usr/bin/time -v (and, with `limit`, a
-    resident-memory cap in bytes): exit code, wall seconds, CPU seconds, peak RSS, whether it
-    stayed under the cap, the last lines it printed."""
+    resident-memory cap in bytes; `prefix`: a command it runs under, memory_cgroup's): exit code,
+    wall seconds, CPU seconds, peak RSS, whether it stayed under the cap, the last lines it
+    printed and those that name the mode it chose."""
     start = time.perf_counter()
-    process = subprocess.Popen(["/usr/bin/time", "-v", sys.executable, "-m", "grape", *argv], cwd=ROOT,
+    process = subprocess.Popen([*prefix, "/usr/bin/time", "-v", sys.executable, "-m", "grape", *argv], cwd=ROOT,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     over: list[int] = []
     watchdog = threading.Thread(target=_watch, args=(process, limit, over), daemon=True) if limit else None
@@ -101,8 +109,42 @@ def grape(argv: list[str], limit: int | None = None) -> dict:
     tail = [line for line in (stdout + stderr).splitlines() if line.strip()
             and not line.startswith("\t") and "Command being timed" not in line][-12:]
     under = not over and (limit is None or (peak_bytes is not None and peak_bytes <= limit))
+    modes = [line.strip() for line in stdout.splitlines() if "mode (" in line or "layer by layer (" in line]
     return {"rc": process.returncode if under else -9, "wall_s": round(wall, 1), "cpu_s": round(sum(cpu), 1),
-            "peak_rss_bytes": peak_bytes, "under_cap": under, "output": [scrub(line) for line in tail]}
+            "peak_rss_bytes": peak_bytes, "under_cap": under, "output": [scrub(line) for line in tail],
+            "modes": [scrub(line) for line in modes]}
+
+
+@contextlib.contextmanager
+def memory_cgroup(limit: int):
+    """A fresh memory cgroup limited to `limit` bytes (v1 memory.limit_in_bytes or v2 memory.max:
+    what Docker, Kubernetes and Slurm set), yielding the command prefix that starts a process in
+    it; None where this machine lets no cgroup be made (then the step is skipped, and says so)."""
+    name = f"grape-bench-{os.getpid()}"
+    choices = [(Path("/sys/fs/cgroup/memory") / name, "memory.limit_in_bytes"),
+               (Path("/sys/fs/cgroup") / name, "memory.max")]
+    made = None
+    for folder, limit_file in choices:
+        try:
+            folder.mkdir()
+        except OSError:
+            continue
+        try:
+            (folder / limit_file).write_text(str(limit))
+            made = folder
+            break
+        except OSError:
+            folder.rmdir()
+    try:
+        yield None if made is None else ("bash", "-c", 'echo $$ > "$0"; exec "$@"', str(made / "cgroup.procs"))
+    finally:
+        if made is not None:
+            for _ in range(50):  # the kernel frees the group once its last process is reaped
+                try:
+                    made.rmdir()
+                    break
+                except OSError:
+                    time.sleep(0.1)
 
 
 def must(step: dict, what: str) -> dict:
@@ -163,11 +205,11 @@ def random_case(work: Path, layers: int, limit_share: float) -> dict:
     limit = int(written["bytes"] * limit_share)  # a resident-memory cap below the checkpoint
     tokenizer = ZOO / "tokenizer"
     scores = work / "random.scores.npz"
-    log("calibrating layer by layer (no cap: the scores the search needs)")
+    log(f"calibrating layer by layer under a {limit / GB:.2f} GB resident-memory cap")
     calibration = must(grape(["calibrate", "--model", str(source), "--tokenizer", str(tokenizer), "--data",
                               str(HELDOUT / "calibration.jsonl"), "--out", str(scores), "--mode", "sequential",
                               "--samples", "8", "--seq-len", "128", "--subsample", "64", "--no-reconstruction",
-                              "--no-progress", "--device-map", "cpu"]), "random calibration")
+                              "--no-progress", "--device-map", "cpu"], limit), "random calibration")
     log(f"searching layer by layer under a {limit / GB:.2f} GB resident-memory cap")
     searched = must(grape(["search", "--model", str(source), "--tokenizer", str(tokenizer), "--scores", str(scores),
                            "--search-data", *SEARCH_DATA, "--out", str(work / "random.search"), "--mode",
@@ -178,7 +220,28 @@ def random_case(work: Path, layers: int, limit_share: float) -> dict:
             "whole_fp32_bytes": 2 * written["bytes"], "rss_cap_bytes": limit,
             "calibration": calibration, "search": searched, "passes": found["passes"],
             "computed_passes": found["computed_passes"], "chosen": found["chosen"],
-            "candidates": len(found["candidates"]), "tokens_measured": found["tokens_measured"]}
+            "candidates": len(found["candidates"]), "tokens_measured": found["tokens_measured"],
+            "run": run_in_cgroup(source, work, limit)}
+
+
+def run_in_cgroup(source: Path, work: Path, limit: int) -> dict:
+    """`grape run` end to end (no --mode) in a memory cgroup of `limit` bytes, as in a container:
+    it must see the limit, go layer by layer by itself, search, and stream the pruned checkpoint."""
+    with memory_cgroup(limit) as prefix:
+        if prefix is None:
+            log("no memory cgroup can be made here: the end-to-end `grape run` step is skipped")
+            return {"skipped": "no writable memory cgroup on this machine (cgroup v1 or v2)"}
+        log(f"`grape run` end to end in a memory cgroup limited to {limit / GB:.2f} GB")
+        out = work / "random.run"
+        step = must(grape(["run", "--model", str(source), "--tokenizer", str(ZOO / "tokenizer"), "--data",
+                           str(HELDOUT / "calibration.jsonl"), "--search-data", *SEARCH_DATA, "--out", str(out),
+                           *RANDOM_RUN], prefix=prefix), "random grape run")
+    pruned = out / "checkpoint"
+    config = json.loads((pruned / "config.json").read_text())
+    return {**step, "cgroup_limit_bytes": limit,
+            "pruned_bytes": sum(f.stat().st_size for f in pruned.glob("*.safetensors")),
+            "pruned_experts": config.get("num_experts"),
+            "chosen": json.loads((out / "plan.json").read_text())["provenance"]["search"]["chosen"]}
 
 
 # -- results ----------------------------------------------------------------------------------------
@@ -217,22 +280,31 @@ def markdown(record: dict) -> str:
         lines += ["## (b) A checkpoint larger than the memory allowed", "", f"`{big.get('command', '')}`", "",
                   f"Random Qwen3-MoE, {big['layers']} layers x {big['experts']} experts, hidden {big['hidden']}, "
                   f"bf16: {_gb(big['checkpoint_bytes'])} in {big['shards']} shards ({_gb(big['whole_fp32_bytes'])} "
-                  f"loaded whole in float32, the CPU compute dtype). The search ran in a fresh process held "
-                  f"under a resident-memory cap of {_gb(big['rss_cap_bytes'])}, below the checkpoint's size "
-                  "(a watchdog kills it above the cap; the peak is /usr/bin/time's). The calibration that "
-                  "made its scores ran without a cap.", "",
+                  f"loaded whole in float32, the CPU compute dtype). Calibration and search ran in fresh "
+                  f"processes held under a resident-memory cap of {_gb(big['rss_cap_bytes'])}, below the "
+                  "checkpoint's size (a watchdog kills a process above the cap; the peak is /usr/bin/time's); "
+                  "`grape run` ran end to end in a memory cgroup of the same limit, as in a container (the "
+                  "kernel kills it above the limit), with no --mode: it sees the limit and goes layer by "
+                  "layer by itself.", "",
                   "| step | cap | completed | wall | CPU | peak RSS |", "|---|---|---|---:|---:|---:|"]
-        for step, cap in (("calibration", "none"), ("search", _gb(big["rss_cap_bytes"]))):
-            s = big[step]
-            lines.append(f"| `grape {'calibrate' if step == 'calibration' else 'search'} --mode sequential` | {cap} | "
-                         f"{_yes(s['rc'] == 0)} | {s['wall_s']} s | {s['cpu_s']} s | {_gb(s['peak_rss_bytes'])} |")
+        steps = [("calibration", "grape calibrate --mode sequential", _gb(big["rss_cap_bytes"])),
+                 ("search", "grape search --mode sequential", _gb(big["rss_cap_bytes"]))]
+        run = big.get("run") or {}
+        if "rc" in run:
+            steps.append(("run", "grape run", f"cgroup {_gb(run['cgroup_limit_bytes'])}"))
+        for step, command, cap in steps:
+            s = big[step] if step != "run" else run
+            lines.append(f"| `{command}` | {cap} | {_yes(s['rc'] == 0)} | {s['wall_s']} s | {s['cpu_s']} s | "
+                         f"{_gb(s['peak_rss_bytes'])} |")
         lines += ["", f"Search flags: `{' '.join(RANDOM_SEARCH)}`; {big['passes']} passes "
                   f"({big['computed_passes']} computed), {big['candidates']} candidates, chose {big['chosen']}.", ""]
-        if (big["calibration"]["peak_rss_bytes"] or 0) > big["checkpoint_bytes"]:
-            lines += ["The calibration's peak is above the checkpoint's size: layer-sequential calibration "
-                      "loads each layer with the same loader, but glibc keeps the per-expert copies a load "
-                      "frees, so its resident memory grows layer by layer; the search hands them back "
-                      "(grape.searching.sequential: `bound_heap`, `release_memory`).", ""]
+        if "rc" in run:
+            lines += [f"`grape run` flags: `{' '.join(RANDOM_RUN)}` (every default statistic, reconstruction "
+                      f"included); its mode lines: " + "; ".join(f"\"{m}\"" for m in run.get("modes", [])) + ". "
+                      f"It chose {run['chosen']} and streamed a {_gb(run['pruned_bytes'])} pruned checkpoint "
+                      "(no evaluation: the model does not fit).", ""]
+        elif run.get("skipped"):
+            lines += [f"`grape run` in a memory cgroup: skipped ({run['skipped']}).", ""]
     return "\n".join(lines) + "\n"
 
 
