@@ -1,17 +1,15 @@
-"""GRAPE's rows of the peers table: the default of `grape run` and the best uniform plan, as
-benchmarks/default_quality.py measured them (seed 0), and per-window test NLLs of GRAPE's
-default plan so that every peer can be compared with it paired by document.
+"""GRAPE's rows of the peers table, measured the way the peers are: `grape run` with no flag but
+--model, --data (the calibration text) and --budget, in a process of its own (wall seconds and
+peak RSS of that process, as benchmarks/peers/prune.py measures a peer), its pruned checkpoint
+then loaded and measured by the same code as every peer's (run.py's checkpoint_nll: default_quality's
+test windows and test_nll), so every peer is compared with it paired by document.
 
-default_quality.json keeps each cell's numbers (increase, SE by document, the default minus the
-best uniform plan, paired) and the kept *counts* per layer, but not which experts were kept nor
-the per-window NLLs. So the default plan is rebuilt here by default_quality's own functions
-(calibrated, default_plan: `grape run`'s parser, settings, calibration and loss-verified search,
-seed 0) and measured by its own test_nll on its own test windows. Whether the rebuilt plan
-reproduces the cell (same increase) is recorded next to it: a pairing against a different plan
-would be wrong, and the table says so.
+Whether that checkpoint reproduces default_quality.json's seed-0 cell (the same defaults through
+the stage functions, measured in memory) is recorded next to it. The best uniform plan's row is
+the cell's (every uniform criterion, the lowest on the test split, chosen after the fact).
 
-Rebuilt plans and their per-window NLLs are cached in benchmarks/results/cache/peers/<model>/
-(keyed by the test windows' digest), so the expensive search runs once per model and budget.
+`grape run` records and their per-window NLLs are cached in benchmarks/results/cache/peers/<model>/
+(keyed by the test windows' digest), so each (model, budget) runs once.
 """
 
 from __future__ import annotations
@@ -47,11 +45,59 @@ def cells(results: Path) -> dict[tuple[str, float], dict]:
 
 
 def _cache_path(cache: Path, name: str, budget: float) -> Path:
-    return cache / name / f"grape-default-s{SEED}-{round(budget * 100)}.json"
+    return cache / name / f"grape-run-s{SEED}-{round(budget * 100)}.json"
 
 
-def cached_default(cache: Path, name: str, budget: float, digest: str) -> dict | None:
-    """The rebuilt default plan and its per-window NLLs, if measured on these windows."""
+def _timed(cmd: list[str], log_path: Path, env: dict) -> tuple[int, float, float]:
+    """(exit code, wall seconds, peak RSS MiB) of one child process: os.wait4 gives that child's
+    own rusage (RUSAGE_CHILDREN would mix in every earlier child of this process)."""
+    import os
+    import subprocess
+
+    start = time.perf_counter()
+    with open(log_path, "w", encoding="utf-8") as log_file:
+        child = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+    return child.returncode, time.perf_counter() - start, usage.ru_maxrss / 1024.0  # Linux: KiB
+
+
+# `grape run`'s stages (summary.json "seconds") that are not its pruning step: the unpruned model's
+# evaluation, the other solvers' plans compared on the same problem, the report
+NOT_PRUNING = ("eval_before", "baselines", "report")
+
+
+def pruning_seconds(stages: dict) -> float:
+    """Calibration, solve, search, apply (with the pruned model's evaluation, which `grape run`
+    times together with it) and save: what a peer's step does, and a little more."""
+    return round(sum(v for k, v in stages.items() if k not in NOT_PRUNING), 1)
+
+
+def grape_run(argv: list[str], out: Path, threads: int, log) -> dict:
+    """`grape run ARGV --out OUT` in a process of its own, timed and measured like a peer's
+    pruning step; what it chose and kept from its plan.json and summary.json."""
+    import os
+    import sys
+
+    cmd = [sys.executable, "-m", "grape", *argv, "--out", str(out), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log(f"  GRAPE: grape {' '.join(argv[:1])} ... (log {out.name}.log)")
+    code, seconds, peak = _timed(cmd, out.with_suffix(".log"), env)
+    if code != 0:
+        tail = out.with_suffix(".log").read_text(encoding="utf-8").strip().splitlines()[-1:]
+        raise RuntimeError(f"grape run exited {code}: {tail}")
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    plan = json.loads((out / "plan.json").read_text(encoding="utf-8"))
+    stages = {k: round(float(v), 1) for k, v in summary["seconds"].items()}
+    return {"argv": argv, "kept_experts": {str(k): sorted(int(e) for e in v) for k, v in plan["kept"].items()},
+            "chosen": plan.get("provenance", {}).get("search", {}).get("chosen") or plan.get("solver"),
+            "seconds": pruning_seconds(stages), "process_seconds": round(seconds, 1),
+            "stages": stages, "peak_mib": round(peak, 1), "checkpoint": str(out / "checkpoint")}
+
+
+def cached_run(cache: Path, name: str, budget: float, digest: str) -> dict | None:
+    """A `grape run` record with its per-window NLLs, if measured on these windows."""
     path = _cache_path(cache, name, budget)
     if not path.is_file():
         return None
@@ -59,82 +105,51 @@ def cached_default(cache: Path, name: str, budget: float, digest: str) -> dict |
     return record if record.get("windows_digest") == digest else None
 
 
-class Rebuilder:
-    """Rebuilds GRAPE's default plans of one model with default_quality's own functions; the
-    calibration (budget-independent, minutes) runs once, on first need."""
-
-    def __init__(self, dq, name: str, test: dict, digest: str, cache: Path, work: Path):
-        self.dq, self.name, self.test, self.digest = dq, name, test, digest
-        self.cache, self.work = cache, work
-        self.loaded = None
-        self.calibration_seconds = None
-
-    def _loaded(self):
-        if self.loaded is None:
-            start = time.perf_counter()
-            self.loaded = self.dq.calibrated(self.name, SEED, self.work / f"{self.name}-{SEED}")
-            self.calibration_seconds = time.perf_counter() - start
-        return self.loaded
-
-    def default(self, budget: float, log) -> dict:
-        """Cached or rebuilt: {"kept_experts", "nll" (domain -> per-window list), ...}."""
-        found = cached_default(self.cache, self.name, budget, self.digest)
-        if found is not None:
-            return found
-        loaded = self._loaded()
-        log(f"  GRAPE {budget:.0%}: rebuilding `grape run`'s plan (default_quality.default_plan, seed {SEED})")
-        start = time.perf_counter()
-        plan, search, _, argv = self.dq.default_plan(self.name, budget, SEED, loaded,
-                                                     self.work / f"{self.name}-{SEED}-{budget}")
-        seconds = time.perf_counter() - start
-        nll = self.dq.test_nll(loaded.model, plan, self.test)
-        record = {"windows_digest": self.digest, "model": self.name, "seed": SEED, "budget": budget,
-                  "argv": self.dq.relative(argv[1:]), "chosen": search.best.name,
-                  "kept_experts": {str(k): sorted(int(e) for e in v) for k, v in plan.kept.items()},
-                  "search_seconds": round(seconds, 1),
-                  "calibration_seconds": round(self.calibration_seconds or 0.0, 1),
-                  "nll": {d: [round(float(x), 6) for x in v] for d, v in nll.items()}}
-        path = _cache_path(self.cache, self.name, budget)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(record) + "\n", encoding="utf-8")
-        return record
+def store_run(cache: Path, name: str, budget: float, record: dict) -> dict:
+    path = _cache_path(cache, name, budget)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record) + "\n", encoding="utf-8")
+    return record
 
 
-def rows(cell: dict | None, rebuilt: dict | None, name: str, budget: float, increase_of) -> list[dict]:
-    """The two GRAPE rows of one (model, budget): numbers from the cell; per-window NLLs of the
-    default from the rebuilt plan. `increase_of(nll)` -> (increase, se) against the unpruned model
-    on the peers' windows (the same function default_quality uses)."""
-    if cell is None and rebuilt is None:
+def rows(cell: dict | None, run: dict | None, name: str, budget: float, increase_of) -> list[dict]:
+    """The two GRAPE rows of one (model, budget). The default: the `grape run` process (its
+    checkpoint measured like a peer's, its seconds and peak memory), checked against
+    default_quality.json's seed-0 cell (which ran the same defaults through the stage functions);
+    without a run, the cell's numbers (no memory). The best uniform plan: the cell's.
+    `increase_of(nll)` -> (increase, se) against the unpruned model on the peers' windows."""
+    if cell is None and run is None:
         return []
     out = []
     default = {"model": name, "budget": budget, "tool": "GRAPE default (`grape run`)", "peer": None,
-               "ok": True, "peak_mib": None, "from": "default_quality.json" if cell else None}
-    if rebuilt is not None:
-        inc, se = increase_of(rebuilt["nll"])
-        default.update(windows=rebuilt["nll"], kept_experts=rebuilt["kept_experts"],
-                       kept={k: len(v) for k, v in rebuilt["kept_experts"].items()},
-                       rebuilt={"increase": inc, "se": se, "chosen": rebuilt["chosen"],
-                                "search_seconds": rebuilt["search_seconds"]})
-    if cell is not None:
+               "ok": True, "peak_mib": None}
+    if run is not None:
+        inc, se = increase_of(run["nll"])
+        default.update(increase=inc, se=se, windows=run["nll"], kept_experts=run["kept_experts"],
+                       kept={k: len(v) for k, v in run["kept_experts"].items()}, chosen=run["chosen"],
+                       seconds=pruning_seconds(run["stages"]) if "stages" in run else run["seconds"],
+                       process_seconds=run.get("process_seconds"),
+                       peak_mib=run.get("peak_mib"), **{"from": "grape run"})
+        if cell is not None:
+            cell_increase = cell["rows"]["default"]["increase"]
+            default["cell"] = {"increase": cell_increase, "chosen": cell["chosen"],
+                               "reproduced": abs(inc - cell_increase) <= REPRODUCED_TOL}
+    else:
         d = cell["rows"]["default"]
-        default.update(increase=d["increase"], se=d["se"], chosen=cell["chosen"],
-                       kept=cell["kept_per_layer"], seconds=cell.get("search_seconds"))
-        if rebuilt is not None:
-            default["rebuilt"]["reproduced"] = abs(default["rebuilt"]["increase"] - d["increase"]) <= REPRODUCED_TOL
-    else:  # the cell is not in default_quality.json yet: the rebuilt plan is the default
-        default.update(increase=default["rebuilt"]["increase"], se=default["rebuilt"]["se"],
-                       chosen=rebuilt["chosen"], seconds=rebuilt["search_seconds"],
-                       **{"from": "rebuilt here (no default_quality.json cell yet)"})
-        default["rebuilt"]["reproduced"] = None
+        default.update(increase=d["increase"], se=d["se"], chosen=cell["chosen"], kept=cell["kept_per_layer"],
+                       seconds=None, **{"from": "default_quality.json"})
     out.append(default)
     if cell is not None:
         best = cell["rows"][cell["best_uniform"]]
         layers = cell["kept_per_layer"]
         each = sum(layers.values()) // len(layers)  # a uniform plan keeps the same count everywhere
+        # the cell's own paired difference (default - best uniform, by document); the default's
+        # row is the cell's plan only when the run reproduced it
+        same = default.get("cell", {}).get("reproduced", run is None)
         out.append({"model": name, "budget": budget, "tool": f"GRAPE best uniform ({cell['best_uniform'][8:]})",
                     "peer": None, "ok": True, "increase": best["increase"], "se": best["se"],
                     "kept": {k: each for k in layers}, "seconds": None, "peak_mib": None,
                     "from": "default_quality.json",
-                    # the cell's own paired difference (default - best uniform, by document)
-                    "vs_default": {"diff": 0.0 - cell["default_minus_best"], "se": cell["default_minus_best_se"]}})
+                    **({"vs_default": {"diff": 0.0 - cell["default_minus_best"],
+                                       "se": cell["default_minus_best_se"]}} if same else {})})
     return out

@@ -9,13 +9,14 @@ REAP's own repository and EvoESAP's were tried and cannot run here; NOT_RUN give
 
 For every zoo model and budget, each peer prunes in a subprocess of its own venv
 (benchmarks/peers/prune.py: wall time and peak RSS of that process); llm-compressor's REAP
-calibrates on 64 x 256 tokens of the calibration text GRAPE's default uses, packed here by
-grape.data.text.load_calibration_data. The pruned checkpoint is then measured here, in GRAPE's
-environment, exactly as benchmarks/default_quality.py measures GRAPE's plans: its test windows
-(the whole committed test split by document), its test_nll (pure cross-entropy from the logits,
-never ``.loss``) and its standard errors by document. GRAPE's rows are default_quality.json's
-seed-0 cells; the default's plan is rebuilt by default_quality's own functions
-(benchmarks/peers/grape_side.py) so that every peer is compared with it paired by document.
+calibrates on exactly the rows GRAPE's default calibrates on (`grape run`'s own split of the
+calibration text: grape.pipeline._split). GRAPE's default is `grape run --model M --data TEXT
+--budget B` in a process of its own, timed and measured the same way (benchmarks/peers/grape_side.py).
+Every pruned checkpoint, GRAPE's included, is then loaded and measured here, in GRAPE's
+environment, exactly as benchmarks/default_quality.py measures plans: its test windows (the whole
+committed test split by document), its test_nll (pure cross-entropy from the logits, never
+``.loss``) and its standard errors by document; every row is compared with GRAPE's default paired
+by document. The best uniform plan's row is default_quality.json's seed-0 cell.
 
 Writes benchmarks/results/peers.json and peers.md (the README's table between
 ``<!-- results:peers -->`` markers, copied by benchmarks/update_readme.py). Pruned checkpoints,
@@ -26,6 +27,7 @@ logs, per-window NLLs and rebuilt plans are kept in benchmarks/results/cache/pee
     python benchmarks/peers/run.py --models qwen3moe-32x4   # one model
     python benchmarks/peers/run.py --only peers             # fill the cache only (no results written);
     python benchmarks/peers/run.py --only grape             #   the two can run side by side
+    python benchmarks/peers/run.py --no-setup --no-grape-run    # the table from what is cached
     python benchmarks/peers/run.py --dry-run                # what would run; needs no venv
     python benchmarks/peers/run.py --report-only            # peers.md from peers.json
 """
@@ -41,7 +43,6 @@ import platform
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -59,7 +60,6 @@ CACHE = RESULTS / "cache" / "peers"
 VENVS = HERE / ".venvs"
 CALIBRATION = ROOT / "grape" / "assets" / "heldout" / "calibration.jsonl"  # grape run's default text
 ZOO_ORDER = ("qwen3moe-32x4", "deepseekv3-32x4g", "mixtral-8x2", "mixtral-8x2-upcycled", "olmoe-32x4")
-CALIB_SAMPLES, CALIB_SEQ_LEN = 64, 256  # REAP's rows: llm-compressor takes minutes per 64 on this CPU
 FORMAT = "grape.peers-benchmark/2"  # per-window NLLs on default_quality's test windows
 
 PEERS = {
@@ -108,18 +108,26 @@ def dq():
 
 
 # -- peers' pruning steps -------------------------------------------------------------------------
-def calibration_ids(name: str, tokenizer) -> Path:
-    from grape.data.text import load_calibration_data
+def calibration_ids(name: str) -> Path:
+    """The rows GRAPE's default calibrates on, as a JSON list of input-id rows: `grape run`'s own
+    split of the calibration text (grape.pipeline._split with its settings: whole documents held
+    out for the search and its confirmation, the rest packed), so llm-compressor's REAP sees the
+    same calibration text and size as GRAPE's calibration."""
+    from grape.models.loading import load_tokenizer
+    from grape.pipeline import _fitted_calibration, _split
 
     path = CACHE / name / "calib.json"
     if not path.exists():
-        texts = [json.loads(line)["text"] for line in CALIBRATION.read_text(encoding="utf-8").splitlines()
-                 if line.strip()]
-        data = load_calibration_data([texts], tokenizer, seq_len=CALIB_SEQ_LEN, samples=CALIB_SAMPLES,
-                                     seed=0, progress=False)
+        config, _ = dq().default_config(name, 0.25, 0, CACHE / name / "split")
+        split = _split(config, _fitted_calibration(config), load_tokenizer(config.model), searching=True)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(data.input_ids.tolist()), encoding="utf-8")
+        path.write_text(json.dumps(split.calibration.input_ids.tolist()), encoding="utf-8")
     return path
+
+
+def calibration_shape(path: Path) -> tuple[int, int]:
+    rows = json.loads(path.read_text(encoding="utf-8"))
+    return len(rows), len(rows[0])
 
 
 def prune_step(peer: str, name: str, budget: float, calib: Path, threads: int, fresh: bool) -> dict:
@@ -238,15 +246,64 @@ class Measure:
         return {d: [int(g) for g in w.groups] for d, w in self.test.items()}
 
 
+# llm-compressor 0.14 saves a Mixtral's experts under its own per-expert linear names; Mixtral's
+# released checkpoints (and transformers' loading conversion) use these
+_MOE = r"\.(?:mlp|block_sparse_moe)"
+MIXTRAL_NAMES = ((re.compile(_MOE + r"\.experts\.(\d+)\.gate_proj\."), r".block_sparse_moe.experts.\1.w1."),
+                 (re.compile(_MOE + r"\.experts\.(\d+)\.down_proj\."), r".block_sparse_moe.experts.\1.w2."),
+                 (re.compile(_MOE + r"\.experts\.(\d+)\.up_proj\."), r".block_sparse_moe.experts.\1.w3."),
+                 (re.compile(r"\.mlp\.gate\."), r".block_sparse_moe.gate."))
+RENAMED_NOTE = ("it saves a Mixtral's experts as experts.N.{gate,up,down}_proj, names transformers' Mixtral "
+                "conversion (from w1/w2/w3) does not map, so transformers loads that checkpoint with every "
+                "expert randomly initialised; measured after renaming them to Mixtral's released names "
+                "(block_sparse_moe.experts.N.w1/w3/w2), values unchanged")
+
+
+def released_names(checkpoint: Path) -> Path:
+    """A Mixtral checkpoint with llm-compressor's tensor names, renamed (MIXTRAL_NAMES) into a copy
+    next to it, values unchanged; any other checkpoint as it is."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
+    shards = sorted(checkpoint.glob("*.safetensors"))
+    if config.get("model_type") != "mixtral" or not any(
+            MIXTRAL_NAMES[0][0].search(k) for f in shards for k in safe_open(str(f), "pt").keys()):
+        return checkpoint
+
+    def renamed(key: str) -> str:
+        for pattern, name in MIXTRAL_NAMES:
+            key = pattern.sub(name, key)
+        return key
+
+    out = checkpoint.with_name(checkpoint.name + "-released-names")
+    if out.exists():
+        shutil.rmtree(out)  # this script's own copy
+    shutil.copytree(checkpoint, out, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
+    for shard in shards:
+        save_file({renamed(k): v for k, v in load_file(str(shard)).items()}, str(out / shard.name),
+                  metadata={"format": "pt"})
+    for index in checkpoint.glob("*.safetensors.index.json"):
+        data = json.loads(index.read_text(encoding="utf-8"))
+        data["weight_map"] = {renamed(k): v for k, v in data["weight_map"].items()}
+        (out / index.name).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
 def peer_row(peer: str, name: str, budget: float, step: dict, meter: Measure) -> dict:
     row = {"model": name, "budget": budget, "tool": PEERS[peer]["label"], "peer": peer,
            "ok": bool(step.get("ok")), "seconds": step.get("seconds"), "peak_mib": step.get("peak_mib"),
            "versions": step.get("versions", {}), "kept": step.get("kept", {})}
     if row["ok"]:
         tag = Path(step["checkpoint"]).name
+        checkpoint = released_names(Path(step["checkpoint"]))
+        if checkpoint != Path(step["checkpoint"]):
+            row["renamed"] = RENAMED_NOTE
         try:
             nll = cached_nll(CACHE / name / f"{tag}.nll.json", meter.digest,
-                             lambda: checkpoint_nll(step["checkpoint"], meter.test), meter.fresh)
+                             lambda: checkpoint_nll(str(checkpoint), meter.test), meter.fresh)
         except Exception as exc:  # pruned, but the checkpoint does not load or run
             row.update(ok=False, error=f"the pruned checkpoint does not load (transformers "
                                        f"{transformers_version()}): {exc}")
@@ -281,9 +338,36 @@ def versus_default(rows: list[dict], meter: Measure) -> None:
 
 
 # -- one model ------------------------------------------------------------------------------------
+def grape_cell(name: str, budget: float, meter: Measure, args) -> dict | None:
+    """GRAPE's default for one budget: the cached `grape run` record on these windows, else (unless
+    --no-grape-run) `grape run` in its own process, its checkpoint measured like a peer's."""
+    import shutil
+
+    import grape_side
+
+    found = grape_side.cached_run(CACHE, name, budget, meter.digest)
+    if args.no_grape_run or (found is not None and not args.fresh):
+        return found
+    out = CACHE / name / f"grape-run-{round(budget * 100)}"
+    if out.exists():
+        shutil.rmtree(out)  # this script's own run directory
+    argv = ["run", "--model", str(ZOO / "models" / name), "--data", str(CALIBRATION), "--budget", str(budget)]
+    record = grape_side.grape_run(argv, out, args.threads, log)
+    nll = checkpoint_nll(record["checkpoint"], meter.test)
+    inc, se = meter.increase(nll)
+    log(f"  GRAPE {budget:.0%}: dNLL {inc:+.4f} ± {se:.4f}, {record['seconds']:.1f} s its pruning step "
+        f"({record['process_seconds']:.1f} s in all), {record['peak_mib']:.0f} MiB")
+    from provenance import scrub
+
+    record = {**record, "argv": [scrub(a) for a in argv], "checkpoint": scrub(record["checkpoint"]),
+              "windows_digest": meter.digest, "model": name, "seed": grape_side.SEED, "budget": budget,
+              "nll": {d: [round(float(x), 6) for x in v] for d, v in nll.items()}}
+    return grape_side.store_run(CACHE, name, budget, record)
+
+
 def run_model(name: str, args, only: str | None) -> dict | None:
-    """Peers' steps, GRAPE's rebuilt defaults and the rows of one model; `only` fills the cache
-    with one side and returns None."""
+    """Peers' steps, GRAPE's `grape run` and the rows of one model; `only` fills the cache with one
+    side and returns None."""
     import grape
     import grape_side
 
@@ -293,30 +377,27 @@ def run_model(name: str, args, only: str | None) -> dict | None:
         f"(digest {meter.digest})")
     steps = {}
     if only != "grape":
-        calib = calibration_ids(name, tokenizer)
+        calib = calibration_ids(name)
         for budget in args.budgets:
             for peer in args.peers:
                 steps[budget, peer] = peer_row(peer, name, budget, prune_step(
                     peer, name, budget, calib, args.threads, args.fresh), meter)
-    rebuilt = {}
-    if args.no_rebuild:  # only what is cached; the other cells compare unpaired
-        rebuilt = {b: grape_side.cached_default(CACHE, name, b, meter.digest) for b in args.budgets}
-    elif only != "peers":
-        with tempfile.TemporaryDirectory(prefix="grape-peers-") as tmp:
-            rebuilder = grape_side.Rebuilder(dq(), name, meter.test, meter.digest, CACHE, Path(tmp))
-            for budget in sorted(args.budgets, reverse=True):  # 50% first: the acceptance's budget
-                rebuilt[budget] = rebuilder.default(budget, log)
+    runs = {}
+    if only != "peers":
+        for budget in sorted(args.budgets, reverse=True):  # 50% first: the acceptance's budget
+            runs[budget] = grape_cell(name, budget, meter, args)
     if only is not None:
         return None
     cells = grape_side.cells(RESULTS)
     rows = []
     for budget in args.budgets:
         at = [steps[budget, p] for p in args.peers]
-        at += grape_side.rows(cells.get((name, budget)), rebuilt.get(budget), name, budget, meter.increase)
+        at += grape_side.rows(cells.get((name, budget)), runs.get(budget), name, budget, meter.increase)
         versus_default(at, meter)
         rows += at
+    rows_shape = calibration_shape(CACHE / name / "calib.json") if (CACHE / name / "calib.json").exists() else None
     return {"name": name, "windows_digest": meter.digest, "groups": meter.groups(),
-            "baseline": meter.base, "rows": rows}
+            "calibration_rows": rows_shape, "baseline": meter.base, "rows": rows}
 
 
 # -- command line ---------------------------------------------------------------------------------
@@ -337,8 +418,8 @@ def dry_run(models: list[str], args) -> None:
                 for peer in args.peers:
                     log(f"{name} {budget:.0%} {peer}: {VENVS / PEERS[peer]['venv'] / 'bin/python'} prune.py {peer}")
             if args.only != "peers":
-                how = "cached rebuild only (else unpaired)" if args.no_rebuild else \
-                    "default_quality.default_plan (seed 0), unless cached"
+                how = "cached `grape run` only (else default_quality.json's cell)" if args.no_grape_run else \
+                    f"grape run --model {name} --data {CALIBRATION.relative_to(ROOT)} --budget {budget}, unless cached"
                 log(f"{name} {budget:.0%} grape: {how}")
 
 
@@ -351,9 +432,9 @@ def parse(argv):
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every step (default 1)")
     parser.add_argument("--only", choices=("peers", "grape"),
                         help="fill the cache with one side only and write no results")
-    parser.add_argument("--no-rebuild", action="store_true",
-                        help="do not rebuild GRAPE's default plans (calibration + search, minutes per "
-                             "cell): pair with the cached ones, compare the rest unpaired")
+    parser.add_argument("--no-grape-run", action="store_true",
+                        help="do not run `grape run` (calibration + search, minutes per cell): use the "
+                             "cached runs, else default_quality.json's cells (unpaired, no memory)")
     parser.add_argument("--fresh", action="store_true", help="prune and measure again even if cached")
     parser.add_argument("--no-setup", action="store_true", help="do not run setup.sh first")
     parser.add_argument("--dry-run", action="store_true", help="list the steps; needs no venv")
@@ -386,8 +467,8 @@ def main(argv: list[str] | None = None) -> int:
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
             "threads": args.threads, "budgets": args.budgets,
-            "calibration": {"file": str(CALIBRATION.relative_to(ROOT)), "samples": CALIB_SAMPLES,
-                            "seq_len": CALIB_SEQ_LEN},
+            "calibration": {"file": str(CALIBRATION.relative_to(ROOT)),
+                            "rows": "grape run's own calibration rows (grape.pipeline._split), per model"},
             "not_run": NOT_RUN, "models": []}
     old = args.out / "peers.json"
     previous = json.loads(old.read_text(encoding="utf-8")) if old.exists() else {}
