@@ -48,18 +48,34 @@ def _cache_path(cache: Path, name: str, budget: float) -> Path:
     return cache / name / f"grape-run-s{SEED}-{round(budget * 100)}.json"
 
 
-def _timed(cmd: list[str], log_path: Path, env: dict) -> tuple[int, float, float]:
-    """(exit code, wall seconds, peak RSS MiB) of one child process: os.wait4 gives that child's
-    own rusage (RUSAGE_CHILDREN would mix in every earlier child of this process)."""
-    import os
-    import subprocess
+# A small interpreter starts each measured command and reports that child's own peak RSS. The
+# measured process must not be forked from this one: on Linux a child's ru_maxrss starts from
+# the resident size of the process it was forked from (kept across exec), so a command started
+# from a benchmark holding torch and a model reports at least that (`python -c pass`: 1.3 GB
+# from a pytest process).
+_LAUNCHER = ("import os, subprocess, sys\n"
+             "child = subprocess.Popen(sys.argv[2:])\n"
+             "_, status, usage = os.wait4(child.pid, 0)\n"
+             "open(sys.argv[1], 'w').write(str(usage.ru_maxrss))\n"
+             "sys.exit(os.waitstatus_to_exitcode(status))\n")
 
-    start = time.perf_counter()
-    with open(log_path, "w", encoding="utf-8") as log_file:
-        child = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(child.pid, 0)
-        child.returncode = os.waitstatus_to_exitcode(status)
-    return child.returncode, time.perf_counter() - start, usage.ru_maxrss / 1024.0  # Linux: KiB
+
+def timed(cmd: list[str], log_path: Path, env: dict) -> tuple[int, float, float]:
+    """(exit code, wall seconds, peak RSS MiB) of `cmd`, its output in `log_path`, started by
+    _LAUNCHER so that the peak is the command's own."""
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="grape-timed-") as tmp:
+        peak_file = Path(tmp) / "maxrss"
+        start = time.perf_counter()
+        with open(log_path, "w", encoding="utf-8") as log_file:
+            code = subprocess.call([sys.executable, "-c", _LAUNCHER, str(peak_file), *cmd],
+                                   stdout=log_file, stderr=subprocess.STDOUT, env=env)
+        seconds = time.perf_counter() - start
+        peak = int(peak_file.read_text()) / 1024.0 if peak_file.exists() else float("nan")  # Linux: KiB
+    return code, seconds, peak
 
 
 # `grape run`'s stages (summary.json "seconds") that are not its pruning step: the unpruned model's
@@ -83,7 +99,7 @@ def grape_run(argv: list[str], out: Path, threads: int, log) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     out.parent.mkdir(parents=True, exist_ok=True)
     log(f"  GRAPE: grape {' '.join(argv[:1])} ... (log {out.name}.log)")
-    code, seconds, peak = _timed(cmd, out.with_suffix(".log"), env)
+    code, seconds, peak = timed(cmd, out.with_suffix(".log"), env)
     if code != 0:
         tail = out.with_suffix(".log").read_text(encoding="utf-8").strip().splitlines()[-1:]
         raise RuntimeError(f"grape run exited {code}: {tail}")

@@ -1,7 +1,8 @@
 """One peer's pruning step, run inside that peer's own virtual environment (benchmarks/peers/.venvs/).
 
 Called by benchmarks/peers/run.py, one process per (peer, model, budget), so the wall time and the
-peak memory (ru_maxrss of this process) are the tool's alone. It imports nothing from GRAPE: the
+peak memory are the tool's alone (run.py measures the peak from outside, through
+grape_side.timed: this process's own ru_maxrss would start at run.py's resident size). It imports nothing from GRAPE: the
 calibration tokens arrive as a JSON file of input ids that run.py packed with GRAPE's own loader,
 and the pruned checkpoint is written to --out for run.py to measure in GRAPE's environment.
 

@@ -146,11 +146,16 @@ def prune_step(peer: str, name: str, budget: float, calib: Path, threads: int, f
         cmd += ["--calib", str(calib)]
     log(f"  {peer} {budget:.0%}: {' '.join(cmd[1:3])} ... (log {out.with_suffix('.log').relative_to(ROOT)})")
     out.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    out.with_suffix(".log").write_text(proc.stdout + proc.stderr, encoding="utf-8")
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("PEER_RESULT ")]
+    from grape_side import timed
+
+    code, _, peak = timed(cmd, out.with_suffix(".log"), dict(os.environ))
+    output = out.with_suffix(".log").read_text(encoding="utf-8")
+    lines = [ln for ln in output.splitlines() if ln.startswith("PEER_RESULT ")]
     result = json.loads(lines[-1][len("PEER_RESULT "):]) if lines else {
-        "ok": False, "error": f"prune.py exited {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}"}
+        "ok": False, "error": f"prune.py exited {code}: {output.strip().splitlines()[-1:]}"}
+    # the process's own peak, measured from outside (prune.py's getrusage would include this
+    # process's resident size at the fork: see grape_side._LAUNCHER)
+    result["peak_mib"] = round(peak, 1)
     record.write_text(json.dumps(result) + "\n", encoding="utf-8")
     return {**result, "checkpoint": str(out)}
 
