@@ -52,13 +52,20 @@ def test_no_limit_or_nothing_readable_is_none(tmp_path, limit):
     assert host_memory.cgroup_headroom(root, _proc(tmp_path, "4:memory:/x\n")) is None
 
 
-def test_available_takes_the_smaller_and_says_so(tmp_path, monkeypatch):
+def _machine(monkeypatch, available: int):
+    """psutil's machine-wide figure, set by the test (change `.available` later)."""
     import psutil
 
     class Machine:
-        available = 500 * GB
+        pass
 
+    Machine.available = available
     monkeypatch.setattr(psutil, "virtual_memory", lambda: Machine)
+    return Machine
+
+
+def test_available_takes_the_smaller_and_says_so(tmp_path, monkeypatch):
+    Machine = _machine(monkeypatch, 500 * GB)
     root = tmp_path / "cg"
     _write(root / "memory" / "job", memory__limit_in_bytes=str(16 * GB), memory__usage_in_bytes=str(GB))
     proc = _proc(tmp_path, "4:memory:/job\n")
@@ -70,12 +77,7 @@ def test_available_takes_the_smaller_and_says_so(tmp_path, monkeypatch):
 def test_the_placement_rule_goes_layer_by_layer_under_a_container_limit(tmp_path, monkeypatch):
     """A 20 GB model on a 500 GB machine inside a 16 GB container: sequential, and the reason
     names the cgroup limit (psutil alone would have said whole, and the kernel would kill it)."""
-    import psutil
-
-    class Machine:
-        available = 500 * GB
-
-    monkeypatch.setattr(psutil, "virtual_memory", lambda: Machine)
+    _machine(monkeypatch, 500 * GB)
     root = tmp_path / "cg"
     _write(root / "memory" / "pod", memory__limit_in_bytes=str(16 * GB), memory__usage_in_bytes=str(GB))
     proc = _proc(tmp_path, "4:memory:/pod\n")
