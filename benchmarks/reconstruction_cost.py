@@ -29,15 +29,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
-ZOO = ROOT / "benchmarks" / "zoo" / "models"
-DATA = ROOT / "grape" / "assets" / "heldout" / "calibration.jsonl"
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-# every subprocess single-threaded, so that a shared machine gives stable numbers
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
-       "TOKENIZERS_PARALLELISM": "false"}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# the same paths and single-threaded subprocess environment as the calibration benchmark
+from calibration_bench import DATA, ENV, RESULTS, ROOT, ZOO  # noqa: E402
 
 
 COST_EXPERTS = (32, 128, 384)

@@ -65,7 +65,8 @@ def _cell(budget=0.5):
 
 def _run_record():
     return {"chosen": "exact curves", "kept_experts": {"0": [0, 1, 2, 3, 4, 5], "1": [1, 7]},
-            "seconds": 11.0, "process_seconds": 20.0, "peak_mib": 640.0, "nll": {"prose": [1.0, 2.0]}}
+            "stages": {"calibrate": 2.0, "search": 9.0, "eval_before": 9.0}, "process_seconds": 20.0,
+            "peak_mib": 640.0, "nll": {"prose": [1.0, 2.0]}}
 
 
 def test_grape_default_row_is_the_run_checked_against_the_cell():

@@ -108,7 +108,7 @@ def grape_run(argv: list[str], out: Path, threads: int, log) -> dict:
     stages = {k: round(float(v), 1) for k, v in summary["seconds"].items()}
     return {"argv": argv, "kept_experts": {str(k): sorted(int(e) for e in v) for k, v in plan["kept"].items()},
             "chosen": plan.get("provenance", {}).get("search", {}).get("chosen") or plan.get("solver"),
-            "seconds": pruning_seconds(stages), "process_seconds": round(seconds, 1),
+            "process_seconds": round(seconds, 1),
             "stages": stages, "peak_mib": round(peak, 1), "checkpoint": str(out / "checkpoint")}
 
 
@@ -143,7 +143,7 @@ def rows(cell: dict | None, run: dict | None, name: str, budget: float, increase
         inc, se = increase_of(run["nll"])
         default.update(increase=inc, se=se, windows=run["nll"], kept_experts=run["kept_experts"],
                        kept={k: len(v) for k, v in run["kept_experts"].items()}, chosen=run["chosen"],
-                       seconds=pruning_seconds(run["stages"]) if "stages" in run else run["seconds"],
+                       seconds=pruning_seconds(run["stages"]),
                        process_seconds=run.get("process_seconds"),
                        peak_mib=run.get("peak_mib"), **{"from": "grape run"})
         if cell is not None:

@@ -9,7 +9,7 @@ and the pruned checkpoint is written to --out for run.py to measure in GRAPE's e
     .venvs/llmcompressor/bin/python prune.py reap --model DIR --calib ids.json --sparsity 0.5 --out DIR
     .venvs/compressed-tensors/bin/python prune.py magnitude --model DIR --sparsity 0.5 --out DIR
 
-Prints one JSON line (prefixed PEER_RESULT) with seconds, peak memory, versions and the peer's
+Prints one JSON line (prefixed PEER_RESULT) with seconds, versions and the peer's
 own record of what it kept; on failure the same line carries the exception's type and message.
 """
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import time
 import traceback
@@ -37,10 +36,6 @@ PATTERNS = {
     "deepseek_v3": (r"mlp\.gate\.weight$", r"mlp\.experts\.\d+\."),
     "mixtral": (r"block_sparse_moe\.gate\.weight$", r"block_sparse_moe\.experts\.\d+\."),
 }
-
-
-def peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
 def versions(*names: str) -> dict[str, str]:
@@ -121,7 +116,6 @@ def main(argv=None) -> int:
         last = traceback.extract_tb(exc.__traceback__)[-1]
         result = {"ok": False, "error": f"{type(exc).__name__}: {exc}".strip(),
                   "where": f"{Path(last.filename).name}:{last.lineno}"}
-    result["peak_mib"] = peak_mib()
     print("PEER_RESULT " + json.dumps(result), flush=True)
     return 0
 

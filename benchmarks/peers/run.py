@@ -264,18 +264,24 @@ RENAMED_NOTE = ("it saves a Mixtral's experts as experts.N.{gate,up,down}_proj, 
                 "(block_sparse_moe.experts.N.w1/w3/w2), values unchanged")
 
 
+def llmcompressor_mixtral_names(checkpoint: Path) -> bool:
+    """Whether `checkpoint` is a Mixtral saved with llm-compressor's expert names (reads the
+    shards' headers only)."""
+    from safetensors import safe_open
+
+    config = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
+    return config.get("model_type") == "mixtral" and any(
+        MIXTRAL_NAMES[0][0].search(k) for f in checkpoint.glob("*.safetensors") for k in safe_open(str(f), "pt").keys())
+
+
 def released_names(checkpoint: Path) -> Path:
     """A Mixtral checkpoint with llm-compressor's tensor names, renamed (MIXTRAL_NAMES) into a copy
     next to it, values unchanged; any other checkpoint as it is."""
     import shutil
 
-    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    config = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
-    shards = sorted(checkpoint.glob("*.safetensors"))
-    if config.get("model_type") != "mixtral" or not any(
-            MIXTRAL_NAMES[0][0].search(k) for f in shards for k in safe_open(str(f), "pt").keys()):
+    if not llmcompressor_mixtral_names(checkpoint):
         return checkpoint
 
     def renamed(key: str) -> str:
@@ -287,7 +293,7 @@ def released_names(checkpoint: Path) -> Path:
     if out.exists():
         shutil.rmtree(out)  # this script's own copy
     shutil.copytree(checkpoint, out, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
-    for shard in shards:
+    for shard in sorted(checkpoint.glob("*.safetensors")):
         save_file({renamed(k): v for k, v in load_file(str(shard)).items()}, str(out / shard.name),
                   metadata={"format": "pt"})
     for index in checkpoint.glob("*.safetensors.index.json"):
@@ -302,13 +308,12 @@ def peer_row(peer: str, name: str, budget: float, step: dict, meter: Measure) ->
            "ok": bool(step.get("ok")), "seconds": step.get("seconds"), "peak_mib": step.get("peak_mib"),
            "versions": step.get("versions", {}), "kept": step.get("kept", {})}
     if row["ok"]:
-        tag = Path(step["checkpoint"]).name
-        checkpoint = released_names(Path(step["checkpoint"]))
-        if checkpoint != Path(step["checkpoint"]):
+        checkpoint = Path(step["checkpoint"])
+        if llmcompressor_mixtral_names(checkpoint):
             row["renamed"] = RENAMED_NOTE
-        try:
-            nll = cached_nll(CACHE / name / f"{tag}.nll.json", meter.digest,
-                             lambda: checkpoint_nll(str(checkpoint), meter.test), meter.fresh)
+        try:  # the renamed copy is written only when the NLL is measured, not from the cache
+            nll = cached_nll(CACHE / name / f"{checkpoint.name}.nll.json", meter.digest,
+                             lambda: checkpoint_nll(str(released_names(checkpoint)), meter.test), meter.fresh)
         except Exception as exc:  # pruned, but the checkpoint does not load or run
             row.update(ok=False, error=f"the pruned checkpoint does not load (transformers "
                                        f"{transformers_version()}): {exc}")
@@ -360,7 +365,7 @@ def grape_cell(name: str, budget: float, meter: Measure, args) -> dict | None:
     record = grape_side.grape_run(argv, out, args.threads, log)
     nll = checkpoint_nll(record["checkpoint"], meter.test)
     inc, se = meter.increase(nll)
-    log(f"  GRAPE {budget:.0%}: dNLL {inc:+.4f} ± {se:.4f}, {record['seconds']:.1f} s its pruning step "
+    log(f"  GRAPE {budget:.0%}: dNLL {inc:+.4f} ± {se:.4f}, {grape_side.pruning_seconds(record['stages']):.1f} s its pruning step "
         f"({record['process_seconds']:.1f} s in all), {record['peak_mib']:.0f} MiB")
     from provenance import scrub
 
