@@ -11,4 +11,8 @@ class DataError(UserError):
     """Calibration or evaluation data that cannot be read or is too short."""
 
 
-__all__ = ["UserError", "ScoresError", "PlanError", "InfeasibleError", "ArchitectureError", "DataError"]
+class ShortTextError(DataError):
+    """Text that runs out before the rows asked for are filled."""
+
+
+__all__ = ["UserError", "ScoresError", "PlanError", "InfeasibleError", "ArchitectureError", "DataError", "ShortTextError"]

@@ -48,7 +48,8 @@ class RunConfig:
     solve: SolveConfig = field(default_factory=SolveConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     # how the checkpoint is written (method, streaming / in-memory / auto, shard size)
-    apply: ApplyConfig = field(default_factory=ApplyConfig)
+    # (repair 'auto': lstsq on the calibration text where it can run, docs/repair.md)
+    apply: ApplyConfig = field(default_factory=lambda: ApplyConfig(repair="auto"))
     method: str | None = None  # shorthand for apply.method (remove | merge | mask)
     save: bool = True  # write the pruned checkpoint (never for mask)
     allow_lower_top_k: bool | None = None  # shorthand for apply.allow_lower_top_k
@@ -162,7 +163,13 @@ def run(config: RunConfig) -> RunResult:
     elif config.search is not None:
         print("    no loss-verified search: it needs calibration text (--data) to hold tokens out of")
 
-    method = _repair_method(config, scores)
+    method, why = _repair_method(config, scores, loaded=held.fits)
+    if config.apply.repair == "auto" and why is None:
+        from grape.pruning.stage import auto_repair_rows
+
+        method, why = auto_repair_rows(config.model, method, tokenizer, say=_indent)
+    if why:
+        print(f"    repair: none ({why})", flush=True)
     repair_ids = _repair_ids(config, method, tokenizer) if model is not None else None
     base_eval, evals = None, {}
     if model is not None:
@@ -266,9 +273,9 @@ def _held(config: RunConfig):
     held = search_mode(config.model, config.calibration)
     if held.fits or not config.saves_checkpoint:
         return held
-    method = _repair_method(config, None)
-    if method.repair != "none" or not streams(config.model, read_config(config.model), method, config.dtype,
-                                              say=lambda line: None):
+    method, _ = _repair_method(config, None, loaded=False)
+    # a repair runs layer by layer from the shards where the model does not fit (apply's rule)
+    if not streams(config.model, read_config(config.model), method, config.dtype, say=lambda line: None):
         raise UserError(f"the model does not fit in memory ({held.reason}), and --method {config.method}"
                         f"{' with --repair ' + method.repair if method.repair != 'none' else ''} needs it "
                         "loaded; use --method remove or mask without --repair, or --no-save")
@@ -285,17 +292,30 @@ def _checked_inputs(config: RunConfig):
     from grape.models.files import read_config
 
     check_budget(config.solve.budget)
-    check_repair(read_config(config.model), _repair_method(config, None), data_flag="--repair-data or --data")
+    check_repair(read_config(config.model), _repair_method(config, None)[0], data_flag="--repair-data or --data")
     docs = load_documents(config.eval_data or [str(p) for p in default_heldout_files("test")])
     check_eval_tasks(config.evaluation, docs)  # an lm-eval task that cannot run fails before calibration
     return docs
 
 
-def _repair_method(config: RunConfig, scores) -> ApplyConfig:
+def _repair_method(config: RunConfig, scores, loaded: bool = True) -> tuple[ApplyConfig, str | None]:
     """The apply configuration of the run: merge weights from the scores; a repair fits on
-    --repair-data, else on the calibration text (--data)."""
+    --repair-data, else on the calibration text (--data); --repair auto made concrete
+    (grape.pruning.stage.resolve_repair), with why it fell back to none. `loaded`: whether the
+    run holds the model; where it does not, auto repairs only if the checkpoint can be repaired
+    layer by layer from its shards (else the run would have to refuse it)."""
+    from grape.models.files import read_config
+    from grape.pruning.stage import resolve_repair, streams
+
     data = config.apply.repair_data or tuple(str(p) for p in config.data or ())
-    return replace(config.apply, merge_weights=scores if config.method == "merge" else None, repair_data=data)
+    method = replace(config.apply, merge_weights=scores if config.method == "merge" else None, repair_data=data)
+    model_config = read_config(config.model)
+    resolved, why = resolve_repair(model_config, method)
+    if (config.apply.repair == "auto" and resolved.repair != "none" and not loaded and config.saves_checkpoint
+            and not streams(config.model, model_config, resolved, config.dtype, say=lambda line: None)):
+        resolved, why = replace(method, repair="none"), ("the model does not fit in memory here and cannot "
+                                                         "be repaired layer by layer from its shards")
+    return resolved, why
 
 
 def _repair_ids(config: RunConfig, method: ApplyConfig, tokenizer):

@@ -27,7 +27,9 @@ def save_checkpoint(model, config, plan, tokenizer, method) -> None:
     from grape.models.files import read_config
 
     out, provenance = config.out / "checkpoint", {"run_dir": str(config.out)}
-    if streams(config.model, read_config(config.model), method, config.dtype, say=say):
+    # a model already pruned and repaired in memory is saved as it is: no "repairing it" line
+    told = say if model is None or method.repair == "none" else (lambda line: None)
+    if streams(config.model, read_config(config.model), method, config.dtype, say=told):
         written = apply_checkpoint(config.model, plan, out, method, dtype=config.dtype, tokenizer=tokenizer,
                                    provenance=provenance, overwrite=config.overwrite)
         print(f"    wrote {written.path}{written.note}", flush=True)

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from grape.errors import DataError
+from grape.errors import DataError, ShortTextError
 from grape.data.jsonl import is_text, not_text, parse_line
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
@@ -370,9 +370,11 @@ def pack_documents(
     samples: int,
     separator: int | None = None,
     progress: bool = True,
+    at_least: int | None = None,
 ) -> torch.Tensor:
     """Tokenise documents in order, join them with `separator` (if not None) and cut the stream into
-    `samples` rows of `seq_len` tokens. Raises DataError if the text runs out first."""
+    `samples` rows of `seq_len` tokens. Raises DataError if the text runs out first, unless it
+    fills `at_least` rows (when given): then those it fills."""
     if seq_len < 1 or samples < 1:
         raise DataError(f"seq_len and samples must be at least 1 (got {seq_len}, {samples})")
     needed = seq_len * samples
@@ -418,7 +420,9 @@ def pack_documents(
         bar.close()
     if len(stream) < needed:
         full = len(stream) // seq_len
-        raise DataError(
+        if at_least is not None and full >= at_least:
+            return torch.tensor(stream[:full * seq_len], dtype=torch.long).view(full, seq_len)
+        raise ShortTextError(
             f"too little calibration text: it gives {len(stream)} tokens, but {samples} samples of "
             f"{seq_len} tokens need {needed}. Add more text, or lower --samples (this text fills "
             f"{full}) or --seq-len."
@@ -454,8 +458,10 @@ def load_calibration_data(
     seed: int = 0,
     text_field: str = "text",
     progress: bool = True,
+    at_least: int | None = None,
 ) -> CalibrationData:
-    """Read, shuffle (with `seed`), tokenise and pack calibration text into a CalibrationData."""
+    """Read, shuffle (with `seed`), tokenise and pack calibration text into a CalibrationData
+    (`at_least`: fewer rows than `samples` are fine down to that many, see pack_documents)."""
     separator = getattr(tokenizer, "eos_token_id", None)
     documents = iter_documents(sources, text_field=text_field, seed=seed)
     input_ids = pack_documents(
@@ -465,11 +471,12 @@ def load_calibration_data(
         samples=samples,
         separator=separator,
         progress=progress,
+        at_least=at_least,
     )
     provenance = {
         "sources": source_names(sources),
         "seq_len": seq_len,
-        "samples": samples,
+        "samples": int(input_ids.shape[0]),
         "seed": seed,
         "text_field": text_field,
     }

@@ -179,7 +179,10 @@ def prune_and_repair(model: nn.Module, plan: Plan, config: ApplyConfig, input_id
     """Apply `plan` (method remove) to `model` in place, repairing each pruned MoE layer with
     ``config.repair`` on the calibration tokens `input_ids` (see the module docstring).
     ``repair='none'``: exactly ``apply_plan`` (the tokens are not used)."""
+    from grape.pruning.stage import resolve_repair
+
     settings = settings or RepairSettings()
+    config, _ = resolve_repair(model.config.to_dict(), config)
     plain = ApplyConfig(config.method, config.merge_weights, config.allow_lower_top_k)
     if config.repair == "none":
         apply_plan(model, plan, plain)

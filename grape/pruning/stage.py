@@ -16,7 +16,7 @@ prunes and repairs it from the shards one decoder layer at a time (grape.pruning
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +44,53 @@ def check_plan(plan, model_config: dict, config: ApplyConfig, plan_name: str = "
     check_repair(model_config, config)
 
 
+# --repair auto fits on as many rows as the text fills, down to this many (fewer: no repair)
+AUTO_MIN_ROWS = 16
+
+
+def resolve_repair(model_config: dict, config: ApplyConfig) -> tuple[ApplyConfig, str | None]:
+    """``repair='auto'`` made concrete: AUTO_REPAIR where it can run, else none; returns the
+    config and, when auto fell back to none, why (one line, for the caller to print). Any other
+    repair is returned as it is (check_repair refuses what cannot run)."""
+    from grape.pruning.apply import AUTO_REPAIR
+
+    if config.repair != "auto":
+        return config, None
+    why = _auto_repair_refusal(model_config, config)
+    return replace(config, repair="none" if why else AUTO_REPAIR), why
+
+
+def _auto_repair_refusal(model_config: dict, config: ApplyConfig) -> str | None:
+    """Why AUTO_REPAIR cannot run here, or None."""
+    from grape.models.adapters import adapter_class
+    from grape.models.quantized import describe
+    from grape.pruning.repair import layerwise_refusal
+
+    if config.method != "remove":
+        return f"--method {config.method} keeps no re-fitted experts (repair follows remove)"
+    if not config.repair_data:
+        return "no calibration text to fit on (--repair-data)"
+    quant = describe(model_config)
+    if quant:
+        return f"the checkpoint stores its experts quantised ({quant})"
+    model_type = model_config.get("model_type")
+    if layerwise_refusal(model_type):
+        return f"{model_type} decoder layers cannot run one at a time"
+    try:
+        why = getattr(adapter_class(model_type), "lstsq_refusal", None)
+    except Exception:  # an unsupported family is refused elsewhere, with its own message
+        why = None
+    return why
+
+
 def check_repair(model_config: dict, config: ApplyConfig, data_flag: str = "--repair-data") -> None:
     """A repair (grape.pruning.repair) needs calibration text and an unquantised model: refused here,
-    before any weight is read. `data_flag`: the flag that gives the text."""
+    before any weight is read (``auto`` falls back to none instead). `data_flag`: the flag that
+    gives the text."""
     from grape.errors import DataError
     from grape.models.quantized import describe
 
+    config, _ = resolve_repair(model_config, config)
     if config.repair == "none":
         return
     if not config.repair_data:
@@ -146,8 +187,14 @@ def apply_checkpoint(model_dir: str | os.PathLike, plan, out: str | os.PathLike,
 
     config = config or ApplyConfig()
     model_config = check_model_dir(model_dir)
+    auto = config.repair == "auto"
+    config, why = resolve_repair(model_config, config)
     if tokenizer is True:
         tokenizer = model_tokenizer(model_dir, say)
+    if auto and why is None:
+        config, why = auto_repair_rows(model_dir, config, tokenizer, say)
+    if why:
+        say(f"grape apply: --repair auto: no repair ({why})")
     provenance = {"source_model": str(model_dir), **(provenance or {})}
     if streams(model_dir, model_config, config, dtype, say):
         if config.repair != "none":
@@ -221,6 +268,7 @@ def _in_memory(model_dir, plan, out, config: ApplyConfig, dtype: str, tokenizer,
 def apply_in_place(model, plan, config: ApplyConfig, repair_ids=None, say=print) -> None:
     """`plan` applied to a loaded model in place; with a repair (and its calibration rows,
     :func:`repair_tokens`), pruned and repaired layer by layer (grape.pruning.repair)."""
+    config, _ = resolve_repair(model.config.to_dict(), config)
     if repair_ids is None or config.repair == "none":
         from grape.pruning.apply import apply_plan
 
@@ -231,9 +279,10 @@ def apply_in_place(model, plan, config: ApplyConfig, repair_ids=None, say=print)
     say(prune_and_repair(model, plan, config, repair_ids).line())
 
 
-def repair_tokens(model_dir, config: ApplyConfig, tokenizer, say=print):
+def repair_tokens(model_dir, config: ApplyConfig, tokenizer, say=print, at_least: int | None = None):
     """The repair's calibration rows: config.repair_data packed into repair_samples rows of
-    repair_seq_len tokens (capped at the model's context) with the model's tokenizer."""
+    repair_seq_len tokens (capped at the model's context) with the model's tokenizer; fewer
+    rows down to `at_least` (when given) if the text fills no more."""
     from grape.data.text import load_calibration_data
     from grape.errors import DataError
     from grape.models.files import cap_seq_len, read_config
@@ -246,11 +295,35 @@ def repair_tokens(model_dir, config: ApplyConfig, tokenizer, say=print):
     seq_len = cap_seq_len(config.repair_seq_len, read_config(model_dir), "--repair-seq-len", "grape apply")
     try:
         data = load_calibration_data(list(config.repair_data), tokenizer, seq_len=seq_len,
-                                     samples=config.repair_samples, seed=0, progress=False)
+                                     samples=config.repair_samples, seed=0, progress=False,
+                                     at_least=at_least)
     except DataError as exc:  # its advice names the calibration flags
-        raise DataError(str(exc).replace("--samples", "--repair-samples")
+        raise type(exc)(str(exc).replace("--samples", "--repair-samples")
                         .replace("--seq-len", "--repair-seq-len")) from exc
     return data.input_ids
+
+
+def auto_repair_rows(model_dir, config: ApplyConfig, tokenizer, say=print) -> tuple[ApplyConfig, str | None]:
+    """For ``--repair auto`` (already resolved): fit on as many of repair_samples rows as the text
+    fills, down to AUTO_MIN_ROWS; fewer, or no tokenizer to read it with: no repair. Returns the
+    config (its repair_samples what the text gives) and, when it fell back to none, why."""
+    from grape.errors import ShortTextError
+
+    if config.repair == "none":
+        return config, None
+    if tokenizer is None or tokenizer is True:
+        tokenizer = model_tokenizer(model_dir, say)
+    if tokenizer is None:
+        return replace(config, repair="none"), "the model has no tokenizer to read the calibration text with"
+    try:
+        rows = int(repair_tokens(model_dir, config, tokenizer, say, at_least=AUTO_MIN_ROWS).shape[0])
+    except ShortTextError:
+        return replace(config, repair="none"), (f"the calibration text fills fewer than {AUTO_MIN_ROWS} "
+                                                f"rows of {config.repair_seq_len} tokens")
+    if rows < config.repair_samples:
+        say(f"repair: fitting on {rows} rows of {config.repair_seq_len} tokens, all the calibration text "
+            f"fills ({config.repair_samples} asked)")
+    return replace(config, repair_samples=rows), None
 
 
 def model_tokenizer(path, say=print):

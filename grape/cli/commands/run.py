@@ -87,7 +87,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          "(docs/search.md)")
 
     ap = parser.add_argument_group("apply (as `grape apply`)")
-    add_config_arguments(ap, ApplyConfig, rename=APPLY_RENAMED)
+    # repair auto: lstsq on the calibration text where it can run (docs/repair.md)
+    add_config_arguments(ap, ApplyConfig, rename=APPLY_RENAMED, defaults={"repair": "auto"})
     ap.add_argument("--no-save", action="store_true", help="do not write the pruned checkpoint")
 
     ev = parser.add_argument_group("evaluation (as `grape eval`; unset sizes: small on the test-bed "

@@ -64,6 +64,9 @@ class MoEAdapter(ABC):
     # this family one decoder layer at a time, e.g. layers that hand the next one more than the
     # hidden states; None: it can (tests/test_sequential.py checks it equals the whole model)
     sequential_refusal: ClassVar[str | None] = None
+    # why the lstsq repair (grape/pruning/repair_fit.py) cannot model this family's experts as a
+    # linear down projection of gated activations; None: it can (`--repair auto` then uses it)
+    lstsq_refusal: ClassVar[str | None] = None
     # per-expert tensors that surgery slices besides the direct ones of the MoE block, its router
     # and its experts module (expert on dim 0): {path under the MoE block: the expert's axis},
     # e.g. ERNIE-4.5's [1, E] correction bias in a router child; streaming apply

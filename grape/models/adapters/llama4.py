@@ -132,6 +132,7 @@ class Llama4TextAdapter(FusedMoEAdapter):
     examples = "Llama-4-Scout-17B-16E, Llama-4-Maverick-17B-128E"
     special = ("top-1 sigmoid router scaling the expert's input; shared expert kept; MoE on "
                "interleaved layers")
+    lstsq_refusal = "its experts scale their input by the router score, which lstsq cannot model"
 
     def __init__(self, model: nn.Module):
         super().__init__(model)

@@ -1,0 +1,107 @@
+"""`--repair auto` (grape run's default): lstsq where it can run, else plain removal with one line
+saying why; it fits on as many rows as the calibration text fills, down to AUTO_MIN_ROWS."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers as T
+
+from cli_workspace import RUN_FLAGS, make_workspace
+from grape.cli.main import main as grape_main
+from grape.data.text import pack_documents
+from grape.errors import ShortTextError
+from grape.pruning.apply import AUTO_REPAIR, ApplyConfig, apply_plan
+from grape.pruning.stage import AUTO_MIN_ROWS, resolve_repair
+from test_repair import half_plan
+
+QWEN = {"model_type": "qwen3_moe"}
+
+
+@pytest.mark.parametrize("config, model_config, why", [
+    (ApplyConfig(repair="auto", repair_data=("c.jsonl",)), QWEN, None),
+    (ApplyConfig(repair="auto"), QWEN, "no calibration text"),
+    (ApplyConfig("mask", repair="auto", repair_data=("c.jsonl",)), QWEN, "--method mask"),
+    (ApplyConfig(repair="auto", repair_data=("c.jsonl",)),
+     {**QWEN, "quantization_config": {"quant_method": "fp8"}}, "quantised"),
+    (ApplyConfig(repair="auto", repair_data=("c.jsonl",)), {"model_type": "llama4_text"}, "scale their input"),
+])
+def test_auto_is_lstsq_where_it_can_run_else_none_with_why(config, model_config, why):
+    resolved, reason = resolve_repair(model_config, config)
+    assert resolved.repair == ("none" if why else AUTO_REPAIR)
+    assert (reason is None) if why is None else (why in reason)
+
+
+def test_an_explicit_repair_is_left_to_its_checks():
+    config = ApplyConfig(repair="scale")
+    assert resolve_repair({"model_type": "llama4_text"}, config) == (config, None)
+
+
+def test_auto_without_tokens_is_plain_removal():
+    from tiny_models import make_tiny
+
+    model = make_tiny("qwen3_moe")
+    plain = apply_plan(make_tiny("qwen3_moe"), half_plan(model), ApplyConfig("remove"))
+    auto = apply_plan(model, half_plan(model), ApplyConfig(repair="auto"))
+    assert all(torch.equal(a, b) for a, b in zip(auto.state_dict().values(), plain.state_dict().values()))
+
+
+class _Words:
+    """Whitespace 'tokenizer': one id per word."""
+
+    def __call__(self, texts, add_special_tokens=False):
+        return {"input_ids": [[len(w) for w in t.split()] for t in texts]}
+
+
+def test_pack_documents_gives_what_the_text_fills_down_to_at_least():
+    docs = ["a bb ccc dddd " * 10]  # 40 tokens (+ no separator)
+    rows = pack_documents(docs, _Words(), seq_len=8, samples=10, progress=False, at_least=3)
+    assert rows.shape == (5, 8)
+    with pytest.raises(ShortTextError, match="too little calibration text"):
+        pack_documents(docs, _Words(), seq_len=8, samples=10, progress=False, at_least=6)
+    with pytest.raises(ShortTextError):
+        pack_documents(docs, _Words(), seq_len=8, samples=10, progress=False)
+
+
+# -- the commands -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    return make_workspace(tmp_path_factory.mktemp("auto"))
+
+
+def _run(ws, out, *extra):
+    return ["run", "--model", str(ws.model), "--data", str(ws.calibration), "--eval-data", *map(str, ws.heldout),
+            "--out", str(out), "--budget", "0.5", "--no-search", "--no-compare", "--no-save", *RUN_FLAGS, *extra]
+
+
+def test_grape_run_repairs_by_default_on_what_the_text_fills(ws, tmp_path, capsys):
+    # the workspace's text fills a few hundred rows of 8 tokens: fewer than the 400 asked
+    assert grape_main(_run(ws, tmp_path / "run", "--repair-seq-len", "8", "--repair-samples", "400")) == 0
+    printed = capsys.readouterr().out
+    assert "all the calibration text fills (400 asked)" in printed
+    assert printed.count("repair lstsq:") == 2  # the applied plan and the uniform baseline
+    recipe = (tmp_path / "run" / "run.recipe.yaml").read_text()
+    assert "repair: auto" in recipe
+
+
+def test_grape_run_falls_back_to_plain_removal_with_one_line(ws, tmp_path, capsys):
+    short = tmp_path / "short.jsonl"  # a few rows of 32 tokens: fewer than AUTO_MIN_ROWS
+    short.write_text(json.dumps({"text": ws.calibration.read_text().splitlines()[0]}) + "\n")
+    assert grape_main(_run(ws, tmp_path / "run", "--repair-seq-len", "32", "--repair-data", str(short))) == 0
+    printed = capsys.readouterr().out
+    assert f"repair: none (the calibration text fills fewer than {AUTO_MIN_ROWS} rows" in printed
+    assert "repair lstsq:" not in printed
+    assert grape_main(_run(ws, tmp_path / "mask", "--method", "mask")) == 0
+    assert "repair: none (--method mask" in capsys.readouterr().out
+
+
+def test_grape_apply_auto_without_text_is_plain_removal(ws, tmp_path, capsys):
+    model = T.AutoModelForCausalLM.from_pretrained(ws.model)
+    half_plan(model).save(tmp_path / "plan.json")
+    argv = ["apply", "--model", str(ws.model), "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / "a"),
+            "--repair", "auto"]
+    assert grape_main(argv) == 0
+    assert "--repair auto: no repair (no calibration text" in capsys.readouterr().out
+    assert "repair" not in json.loads((tmp_path / "a" / "grape_provenance.json").read_text())
