@@ -105,3 +105,26 @@ def test_grape_apply_auto_without_text_is_plain_removal(ws, tmp_path, capsys):
     assert grape_main(argv) == 0
     assert "--repair auto: no repair (no calibration text" in capsys.readouterr().out
     assert "repair" not in json.loads((tmp_path / "a" / "grape_provenance.json").read_text())
+
+
+def test_a_run_that_does_not_hold_the_model_repairs_its_checkpoint_layer_by_layer(ws, tmp_path, monkeypatch, capsys):
+    """Where the model does not fit, auto repairs the streamed checkpoint from the shards
+    (grape.pruning.repair_sequential) instead of being refused or dropped."""
+    import grape.models.loading
+    import grape.models.placement
+
+    scores = tmp_path / "scores.npz"
+    assert grape_main(["calibrate", "--model", str(ws.model), "--data", str(ws.calibration), "--out", str(scores),
+                       "--samples", "4", "--seq-len", "32", "--subsample", "32", "--no-progress",
+                       "--device-map", "cpu"]) == 0
+    monkeypatch.setattr(grape.models.placement, "whole_capacity", lambda placement, world: (1000, "a test"))
+    monkeypatch.setattr(grape.models.loading, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    out = tmp_path / "run"
+    held = [str(p) for p in ws.heldout]
+    assert grape_main(["run", "--model", str(ws.model), "--scores", str(scores), "--data", str(ws.calibration),
+                       "--eval-data", *held, "--search-data", *held, "--out", str(out), "--budget", "0.5",
+                       "--baselines", "none", "--no-compare", *RUN_FLAGS, "--repair-seq-len", "8"]) == 0
+    printed = capsys.readouterr().out
+    assert "does not fit in memory" in printed and "repair lstsq:" in printed
+    record = json.loads((out / "checkpoint" / "grape_provenance.json").read_text())
+    assert record["repair"]["layer_sequential"] is True and record["repair"]["method"] == "lstsq"
