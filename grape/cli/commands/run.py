@@ -20,7 +20,8 @@ OUTPUT = DirOutput(signature=("summary.json", "run.recipe.yaml"), what="a run fo
 HELP = "calibrate -> solve -> apply -> eval -> report in one go (default: the embedded test-bed model)"
 DESCRIPTION = (
     "Run the whole pipeline on one model and write everything into --out: scores.npz, plan.json "
-    "(and baseline plans), the pruned checkpoint, evaluations of the model before and after "
+    "(and baseline plans), the pruned checkpoint (repaired by default: --repair auto re-fits the kept "
+    "experts on the calibration text where it can, docs/repair.md), evaluations of the model before and after "
     "pruning, and report.md with PNG plots (experts kept per layer, held-out NLL before/after per "
     "domain, every solver on the same problem). Without --model it runs on the embedded test-bed "
     f"model (grape.testbed) with its committed calibration and held-out text, "
