@@ -320,7 +320,7 @@ def render_all(data: dict) -> str:
     if data.get("default_plans"):
         text += "\n" + render_defaults(data["default_plans"])
     if data.get("ridge_sweeps"):
-        text += "\n# Choosing the ridge (validation split)\n\n" + "\n".join(
+        text += "\n# Choosing the ridge and the rows (validation split)\n\n" + "\n".join(
             render(run).split("\n", 2)[2].replace("\n## ", "\n### ") for run in data["ridge_sweeps"])
     if data.get("sequential_cost"):
         import repair_cost
@@ -367,12 +367,17 @@ def _kept_sections(out: Path) -> dict:
     return {k: old[k] for k in ("sequential_cost", "default_plans") if old.get(k)}
 
 
-def merge_defaults(files: list[Path], out: Path) -> int:
+def merge_defaults(files: list[Path], out: Path, sweeps: list[Path] | None = None) -> int:
     """Runs with `--plans default:SEED` (one per seed, or per model and seed) into the default
-    plans' section of the results in `out`, the other sections kept."""
+    plans' section of the results in `out`, the other sections kept; `sweeps`: validation runs
+    added to the ridge (and rows) sweeps."""
     path = out / "repair.json"
     data = json.loads(path.read_text()) if path.is_file() else {"settings": {}, "models": []}
     data["default_plans"] = [json.loads(f.read_text()) for f in files]
+    data["ridge_sweeps"] = data.get("ridge_sweeps", [])
+    for run in (json.loads(f.read_text()) for f in sweeps or []):
+        if run not in data["ridge_sweeps"]:  # merging again adds nothing twice
+            data["ridge_sweeps"].append(run)
     path.write_text(json.dumps(data, indent=1) + "\n")
     (out / "repair.md").write_text(render_all(data))
     log(f"wrote {out / 'repair.md'}")
@@ -403,7 +408,7 @@ def main(argv=None) -> int:
     ap.add_argument("--merge-defaults", nargs="+", type=Path, default=None,
                     help="only put these --plans default:SEED runs' repair.json into --out's default section")
     ap.add_argument("--sweeps", nargs="+", type=Path, default=None,
-                    help="with --merge: validation runs that chose the ridges (own section)")
+                    help="with --merge or --merge-defaults: validation runs that chose the ridges and rows (own section)")
     ap.add_argument("--sequential-cost", action="store_true",
                     help="only measure the layer-sequential repair's memory and time (repair_cost.py)")
     ap.add_argument("--cost-layers", type=int, default=8, help="decoder layers of its checkpoint (8: 1.7 GB)")
@@ -415,7 +420,7 @@ def main(argv=None) -> int:
     if args.sequential_cost:
         return sequential_cost(args)
     if args.merge_defaults:
-        return merge_defaults(args.merge_defaults, args.out)
+        return merge_defaults(args.merge_defaults, args.out, args.sweeps)
     if args.merge:
         return merge(args.merge, args.out, args.sweeps)
     if args.methods[0] != "none":

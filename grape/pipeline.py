@@ -164,9 +164,8 @@ def run(config: RunConfig) -> RunResult:
         print("    no loss-verified search: it needs calibration text (--data) to hold tokens out of")
 
     method, why = _repair_method(config, scores, loaded=held.fits)
-    if config.apply.repair == "auto" and why is None:
+    if config.apply.repair == "auto" and why is None:  # as many rows as the text fills
         from grape.pruning.stage import auto_repair_rows
-
         method, why = auto_repair_rows(config.model, method, tokenizer, say=_indent)
     if why:
         print(f"    repair: none ({why})", flush=True)
@@ -299,13 +298,12 @@ def _checked_inputs(config: RunConfig):
 
 
 def _repair_method(config: RunConfig, scores, loaded: bool = True) -> tuple[ApplyConfig, str | None]:
-    """The apply configuration of the run: merge weights from the scores; a repair fits on
-    --repair-data, else on the calibration text (--data); --repair auto made concrete
-    (grape.pruning.stage.resolve_repair), with why it fell back to none. `loaded`: whether the
-    run holds the model; where it does not, auto repairs only if the checkpoint can be repaired
-    layer by layer from its shards (else the run would have to refuse it)."""
+    """The run's apply configuration and, when --repair auto fell back to none, why: merge
+    weights from the scores; a repair fits on --repair-data, else --data. Where the run does not
+    hold the model (`loaded`), auto repairs only a checkpoint that can be repaired from its shards."""
     from grape.models.files import read_config
-    from grape.pruning.stage import resolve_repair, streams
+    from grape.pruning.repair import resolve_repair
+    from grape.pruning.stage import streams
 
     data = config.apply.repair_data or tuple(str(p) for p in config.data or ())
     method = replace(config.apply, merge_weights=scores if config.method == "merge" else None, repair_data=data)

@@ -14,7 +14,8 @@ from grape.cli.main import main as grape_main
 from grape.data.text import pack_documents
 from grape.errors import ShortTextError
 from grape.pruning.apply import AUTO_REPAIR, ApplyConfig, apply_plan
-from grape.pruning.stage import AUTO_MIN_ROWS, resolve_repair
+from grape.pruning.repair import resolve_repair
+from grape.pruning.stage import AUTO_MIN_ROWS
 from test_repair import half_plan
 
 QWEN = {"model_type": "qwen3_moe"}

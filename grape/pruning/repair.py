@@ -26,14 +26,15 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
 from grape.models.adapters import MoEAdapter, get_adapter
 from grape.errors import ArchitectureError, DataError, PlanError
-from grape.pruning.apply import APPLIED_METHOD_ATTR, APPLIED_PLAN_ATTR, REPAIR_METHODS, ApplyConfig, apply_plan, validate_plan
+from grape.pruning.apply import (APPLIED_METHOD_ATTR, APPLIED_PLAN_ATTR, AUTO_REPAIR, REPAIR_METHODS, ApplyConfig,
+                                  apply_plan, validate_plan)
 from grape.pruning.repair_fit import FITS, Routing, mean_energy, mean_error, routed
 from grape.pruning.repair_router import DEFAULT_LR, DEFAULT_STEPS, fit_router, router_parameters
 from solvers.plan import Plan
@@ -155,6 +156,38 @@ def layerwise_refusal(model_type) -> str | None:
             f"({why}); apply without --repair") if why else None
 
 
+def resolve_repair(model_config: dict, config: ApplyConfig) -> tuple[ApplyConfig, str | None]:
+    """``repair='auto'`` made concrete: AUTO_REPAIR where it can run, else none; returns the
+    config and, when auto fell back to none, why (one line, for the caller to print). Any other
+    repair is returned as it is (check_repair refuses what cannot run)."""
+    if config.repair != "auto":
+        return config, None
+    why = _auto_repair_refusal(model_config, config)
+    return replace(config, repair="none" if why else AUTO_REPAIR), why
+
+
+def _auto_repair_refusal(model_config: dict, config: ApplyConfig) -> str | None:
+    """Why AUTO_REPAIR cannot run here, or None."""
+    from grape.models.adapters import adapter_class
+    from grape.models.quantized import describe
+
+    if config.method != "remove":
+        return f"--method {config.method} keeps no re-fitted experts (repair follows remove)"
+    if not config.repair_data:
+        return "no calibration text to fit on (--repair-data)"
+    quant = describe(model_config)
+    if quant:
+        return f"the checkpoint stores its experts quantised ({quant})"
+    model_type = model_config.get("model_type")
+    if layerwise_refusal(model_type):
+        return f"{model_type} decoder layers cannot run one at a time"
+    try:
+        why = getattr(adapter_class(model_type), "lstsq_refusal", None)
+    except Exception:  # an unsupported family is refused elsewhere, with its own message
+        why = None
+    return why
+
+
 def check_tokens(input_ids, attention_mask, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The calibration tokens as a (rows, seq) int64 matrix (and mask), checked."""
     ids = torch.as_tensor(input_ids)
@@ -179,8 +212,6 @@ def prune_and_repair(model: nn.Module, plan: Plan, config: ApplyConfig, input_id
     """Apply `plan` (method remove) to `model` in place, repairing each pruned MoE layer with
     ``config.repair`` on the calibration tokens `input_ids` (see the module docstring).
     ``repair='none'``: exactly ``apply_plan`` (the tokens are not used)."""
-    from grape.pruning.stage import resolve_repair
-
     settings = settings or RepairSettings()
     config, _ = resolve_repair(model.config.to_dict(), config)
     plain = ApplyConfig(config.method, config.merge_weights, config.allow_lower_top_k)
@@ -364,4 +395,4 @@ def repair_needs(config: ApplyConfig) -> bool:
 
 __all__ = ["DEFAULT_RIDGE", "STAGES", "LayerPass", "LayerRepair", "MemoryBatches", "REPAIR_METHODS",
            "RepairReport", "RepairSettings", "check_repairable", "check_tokens", "layer_error",
-           "layerwise_refusal", "prune_and_repair", "repair_layer", "repair_needs"]
+           "layerwise_refusal", "prune_and_repair", "repair_layer", "repair_needs", "resolve_repair"]

@@ -48,47 +48,14 @@ def check_plan(plan, model_config: dict, config: ApplyConfig, plan_name: str = "
 AUTO_MIN_ROWS = 16
 
 
-def resolve_repair(model_config: dict, config: ApplyConfig) -> tuple[ApplyConfig, str | None]:
-    """``repair='auto'`` made concrete: AUTO_REPAIR where it can run, else none; returns the
-    config and, when auto fell back to none, why (one line, for the caller to print). Any other
-    repair is returned as it is (check_repair refuses what cannot run)."""
-    from grape.pruning.apply import AUTO_REPAIR
-
-    if config.repair != "auto":
-        return config, None
-    why = _auto_repair_refusal(model_config, config)
-    return replace(config, repair="none" if why else AUTO_REPAIR), why
-
-
-def _auto_repair_refusal(model_config: dict, config: ApplyConfig) -> str | None:
-    """Why AUTO_REPAIR cannot run here, or None."""
-    from grape.models.adapters import adapter_class
-    from grape.models.quantized import describe
-    from grape.pruning.repair import layerwise_refusal
-
-    if config.method != "remove":
-        return f"--method {config.method} keeps no re-fitted experts (repair follows remove)"
-    if not config.repair_data:
-        return "no calibration text to fit on (--repair-data)"
-    quant = describe(model_config)
-    if quant:
-        return f"the checkpoint stores its experts quantised ({quant})"
-    model_type = model_config.get("model_type")
-    if layerwise_refusal(model_type):
-        return f"{model_type} decoder layers cannot run one at a time"
-    try:
-        why = getattr(adapter_class(model_type), "lstsq_refusal", None)
-    except Exception:  # an unsupported family is refused elsewhere, with its own message
-        why = None
-    return why
-
-
 def check_repair(model_config: dict, config: ApplyConfig, data_flag: str = "--repair-data") -> None:
     """A repair (grape.pruning.repair) needs calibration text and an unquantised model: refused here,
     before any weight is read (``auto`` falls back to none instead). `data_flag`: the flag that
     gives the text."""
     from grape.errors import DataError
     from grape.models.quantized import describe
+
+    from grape.pruning.repair import resolve_repair
 
     config, _ = resolve_repair(model_config, config)
     if config.repair == "none":
@@ -185,6 +152,8 @@ def apply_checkpoint(model_dir: str | os.PathLike, plan, out: str | os.PathLike,
     has one), None writes none, or a tokenizer object."""
     from grape.models.files import check_model_dir
 
+    from grape.pruning.repair import resolve_repair
+
     config = config or ApplyConfig()
     model_config = check_model_dir(model_dir)
     auto = config.repair == "auto"
@@ -268,6 +237,8 @@ def _in_memory(model_dir, plan, out, config: ApplyConfig, dtype: str, tokenizer,
 def apply_in_place(model, plan, config: ApplyConfig, repair_ids=None, say=print) -> None:
     """`plan` applied to a loaded model in place; with a repair (and its calibration rows,
     :func:`repair_tokens`), pruned and repaired layer by layer (grape.pruning.repair)."""
+    from grape.pruning.repair import resolve_repair
+
     config, _ = resolve_repair(model.config.to_dict(), config)
     if repair_ids is None or config.repair == "none":
         from grape.pruning.apply import apply_plan
