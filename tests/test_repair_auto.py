@@ -129,3 +129,25 @@ def test_a_run_that_does_not_hold_the_model_repairs_its_checkpoint_layer_by_laye
     assert "does not fit in memory" in printed and "repair lstsq:" in printed
     record = json.loads((out / "checkpoint" / "grape_provenance.json").read_text())
     assert record["repair"]["layer_sequential"] is True and record["repair"]["method"] == "lstsq"
+
+
+def test_the_router_refit_flags_reach_the_fit(tmp_path):
+    import argparse
+
+    from grape.cli.commands.apply import add_arguments, apply_config_from_args
+    from grape.errors import PlanError
+    from grape.pruning.repair import RepairSettings, settings_for
+    from grape.pruning.repair_router import DEFAULT_LR, DEFAULT_STEPS
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    base = ["--model", "m", "--plan", "p.json", "--out", "o", "--repair", "router"]
+    config = apply_config_from_args(parser.parse_args([*base, "--repair-router-steps", "7",
+                                                       "--repair-router-lr", "0.05"]))
+    assert (settings_for(config, None).router_steps, settings_for(config, None).router_lr) == (7, 0.05)
+    unset = settings_for(apply_config_from_args(parser.parse_args(base)), None)
+    assert (unset.router_steps, unset.router_lr) == (DEFAULT_STEPS, DEFAULT_LR)
+    given = RepairSettings(router_steps=3)
+    assert settings_for(config, given) is given  # explicit settings win
+    with pytest.raises(PlanError, match="--repair-router-lr"):
+        ApplyConfig(repair="router", repair_router_lr=0.0)

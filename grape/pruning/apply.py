@@ -107,6 +107,12 @@ class ApplyConfig:
     repair_samples: int = field(default=128, metadata=flag("packed sequences the repair fits on"))
     repair_seq_len: int = field(default=256, metadata=flag(
         "tokens per repair sequence (capped at the model's context)"))
+    # the router re-fit (--repair router / lstsq+router); None: grape.pruning.repair_router's defaults
+    repair_router_steps: int | None = field(default=None, metadata=flag(
+        "Adam steps per pruned layer of the router re-fit (unset: 300)", type=int))
+    repair_router_lr: float | None = field(default=None, metadata=flag(
+        "the router re-fit's step size: the largest logit change of a step, relative to the logits' "
+        "spread (unset: 0.1)", type=float))
 
     def __post_init__(self) -> None:
         from grape.models.shards import parse_size
@@ -121,6 +127,10 @@ class ApplyConfig:
         if self.repair not in ("none", "auto") and self.method != "remove":
             raise PlanError(f"--repair {self.repair} re-fits the experts --method remove keeps; it "
                             f"does not combine with --method {self.method} (use --repair none)")
+        if (self.repair_router_steps is not None and self.repair_router_steps < 0) or (
+                self.repair_router_lr is not None and not 0 < self.repair_router_lr < float("inf")):
+            raise PlanError(f"--repair-router-steps ({self.repair_router_steps}) must be at least 0 and "
+                            f"--repair-router-lr ({self.repair_router_lr}) a finite number > 0")
         if self.repair_samples < 1 or self.repair_seq_len < 2:
             raise PlanError(f"--repair-samples ({self.repair_samples}) must be at least 1 and "
                             f"--repair-seq-len ({self.repair_seq_len}) at least 2")

@@ -156,6 +156,15 @@ def layerwise_refusal(model_type) -> str | None:
             f"({why}); apply without --repair") if why else None
 
 
+def settings_for(config: ApplyConfig, settings: RepairSettings | None) -> RepairSettings:
+    """The fits' settings: `settings` when given, else the defaults with the config's router flags
+    (--repair-router-steps / --repair-router-lr) where set."""
+    if settings is not None:
+        return settings
+    given = {"router_steps": config.repair_router_steps, "router_lr": config.repair_router_lr}
+    return RepairSettings(**{k: v for k, v in given.items() if v is not None})
+
+
 def resolve_repair(model_config: dict, config: ApplyConfig) -> tuple[ApplyConfig, str | None]:
     """``repair='auto'`` made concrete: AUTO_REPAIR where it can run, else none; returns the
     config and, when auto fell back to none, why (one line, for the caller to print). Any other
@@ -212,7 +221,7 @@ def prune_and_repair(model: nn.Module, plan: Plan, config: ApplyConfig, input_id
     """Apply `plan` (method remove) to `model` in place, repairing each pruned MoE layer with
     ``config.repair`` on the calibration tokens `input_ids` (see the module docstring).
     ``repair='none'``: exactly ``apply_plan`` (the tokens are not used)."""
-    settings = settings or RepairSettings()
+    settings = settings_for(config, settings)
     config, _ = resolve_repair(model.config.to_dict(), config)
     plain = ApplyConfig(config.method, config.merge_weights, config.allow_lower_top_k)
     if config.repair == "none":
@@ -395,4 +404,4 @@ def repair_needs(config: ApplyConfig) -> bool:
 
 __all__ = ["DEFAULT_RIDGE", "STAGES", "LayerPass", "LayerRepair", "MemoryBatches", "REPAIR_METHODS",
            "RepairReport", "RepairSettings", "check_repairable", "check_tokens", "layer_error",
-           "layerwise_refusal", "prune_and_repair", "repair_layer", "repair_needs", "resolve_repair"]
+           "layerwise_refusal", "prune_and_repair", "repair_layer", "repair_needs", "resolve_repair", "settings_for"]

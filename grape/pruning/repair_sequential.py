@@ -52,7 +52,7 @@ from torch import nn
 
 from grape.errors import ArchitectureError, PlanError
 from grape.pruning.apply import ApplyConfig
-from grape.pruning.repair import LayerPass, LayerRepair, RepairReport, RepairSettings, repair_layer
+from grape.pruning.repair import LayerPass, LayerRepair, RepairReport, RepairSettings, repair_layer, settings_for
 from grape.models.layerwise import release_memory
 from grape.models.shards import Piece, StoredTensor
 from solvers.plan import Plan
@@ -324,7 +324,7 @@ def stream_repair(model_dir: str | os.PathLike, plan: Plan, out: str | os.PathLi
 
     start = time.perf_counter()
     job = _prepare(Path(model_dir), plan, Path(out), config, input_ids, attention_mask,
-                   settings or RepairSettings(), hidden_states, overwrite)
+                   settings_for(config, settings), hidden_states, overwrite)
     ids, mask = job.ids, job.mask
     report = RepairReport(config.repair, tokens=int(ids.numel() if mask is None else mask.sum()))
     folder = Path(checkpoint) if checkpoint is not None else partial_dir(out)
