@@ -300,7 +300,6 @@ def render_defaults(runs: list[dict]) -> str:
     cells = []
     for run in runs:
         seed = run["settings"]["plans"].partition(":")[2] or "0"
-        method = next(m.partition(":")[0] for m in run["settings"].get("methods", ["none", "lstsq"]) if m != "none")
         for model in run["models"]:
             for budget, entry in model["budgets"].items():
                 cells.append((model["model"], float(budget), seed, entry["rows"]))

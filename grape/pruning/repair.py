@@ -190,11 +190,8 @@ def _auto_repair_refusal(model_config: dict, config: ApplyConfig) -> str | None:
     model_type = model_config.get("model_type")
     if layerwise_refusal(model_type):
         return f"{model_type} decoder layers cannot run one at a time"
-    try:
-        why = getattr(adapter_class(model_type), "lstsq_refusal", None)
-    except Exception:  # an unsupported family is refused elsewhere, with its own message
-        why = None
-    return why
+    # an unsupported family (no adapter class) is refused elsewhere, with its own message
+    return getattr(adapter_class(model_type), "lstsq_refusal", None)
 
 
 def check_tokens(input_ids, attention_mask, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:

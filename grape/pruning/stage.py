@@ -54,7 +54,6 @@ def check_repair(model_config: dict, config: ApplyConfig, data_flag: str = "--re
     gives the text."""
     from grape.errors import DataError
     from grape.models.quantized import describe
-
     from grape.pruning.repair import resolve_repair
 
     config, _ = resolve_repair(model_config, config)
@@ -151,7 +150,6 @@ def apply_checkpoint(model_dir: str | os.PathLike, plan, out: str | os.PathLike,
     `model_dir` and write the result to `out`. `tokenizer`: True copies the model's own (if it
     has one), None writes none, or a tokenizer object."""
     from grape.models.files import check_model_dir
-
     from grape.pruning.repair import resolve_repair
 
     config = config or ApplyConfig()
