@@ -191,6 +191,26 @@ def default_plan(name: str, budget: float, seed: int, model):
     return Plan(kept=kept, removed=removed, solver=f"grape run default (seed {seed}): {cell['chosen']}")
 
 
+def run_rows(name: str, seed: int):
+    """(the repair's rows, the confirmation windows) of `grape run --model M --data
+    calibration.jsonl --seed SEED`: its calibration split (grape.pipeline) and the rows it cuts
+    from it (grape.run_repair.repair_for_run), as the pipeline computes them."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from default_quality import default_config
+    from grape.models.loading import load_tokenizer
+    from grape.pipeline import Calibrated, _fitted_calibration, _split
+    from grape.run_repair import repair_for_run, repair_method
+
+    config, _ = default_config(name, 0.25, seed, Path("/nonexistent-out"))  # the split ignores the budget
+    tokenizer = load_tokenizer(config.model)
+    split = _split(config, _fitted_calibration(config), tokenizer, searching=True)
+    method, _ = repair_method(config, None)
+    repair = repair_for_run(config, method, tokenizer, Calibrated(tokenizer, None, None, split.held_out, split.calibration))
+    if repair.ids is None or repair.confirm is None:
+        raise SystemExit(f"grape run would not fit or check a repair on {name} (seed {seed}): {repair.why}")
+    return repair.ids, repair.confirm
+
+
 def parse_method(text: str) -> tuple[str, float | None]:
     name, _, ridge = text.partition(":")
     return name, (float(ridge) if ridge else None)
@@ -200,6 +220,7 @@ def run_model(name: str, args, save=lambda result: None) -> dict:
     import grape
     from grape.pruning.apply import ApplyConfig
     from grape.pruning.repair import RepairSettings, prune_and_repair
+    from grape.pruning.repair_check import held_out_nll, judge
     from transformers import AutoTokenizer
 
     path = ZOO / "models" / name
@@ -210,15 +231,19 @@ def run_model(name: str, args, save=lambda result: None) -> dict:
     t0 = time.perf_counter()
     baseline = evaluator.run(base)
     eval_seconds = time.perf_counter() - t0
-    fit_ids = calibration_rows(tokenizer, args.fit_rows, seq_len, seed=0)
+    fit_ids, confirm = calibration_rows(tokenizer, args.fit_rows, seq_len, seed=0), None
+    if args.plans != "uniform":  # grape run's own rows and confirmation windows for that seed
+        fit_ids, confirm = run_rows(name, int(args.plans.partition(":")[2] or 0))
     log(f"{name}: baseline evaluated in {eval_seconds:.0f} s on {len(evaluator.windows)} windows")
-    result = {"model": name, "eval_seconds": eval_seconds, "budgets": {}}
+    result = {"model": name, "eval_seconds": eval_seconds, "budgets": {}, "fit_rows": int(fit_ids.shape[0]),
+              "confirm_tokens": int(confirm.ids.numel()) if confirm is not None else 0}
     for budget in args.budgets:
         plan = plan_for(base, tokenizer, budget, args, name)
         rows, evals = {}, {}
         for text in args.methods:
             method, ridge = parse_method(text)
             model = copy.deepcopy(base)
+            unrepaired = held_out_nll(base, confirm.ids, plan) if confirm is not None and method != "none" else None
             with PeakRSS() as memory:
                 t = time.perf_counter()
                 report = prune_and_repair(model, plan, ApplyConfig(repair=method), fit_ids,
@@ -230,6 +255,11 @@ def run_model(name: str, args, save=lambda result: None) -> dict:
                           "fit_peak_extra_mb": memory.extra_mb, "repair": report.to_json()}
             if text != "none" and "none" in evals:
                 rows[text]["vs_none"] = paired(evals[text], evals["none"])
+            if unrepaired is not None:  # grape run's check: keep the repair only if it lowers this
+                check = judge(unrepaired, held_out_nll(model, confirm.ids), confirm.groups, undo=True)
+                rows[text]["check"] = {**check.to_json(), "tokens": int(confirm.ids.numel())}
+                log(f"  check on the confirmation windows: {check.difference:+.4f} ± {check.se:.4f}: "
+                    f"{'kept' if check.kept else 'undone'}")
             inc = rows[text]["nll_increase"]["mean"]
             log(f"  {name} budget {budget} {text}: NLL +{inc['increase']:.4f} ± {inc['se']:.4f}, "
                 f"fit {seconds:.1f} s, +{memory.extra_mb:.0f} MB; {report.line()}")
@@ -286,31 +316,98 @@ def _plans_line(plans: str) -> str:
 
 def render_defaults(runs: list[dict]) -> str:
     """The repair of `grape run`'s own plans (one run per calibration seed): per model and budget,
-    each seed's increase without and with the default repair, the ratio, and the paired gain."""
+    each seed's increase without and with the default repair, the ratio, the paired gain, and
+    (runs that recorded it) grape run's check on its confirmation documents and what it kept."""
+    checked = all("check" in _fixed(rows) for *_, rows in _cells(runs))
+    method = _method(_cells(runs)[0][3])
+    # the closed-form fit alone, where the default adds a stage to it: its ratio as a column
+    alone = "lstsq" if method != "lstsq" and all("lstsq" in rows for *_, rows in _cells(runs)) else None
     lines = ["# The default: `grape run`'s plans, repaired", "",
              "`grape run --model M --data calibration.jsonl --budget B --seed S` with no other flag "
-             "repairs its plan with `--repair auto` (lstsq on 128 rows of 256 tokens of the calibration "
-             "text). The plans below are those it chose (benchmarks/results/default_quality.json, both "
+             f"repairs its plan with `--repair auto` (`{method}`) on 128 rows of 256 tokens cut from its own "
+             "calibration rows"
+             + (" (the documents it holds out for the search are not among them), then checks the repair "
+                "on the confirmation documents it held out and undoes it where it does not lower their NLL"
+                if checked else " of the calibration text") + ". "
+             "The plans below are those it chose (benchmarks/results/default_quality.json, both "
              "calibration seeds); each is applied to the model without and with the repair and measured "
              f"on the **{runs[0]['settings']['split']}** split (every document), standard errors by "
              "document. *ratio*: increase with repair / without; *vs none*: the paired difference "
-             "(negative: the repair helps) and its SE.", "",
-             "| model | budget | seed | without repair | with repair | ratio | vs none | fit s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "(negative: the repair helps) and its SE"
+             + (f"; *{alone} alone*: the ratio of the closed-form fit without the stages after it" if alone else "")
+             + ("; *check*: the repaired minus the unrepaired NLL on the confirmation windows (SE by "
+                "document), which decides; *grape run*: the ratio of what the run keeps (1.00 where the "
+                "check undid the repair)" if checked else "") + ".", "",
+             "| model | budget | seed | without repair |" + (f" {alone} alone |" if alone else "")
+             + " with repair | ratio | vs none |" + (" check | grape run |" if checked else "") + " fit s |",
+             "|---|---:|---:|---:|" + ("---:|" if alone else "") + "---:|---:|---:|"
+             + ("---:|---:|" if checked else "") + "---:|"]
+    for name, budget, seed, rows in _cells(runs):
+        none = rows["none"]["nll_increase"]["mean"]
+        fixed = _fixed(rows)
+        inc, vs = fixed["nll_increase"]["mean"], fixed["vs_none"]
+        ratio = inc["increase"] / none["increase"]
+        check = ""
+        if checked:
+            c = fixed["check"]
+            check = (f" {c['difference']:+.4f} ± {c['se']:.4f} | "
+                     + (f"{ratio:.2f} |" if c["kept"] else "1.00 (undone) |"))
+        first = (f"| {rows[alone]['nll_increase']['mean']['increase'] / none['increase']:.2f} " if alone else "")
+        lines.append(f"| {name} | {budget:.1%} | {seed} | {none['increase']:+.4f} ± {none['se']:.4f} "
+                     f"{first}| {inc['increase']:+.4f} ± {inc['se']:.4f} | {ratio:.2f} "
+                     f"| {vs[0]:+.4f} ± {vs[1]:.4f} |{check} {fixed['fit_seconds']:.0f} |")
+    if checked:
+        lines += ["", "What `grape run` keeps, seed 0 / seed 1: the increase with the kept repair over the "
+                  "increase without; where plain removal costs at most 0.001 nats, the paired difference "
+                  "(nats) instead; *u*: the check undid the repair (plain removal, 1.00 / 0.0000); **bold**: "
+                  "worse than plain removal by more than one standard error.", "", compact_defaults(runs)]
+    return "\n".join(lines) + "\n"
+
+
+def _cells(runs: list[dict]) -> list[tuple]:
     cells = []
     for run in runs:
         seed = run["settings"]["plans"].partition(":")[2] or "0"
         for model in run["models"]:
             for budget, entry in model["budgets"].items():
                 cells.append((model["model"], float(budget), seed, entry["rows"]))
-    for name, budget, seed, rows in sorted(cells):
-        none = rows["none"]["nll_increase"]["mean"]
-        fixed = next(r for k, r in rows.items() if k != "none")
-        inc, vs = fixed["nll_increase"]["mean"], fixed["vs_none"]
-        lines.append(f"| {name} | {budget:.1%} | {seed} | {none['increase']:+.4f} ± {none['se']:.4f} "
-                     f"| {inc['increase']:+.4f} ± {inc['se']:.4f} | {inc['increase'] / none['increase']:.2f} "
-                     f"| {vs[0]:+.4f} ± {vs[1]:.4f} | {fixed['fit_seconds']:.0f} |")
-    return "\n".join(lines) + "\n"
+    return sorted(cells)
+
+
+def _fixed(rows: dict) -> dict:
+    """The row of grape run's repair (AUTO_REPAIR) if measured, else the first repaired one."""
+    from grape.pruning.apply import AUTO_REPAIR
+
+    return rows.get(AUTO_REPAIR) or next(r for k, r in rows.items() if k != "none")
+
+
+def _method(rows: dict) -> str:
+    from grape.pruning.apply import AUTO_REPAIR
+
+    return AUTO_REPAIR if AUTO_REPAIR in rows else next(k for k in rows if k != "none")
+
+
+SMALL = 0.001  # nats: below this plain-removal increase a ratio says little; the difference is shown
+
+
+def compact_defaults(runs: list[dict]) -> str:
+    """Model x budget, seed 0 / seed 1, of what grape run keeps (the repair where its check kept
+    it, plain removal where it undid it), as docs/repair.md shows it."""
+    table: dict[str, dict[float, list[str]]] = {}
+    for name, budget, _seed, rows in _cells(runs):
+        none, fixed = rows["none"]["nll_increase"]["mean"], _fixed(rows)
+        kept = fixed.get("check", {"kept": True})["kept"]
+        diff, se = fixed["vs_none"] if kept else (0.0, 0.0)
+        text = (f"{diff:+.4f}" if none["increase"] <= SMALL else
+                f"{(fixed['nll_increase']['mean']['increase'] if kept else none['increase']) / none['increase']:.2f}")
+        text = f"**{text}**" if diff > se else text
+        table.setdefault(name, {}).setdefault(budget, []).append(text + ("" if kept else " u"))
+    budgets = sorted({b for cells in table.values() for b in cells})
+    lines = ["| model | " + " | ".join(f"{b:.1%}".replace(".0%", "%") for b in budgets) + " |",
+             "|---|" + "---|" * len(budgets)]
+    for name in sorted(table):
+        lines.append(f"| {name} | " + " | ".join(" / ".join(table[name].get(b, [])) for b in budgets) + " |")
+    return "\n".join(lines)
 
 
 def render_all(data: dict) -> str:
@@ -325,6 +422,8 @@ def render_all(data: dict) -> str:
         import repair_cost
 
         text += "\n" + repair_cost.render(data["sequential_cost"])
+        for cost in data.get("sequential_cost_other_methods", []):  # the same, other repair methods
+            text += "\n" + repair_cost.render(cost).replace("# Repair at any size", "## Repair at any size", 1)
     return text
 
 
@@ -335,12 +434,16 @@ def sequential_cost(args) -> int:
 
     path = args.out / "repair.json"
     data = json.loads(path.read_text()) if path.is_file() else {"settings": {}, "models": []}
-    data["sequential_cost"] = repair_cost.run(args.cost_layers, args.cost_rows, args.seq_len,
-                                              args.cost_method, args.cost_threads)
+    cost = repair_cost.run(args.cost_layers, args.cost_rows, args.seq_len, args.cost_method, args.cost_threads)
+    if args.cost_method == "lstsq" or not data.get("sequential_cost"):
+        data["sequential_cost"] = cost
+    else:  # the lstsq record stays the section's first table; other methods follow it, one each
+        others = [c for c in data.get("sequential_cost_other_methods", []) if c["method"] != cost["method"]]
+        data["sequential_cost_other_methods"] = others + [cost]
     args.out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1) + "\n")
     (args.out / "repair.md").write_text(render_all(data))
-    log(repair_cost.render(data["sequential_cost"]))
+    log(repair_cost.render(cost))
     return 0
 
 
@@ -363,16 +466,41 @@ def _kept_sections(out: Path) -> dict:
     plans'), kept by a quality run."""
     path = out / "repair.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
-    return {k: old[k] for k in ("sequential_cost", "default_plans") if old.get(k)}
+    return {k: old[k] for k in ("sequential_cost", "sequential_cost_other_methods", "default_plans") if old.get(k)}
+
+
+def combine_methods(runs: list[dict]) -> list[dict]:
+    """One run per seed: runs of the same `plans` whose models overlap are merged, the rows of a
+    (model, budget) they share taken together (the plan is the same, so `none` is too)."""
+    out: list[dict] = []
+    for run in runs:
+        same = next((r for r in out if r["settings"]["plans"] == run["settings"]["plans"]
+                     and {m["model"] for m in r["models"]} & {m["model"] for m in run["models"]}), None)
+        if same is None:
+            out.append(copy.deepcopy(run))
+            continue
+        methods = same["settings"]["methods"]
+        same["settings"]["methods"] = methods + [m for m in run["settings"]["methods"] if m not in methods]
+        for model in run["models"]:
+            mine = next((m for m in same["models"] if m["model"] == model["model"]), None)
+            if mine is None:
+                same["models"].append(copy.deepcopy(model))
+                continue
+            for budget, entry in model["budgets"].items():
+                rows = mine["budgets"].setdefault(budget, copy.deepcopy(entry))["rows"]
+                rows.update({k: v for k, v in entry["rows"].items() if k not in rows})
+    return out
 
 
 def merge_defaults(files: list[Path], out: Path, sweeps: list[Path] | None = None) -> int:
     """Runs with `--plans default:SEED` (one per seed, or per model and seed) into the default
-    plans' section of the results in `out`, the other sections kept; `sweeps`: validation runs
-    added to the ridge (and rows) sweeps."""
+    plans' section of the results in `out`, the other sections kept; runs of the same seed made
+    with other methods (`--methods none lstsq`, then `--methods none lstsq+experts`) are combined,
+    each model and budget getting every method's row; `sweeps`: validation runs added to the
+    ridge (and rows) sweeps."""
     path = out / "repair.json"
     data = json.loads(path.read_text()) if path.is_file() else {"settings": {}, "models": []}
-    data["default_plans"] = [json.loads(f.read_text()) for f in files]
+    data["default_plans"] = combine_methods([json.loads(f.read_text()) for f in files])
     data["ridge_sweeps"] = data.get("ridge_sweeps", [])
     for run in (json.loads(f.read_text()) for f in sweeps or []):
         if run not in data["ridge_sweeps"]:  # merging again adds nothing twice
@@ -412,7 +540,7 @@ def main(argv=None) -> int:
                     help="only measure the layer-sequential repair's memory and time (repair_cost.py)")
     ap.add_argument("--cost-layers", type=int, default=8, help="decoder layers of its checkpoint (8: 1.7 GB)")
     ap.add_argument("--cost-rows", type=int, default=8, help="calibration rows of its repair")
-    ap.add_argument("--cost-method", default="lstsq", choices=("scale", "lstsq"))
+    ap.add_argument("--cost-method", default="lstsq", choices=("scale", "lstsq", "lstsq+experts"))
     ap.add_argument("--cost-threads", type=int, default=1, help="torch threads of its processes")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args(argv)

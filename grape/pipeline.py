@@ -21,10 +21,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from grape.pruning.stage import apply_in_place
 from grape.calibration.calibrate import CalibrationConfig
 from grape.evaluation.perplexity import EvalConfig
 from grape.pruning.apply import ApplyConfig
+from grape.run_repair import RunRepair, apply_checked, repair_for_run, repair_method
 from grape.searching.config import SearchConfig
 from solvers.errors import UserError
 from solvers.spec import SolveConfig, check_budget
@@ -48,7 +48,7 @@ class RunConfig:
     solve: SolveConfig = field(default_factory=SolveConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     # how the checkpoint is written (method, streaming / in-memory / auto, shard size)
-    # (repair 'auto': lstsq on the calibration text where it can run, docs/repair.md)
+    # (repair 'auto': lstsq+experts where it can run, kept only if it lowers held-out NLL, docs/repair.md)
     apply: ApplyConfig = field(default_factory=lambda: ApplyConfig(repair="auto"))
     method: str | None = None  # shorthand for apply.method (remove | merge | mask)
     save: bool = True  # write the pruned checkpoint (never for mask)
@@ -163,17 +163,17 @@ def run(config: RunConfig) -> RunResult:
     elif config.search is not None:
         print("    no loss-verified search: it needs calibration text (--data) to hold tokens out of")
 
-    method, why = _repair_method(config, scores, loaded=held.fits)
-    if config.apply.repair == "auto" and why is None:  # as many rows as the text fills
-        from grape.pruning.stage import auto_repair_rows
-        method, why = auto_repair_rows(config.model, method, tokenizer, say=_indent)
-    if why:
-        print(f"    repair: none ({why})", flush=True)
-    repair_ids = _repair_ids(config, method, tokenizer) if model is not None else None
-    base_eval, evals = None, {}
+    method, why = repair_method(config, scores, loaded=held.fits)
+    repair = RunRepair(method, None, None)
+    if model is not None and method.repair != "none":
+        repair = repair_for_run(config, method, tokenizer, calibrated)
+    if why or repair.method.repair != method.repair:
+        print(f"    repair: none ({why or repair.why})", flush=True)
+    base_eval, evals, checks = None, {}, {}
     if model is not None:
-        base_eval, evals = _evaluate_and_apply(config, stages, model, tokenizer, docs, plans[solver], solver,
-                                               method, repair_ids)
+        calibrated = calibrated._replace(model=None)  # the apply may swap the model (repair check)
+        model, base_eval, evals, checks = _evaluate_and_apply(config, stages, model, tokenizer, docs,
+                                                              plans[solver], solver, repair)
     else:
         print(f"    note: {UNLOADED_NOTE}", flush=True)
     files = _files(config, searching, found)
@@ -181,7 +181,9 @@ def run(config: RunConfig) -> RunResult:
         from grape.run_outputs import save_checkpoint
 
         stages.start("save", f"saving the pruned checkpoint to {out / 'checkpoint'}")
-        save_checkpoint(model, config, plans[solver], tokenizer, method)
+        undone = solver in checks and not checks[solver].kept
+        save_checkpoint(model, config, plans[solver], tokenizer,
+                        replace(repair.method, repair="none") if undone else repair.method, repair.ids)
         files["pruned checkpoint"] = "checkpoint/"
         stages.stop()
     del model, calibrated  # the baselines load fresh copies: free this one first
@@ -189,7 +191,7 @@ def run(config: RunConfig) -> RunResult:
     baselines = [n for n in plans if n != solver] if held.fits else []
     if baselines:  # each from a fresh copy of the model
         stages.start("baselines", f"applying and evaluating the baselines ({', '.join(baselines)})")
-        evals.update(_baselines(config, plans, baselines, method, tokenizer, docs, repair_ids))
+        evals.update(_baselines(config, plans, baselines, repair, tokenizer, docs, checks))
         stages.stop()
     for name, result in evals.items():
         write_eval(out / "eval" / f"{name}.json", result, base_eval)
@@ -204,14 +206,17 @@ def run(config: RunConfig) -> RunResult:
     record = summary(config, scores, plans, base_eval, evals, stages.seconds)
     if found is not None:
         record["search"] = found.to_json()
+    if checks:
+        record["repair_check"] = {name: check.to_json() for name, check in checks.items()}
     atomic_write_text(out / "summary.json", json.dumps(record, indent=2) + "\n")
     return RunResult(record, path)
 
 
 def _evaluate_and_apply(config: RunConfig, stages: _Stages, model, tokenizer, docs, plan, solver: str,
-                        method: ApplyConfig, repair_ids):
-    """The unpruned model evaluated, then `plan` applied to it in place and evaluated again;
-    (unpruned EvalResult, {solver: EvalResult})."""
+                        repair: RunRepair):
+    """The unpruned model evaluated, then `plan` applied to it (and repaired, and the repair
+    checked) and evaluated again; (the pruned model: the same one, or a fresh copy where the
+    check undid the repair; unpruned EvalResult, {solver: EvalResult}, {solver: RepairCheck})."""
     from grape.evaluation.perplexity import evaluate
     from grape.run_outputs import write_eval
 
@@ -223,10 +228,10 @@ def _evaluate_and_apply(config: RunConfig, stages: _Stages, model, tokenizer, do
 
     stages.start("apply_and_eval", f"applying the {solver} plan ({config.method}) and evaluating the "
                  "pruned model")
-    apply_in_place(model, plan, method, repair_ids, say=_indent)
+    model, check = apply_checked(config, model, plan, repair, lambda: _load_model(config))
     evals = {solver: evaluate(model, tokenizer, docs, config.evaluation, name=f"{label} ({solver})")}
     stages.stop()
-    return base_eval, evals
+    return model, base_eval, evals, {solver: check} if check is not None else {}
 
 
 def _files(config: RunConfig, searching: bool, found) -> dict[str, str]:
@@ -272,7 +277,7 @@ def _held(config: RunConfig):
     held = search_mode(config.model, config.calibration)
     if held.fits or not config.saves_checkpoint:
         return held
-    method, _ = _repair_method(config, None, loaded=False)
+    method, _ = repair_method(config, None, loaded=False)
     # a repair runs layer by layer from the shards where the model does not fit (apply's rule)
     if not streams(config.model, read_config(config.model), method, config.dtype, say=lambda line: None):
         raise UserError(f"the model does not fit in memory ({held.reason}), and --method {config.method}"
@@ -291,49 +296,23 @@ def _checked_inputs(config: RunConfig):
     from grape.models.files import read_config
 
     check_budget(config.solve.budget)
-    check_repair(read_config(config.model), _repair_method(config, None)[0], data_flag="--repair-data or --data")
+    check_repair(read_config(config.model), repair_method(config, None)[0], data_flag="--repair-data or --data")
     docs = load_documents(config.eval_data or [str(p) for p in default_heldout_files("test")])
     check_eval_tasks(config.evaluation, docs)  # an lm-eval task that cannot run fails before calibration
     return docs
 
 
-def _repair_method(config: RunConfig, scores, loaded: bool = True) -> tuple[ApplyConfig, str | None]:
-    """The run's apply configuration and, when --repair auto fell back to none, why: merge
-    weights from the scores; a repair fits on --repair-data, else --data. Where the run does not
-    hold the model (`loaded`), auto repairs only a checkpoint that can be repaired from its shards."""
-    from grape.models.files import read_config
-    from grape.pruning.repair import resolve_repair
-    from grape.pruning.stage import streams
-
-    data = config.apply.repair_data or tuple(str(p) for p in config.data or ())
-    method = replace(config.apply, merge_weights=scores if config.method == "merge" else None, repair_data=data)
-    model_config = read_config(config.model)
-    resolved, why = resolve_repair(model_config, method)
-    if (config.apply.repair == "auto" and resolved.repair != "none" and not loaded and config.saves_checkpoint
-            and not streams(config.model, model_config, resolved, config.dtype, say=lambda line: None)):
-        resolved, why = replace(method, repair="none"), ("the model does not fit in memory here and cannot "
-                                                         "be repaired layer by layer from its shards")
-    return resolved, why
-
-
-def _repair_ids(config: RunConfig, method: ApplyConfig, tokenizer):
-    """The repair's calibration rows (None without a repair), read once for every plan."""
-    if method.repair == "none":
-        return None
-    from grape.pruning.stage import repair_tokens
-
-    return repair_tokens(config.model, method, tokenizer, say=_indent)
-
-
-def _baselines(config: RunConfig, plans, names, method, tokenizer, docs, repair_ids=None) -> dict:
-    """Each baseline plan applied (and repaired, with a repair) to a fresh copy of the model and
-    evaluated."""
+def _baselines(config: RunConfig, plans, names, repair: RunRepair, tokenizer, docs, checks: dict) -> dict:
+    """Each baseline plan applied (and repaired and checked, with a repair) to a fresh copy of
+    the model and evaluated; each check is added to `checks`."""
     from grape.evaluation.perplexity import evaluate
 
     evals = {}
     for name in names:
-        model = _load_model(config)
-        apply_in_place(model, plans[name], method, repair_ids, say=_indent)
+        model, check = apply_checked(config, _load_model(config), plans[name], repair,
+                                     lambda: _load_model(config))
+        if check is not None:
+            checks[name] = check
         evals[name] = evaluate(model, tokenizer, docs, config.evaluation, name=f"{config.model.name} ({name})")
         del model
     return evals

@@ -18,10 +18,11 @@ def say(line: str) -> None:
     print("    " + line, flush=True)
 
 
-def save_checkpoint(model, config, plan, tokenizer, method) -> None:
+def save_checkpoint(model, config, plan, tokenizer, method, repair_ids=None) -> None:
     """The pruned checkpoint, by the rule of `grape apply` (grape.pruning.stage): streamed from
     the source shards where it can, else saved from the model pruned in memory (`model` None:
-    a model that does not fit, refused before the run when it cannot stream)."""
+    a model that does not fit, refused before the run when it cannot stream). `repair_ids`: the
+    rows the in-memory repair fitted on, so a streamed repair fits on the same."""
     from grape.pruning.stage import apply_checkpoint, streams
     from grape.pruning.checkpoint import save_pruned
     from grape.models.files import read_config
@@ -31,7 +32,7 @@ def save_checkpoint(model, config, plan, tokenizer, method) -> None:
     told = say if model is None or method.repair == "none" else (lambda line: None)
     if streams(config.model, read_config(config.model), method, config.dtype, say=told):
         written = apply_checkpoint(config.model, plan, out, method, dtype=config.dtype, tokenizer=tokenizer,
-                                   provenance=provenance, overwrite=config.overwrite)
+                                   provenance=provenance, overwrite=config.overwrite, repair_ids=repair_ids)
         print(f"    wrote {written.path}{written.note}", flush=True)
         return
     stored = stored_dtype(config.model)

@@ -82,7 +82,7 @@ def test_grape_run_repairs_by_default_on_what_the_text_fills(ws, tmp_path, capsy
     assert grape_main(_run(ws, tmp_path / "run", "--repair-seq-len", "8", "--repair-samples", "400")) == 0
     printed = capsys.readouterr().out
     assert "all the calibration text fills (400 asked)" in printed
-    assert printed.count("repair lstsq:") == 2  # the applied plan and the uniform baseline
+    assert printed.count("repair lstsq+experts:") == 2  # the applied plan and the uniform baseline
     recipe = (tmp_path / "run" / "run.recipe.yaml").read_text()
     assert "repair: auto" in recipe
 
@@ -93,7 +93,7 @@ def test_grape_run_falls_back_to_plain_removal_with_one_line(ws, tmp_path, capsy
     assert grape_main(_run(ws, tmp_path / "run", "--repair-seq-len", "32", "--repair-data", str(short))) == 0
     printed = capsys.readouterr().out
     assert f"repair: none (the calibration text fills fewer than {AUTO_MIN_ROWS} rows" in printed
-    assert "repair lstsq:" not in printed
+    assert "repair lstsq+experts:" not in printed
     assert grape_main(_run(ws, tmp_path / "mask", "--method", "mask")) == 0
     assert "repair: none (--method mask" in capsys.readouterr().out
 
@@ -126,9 +126,9 @@ def test_a_run_that_does_not_hold_the_model_repairs_its_checkpoint_layer_by_laye
                        "--eval-data", *held, "--search-data", *held, "--out", str(out), "--budget", "0.5",
                        "--baselines", "none", "--no-compare", *RUN_FLAGS, "--repair-seq-len", "8"]) == 0
     printed = capsys.readouterr().out
-    assert "does not fit in memory" in printed and "repair lstsq:" in printed
+    assert "does not fit in memory" in printed and "repair lstsq+experts:" in printed
     record = json.loads((out / "checkpoint" / "grape_provenance.json").read_text())
-    assert record["repair"]["layer_sequential"] is True and record["repair"]["method"] == "lstsq"
+    assert record["repair"]["layer_sequential"] is True and record["repair"]["method"] == "lstsq+experts"
 
 
 def test_the_router_refit_flags_reach_the_fit(tmp_path):

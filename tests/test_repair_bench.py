@@ -43,3 +43,39 @@ def test_merge_defaults_writes_one_row_per_seed_and_keeps_the_rest(tmp_path):
     assert "# Choosing the ridge and the rows (validation split)" in text
     data = json.loads((tmp_path / "repair.json").read_text())
     assert len(data["default_plans"]) == 2 and len(data["ridge_sweeps"]) == 1  # a repeated sweep counts once
+
+
+def _checked(run: dict, budget: str, difference: float, kept: bool) -> dict:
+    for model in run["models"]:
+        model["budgets"][budget]["rows"]["lstsq"]["check"] = {
+            "tokens": 1000, "documents": 9, "unrepaired": 3.0, "repaired": 3.0 + difference,
+            "difference": difference, "se": 0.002, "kept": kept}
+    return run
+
+
+def test_the_check_decides_what_grape_run_keeps():
+    kept = _checked(_run(0, 0.15, 0.09, (-0.06, 0.004)), "0.5", -0.01, True)
+    undone = _checked(_run(1, 0.16, 0.17, (0.01, 0.004)), "0.5", 0.002, False)
+    small = _run(0, 0.0008, 0.0011, (0.0003, 0.0001))  # removal costs < 0.001: the difference is shown
+    small["models"][0]["model"] = "mixtral-8x2-upcycled"
+    text = repair_bench.render_defaults([kept, undone, _checked(small, "0.5", 0.0001, True)])
+    assert "| -0.0100 ± 0.0020 | 0.60 |" in text  # kept: the repair's ratio
+    assert "| +0.0020 ± 0.0020 | 1.00 (undone) |" in text  # undone: plain removal
+    table = repair_bench.compact_defaults([kept, undone])
+    assert "| olmoe-32x4 | 0.60 / 1.00 u |" in table
+    # worse than plain removal beyond one SE is bold, where the check kept it
+    assert "| mixtral-8x2-upcycled | **+0.0003** |" in repair_bench.compact_defaults([_checked(small, "0.5", 0.0001, True)])
+
+
+def test_runs_of_one_seed_with_other_methods_are_combined():
+    lstsq = _run(0, 0.15, 0.09, (-0.06, 0.004))
+    experts = _run(0, 0.15, 0.05, (-0.10, 0.004))
+    experts["settings"]["methods"] = ["none", "lstsq+experts"]
+    experts["models"][0]["budgets"]["0.5"]["rows"]["lstsq+experts"] = experts["models"][0]["budgets"]["0.5"]["rows"].pop("lstsq")
+    other_seed = _run(1, 0.16, 0.12, (-0.04, 0.004))
+    runs = repair_bench.combine_methods([lstsq, experts, other_seed])
+    assert len(runs) == 2 and runs[0]["settings"]["methods"] == ["none", "lstsq", "lstsq+experts"]
+    rows = runs[0]["models"][0]["budgets"]["0.5"]["rows"]
+    assert set(rows) == {"none", "lstsq", "lstsq+experts"}
+    text = repair_bench.render_defaults(runs)  # the default (lstsq+experts) decides, lstsq alone beside it
+    assert "| lstsq alone |" in text and "| olmoe-32x4 | 50.0% | 0 | +0.1500 ± 0.0010 | 0.60 | +0.0500 ± 0.0010 | 0.33 |" in text

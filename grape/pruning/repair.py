@@ -36,6 +36,8 @@ from grape.errors import ArchitectureError, DataError, PlanError
 from grape.pruning.apply import (APPLIED_METHOD_ATTR, APPLIED_PLAN_ATTR, AUTO_REPAIR, REPAIR_METHODS, ApplyConfig,
                                   apply_plan, validate_plan)
 from grape.pruning.repair_fit import FITS, Routing, mean_energy, mean_error, routed
+from grape.pruning import repair_experts
+from grape.pruning.repair_experts import expert_parameters, fit_experts
 from grape.pruning.repair_router import DEFAULT_LR, DEFAULT_STEPS, fit_router, router_parameters
 from solvers.plan import Plan
 
@@ -47,7 +49,7 @@ DEFAULT_RIDGE = {"scale": 1e-3, "lstsq": 0.1}
 # re-fit of grape.pruning.repair_router); each is undone on its own if it does not lower the
 # layer's error, so lstsq+router is never worse than lstsq on the fitting tokens
 STAGES = {"scale": ("scale",), "lstsq": ("lstsq",), "router": ("router",),
-          "lstsq+router": ("lstsq", "router")}
+          "lstsq+router": ("lstsq", "router"), "lstsq+experts": ("lstsq", "experts")}
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,8 @@ class RepairSettings:
     batch_size: calibration sequences per forward pass.
     router_steps, router_lr: the ``router`` re-fit's Adam steps per layer and step size (the
         largest logit change of a step, relative to the logits' spread; grape.pruning.repair_router).
+    experts_steps, experts_lr, experts_batch: the ``experts`` re-fit's Adam steps per layer, step
+        size (relative to each tensor's RMS value) and tokens per step (grape.pruning.repair_experts).
     """
 
     ridge: float | None = None
@@ -67,6 +71,9 @@ class RepairSettings:
     batch_size: int = 4
     router_steps: int = DEFAULT_STEPS
     router_lr: float = DEFAULT_LR
+    experts_steps: int = repair_experts.DEFAULT_STEPS
+    experts_lr: float = repair_experts.DEFAULT_LR
+    experts_batch: int = repair_experts.DEFAULT_BATCH
 
     def __post_init__(self) -> None:
         if self.ridge is not None and not (self.ridge >= 0 and self.ridge < float("inf")):
@@ -77,6 +84,10 @@ class RepairSettings:
         if self.router_steps < 0 or not (0 < self.router_lr < float("inf")):
             raise PlanError(f"repair router steps ({self.router_steps}) must be at least 0 and its "
                             f"step size ({self.router_lr!r}) a finite number > 0")
+        if self.experts_steps < 0 or self.experts_batch < 1 or not (0 < self.experts_lr < float("inf")):
+            raise PlanError(f"repair experts steps ({self.experts_steps}) must be at least 0, its batch "
+                            f"({self.experts_batch}) at least 1 and its step size ({self.experts_lr!r}) "
+                            "a finite number > 0")
 
     def ridge_for(self, method: str) -> float | None:
         """The ridge of `method`'s closed-form fit (a stage or a --repair method); None: it has none."""
@@ -371,6 +382,8 @@ def _stage_tensors(adapter: MoEAdapter, layer: int, stage: str) -> list[torch.Te
     if stage == "router":
         return list(router_parameters(adapter, layer).values())
     experts = adapter.experts(layer)
+    if stage == "experts":
+        return list(expert_parameters(experts).values())
     return [t for n in ("down_proj", "down_proj_bias") if (t := getattr(experts, n, None)) is not None]
 
 
@@ -381,6 +394,9 @@ def _fit_stage(adapter: MoEAdapter, layer: int, x: torch.Tensor, target: torch.T
     saved = [(t, t.detach().clone()) for t in _stage_tensors(adapter, layer, stage)]
     if stage == "router":
         fit_router(adapter, layer, x, target, settings.router_steps, settings.router_lr)
+    elif stage == "experts":
+        fit_experts(adapter.experts(layer), x, target, Routing(*adapter.route(layer, x)), settings.experts_steps,
+                    settings.experts_lr, settings.experts_batch)
     else:
         FITS[stage](adapter.experts(layer), x, target, Routing(*adapter.route(layer, x)),
                     adapter.num_experts(layer), settings.ridge_for(stage), settings.sweeps)

@@ -108,8 +108,8 @@ _CHANGED = ("down_proj", "down_proj_bias")  # all grape.pruning.repair_fit chang
 
 def _changed_tensors(model: nn.Module, adapter, layer: int, method: str = "lstsq") -> dict[str, torch.Tensor]:
     """The tensors `method` may change, under their model names: the experts' down projections
-    first (check_layout compares the first value for value), then the router's parameters if
-    one of its stages is the router re-fit."""
+    first (check_layout compares the first value for value), then the experts' other tensors if
+    one of its stages is the experts re-fit, the router's parameters if one is the router re-fit."""
     from grape.pruning.repair import STAGES
     from grape.pruning.repair_router import router_parameters
 
@@ -117,6 +117,9 @@ def _changed_tensors(model: nn.Module, adapter, layer: int, method: str = "lstsq
     names = {id(m): n for n, m in model.named_modules()}
     out = {f"{names[id(experts)]}.{t}": getattr(experts, t).detach() for t in _CHANGED
            if isinstance(getattr(experts, t, None), torch.Tensor)}
+    if "experts" in STAGES.get(method, ()):  # every expert tensor (the down projections stay first)
+        out.update({f"{names[id(experts)]}.{n}": t.detach() for n, t in experts.named_parameters()
+                    if f"{names[id(experts)]}.{n}" not in out})
     if "router" in STAGES.get(method, ()):
         router = names[id(adapter.router(layer))]
         out.update({f"{router}.{n}": t.detach() for n, t in router_parameters(adapter, layer).items()})

@@ -145,10 +145,11 @@ def repair_placement(model_dir):
 def apply_checkpoint(model_dir: str | os.PathLike, plan, out: str | os.PathLike,
                      config: ApplyConfig | None = None, *, dtype: str = "auto", tokenizer: Any = True,
                      provenance: dict | None = None, overwrite: bool = False, progress: bool = False,
-                     say=print) -> Applied:
+                     say=print, repair_ids=None) -> Applied:
     """Apply `plan` (a Plan, already checked with :func:`check_plan`) to the checkpoint in
     `model_dir` and write the result to `out`. `tokenizer`: True copies the model's own (if it
-    has one), None writes none, or a tokenizer object."""
+    has one), None writes none, or a tokenizer object. `repair_ids`: the repair's rows when the
+    caller has them (grape run: cut from its calibration rows); None: read from repair_data."""
     from grape.models.files import check_model_dir
     from grape.pruning.repair import resolve_repair
 
@@ -158,7 +159,7 @@ def apply_checkpoint(model_dir: str | os.PathLike, plan, out: str | os.PathLike,
     config, why = resolve_repair(model_config, config)
     if tokenizer is True:
         tokenizer = model_tokenizer(model_dir, say)
-    if auto and why is None:
+    if auto and why is None and repair_ids is None:
         config, why = auto_repair_rows(model_dir, config, tokenizer, say)
     if why:
         say(f"grape apply: --repair auto: no repair ({why})")
@@ -166,9 +167,9 @@ def apply_checkpoint(model_dir: str | os.PathLike, plan, out: str | os.PathLike,
     if streams(model_dir, model_config, config, dtype, say):
         if config.repair != "none":
             return _streamed_repair(model_dir, plan, out, config, tokenizer, provenance, overwrite,
-                                    progress, say)
+                                    progress, say, repair_ids)
         return _streamed(model_dir, plan, out, config, tokenizer, provenance, overwrite, progress)
-    return _in_memory(model_dir, plan, out, config, dtype, tokenizer, provenance, overwrite, say)
+    return _in_memory(model_dir, plan, out, config, dtype, tokenizer, provenance, overwrite, say, repair_ids)
 
 
 def _streamed(model_dir, plan, out, config: ApplyConfig, tokenizer, provenance, overwrite,
@@ -186,12 +187,13 @@ def _streamed(model_dir, plan, out, config: ApplyConfig, tokenizer, provenance, 
 
 
 def _streamed_repair(model_dir, plan, out, config: ApplyConfig, tokenizer, provenance, overwrite,
-                     progress, say) -> Applied:
+                     progress, say, input_ids=None) -> Applied:
     """Pruned and repaired one decoder layer at a time from the shards (grape.pruning.repair_sequential),
     resumable from OUT.partial; the repair's text is read first (too little fails at once)."""
     from grape.pruning.repair_sequential import stream_repair
 
-    input_ids = repair_tokens(model_dir, config, tokenizer, say)
+    if input_ids is None:
+        input_ids = repair_tokens(model_dir, config, tokenizer, say)
     repaired = stream_repair(model_dir, plan, out, config, input_ids, tokenizer=tokenizer,
                              provenance={**provenance, "repair": {"data": list(config.repair_data)}},
                              overwrite=overwrite, progress=progress, say=say)
@@ -201,14 +203,15 @@ def _streamed_repair(model_dir, plan, out, config: ApplyConfig, tokenizer, prove
 
 
 def _in_memory(model_dir, plan, out, config: ApplyConfig, dtype: str, tokenizer, provenance,
-               overwrite, say) -> Applied:
+               overwrite, say, input_ids=None) -> Applied:
     import torch
 
     from grape.pruning.checkpoint import load_pruned, save_pruned
     from grape.pruning.apply import apply_plan
 
     # the repair's text first: too little of it fails before the weights are read
-    input_ids = repair_tokens(model_dir, config, tokenizer, say) if config.repair != "none" else None
+    if config.repair != "none" and input_ids is None:
+        input_ids = repair_tokens(model_dir, config, tokenizer, say)
     model = load_pruned(model_dir, dtype="auto" if dtype == "auto" else getattr(torch, dtype))
     if config.method == "merge" and config.merge_weights is None:
         say("grape apply: no --scores given; merged experts are averaged with equal weights")
@@ -272,6 +275,25 @@ def repair_tokens(model_dir, config: ApplyConfig, tokenizer, say=print, at_least
     return data.input_ids
 
 
+def repair_rows(calibration_ids, model_dir, config: ApplyConfig, say=print):
+    """The repair's rows cut from a run's calibration rows (consecutive pieces of one packed
+    stream, grape.data.split): `repair_samples` rows of `repair_seq_len` tokens (capped at the
+    model's context), or as many as they fill. None when they fill fewer than AUTO_MIN_ROWS and
+    fewer than asked (the caller reads the text instead). Fitting on these keeps the run's held-out documents unseen by
+    the repair, so they can judge it (grape.pruning.repair_check)."""
+    from grape.models.files import cap_seq_len, read_config
+
+    seq_len = cap_seq_len(config.repair_seq_len, read_config(model_dir), "--repair-seq-len", "grape run")
+    stream = calibration_ids.reshape(-1)
+    rows = min(config.repair_samples, stream.numel() // seq_len)
+    if rows < min(AUTO_MIN_ROWS, config.repair_samples):
+        return None
+    if rows < config.repair_samples:
+        say(f"repair: fitting on {rows} rows of {seq_len} tokens, all the calibration rows fill "
+            f"({config.repair_samples} asked)")
+    return stream[: rows * seq_len].reshape(rows, seq_len).clone()
+
+
 def auto_repair_rows(model_dir, config: ApplyConfig, tokenizer, say=print) -> tuple[ApplyConfig, str | None]:
     """For ``--repair auto`` (already resolved): fit on as many of repair_samples rows as the text
     fills, down to AUTO_MIN_ROWS; fewer, or no tokenizer to read it with: no repair. Returns the
@@ -312,4 +334,4 @@ def model_tokenizer(path, say=print):
 
 
 __all__ = ["Applied", "apply_checkpoint", "apply_in_place", "check_plan", "check_repair", "repair_tokens",
-           "model_tokenizer", "precheck_plan", "repair_placement", "require_model_block", "streams"]
+           "model_tokenizer", "precheck_plan", "repair_placement", "repair_rows", "require_model_block", "streams"]

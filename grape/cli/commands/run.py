@@ -21,7 +21,8 @@ HELP = "calibrate -> solve -> apply -> eval -> report in one go (default: the em
 DESCRIPTION = (
     "Run the whole pipeline on one model and write everything into --out: scores.npz, plan.json "
     "(and baseline plans), the pruned checkpoint (repaired by default: --repair auto re-fits the kept "
-    "experts on the calibration text where it can, docs/repair.md), evaluations of the model before and after "
+    "experts on the calibration rows where it can and keeps the repair only if it lowers the NLL of "
+    "the held-out confirmation documents, docs/repair.md), evaluations of the model before and after "
     "pruning, and report.md with PNG plots (experts kept per layer, held-out NLL before/after per "
     "domain, every solver on the same problem). Without --model it runs on the embedded test-bed "
     f"model (grape.testbed) with its committed calibration and held-out text, "
@@ -88,7 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          "(docs/search.md)")
 
     ap = parser.add_argument_group("apply (as `grape apply`)")
-    # repair auto: lstsq on the calibration text where it can run (docs/repair.md)
+    # repair auto: lstsq+experts where it can run, checked on held-out documents (docs/repair.md)
     add_config_arguments(ap, ApplyConfig, rename=APPLY_RENAMED, defaults={"repair": "auto"})
     ap.add_argument("--no-save", action="store_true", help="do not write the pruned checkpoint")
 

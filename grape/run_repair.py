@@ -1,0 +1,83 @@
+"""How `grape run` (grape.pipeline) repairs its plans: which repair, fitted on which rows, checked
+on which held-out windows. Separate from the stage order so the pipeline module stays about the
+order; the repair itself is grape.pruning.repair, its check grape.pruning.repair_check.
+
+* :func:`repair_method` resolves --repair (auto: lstsq+experts where it can run, docs/repair.md);
+* :func:`repair_for_run` picks the rows: with held-out confirmation documents, the run's own
+  calibration rows, so those documents stay unseen by the repair and can judge it; otherwise
+  the text (--repair-data, or --data read again), with no check;
+* :func:`apply_checked` applies a plan with that repair and its check (undone only under auto).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, NamedTuple
+
+from grape.pruning.apply import ApplyConfig
+
+
+def _indent(line: str) -> None:
+    print("    " + line, flush=True)
+
+
+class RunRepair(NamedTuple):
+    """The run's apply configuration with its repair resolved, the repair's rows (None: no
+    repair), and the held-out windows that check it (None: no check; grape.pruning.repair_check)."""
+
+    method: ApplyConfig
+    ids: Any
+    confirm: Any
+    why: str | None = None  # why auto fell back to none here
+
+
+def repair_method(config, scores, loaded: bool = True) -> tuple[ApplyConfig, str | None]:
+    """The run's apply configuration and, when --repair auto fell back to none, why: merge
+    weights from the scores; a repair fits on --repair-data, else --data. Where the run does not
+    hold the model (`loaded`), auto repairs only a checkpoint that can be repaired from its shards."""
+    from grape.models.files import read_config
+    from grape.pruning.repair import resolve_repair
+    from grape.pruning.stage import streams
+
+    data = config.apply.repair_data or tuple(str(p) for p in config.data or ())
+    method = replace(config.apply, merge_weights=scores if config.method == "merge" else None, repair_data=data)
+    model_config = read_config(config.model)
+    resolved, why = resolve_repair(model_config, method)
+    if (config.apply.repair == "auto" and resolved.repair != "none" and not loaded and config.saves_checkpoint
+            and not streams(config.model, model_config, resolved, config.dtype, say=lambda line: None)):
+        resolved, why = replace(method, repair="none"), ("the model does not fit in memory here and cannot "
+                                                         "be repaired layer by layer from its shards")
+    return resolved, why
+
+
+def repair_for_run(config, method: ApplyConfig, tokenizer, calibrated) -> RunRepair:
+    """Where the repair fits and what checks it. With held-out confirmation documents, a repair
+    that reads --data and a calibration run here (`calibrated`: grape.pipeline.Calibrated): on
+    the calibration rows, so that those documents are unseen by the repair and check it.
+    Otherwise on the text (--repair-data, or --data read again), unchecked: it may contain the
+    held-out documents."""
+    from grape.pruning.stage import auto_repair_rows, repair_rows, repair_tokens
+
+    confirm = calibrated.held_out.confirm if calibrated.held_out is not None else None
+    if confirm is not None and calibrated.rows is not None and not config.apply.repair_data:
+        ids = repair_rows(calibrated.rows.input_ids, config.model, method, say=_indent)
+        if ids is not None:
+            return RunRepair(replace(method, repair_samples=int(ids.shape[0])), ids, confirm)
+    if config.apply.repair == "auto":  # as many rows as the text fills
+        method, why = auto_repair_rows(config.model, method, tokenizer, say=_indent)
+        if why:
+            return RunRepair(method, None, None, why)
+    ids = repair_tokens(config.model, method, tokenizer, say=_indent) if method.repair != "none" else None
+    return RunRepair(method, ids, None)
+
+
+def apply_checked(config, model, plan, repair: RunRepair, reload):
+    """grape.pruning.repair_check.checked_apply as the run calls it: a repair that does not lower
+    the held-out NLL is undone only under --repair auto. Returns (model to go on with, check)."""
+    from grape.pruning.repair_check import checked_apply
+
+    return checked_apply(model, plan, repair.method, repair.ids, repair.confirm, reload,
+                         undo=config.apply.repair == "auto", say=_indent)
+
+
+__all__ = ["RunRepair", "apply_checked", "repair_for_run", "repair_method"]
