@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, NamedTuple
 
-from grape.pruning.apply import ApplyConfig
+from grape.pruning.apply import AUTO_REPAIR_LAYERWISE, ApplyConfig
 
 
 def _indent(line: str) -> None:
@@ -43,10 +43,13 @@ def repair_method(config, scores, loaded: bool = True) -> tuple[ApplyConfig, str
     method = replace(config.apply, merge_weights=scores if config.method == "merge" else None, repair_data=data)
     model_config = read_config(config.model)
     resolved, why = resolve_repair(model_config, method)
-    if (config.apply.repair == "auto" and resolved.repair != "none" and not loaded and config.saves_checkpoint
-            and not streams(config.model, model_config, resolved, config.dtype, say=lambda line: None)):
-        resolved, why = replace(method, repair="none"), ("the model does not fit in memory here and cannot "
-                                                         "be repaired layer by layer from its shards")
+    if config.apply.repair == "auto" and resolved.repair != "none" and not loaded:
+        # layer by layer from the shards: the lighter fit (grape.pruning.apply.AUTO_REPAIR_LAYERWISE)
+        resolved = replace(resolved, repair=AUTO_REPAIR_LAYERWISE)
+        if config.saves_checkpoint and not streams(config.model, model_config, resolved, config.dtype,
+                                                   say=lambda line: None):
+            resolved, why = replace(method, repair="none"), ("the model does not fit in memory here and "
+                                                             "cannot be repaired layer by layer from its shards")
     return resolved, why
 
 

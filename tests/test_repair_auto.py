@@ -13,7 +13,7 @@ from cli_workspace import RUN_FLAGS, make_workspace
 from grape.cli.main import main as grape_main
 from grape.data.text import pack_documents
 from grape.errors import ShortTextError
-from grape.pruning.apply import AUTO_REPAIR, ApplyConfig, apply_plan
+from grape.pruning.apply import AUTO_REPAIR, AUTO_REPAIR_LAYERWISE, ApplyConfig, apply_plan
 from grape.pruning.repair import resolve_repair
 from grape.pruning.stage import AUTO_MIN_ROWS
 from test_repair import half_plan
@@ -126,9 +126,21 @@ def test_a_run_that_does_not_hold_the_model_repairs_its_checkpoint_layer_by_laye
                        "--eval-data", *held, "--search-data", *held, "--out", str(out), "--budget", "0.5",
                        "--baselines", "none", "--no-compare", *RUN_FLAGS, "--repair-seq-len", "8"]) == 0
     printed = capsys.readouterr().out
-    assert "does not fit in memory" in printed and "repair lstsq+experts:" in printed
+    # layer by layer, auto is the lighter lstsq (the experts re-fit would need more memory)
+    assert "does not fit in memory" in printed and f"repair {AUTO_REPAIR_LAYERWISE}:" in printed
     record = json.loads((out / "checkpoint" / "grape_provenance.json").read_text())
-    assert record["repair"]["layer_sequential"] is True and record["repair"]["method"] == "lstsq+experts"
+    assert record["repair"]["layer_sequential"] is True and record["repair"]["method"] == AUTO_REPAIR_LAYERWISE
+
+
+def test_grape_apply_auto_layer_by_layer_is_the_lighter_fit(ws, tmp_path, capsys):
+    model = T.AutoModelForCausalLM.from_pretrained(ws.model)
+    half_plan(model).save(tmp_path / "plan.json")
+    argv = ["apply", "--model", str(ws.model), "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / "a"),
+            "--repair", "auto", "--repair-data", str(ws.calibration), "--repair-seq-len", "8", "--mode", "streaming"]
+    assert grape_main(argv) == 0
+    assert f"--repair auto: {AUTO_REPAIR_LAYERWISE} (layer by layer" in capsys.readouterr().out
+    record = json.loads((tmp_path / "a" / "grape_provenance.json").read_text())["repair"]
+    assert record["method"] == AUTO_REPAIR_LAYERWISE != AUTO_REPAIR and record["layer_sequential"] is True
 
 
 def test_the_router_refit_flags_reach_the_fit(tmp_path):

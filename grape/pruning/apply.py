@@ -54,6 +54,10 @@ REPAIR_METHODS = ("none", "scale", "lstsq", "router", "lstsq+router", "lstsq+exp
 # (grape.pruning.repair.resolve_repair). lstsq+experts: the closed-form fit, then a short local
 # re-fit of the kept experts; measured on the plans grape run chose on the zoo (docs/repair.md)
 AUTO_REPAIR = "lstsq+experts"
+# ... except layer by layer from the shards: the experts re-fit holds a layer's kept experts in
+# float32 four times over (weights, gradients, Adam's moments), past the sequential calibration's
+# memory (2.5 GB against 1.6 GB for lstsq on the 1.7 GB random checkpoint, docs/repair.md)
+AUTO_REPAIR_LAYERWISE = "lstsq"
 REPAIR_CHOICES = ("auto", *REPAIR_METHODS)
 
 

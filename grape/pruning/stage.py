@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from grape.errors import PlanError
-from grape.pruning.apply import ApplyConfig
+from grape.pruning.apply import AUTO_REPAIR, AUTO_REPAIR_LAYERWISE, ApplyConfig
 
 
 @dataclass(frozen=True)
@@ -165,6 +165,10 @@ def apply_checkpoint(model_dir: str | os.PathLike, plan, out: str | os.PathLike,
         say(f"grape apply: --repair auto: no repair ({why})")
     provenance = {"source_model": str(model_dir), **(provenance or {})}
     if streams(model_dir, model_config, config, dtype, say):
+        if auto and config.repair == AUTO_REPAIR:  # layer by layer: the lighter fit (apply.py)
+            config = replace(config, repair=AUTO_REPAIR_LAYERWISE)
+            say(f"grape apply: --repair auto: {AUTO_REPAIR_LAYERWISE} (layer by layer from the shards, "
+                f"{AUTO_REPAIR}'s experts re-fit needs more memory than that)")
         if config.repair != "none":
             return _streamed_repair(model_dir, plan, out, config, tokenizer, provenance, overwrite,
                                     progress, say, repair_ids)
