@@ -79,7 +79,7 @@ def test_an_undone_repair_gives_the_plainly_pruned_model_and_releases_the_repair
     out, check = checked_apply(model, plan, ApplyConfig(repair="lstsq"), FIT, CONFIRM,
                                reload=lambda: copy.deepcopy(original), undo=True, say=lambda line: None)
     assert not check.kept and out is not model
-    assert all(p.device.type == "meta" for p in model.parameters())  # the repaired copy is released
+    assert all(p.numel() == 0 for p in model.parameters())  # the repaired copy is released
     got = _weights(out)
     assert got.keys() == plain.keys() and all(torch.equal(got[k], plain[k]) for k in plain)
     assert float(held_out_nll(out, CONFIRM.ids).mean()) == pytest.approx(check.unrepaired, abs=1e-5)

@@ -15,7 +15,7 @@ The plan's NLL without repair is measured on the unpruned model by routing aroun
 experts (grape.searching.sensitivity.masked, the same NLL as removal), the repaired model's after
 the repair; the difference is paired by window, its standard error by document. A repair that
 does not lower the mean NLL there is undone when `undo` (``--repair auto``): the repaired
-model's weights are released (moved to the meta device, so two copies are never held at once)
+model's weights are released (emptied in place, so two copies are never held at once)
 and the model is loaded again and pruned without repair. An explicitly named repair is kept and
 the measurement shown.
 """
@@ -83,6 +83,19 @@ def judge(unrepaired: np.ndarray, repaired: np.ndarray, groups, undo: bool) -> R
                        kept=difference < 0 or not undo)
 
 
+def release_weights(model) -> None:
+    """Free `model`'s parameters and buffers in place (each becomes an empty tensor on its
+    device), whichever other references to the module remain; unlike ``model.to("meta")`` this
+    also works on a model dispatched across devices by accelerate."""
+    import torch
+
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, tensor in table.items():
+                if tensor is not None:
+                    tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+
+
 def checked_apply(model, plan, method: ApplyConfig, repair_ids, confirm, reload: Callable[[], object],
                   undo: bool, say=print):
     """`plan` applied to the loaded, unpruned `model` with `method`'s repair, then checked on the
@@ -103,10 +116,10 @@ def checked_apply(model, plan, method: ApplyConfig, repair_ids, confirm, reload:
     check = replace(check, tokens=int(confirm.ids.numel()))
     say(check.line())
     if not check.kept:
-        model.to("meta")  # frees its weights before the fresh copy is read
+        release_weights(model)  # before the fresh copy is read: never two copies at once
         model = reload()
         apply_in_place(model, plan, replace(method, repair="none"), None, say=say)
     return model, check
 
 
-__all__ = ["BATCH_SIZE", "RepairCheck", "checked_apply", "held_out_nll", "judge"]
+__all__ = ["BATCH_SIZE", "RepairCheck", "checked_apply", "held_out_nll", "judge", "release_weights"]
