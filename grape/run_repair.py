@@ -56,14 +56,18 @@ def repair_method(config, scores, loaded: bool = True) -> tuple[ApplyConfig, str
 def repair_for_run(config, method: ApplyConfig, tokenizer, calibrated) -> RunRepair:
     """Where the repair fits and what checks it. With held-out confirmation documents, a repair
     that reads --data and a calibration run here (`calibrated`: grape.pipeline.Calibrated): on
-    the calibration rows, so that those documents are unseen by the repair and check it.
+    the calibration documents (the rows, and what else of those documents was read), so that
+    the held-out documents are unseen by the repair and check it.
     Otherwise on the text (--repair-data, or --data read again), unchecked: it may contain the
     held-out documents."""
     from grape.pruning.stage import auto_repair_rows, repair_rows, repair_tokens
 
     confirm = calibrated.held_out.confirm if calibrated.held_out is not None else None
-    if confirm is not None and calibrated.rows is not None and not config.apply.repair_data:
-        ids = repair_rows(calibrated.rows.input_ids, config.model, method, say=_indent)
+    rows = calibrated.rows
+    if confirm is not None and rows is not None and not config.apply.repair_data:
+        # the calibration documents' whole stream where the split kept it (the rows are its start)
+        ids = repair_rows(rows.stream if rows.stream is not None else rows.input_ids, config.model, method,
+                          say=_indent)
         if ids is not None:
             return RunRepair(replace(method, repair_samples=int(ids.shape[0])), ids, confirm)
     if config.apply.repair == "auto":  # as many rows as the text fills

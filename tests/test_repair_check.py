@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -101,6 +102,17 @@ def test_without_windows_or_repair_it_is_the_plain_apply():
 
 
 # -- the rows ----------------------------------------------------------------------------------------------
+def test_the_split_keeps_the_calibration_documents_stream(ws):
+    from grape.data.split import Targets, split_text
+    from grape.models.loading import load_tokenizer
+
+    split = split_text([str(ws.calibration)], load_tokenizer(ws.model), Targets(256, 512, 4 * 32), seq_len=32,
+                       samples=4, window_len=32)
+    rows = split.calibration
+    assert rows.stream.numel() > rows.input_ids.numel()  # the rows are the start of the stream
+    assert torch.equal(rows.stream[: rows.input_ids.numel()], rows.input_ids.reshape(-1))
+
+
 def test_repair_rows_are_cut_from_the_calibration_stream(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_moe", "max_position_embeddings": 64}))
     calibration = torch.arange(40 * 32).view(40, 32)
@@ -110,7 +122,7 @@ def test_repair_rows_are_cut_from_the_calibration_stream(tmp_path):
     assert rows.shape == (10, 16) and torch.equal(rows.reshape(-1), torch.arange(160)) and not lines
     rows = repair_rows(calibration, tmp_path, ApplyConfig(repair="lstsq", repair_samples=500, repair_seq_len=64),
                        say=lines.append)
-    assert rows.shape == (20, 64) and "all the calibration rows fill (500 asked)" in lines[0]
+    assert rows.shape == (20, 64) and "all the calibration documents fill (500 asked)" in lines[0]
     short = torch.arange(AUTO_MIN_ROWS * 8 - 1).view(1, -1)
     assert repair_rows(short, tmp_path, ApplyConfig(repair="lstsq", repair_seq_len=8), say=lines.append) is None
 
@@ -136,5 +148,7 @@ def test_grape_run_checks_each_repair_on_the_confirmation_documents(ws, tmp_path
         assert check["tokens"] == confirmation["tokens"] and check["documents"] == confirmation["documents"]
         assert check["kept"] == (check["difference"] < 0)  # --repair auto: kept only where it helps
     assert printed.count("repair check on") == 3
-    # the repair fitted on the calibration rows (4 x 32 tokens cut into rows of 8), not the text
-    assert printed.count("repair lstsq+experts: 3 layer(s) on 128 tokens") == 3
+    # the repair fitted on the calibration documents' stream: more than the 4 x 32 calibration
+    # rows (its start), less than the whole text (the held-out documents are not in it)
+    fitted = [int(n) for n in re.findall(r"repair lstsq\+experts: 3 layer\(s\) on (\d+) tokens", printed)]
+    assert len(fitted) == 3 and len(set(fitted)) == 1 and 4 * 32 < fitted[0] < 128 * 8

@@ -208,8 +208,9 @@ def _calibration_rows(docs: Sequence[_Doc], seq_len: int, samples: int, separato
     notes = () if rows == samples else (
         f"calibration: {rows} sequences of {seq_len} tokens, not {samples}: that is what the text "
         "gives after the held-out documents (add text for more)",)
-    ids = torch.tensor(stream[: rows * seq_len], dtype=torch.long).view(rows, seq_len)
-    return CalibrationData(ids, {**provenance, "samples": rows}), notes
+    whole = torch.tensor(stream, dtype=torch.long)
+    ids = whole[: rows * seq_len].view(rows, seq_len)
+    return CalibrationData(ids, {**provenance, "samples": rows}, stream=whole), notes
 
 
 # -- the two entry points -------------------------------------------------------------------------

@@ -54,6 +54,10 @@ class CalibrationData:
 
     input_ids: torch.Tensor
     provenance: dict[str, Any] = field(default_factory=dict)
+    # every token of the calibration documents as one packed stream (the rows are its first
+    # samples x seq_len tokens), where more was read than the rows take (grape.data.split);
+    # None: the rows are all there is. A repair can fit on more of it than calibration used.
+    stream: torch.Tensor | None = None
 
     @property
     def samples(self) -> int:

@@ -280,9 +280,9 @@ def repair_tokens(model_dir, config: ApplyConfig, tokenizer, say=print, at_least
 
 
 def repair_rows(calibration_ids, model_dir, config: ApplyConfig, say=print):
-    """The repair's rows cut from a run's calibration rows (consecutive pieces of one packed
-    stream, grape.data.split): `repair_samples` rows of `repair_seq_len` tokens (capped at the
-    model's context), or as many as they fill. None when they fill fewer than AUTO_MIN_ROWS and
+    """The repair's rows cut from a run's calibration tokens (its rows, or the whole packed
+    stream of its calibration documents, grape.data.split): `repair_samples` rows of
+    `repair_seq_len` tokens (capped at the model's context), or as many as they fill. None when they fill fewer than AUTO_MIN_ROWS and
     fewer than asked (the caller reads the text instead). Fitting on these keeps the run's held-out documents unseen by
     the repair, so they can judge it (grape.pruning.repair_check)."""
     from grape.models.files import cap_seq_len, read_config
@@ -293,7 +293,7 @@ def repair_rows(calibration_ids, model_dir, config: ApplyConfig, say=print):
     if rows < min(AUTO_MIN_ROWS, config.repair_samples):
         return None
     if rows < config.repair_samples:
-        say(f"repair: fitting on {rows} rows of {seq_len} tokens, all the calibration rows fill "
+        say(f"repair: fitting on {rows} rows of {seq_len} tokens, all the calibration documents fill "
             f"({config.repair_samples} asked)")
     return stream[: rows * seq_len].reshape(rows, seq_len).clone()
 
