@@ -21,7 +21,7 @@ HELP = "calibrate -> solve -> apply -> eval -> report in one go (default: the em
 DESCRIPTION = (
     "Run the whole pipeline on one model and write everything into --out: scores.npz, plan.json "
     "(and baseline plans), the pruned checkpoint (repaired by default: --repair auto re-fits the kept "
-    "experts on the calibration rows where it can and keeps the repair only if it lowers the NLL of "
+    "experts on the calibration documents where it can and keeps the repair only if it lowers the NLL of "
     "the held-out confirmation documents, docs/repair.md), evaluations of the model before and after "
     "pruning, and report.md with PNG plots (experts kept per layer, held-out NLL before/after per "
     "domain, every solver on the same problem). Without --model it runs on the embedded test-bed "
