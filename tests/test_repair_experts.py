@@ -82,3 +82,42 @@ def test_the_layer_by_layer_repair_writes_the_same_experts(family, tmp_path):
     assert changed and all(".experts." in n for n in changed)
     assert any("down" not in n and "w2" not in n for n in changed)
     assert json.loads((done.path / "grape_provenance.json").read_text())["repair"]["method"] == "lstsq+experts"
+
+
+def test_the_experts_flags_reach_the_fit_and_the_resume_key():
+    import argparse
+
+    from grape.cli.commands.apply import add_arguments, apply_config_from_args
+    from grape.pruning import repair_experts
+    from grape.pruning.apply import ApplyConfig
+    from grape.pruning.repair import settings_for
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    base = ["--model", "m", "--plan", "p.json", "--out", "o", "--repair", "lstsq+experts"]
+    config = apply_config_from_args(parser.parse_args([*base, "--repair-experts-steps", "7",
+                                                       "--repair-experts-lr", "0.05"]))
+    assert (settings_for(config, None).experts_steps, settings_for(config, None).experts_lr) == (7, 0.05)
+    unset = settings_for(apply_config_from_args(parser.parse_args(base)), None)
+    assert (unset.experts_steps, unset.experts_lr) == (repair_experts.DEFAULT_STEPS, repair_experts.DEFAULT_LR)
+    for bad in ({"repair_experts_steps": -1}, {"repair_experts_lr": 0.0}):
+        with pytest.raises(PlanError, match="--repair-experts"):
+            ApplyConfig(repair="lstsq+experts", **bad)
+
+
+def test_a_resume_folder_of_other_experts_settings_is_started_over(tmp_path):
+    from test_repair_sequential import Interrupted, stop_after
+
+    source = saved(tmp_path, "qwen3_moe")
+    plan = stored_half_plan(source)
+    config = ApplyConfig(repair="lstsq+experts")
+    with pytest.raises(Interrupted):
+        stream_repair(source, plan, tmp_path / "out", config, STORED_IDS, settings=RepairSettings(**FAST),
+                      on_layer=stop_after(0), **QUIET)
+    other = {**FAST, "experts_lr": 0.05}
+    lines: list[str] = []
+    done = stream_repair(source, plan, tmp_path / "out", config, STORED_IDS, settings=RepairSettings(**other),
+                         device="cpu", say=lines.append)
+    assert done.resumed_at == 0 and any("another run" in line for line in lines)
+    expected, _ = in_memory(source, plan, config, **other)
+    assert_same_model(load_pruned(done.path), expected)

@@ -119,6 +119,12 @@ class ApplyConfig:
     repair_router_lr: float | None = field(default=None, metadata=flag(
         "the router re-fit's step size: the largest logit change of a step, relative to the logits' "
         "spread (unset: 0.1)", type=float))
+    # the experts re-fit (--repair lstsq+experts); None: grape.pruning.repair_experts's defaults
+    repair_experts_steps: int | None = field(default=None, metadata=flag(
+        "Adam steps per pruned layer of the experts re-fit, at most (unset: 200; never more than "
+        "6.25 passes over the repair's tokens)", type=int))
+    repair_experts_lr: float | None = field(default=None, metadata=flag(
+        "the experts re-fit's step size, relative to each tensor's RMS value (unset: 0.015)", type=float))
 
     def __post_init__(self) -> None:
         from grape.models.shards import parse_size
@@ -137,6 +143,10 @@ class ApplyConfig:
                 self.repair_router_lr is not None and not 0 < self.repair_router_lr < float("inf")):
             raise PlanError(f"--repair-router-steps ({self.repair_router_steps}) must be at least 0 and "
                             f"--repair-router-lr ({self.repair_router_lr}) a finite number > 0")
+        if (self.repair_experts_steps is not None and self.repair_experts_steps < 0) or (
+                self.repair_experts_lr is not None and not 0 < self.repair_experts_lr < float("inf")):
+            raise PlanError(f"--repair-experts-steps ({self.repair_experts_steps}) must be at least 0 and "
+                            f"--repair-experts-lr ({self.repair_experts_lr}) a finite number > 0")
         if self.repair_samples < 1 or self.repair_seq_len < 2:
             raise PlanError(f"--repair-samples ({self.repair_samples}) must be at least 1 and "
                             f"--repair-seq-len ({self.repair_seq_len}) at least 2")

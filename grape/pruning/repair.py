@@ -168,11 +168,12 @@ def layerwise_refusal(model_type) -> str | None:
 
 
 def settings_for(config: ApplyConfig, settings: RepairSettings | None) -> RepairSettings:
-    """The fits' settings: `settings` when given, else the defaults with the config's router flags
-    (--repair-router-steps / --repair-router-lr) where set."""
+    """The fits' settings: `settings` when given, else the defaults with the config's router and
+    experts flags (--repair-router-steps / -lr, --repair-experts-steps / -lr) where set."""
     if settings is not None:
         return settings
-    given = {"router_steps": config.repair_router_steps, "router_lr": config.repair_router_lr}
+    given = {"router_steps": config.repair_router_steps, "router_lr": config.repair_router_lr,
+             "experts_steps": config.repair_experts_steps, "experts_lr": config.repair_experts_lr}
     return RepairSettings(**{k: v for k, v in given.items() if v is not None})
 
 

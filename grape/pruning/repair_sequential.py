@@ -470,6 +470,11 @@ def _open_store(job: _Job, folder: Path, dtype: torch.dtype, device: torch.devic
                 "weights": weight_files_key(job.model_dir)}
     if "router" in STAGES.get(method, ()):  # only then (earlier runs' keys stay the same)
         settings["router"] = {"steps": job.settings.router_steps, "lr": job.settings.router_lr}
+    if "experts" in STAGES.get(method, ()):
+        from grape.pruning.repair_experts import MAX_EPOCHS
+
+        settings["experts"] = {"steps": job.settings.experts_steps, "lr": job.settings.experts_lr,
+                               "batch": job.settings.experts_batch, "max_epochs": MAX_EPOCHS}
     key = run_key(settings, [job.ids, job.mask])
     return CalibrationCheckpoint.open(folder, key, _world(), say=say, who=WHO)
 
