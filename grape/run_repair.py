@@ -83,8 +83,29 @@ def apply_checked(config, model, plan, repair: RunRepair, reload):
     the held-out NLL is undone only under --repair auto. Returns (model to go on with, check)."""
     from grape.pruning.repair_check import checked_apply
 
+    known = measured_on_confirmation(config.out, repair.confirm, plan) if repair.confirm is not None else None
     return checked_apply(model, plan, repair.method, repair.ids, repair.confirm, reload,
-                         undo=config.apply.repair == "auto", say=_indent)
+                         undo=config.apply.repair == "auto", say=_indent, unrepaired=known)
 
 
-__all__ = ["RunRepair", "apply_checked", "repair_for_run", "repair_method"]
+def measured_on_confirmation(out, confirm, plan):
+    """`plan`'s per-window NLL on the confirmation windows if the search measured it there (its
+    finalists, recorded in OUT/search.cache.confirm.json for these very tokens), else None."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    from grape.searching.meter import plan_key, tokens_key
+    from grape.searching.stage import CACHE_FILE
+
+    path = (Path(out) / CACHE_FILE).with_suffix(".confirm.json")
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    values = stored.get("measured", {}).get(plan_key(plan)) if stored.get("tokens") == tokens_key(confirm.ids) else None
+    return np.asarray(values, dtype=np.float64) if values is not None and len(values) == confirm.ids.shape[0] else None
+
+
+__all__ = ["RunRepair", "apply_checked", "measured_on_confirmation", "repair_for_run", "repair_method"]

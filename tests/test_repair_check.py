@@ -152,3 +152,23 @@ def test_grape_run_checks_each_repair_on_the_confirmation_documents(ws, tmp_path
     # rows (its start), less than the whole text (the held-out documents are not in it)
     fitted = [int(n) for n in re.findall(r"repair lstsq\+experts: 3 layer\(s\) on (\d+) tokens", printed)]
     assert len(fitted) == 3 and len(set(fitted)) == 1 and 4 * 32 < fitted[0] < 128 * 8
+
+
+def test_the_search_finalists_unrepaired_nll_is_read_not_measured_again(ws, tmp_path, capsys, monkeypatch):
+    from grape.searching.meter import plan_key
+    from solvers.plan import Plan
+
+    measured = []  # the plans whose unrepaired NLL the check measured itself
+    real = repair_check.held_out_nll
+    monkeypatch.setattr(repair_check, "held_out_nll", lambda model, ids, plan=None, **k:
+                        measured.append(plan) or real(model, ids, plan, **k))
+    out = tmp_path / "run"
+    argv = ["run", "--model", str(ws.model), "--data", str(ws.calibration), "--eval-data", *map(str, ws.heldout),
+            "--out", str(out), "--budget", "0.5", "--no-compare", "--no-save", *RUN_FLAGS, "--repair-seq-len", "8",
+            "--baselines", "none"]
+    assert grape_main(argv) == 0
+    chosen = Plan.load(out / "plan.json")
+    cached = json.loads((out / "search.cache.confirm.json").read_text())["measured"][plan_key(chosen)]
+    check = json.loads((out / "summary.json").read_text())["repair_check"]["search"]
+    assert check["unrepaired"] == pytest.approx(float(np.mean(cached)))  # the search's own measurement
+    assert [p for p in measured if p is not None] == []  # so no pass over the windows for it

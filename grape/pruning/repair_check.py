@@ -97,12 +97,14 @@ def release_weights(model) -> None:
 
 
 def checked_apply(model, plan, method: ApplyConfig, repair_ids, confirm, reload: Callable[[], object],
-                  undo: bool, say=print):
+                  undo: bool, say=print, unrepaired: np.ndarray | None = None):
     """`plan` applied to the loaded, unpruned `model` with `method`'s repair, then checked on the
     held-out windows `confirm` (grape.data.split.Windows). Returns (the model to go on with, the
     RepairCheck): the same model, repaired; or, when the check undid the repair, a fresh one from
     `reload()` pruned without it (the repaired model's weights are released first: go on with
-    the returned model, not `model`). Without a repair or windows: the plain apply, check None."""
+    the returned model, not `model`). Without a repair or windows: the plain apply, check None.
+    `unrepaired`: the plan's per-window NLL on `confirm` when already measured (the search's
+    confirmation of its finalists), else measured here."""
     from dataclasses import replace
 
     from grape.pruning.stage import apply_in_place
@@ -110,7 +112,7 @@ def checked_apply(model, plan, method: ApplyConfig, repair_ids, confirm, reload:
     if method.repair == "none" or repair_ids is None or confirm is None:
         apply_in_place(model, plan, method, repair_ids, say=say)
         return model, None
-    before = held_out_nll(model, confirm.ids, plan)
+    before = unrepaired if unrepaired is not None else held_out_nll(model, confirm.ids, plan)
     apply_in_place(model, plan, method, repair_ids, say=say)
     check = judge(before, held_out_nll(model, confirm.ids), confirm.groups, undo)
     check = replace(check, tokens=int(confirm.ids.numel()))
