@@ -259,8 +259,9 @@ def run_model(name: str, args, save=lambda result: None) -> dict:
             if text != "none" and "none" in evals:
                 rows[text]["vs_none"] = paired(evals[text], evals["none"])
             if unrepaired is not None:  # grape run's check: keep the repair only if it lowers this
-                check = judge(unrepaired, held_out_nll(model, confirm.ids), confirm.groups, undo=True)
-                rows[text]["check"] = {**check.to_json(), "tokens": int(confirm.ids.numel())}
+                check = judge(unrepaired, held_out_nll(model, confirm.ids), confirm.groups, undo=True,
+                              tokens=int(confirm.ids.numel()))
+                rows[text]["check"] = check.to_json()
                 log(f"  check on the confirmation windows: {check.difference:+.4f} ± {check.se:.4f}: "
                     f"{'kept' if check.kept else 'undone'}")
             inc = rows[text]["nll_increase"]["mean"]

@@ -15,10 +15,7 @@ from dataclasses import replace
 from typing import Any, NamedTuple
 
 from grape.pruning.apply import AUTO_REPAIR_LAYERWISE, ApplyConfig
-
-
-def _indent(line: str) -> None:
-    print("    " + line, flush=True)
+from grape.run_outputs import say as _indent
 
 
 class RunRepair(NamedTuple):
@@ -70,10 +67,9 @@ def repair_for_run(config, method: ApplyConfig, tokenizer, calibrated) -> RunRep
                           say=_indent)
         if ids is not None:
             return RunRepair(replace(method, repair_samples=int(ids.shape[0])), ids, confirm)
-    if config.apply.repair == "auto":  # as many rows as the text fills
-        method, why = auto_repair_rows(config.model, method, tokenizer, say=_indent)
-        if why:
-            return RunRepair(method, None, None, why)
+    if config.apply.repair == "auto":  # as many rows as the text fills, read once
+        method, ids, why = auto_repair_rows(config.model, method, tokenizer, say=_indent)
+        return RunRepair(method, ids, None, why)
     ids = repair_tokens(config.model, method, tokenizer, say=_indent) if method.repair != "none" else None
     return RunRepair(method, ids, None)
 
@@ -91,20 +87,14 @@ def apply_checked(config, model, plan, repair: RunRepair, reload):
 def measured_on_confirmation(out, confirm, plan):
     """`plan`'s per-window NLL on the confirmation windows if the search measured it there (its
     finalists, recorded in OUT/search.cache.confirm.json for these very tokens), else None."""
-    import json
     from pathlib import Path
 
     import numpy as np
 
-    from grape.searching.meter import plan_key, tokens_key
+    from grape.searching.meter import cached_measurements, confirmation_cache, plan_key
     from grape.searching.stage import CACHE_FILE
 
-    path = (Path(out) / CACHE_FILE).with_suffix(".confirm.json")
-    try:
-        stored = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    values = stored.get("measured", {}).get(plan_key(plan)) if stored.get("tokens") == tokens_key(confirm.ids) else None
+    values = cached_measurements(confirmation_cache(Path(out) / CACHE_FILE), confirm.ids).get(plan_key(plan))
     return np.asarray(values, dtype=np.float64) if values is not None and len(values) == confirm.ids.shape[0] else None
 
 

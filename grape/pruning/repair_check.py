@@ -69,16 +69,17 @@ def held_out_nll(model, ids, plan=None, batch_size: int = BATCH_SIZE) -> np.ndar
         model.train(was_training)
 
 
-def judge(unrepaired: np.ndarray, repaired: np.ndarray, groups, undo: bool) -> RepairCheck:
-    """The check's verdict from the two per-window NLL arrays (same windows, same order): the
-    repair stays if it lowers the mean NLL, or if `undo` is False (named explicitly)."""
+def judge(unrepaired: np.ndarray, repaired: np.ndarray, groups, undo: bool, tokens: int = 0) -> RepairCheck:
+    """The check's verdict from the two per-window NLL arrays (same windows, same order, `tokens`
+    tokens in all): the repair stays if it lowers the mean NLL, or if `undo` is False (named
+    explicitly)."""
     unrepaired, repaired = np.asarray(unrepaired, np.float64), np.asarray(repaired, np.float64)
     if unrepaired.shape != repaired.shape or not unrepaired.size:
         raise ValueError(f"the repair check needs the same windows twice, got {unrepaired.shape} and "
                          f"{repaired.shape}")
     difference, se = mean_and_se(repaired - unrepaired, groups)
     documents = count_units(groups) if groups is not None else int(unrepaired.size)
-    return RepairCheck(tokens=0, documents=documents, unrepaired=float(unrepaired.mean()),
+    return RepairCheck(tokens=tokens, documents=documents, unrepaired=float(unrepaired.mean()),
                        repaired=float(repaired.mean()), difference=difference, se=se,
                        kept=difference < 0 or not undo)
 
@@ -114,8 +115,7 @@ def checked_apply(model, plan, method: ApplyConfig, repair_ids, confirm, reload:
         return model, None
     before = unrepaired if unrepaired is not None else held_out_nll(model, confirm.ids, plan)
     apply_in_place(model, plan, method, repair_ids, say=say)
-    check = judge(before, held_out_nll(model, confirm.ids), confirm.groups, undo)
-    check = replace(check, tokens=int(confirm.ids.numel()))
+    check = judge(before, held_out_nll(model, confirm.ids), confirm.groups, undo, tokens=int(confirm.ids.numel()))
     say(check.line())
     if not check.kept:
         release_weights(model)  # before the fresh copy is read: never two copies at once

@@ -160,7 +160,7 @@ def apply_checkpoint(model_dir: str | os.PathLike, plan, out: str | os.PathLike,
     if tokenizer is True:
         tokenizer = model_tokenizer(model_dir, say)
     if auto and why is None and repair_ids is None:
-        config, why = auto_repair_rows(model_dir, config, tokenizer, say)
+        config, repair_ids, why = auto_repair_rows(model_dir, config, tokenizer, say)
     if why:
         say(f"grape apply: --repair auto: no repair ({why})")
     provenance = {"source_model": str(model_dir), **(provenance or {})}
@@ -282,9 +282,10 @@ def repair_tokens(model_dir, config: ApplyConfig, tokenizer, say=print, at_least
 def repair_rows(calibration_ids, model_dir, config: ApplyConfig, say=print):
     """The repair's rows cut from a run's calibration tokens (its rows, or the whole packed
     stream of its calibration documents, grape.data.split): `repair_samples` rows of
-    `repair_seq_len` tokens (capped at the model's context), or as many as they fill. None when they fill fewer than AUTO_MIN_ROWS and
-    fewer than asked (the caller reads the text instead). Fitting on these keeps the run's held-out documents unseen by
-    the repair, so they can judge it (grape.pruning.repair_check)."""
+    `repair_seq_len` tokens (capped at the model's context), or as many as they fill. None when
+    they fill fewer than AUTO_MIN_ROWS and fewer than asked (the caller reads the text instead).
+    Fitting on these keeps the run's held-out documents unseen by the repair, so they can judge
+    it (grape.pruning.repair_check)."""
     from grape.models.files import cap_seq_len, read_config
 
     seq_len = cap_seq_len(config.repair_seq_len, read_config(model_dir), "--repair-seq-len", "grape run")
@@ -298,27 +299,29 @@ def repair_rows(calibration_ids, model_dir, config: ApplyConfig, say=print):
     return stream[: rows * seq_len].reshape(rows, seq_len).clone()
 
 
-def auto_repair_rows(model_dir, config: ApplyConfig, tokenizer, say=print) -> tuple[ApplyConfig, str | None]:
+def auto_repair_rows(model_dir, config: ApplyConfig, tokenizer, say=print):
     """For ``--repair auto`` (already resolved): fit on as many of repair_samples rows as the text
     fills, down to AUTO_MIN_ROWS; fewer, or no tokenizer to read it with: no repair. Returns the
-    config (its repair_samples what the text gives) and, when it fell back to none, why."""
+    config (its repair_samples what the text gives), the rows read (None without a repair: the
+    caller fits on these, the text is read once) and, when it fell back to none, why."""
     from grape.errors import ShortTextError
 
     if config.repair == "none":
-        return config, None
+        return config, None, None
     if tokenizer is None or tokenizer is True:
         tokenizer = model_tokenizer(model_dir, say)
     if tokenizer is None:
-        return replace(config, repair="none"), "the model has no tokenizer to read the calibration text with"
+        return replace(config, repair="none"), None, "the model has no tokenizer to read the calibration text with"
     try:
-        rows = int(repair_tokens(model_dir, config, tokenizer, say, at_least=AUTO_MIN_ROWS).shape[0])
+        ids = repair_tokens(model_dir, config, tokenizer, say, at_least=AUTO_MIN_ROWS)
     except ShortTextError:
-        return replace(config, repair="none"), (f"the calibration text fills fewer than {AUTO_MIN_ROWS} "
-                                                f"rows of {config.repair_seq_len} tokens")
+        return replace(config, repair="none"), None, (f"the calibration text fills fewer than {AUTO_MIN_ROWS} "
+                                                      f"rows of {config.repair_seq_len} tokens")
+    rows = int(ids.shape[0])
     if rows < config.repair_samples:
         say(f"repair: fitting on {rows} rows of {config.repair_seq_len} tokens, all the calibration text "
             f"fills ({config.repair_samples} asked)")
-    return replace(config, repair_samples=rows), None
+    return replace(config, repair_samples=rows), ids, None
 
 
 def model_tokenizer(path, say=print):

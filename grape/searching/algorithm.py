@@ -50,7 +50,7 @@ from torch import nn
 
 from grape.errors import DataError
 from grape.searching.config import Candidate, Role, SearchConfig, SearchResult
-from grape.searching.meter import Meter, curve_plans, evaluator_for
+from grape.searching.meter import Meter, confirmation_cache, curve_plans, evaluator_for
 from grape.searching.sensitivity import (
     masked,
     mean_nll,
@@ -218,7 +218,7 @@ def _confirm(model, best: Candidate, candidates: list[Candidate], ids: torch.Ten
     if ids.dim() != 2 or ids.shape[1] < 2:
         raise DataError("confirmation tokens must be a (samples, seq_len >= 2) tensor of input ids")
     finalists = _finalists(best, candidates, config.runners_up)
-    path = Path(cache).with_suffix(".confirm.json") if cache is not None else None
+    path = confirmation_cache(cache) if cache is not None else None
     meter = Meter(evaluator_for(model, ids, config), ids, replace(config, max_passes=len(finalists)), path,
                   groups)
     meter.prefetch([c.plan for c in finalists])

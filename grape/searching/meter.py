@@ -98,6 +98,21 @@ def curve_plans(scores, criterion: str, fractions: Sequence[float], config=None)
     return plans
 
 
+def cached_measurements(cache: Path, ids: torch.Tensor) -> dict[str, list[float]]:
+    """plan key -> per-sequence NLL that the cache file `cache` holds for exactly these tokens
+    ({} when it is missing, unreadable or of other tokens)."""
+    try:
+        stored = json.loads(Path(cache).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return stored.get("measured", {}) if stored.get("tokens") == tokens_key(ids) else {}
+
+
+def confirmation_cache(cache: Path) -> Path:
+    """Where the confirmation passes of a search whose cache is `cache` are recorded."""
+    return Path(cache).with_suffix(".confirm.json")
+
+
 class Meter:
     """Measures plans within the pass budget; with a cache file, reuses earlier measurements of
     the same plan on the same tokens (an interrupted search resumes) and records each new one."""
@@ -113,13 +128,8 @@ class Meter:
         self.ahead: dict[str, np.ndarray] = {}  # measured on a hint, not asked for yet
         self.tokens_key = tokens_key(ids)
         self.bar = tqdm(total=self.limit, desc="search", unit="pass", leave=False, disable=not config.progress)
-        if cache is not None and cache.is_file():
-            try:
-                stored = json.loads(cache.read_text())
-            except (OSError, json.JSONDecodeError):
-                stored = {}
-            if stored.get("tokens") == self.tokens_key:
-                self.known = stored.get("measured", {})
+        if cache is not None:
+            self.known = cached_measurements(cache, ids)
 
     @property
     def left(self) -> int:
@@ -180,5 +190,5 @@ class Meter:
         atomic_write_text(self.cache, json.dumps({"tokens": self.tokens_key, "measured": self.known}))
 
 
-__all__ = ["Evaluator", "Meter", "WholeModelEvaluator", "curve_plans", "evaluator_for", "plan_key",
-           "tokens_key"]
+__all__ = ["Evaluator", "Meter", "WholeModelEvaluator", "cached_measurements", "confirmation_cache", "curve_plans",
+           "evaluator_for", "plan_key", "tokens_key"]
