@@ -240,6 +240,38 @@ def split_text(sources, tokenizer, targets: Targets, *, seq_len: int, samples: i
     return Split(data, held, tuple(notes) + more)
 
 
+def split_check(sources, tokenizer, confirm: int, *, seq_len: int, samples: int, at_least: int,
+                seed: int = 0, text_field: str = "text") -> tuple[Any, Windows | None, tuple[str, ...]]:
+    """Rows to fit on and held-out windows to check the fit with, from one text split by document
+    (a repair's text on `grape apply --repair auto`, grape.pruning.stage): the first documents
+    give up to `confirm` tokens of windows of `seq_len` (at most `share` of a short text, as the
+    search's sets), the rest up to `samples` rows of `seq_len`. Returns ((rows, seq_len) ids,
+    the windows or None when the text leaves no whole window for them, notes); a text that fills
+    fewer than `at_least` rows once the windows are held out: nothing is held out."""
+    import torch
+
+    from grape.data.text import iter_documents
+    from grape.errors import ShortTextError
+
+    targets = Targets(0, confirm, samples * seq_len)
+    docs = _read_until(iter_documents(sources, text_field=text_field, seed=seed), tokenizer, targets, seq_len)
+    _, held, rest = allocate([len(d.ids) for d in docs], targets, seq_len)
+    separator = getattr(tokenizer, "eos_token_id", None)
+    for fit, check in ((rest, held), (sorted(rest + held), [])):  # without the check if need be
+        stream = [t for i in fit for t in docs[i].ids + ([separator] if separator is not None else [])]
+        rows = min(samples, len(stream) // seq_len)
+        windows_ = windows([docs[i] for i in check], seq_len, confirm, separator) if check else None
+        if rows >= at_least and (windows_ is None or windows_.ids.shape[0] > 0):
+            ids = torch.tensor(stream[: rows * seq_len], dtype=torch.long).view(rows, seq_len)
+            notes = () if windows_ is not None else (
+                "the text is too short to hold documents out for the repair check",)
+            if windows_ is not None and windows_.tokens < confirm:
+                notes = (f"repair check on {windows_.tokens:,} held-out tokens ({windows_.num_documents} "
+                         f"documents), less than the {confirm:,} asked: the text is short",)
+            return ids, windows_, notes
+    raise ShortTextError(f"the text fills fewer than {at_least} rows of {seq_len} tokens")
+
+
 def _held_out(search_docs, confirm_docs, targets: Targets, seq_len: int, separator, source: str,
               offset: int = 0) -> tuple[HeldOut, list[str]]:
     if not search_docs:
@@ -294,4 +326,4 @@ def _joined(parts: Sequence[Windows]) -> Windows:
 
 
 __all__ = ["DOCUMENT_SHARE", "HELD_OUT_SHARE", "HeldOut", "MIN_CALIBRATION_ROWS", "Split", "Targets",
-           "Windows", "allocate", "split_files", "split_text", "windows"]
+           "Windows", "allocate", "split_check", "split_files", "split_text", "windows"]

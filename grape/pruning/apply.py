@@ -102,8 +102,9 @@ class ApplyConfig:
         "(Adam) of the kept router rows; lstsq+router: lstsq, then the router re-fit; none: plain "
         "removal; lstsq+experts: lstsq, then a short local re-fit (Adam) of every kept-expert tensor; "
         "auto (grape run's default): lstsq+experts where it can run (method remove, calibration "
-        "text, unquantised experts), else none; in grape run, kept only if it lowers the NLL of "
-        "the held-out confirmation documents",
+        "text, unquantised experts), else none; kept only if it lowers the NLL of held-out "
+        "documents (grape run: its confirmation documents; grape apply in memory: documents held "
+        "out of --repair-data)",
         choices=REPAIR_CHOICES))
     repair_data: tuple[str, ...] = field(default=(), metadata=flag(
         "calibration text the repair fits on (files or directories, as `grape calibrate --data`); "

@@ -46,6 +46,8 @@ def check_plan(plan, model_config: dict, config: ApplyConfig, plan_name: str = "
 
 # --repair auto fits on as many rows as the text fills, down to this many (fewer: no repair)
 AUTO_MIN_ROWS = 16
+# held-out tokens that check an auto repair on `grape apply` (grape run's confirmation target)
+REPAIR_CHECK_TOKENS = 65536
 
 
 def check_repair(model_config: dict, config: ApplyConfig, data_flag: str = "--repair-data") -> None:
@@ -159,8 +161,12 @@ def apply_checkpoint(model_dir: str | os.PathLike, plan, out: str | os.PathLike,
     config, why = resolve_repair(model_config, config)
     if tokenizer is True:
         tokenizer = model_tokenizer(model_dir, say)
+    confirm = None  # held-out windows that check an auto repair in memory
     if auto and why is None and repair_ids is None:
-        config, repair_ids, why = auto_repair_rows(model_dir, config, tokenizer, say)
+        if streams(model_dir, model_config, config, dtype, say=lambda line: None):
+            config, repair_ids, why = auto_repair_rows(model_dir, config, tokenizer, say)
+        else:
+            config, repair_ids, confirm, why = auto_repair_split(model_dir, config, tokenizer, say)
     if why:
         say(f"grape apply: --repair auto: no repair ({why})")
     provenance = {"source_model": str(model_dir), **(provenance or {})}
@@ -173,7 +179,8 @@ def apply_checkpoint(model_dir: str | os.PathLike, plan, out: str | os.PathLike,
             return _streamed_repair(model_dir, plan, out, config, tokenizer, provenance, overwrite,
                                     progress, say, repair_ids)
         return _streamed(model_dir, plan, out, config, tokenizer, provenance, overwrite, progress)
-    return _in_memory(model_dir, plan, out, config, dtype, tokenizer, provenance, overwrite, say, repair_ids)
+    return _in_memory(model_dir, plan, out, config, dtype, tokenizer, provenance, overwrite, say, repair_ids,
+                      confirm)
 
 
 def _streamed(model_dir, plan, out, config: ApplyConfig, tokenizer, provenance, overwrite,
@@ -207,7 +214,7 @@ def _streamed_repair(model_dir, plan, out, config: ApplyConfig, tokenizer, prove
 
 
 def _in_memory(model_dir, plan, out, config: ApplyConfig, dtype: str, tokenizer, provenance,
-               overwrite, say, input_ids=None) -> Applied:
+               overwrite, say, input_ids=None, confirm=None) -> Applied:
     import torch
 
     from grape.pruning.checkpoint import load_pruned, save_pruned
@@ -216,7 +223,11 @@ def _in_memory(model_dir, plan, out, config: ApplyConfig, dtype: str, tokenizer,
     # the repair's text first: too little of it fails before the weights are read
     if config.repair != "none" and input_ids is None:
         input_ids = repair_tokens(model_dir, config, tokenizer, say)
-    model = load_pruned(model_dir, dtype="auto" if dtype == "auto" else getattr(torch, dtype))
+
+    def load():
+        return load_pruned(model_dir, dtype="auto" if dtype == "auto" else getattr(torch, dtype))
+
+    model = load()
     if config.method == "merge" and config.merge_weights is None:
         say("grape apply: no --scores given; merged experts are averaged with equal weights")
     if config.method == "merge" and not plan.merge_map:
@@ -224,19 +235,40 @@ def _in_memory(model_dir, plan, out, config: ApplyConfig, dtype: str, tokenizer,
             "expert with the most similar weights (cosine)")
     note = ""
     if config.repair != "none":
-        from grape.pruning.repair import prune_and_repair
-
-        report = prune_and_repair(model, plan, config, input_ids)
-        provenance = {**provenance, "repair": {**report.to_json(), "data": list(config.repair_data),
-                                               "rows": int(input_ids.shape[0]),
-                                               "seq_len": int(input_ids.shape[1])}}
-        say(f"grape apply: {report.line()}")
-        note = f"; {report.line()}"
+        model, record, note = _repair_in_memory(model, plan, config, input_ids, confirm, load, say)
+        provenance = {**provenance, **record}
     else:
         apply_plan(model, plan, config)
     path = save_pruned(model, out, plan=plan, tokenizer=tokenizer, provenance=provenance,
                        overwrite=overwrite)
     return Applied(Path(path), False, note)
+
+
+def _repair_in_memory(model, plan, config: ApplyConfig, input_ids, confirm, load, say):
+    """`plan` applied to the loaded `model` with config's repair; with held-out windows
+    `confirm` (--repair auto), checked on them and undone - the model read again by `load` and
+    pruned plainly - when it does not lower their NLL (grape.pruning.repair_check). Returns
+    (the model to save, its provenance entries, the summary's note)."""
+    from grape.pruning.apply import apply_plan
+    from grape.pruning.repair import prune_and_repair
+    from grape.pruning.repair_check import held_out_nll, judge, release_weights
+
+    before = held_out_nll(model, confirm.ids, plan) if confirm is not None else None
+    report = prune_and_repair(model, plan, config, input_ids)
+    say(f"grape apply: {report.line()}")
+    record = {**report.to_json(), "data": list(config.repair_data), "rows": int(input_ids.shape[0]),
+              "seq_len": int(input_ids.shape[1])}
+    if confirm is None:
+        return model, {"repair": record}, f"; {report.line()}"
+    check = judge(before, held_out_nll(model, confirm.ids), confirm.groups, undo=True,
+                  tokens=int(confirm.ids.numel()))
+    say(f"grape apply: {check.line()}")
+    if check.kept:
+        return model, {"repair": {**record, "check": check.to_json()}}, f"; {report.line()}, checked"
+    release_weights(model)  # before the fresh copy is read: never two copies at once
+    model = load()
+    apply_plan(model, plan, replace(config, repair="none"))
+    return model, {"repair_check": {**check.to_json(), "method": config.repair}}, "; repair undone by its check"
 
 
 def apply_in_place(model, plan, config: ApplyConfig, repair_ids=None, say=print) -> None:
@@ -324,6 +356,36 @@ def auto_repair_rows(model_dir, config: ApplyConfig, tokenizer, say=print):
     return replace(config, repair_samples=rows), ids, None
 
 
+def auto_repair_split(model_dir, config: ApplyConfig, tokenizer, say=print):
+    """auto_repair_rows for a repair in memory, which can be checked: the text split by document
+    (grape.data.split.split_check) into the rows the fit uses and REPAIR_CHECK_TOKENS of held-out
+    windows that judge it. Returns (config, rows or None, windows or None, why no repair)."""
+    from grape.data.split import split_check
+    from grape.errors import ShortTextError
+    from grape.models.files import cap_seq_len, read_config
+
+    if config.repair == "none":
+        return config, None, None, None
+    if tokenizer is None or tokenizer is True:
+        tokenizer = model_tokenizer(model_dir, say)
+    if tokenizer is None:
+        return replace(config, repair="none"), None, None, "the model has no tokenizer to read the calibration text with"
+    seq_len = cap_seq_len(config.repair_seq_len, read_config(model_dir), "--repair-seq-len", "grape apply")
+    try:
+        ids, confirm, notes = split_check(list(config.repair_data), tokenizer, REPAIR_CHECK_TOKENS, seq_len=seq_len,
+                                          samples=config.repair_samples, at_least=AUTO_MIN_ROWS)
+    except ShortTextError:
+        return replace(config, repair="none"), None, None, (f"the calibration text fills fewer than {AUTO_MIN_ROWS} "
+                                                            f"rows of {seq_len} tokens")
+    for line in notes:
+        say(f"grape apply: {line}")
+    rows = int(ids.shape[0])
+    if rows < config.repair_samples:
+        say(f"repair: fitting on {rows} rows of {seq_len} tokens, all the calibration text fills once "
+            f"documents are held out for its check ({config.repair_samples} asked)")
+    return replace(config, repair_samples=rows), ids, confirm, None
+
+
 def model_tokenizer(path, say=print):
     """The model's tokenizer if it has one; a model directory without one is fine."""
     from transformers import AutoTokenizer
@@ -340,5 +402,5 @@ def model_tokenizer(path, say=print):
         return None
 
 
-__all__ = ["Applied", "apply_checkpoint", "apply_in_place", "check_plan", "check_repair", "repair_tokens",
+__all__ = ["Applied", "REPAIR_CHECK_TOKENS", "apply_checkpoint", "auto_repair_split", "apply_in_place", "check_plan", "check_repair", "repair_tokens",
            "model_tokenizer", "precheck_plan", "repair_placement", "repair_rows", "require_model_block", "streams"]

@@ -1,0 +1,211 @@
+"""Would judging the search's finalists *repaired* change what `grape run` applies (issue 27)?
+
+`grape run` chooses its plan on the confirmation documents among the search's finalist and
+every uniform seed, each measured plainly pruned (masked routing), and then repairs the plan it
+chose. This benchmark takes, per zoo model, budget and calibration seed, the plan `grape run`
+chose (benchmarks/results/default_quality.json) and the uniform plan of every criterion from the
+same run's scores (the pipeline's own calibration stage), repairs each exactly as `--repair auto`
+does (the run's own fitting rows, its check on the confirmation documents), and reports:
+
+* each plan's confirmation NLL plain and repaired (what a repaired judgement would compare),
+* the plan a repaired judgement would choose (the lowest confirmation NLL after the check),
+* its NLL increase on the whole test split against the applied plan's, both as `grape run`
+  keeps them, paired by document.
+
+    python benchmarks/repair_ranking.py [--models M ...] [--budgets 0.5] [--seeds 0 1] [--out DIR]
+    python benchmarks/repair_ranking.py --merge A.json B.json ... [--out DIR]
+
+Writes DIR/repair_ranking.json and DIR/repair_ranking.md (default benchmarks/results/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from default_quality import CRITERIA, calibrated, increase, test_nll, test_windows  # noqa: E402
+from grape.evaluation.stats import domain_mean_se  # noqa: E402
+from grape.outputs import atomic_write_text  # noqa: E402
+from repair_bench import default_plan, run_rows  # noqa: E402
+
+MODELS = ("qwen3moe-32x4", "deepseekv3-32x4g", "mixtral-8x2", "mixtral-8x2-upcycled", "olmoe-32x4")
+RESULTS = ROOT / "benchmarks" / "results"
+MARGIN_SE = 2.0  # SearchConfig.margin_se's default
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def candidate_plans(name: str, budget: float, seed: int, loaded) -> dict:
+    """('default': the plan grape run applied, and 'uniform C' for every criterion the run's
+    scores have, a uniform plan equal to one already listed left out; whether the default plan
+    is a uniform plan itself)."""
+    from dataclasses import replace
+
+    from default_quality import default_config
+    from solvers.spec import plan_for
+
+    config, _ = default_config(name, budget, seed, Path("/nonexistent-out"))
+    plans = {"default": default_plan(name, budget, seed, loaded.model)}
+    uniform_default = False  # the default plan is one of the uniform plans
+    for criterion in CRITERIA:
+        if loaded.scores.has_criterion(criterion):
+            plan = plan_for(loaded.scores, replace(config.solve, solver="uniform", objective="additive",
+                                                   criterion=criterion))
+            if all(plan.kept != p.kept for p in plans.values()):
+                plans[f"uniform {criterion}"] = plan
+            elif plan.kept == plans["default"].kept:
+                uniform_default = True
+    return plans, uniform_default
+
+
+def measure_plan(base, plan, fit_ids, confirm, test: dict) -> dict:
+    """The plan plain and repaired on the confirmation windows, the check's verdict, and the
+    test split's per-window NLL of what grape run keeps (repaired, or plain where undone)."""
+    from grape.pruning.apply import AUTO_REPAIR, ApplyConfig
+    from grape.pruning.repair import prune_and_repair
+    from grape.pruning.repair_check import held_out_nll, judge
+
+    plain = held_out_nll(base, confirm.ids, plan)
+    model = copy.deepcopy(base)
+    start = time.perf_counter()
+    prune_and_repair(model, plan, ApplyConfig(repair=AUTO_REPAIR), fit_ids)
+    seconds = time.perf_counter() - start
+    repaired = held_out_nll(model, confirm.ids)
+    check = judge(plain, repaired, confirm.groups, undo=True, tokens=int(confirm.ids.numel()))
+    kept_test = test_nll(model, None, test) if check.kept else test_nll(base, plan, test)
+    del model
+    kept = repaired if check.kept else plain
+    return {"confirm_plain": float(plain.mean()), "confirm_repaired": float(repaired.mean()),
+            "kept": check.kept, "confirm_kept": float(kept.mean()), "fit_seconds": seconds,
+            "confirm_windows": {"plain": plain.tolist(), "kept": kept.tolist()},
+            "test": {d: v.tolist() for d, v in kept_test.items()}}
+
+
+def seed_rule(rows: dict, which: str, groups, uniform_default: bool) -> str:
+    """The search's final rule (grape.searching.algorithm._choose_seed) on the confirmation
+    windows, plain or as kept: the best uniform plan is the incumbent; the default plan replaces
+    it only when lower by MARGIN_SE paired standard errors (by document)."""
+    from grape.evaluation.stats import mean_and_se
+
+    values = {r: np.asarray(row["confirm_windows"][which]) for r, row in rows.items()}
+    uniform = [r for r in rows if r != "default" or uniform_default]
+    best = min(uniform, key=lambda r: values[r].mean())
+    if best == "default":
+        return best
+    diff, se = mean_and_se(values["default"] - values[best], groups)
+    return "default" if diff < -MARGIN_SE * se and diff < 0 else best
+
+
+def measure_cell(name: str, budget: float, seed: int, loaded, fit_ids, confirm, test: dict, base_test: dict,
+                 base) -> dict:
+    plans, uniform_default = candidate_plans(name, budget, seed, loaded)
+    rows = {}
+    for label, plan in plans.items():
+        rows[label] = measure_plan(base, plan, fit_ids, confirm, test)
+        inc = increase({d: torch.tensor(v).numpy() for d, v in rows[label]["test"].items()}, base_test, test)
+        rows[label]["test_increase"] = list(inc)
+        log(f"  {name} {budget} seed {seed} {label}: confirm {rows[label]['confirm_plain']:.4f} -> "
+            f"{rows[label]['confirm_repaired']:.4f} ({'kept' if rows[label]['kept'] else 'undone'}), "
+            f"test +{inc[0]:.4f} ± {inc[1]:.4f}, fit {rows[label]['fit_seconds']:.0f} s")
+    plain_pick = seed_rule(rows, "plain", confirm.groups, uniform_default)
+    repaired_pick = seed_rule(rows, "kept", confirm.groups, uniform_default)
+    nll = {label: {d: torch.tensor(v).numpy() for d, v in row["test"].items()} for label, row in rows.items()}
+    diff = domain_mean_se({d: (nll[repaired_pick][d] - nll["default"][d], test[d].groups) for d in test})
+    for row in rows.values():
+        del row["test"]
+    return {"model": name, "budget": budget, "seed": seed, "rows": rows, "uniform_default": uniform_default,
+            "confirm_groups": np.asarray(confirm.groups).tolist(), "plain_pick": plain_pick,
+            "repaired_pick": repaired_pick, "repaired_pick_minus_default": list(diff)}
+
+
+def run(args) -> list[dict]:
+    import grape
+
+    cells = []
+    for name in args.models:
+        for seed in args.seeds:
+            with tempfile.TemporaryDirectory() as work:
+                loaded = calibrated(name, seed, Path(work))
+            base = grape.load(ROOT / "benchmarks" / "zoo" / "models" / name, dtype=torch.float32).eval()
+            test = test_windows(loaded.tokenizer)
+            base_test = test_nll(base, None, test)
+            fit_ids, confirm = run_rows(name, seed)
+            for budget in args.budgets:
+                cells.append(measure_cell(name, budget, seed, loaded, fit_ids, confirm, test, base_test, base))
+                save(cells, args.out / f"repair_ranking.{'-'.join(map(str, args.seeds))}.json")
+    return cells
+
+
+def save(cells: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps({"cells": cells}, indent=1) + "\n")
+
+
+def render(cells: list[dict]) -> str:
+    lines = ["# Judging the finalists repaired: would `grape run` choose another plan?", "",
+             "`python benchmarks/repair_ranking.py` (see its docstring). Per cell: the plan `grape run` applied "
+             "(*default*) and the uniform plan of every criterion, each repaired as `--repair auto` does and "
+             "checked on the run's confirmation documents (what `grape run` keeps: repaired, or plain where the "
+             "check undid it). *Pick*: the search's final rule (the best uniform plan unless the default is "
+             f"lower by {MARGIN_SE:g} paired SEs) on the confirmation NLL, plain (as `grape run` judges; it "
+             "should give the default) and as kept after repair (a repaired judgement). *Test*: NLL increase on "
+             "the whole test split of what `grape run` keeps, mean over domains, SE by document; last column: "
+             "the repaired pick's minus the default's, paired by document (negative: judging repaired would "
+             "have done better).", "",
+             "| model | budget | seed | default: confirm plain -> kept | best uniform kept: confirm | "
+             "pick plain | pick repaired | default test | repaired pick test | pick - default |",
+             "|---|---:|---:|---|---|---|---|---:|---:|---:|"]
+    for c in sorted(cells, key=lambda c: (c["model"], c["budget"], c["seed"])):
+        rows, pick = c["rows"], c["repaired_pick"]
+        d = rows["default"]
+        uniform = [r for r in rows if r != "default"]
+        best = min(uniform, key=lambda r: rows[r]["confirm_kept"]) if uniform else None
+        diff, se = c["repaired_pick_minus_default"]
+        lines.append(
+            f"| {c['model']} | {c['budget']:.1%} | {c['seed']} | {d['confirm_plain']:.4f} -> {d['confirm_kept']:.4f} | "
+            + (f"{best}: {rows[best]['confirm_kept']:.4f}" if best else "-")
+            + f" | {c['plain_pick']} | {pick} | +{d['test_increase'][0]:.4f} ± {d['test_increase'][1]:.4f} | "
+            f"+{rows[pick]['test_increase'][0]:.4f} | {diff:+.4f} ± {se:.4f} |")
+    changed = [c for c in cells if c["repaired_pick"] != "default"]
+    better = [c for c in changed if c["repaired_pick_minus_default"][0] + c["repaired_pick_minus_default"][1] < 0]
+    worse = [c for c in changed if c["repaired_pick_minus_default"][0] - c["repaired_pick_minus_default"][1] > 0]
+    lines += ["", f"A repaired judgement picks another plan in {len(changed)} of {len(cells)} cells: lower on the "
+              f"test split beyond one SE in {len(better)}, higher beyond one SE in {len(worse)}.", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--budgets", nargs="+", type=float, default=[0.5])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--merge", nargs="+", type=Path, help="only combine these partial json files")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    if args.merge:
+        cells = [c for f in args.merge for c in json.loads(f.read_text())["cells"]]
+    else:
+        torch.manual_seed(0)
+        cells = run(args)
+    save(cells, args.out / "repair_ranking.json")
+    atomic_write_text(args.out / "repair_ranking.md", render(cells))
+    log(f"wrote {args.out / 'repair_ranking.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
