@@ -151,7 +151,9 @@ def apply_checkpoint(model_dir: str | os.PathLike, plan, out: str | os.PathLike,
     """Apply `plan` (a Plan, already checked with :func:`check_plan`) to the checkpoint in
     `model_dir` and write the result to `out`. `tokenizer`: True copies the model's own (if it
     has one), None writes none, or a tokenizer object. `repair_ids`: the repair's rows when the
-    caller has them (grape run: cut from its calibration rows); None: read from repair_data."""
+    caller has them (grape run: cut from its calibration rows, and checks them itself); None:
+    read from repair_data, which under ``repair='auto'`` in memory also gives the held-out
+    documents that check the repair (:func:`auto_repair_split`)."""
     from grape.models.files import check_model_dir
     from grape.pruning.repair import resolve_repair
 
