@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 from grape.calibration.calibrate import CalibrationConfig
 from grape.evaluation.perplexity import EvalConfig
 from grape.pruning.apply import ApplyConfig
-from grape.run_repair import RunRepair, apply_checked, repair_for_run, repair_method
+from grape.run_repair import RunRepair, apply_checked, judged_repaired, repair_for_run, repair_method
 from grape.searching.config import SearchConfig
 from solvers.errors import UserError
 from solvers.spec import SolveConfig, check_budget
@@ -69,6 +69,9 @@ class RunConfig:
     # calibrate again on each half of the calibration rows and report how much of the chosen
     # plan survives (grape.searching.stability; one more calibration's cost)
     stability: bool = False
+    # with a checked repair: the search's final choice made again on the repaired chosen plan and
+    # this many best uniform finalists, each repaired (grape.run_repair.judge_repaired; 0: off)
+    repair_rivals: int = 2
 
     def __post_init__(self) -> None:
         from grape.report.compare import solver_names
@@ -82,6 +85,8 @@ class RunConfig:
         for name in (self.solve.solver, *self.baselines):
             if name not in known:
                 raise UserError(f"unknown solver {name!r}; choose from {', '.join(known)}")
+        if self.repair_rivals < 0:
+            raise UserError(f"--repair-rivals {self.repair_rivals} must be >= 0 (0: judge the plans unrepaired)")
         if self.data is None and self.scores is None:
             raise UserError("RunConfig needs calibration data (data=...) or a scores file (scores=...)")
         self.calibration.validate()
@@ -169,6 +174,9 @@ def run(config: RunConfig) -> RunResult:
         repair = repair_for_run(config, method, tokenizer, calibrated)
     if why or repair.method.repair != method.repair:
         print(f"    repair: none ({why or repair.why})", flush=True)
+    if found is not None and model is not None and config.repair_rivals and repair.confirm is not None:
+        model = judged_repaired(config, found, repair, model, plans, scores, lambda: _load_model(config))
+        calibrated = calibrated._replace(model=model)
     base_eval, evals, checks = None, {}, {}
     if model is not None:
         calibrated = calibrated._replace(model=None)  # the apply may swap the model (repair check)

@@ -98,4 +98,82 @@ def measured_on_confirmation(out, confirm, plan):
     return np.asarray(values, dtype=np.float64) if values is not None and len(values) == confirm.ids.shape[0] else None
 
 
-__all__ = ["RunRepair", "apply_checked", "measured_on_confirmation", "repair_for_run", "repair_method"]
+def judge_repaired(found, repair: RunRepair, rivals: int, margin_se: float, load, out, say=_indent):
+    """The search's final choice made again on the repaired plans (issue 27): the chosen plan and
+    the `rivals` best other uniform finalists on the confirmation documents (plain NLL) are each
+    repaired (a fresh model from `load()` per plan, released after: one copy at a time) and
+    measured there again, each as the run keeps it (repaired, or plain where the repair does not
+    lower its NLL). The search's rule decides: the best uniform plan is the incumbent, a
+    non-uniform choice stays only if it is lower by `margin_se` paired standard errors (by
+    document). Returns (the candidate to apply, the record for search.json), or None when
+    there is no rival to compare with."""
+    from grape.evaluation.stats import mean_and_se
+    from grape.pruning.repair import prune_and_repair
+    from grape.pruning.repair_check import held_out_nll, release_weights
+    from grape.searching.config import Role
+
+    plain_nll = {r["name"]: r["nll"] for r in found.confirmed}
+    chosen = found.best
+    pool = sorted((c for c in found.candidates if c.role is Role.UNIFORM and c.name in plain_nll
+                   and c is not chosen), key=lambda c: plain_nll[c.name])[:rivals]
+    if not pool or repair.confirm is None or repair.ids is None:
+        return None
+    kept, rows = {}, []
+    for candidate in (chosen, *pool):
+        model = load()
+        plain = measured_on_confirmation(out, repair.confirm, candidate.plan)
+        if plain is None:
+            plain = held_out_nll(model, repair.confirm.ids, candidate.plan)
+        prune_and_repair(model, candidate.plan, repair.method, repair.ids)
+        repaired = held_out_nll(model, repair.confirm.ids)
+        release_weights(model)
+        del model
+        kept[candidate.name] = repaired if repaired.mean() < plain.mean() else plain
+        rows.append({"name": candidate.name, "role": candidate.role.value, "plain": float(plain.mean()),
+                     "repaired": float(repaired.mean()), "kept": float(kept[candidate.name].mean())})
+        say(f"repaired judgement: {candidate.name}: confirmation NLL {rows[-1]['plain']:.4f} plain, "
+            f"{rows[-1]['repaired']:.4f} repaired")
+    uniform = pool + ([chosen] if chosen.role is Role.UNIFORM else [])
+    pick = min(uniform, key=lambda c: kept[c.name].mean())
+    difference = se = None
+    if chosen.role is not Role.UNIFORM:
+        difference, se = mean_and_se(kept[chosen.name] - kept[pick.name], repair.confirm.groups)
+        if difference < 0 and difference < -margin_se * se:
+            pick = chosen
+    record = {"plans": rows, "chosen": pick.name, "changed": pick is not chosen, "margin_se": margin_se,
+              "difference_vs_best_uniform": difference, "se": se}
+    say(f"repaired judgement: {pick.name}" + (f" replaces {chosen.name}" if pick is not chosen else " stays")
+        + (f" (repaired, the choice minus the best uniform plan: {difference:+.4f} +- {se:.4f})"
+           if difference is not None else ""))
+    return pick, record
+
+
+def judged_repaired(config, found, repair: RunRepair, model, plans: dict, scores, load_model):
+    """:func:`judge_repaired` in the run: each plan it repairs is read afresh by `load_model`, the
+    run's own copy `model` released before the first (never two in memory); a changed choice
+    becomes plans["search"], plan.json and search.json. Returns the model to go on with (read
+    again if it was released)."""
+    from grape.pruning.repair_check import release_weights
+    from grape.searching.stage import stamp_choice, write_outputs
+
+    released = []
+
+    def load():
+        if not released:  # the run's copy goes before the first fresh one is read
+            release_weights(model)
+            released.append(True)
+        return load_model()
+
+    judged = judge_repaired(found, repair, config.repair_rivals, config.search.margin_se, load, config.out)
+    if judged is not None:
+        pick, found.repaired = judged
+        if pick is not found.best:
+            found.best = pick
+            stamp_choice(found)
+            plans["search"] = pick.plan
+        write_outputs(found, scores, config.out)
+    return load_model() if released else model
+
+
+__all__ = ["RunRepair", "apply_checked", "judge_repaired", "judged_repaired", "measured_on_confirmation", "repair_for_run",
+           "repair_method"]

@@ -177,6 +177,8 @@ class SearchResult:
     versus_uniform: dict | None = None
     held_out: dict | None = None  # which documents the search and confirmation used
     stability: dict | None = None  # grape.searching.stability's record, when measured
+    # the final choice made again on repaired plans (grape.run_repair.judge_repaired), when made
+    repaired: dict | None = None
     # decoder layers actually computed over the search tokens, in full passes (prefix reuse makes
     # it fewer than `passes`; measurements read from the cache compute nothing)
     computed_passes: float = 0.0
@@ -204,7 +206,7 @@ class SearchResult:
                 "confirm_tokens": self.confirm_tokens, "tokens_measured": self.tokens_measured,
                 "computed_passes": round(self.computed_passes, 2), "mode": self.mode,
                 "versus_best_uniform": self.versus_uniform, "held_out": self.held_out,
-                "stability": self.stability,
+                "stability": self.stability, "repaired_judgement": self.repaired,
                 "nll_curves": self.nll_curves.to_json() if self.nll_curves else None,
                 "candidates": [{"name": c.name, "role": c.role.value, "nll": c.nll,
                                 "kept_per_layer": {str(k): v for k, v in c.plan.kept_counts().items()}}

@@ -197,13 +197,13 @@ def run_search(model, scores, solve: SolveConfig, held_out, config: SearchConfig
                    groups=held_out.search.groups, confirm_groups=confirm.groups if confirm is not None else None)
     found.notes[:0] = list(held_out.notes)
     found.held_out = held_out.record()
-    _stamp(found)
+    stamp_choice(found)
     if out is not None:
         write_outputs(found, scores, Path(out))
     return found
 
 
-def _stamp(found: SearchResult) -> None:
+def stamp_choice(found: SearchResult) -> None:
     """Record in the chosen plan how the search chose it (plan.json carries it)."""
     best = found.best.plan
     best.provenance = {**best.provenance, "search": {
@@ -242,6 +242,6 @@ def describe(found: SearchResult) -> str:
     return line + "".join(f"\n    note: {n}" for n in found.notes if n.startswith(("held out", "confirmation on", "calibration:")))
 
 
-__all__ = ["CACHE_FILE", "RESULT_FILE", "SearchMode", "describe", "held_out_from_files",
+__all__ = ["CACHE_FILE", "RESULT_FILE", "SearchMode", "describe", "held_out_from_files", "stamp_choice",
            "held_out_from_ids", "open_model", "open_sequential", "run_search", "search_mode",
            "search_tokens", "sequence_length", "targets", "write_outputs"]

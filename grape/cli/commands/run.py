@@ -92,6 +92,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # repair auto: lstsq+experts where it can run, checked on held-out documents (docs/repair.md)
     add_config_arguments(ap, ApplyConfig, rename=APPLY_RENAMED, defaults={"repair": "auto"})
     ap.add_argument("--no-save", action="store_true", help="do not write the pruned checkpoint")
+    ap.add_argument("--repair-rivals", type=int, default=2, metavar="N",
+                    help="with a checked repair, make the search's final choice again on repaired plans: "
+                         "the chosen plan and the N best other uniform finalists on the confirmation "
+                         "documents are repaired and measured there (N + 1 more repairs); 0: judge the "
+                         "plans unrepaired (docs/repair.md)")
 
     ev = parser.add_argument_group("evaluation (as `grape eval`; unset sizes: small on the test-bed "
                                    "model, larger otherwise)")
@@ -212,6 +217,7 @@ def run_config(args: argparse.Namespace):
         compare_time_limit=args.compare_time_limit, device=args.device, dtype=args.dtype,
         search=None if args.no_search else search_config_from_args(args),
         search_data=args.search_data, overwrite=args.overwrite, stability=args.stability,
+        repair_rivals=args.repair_rivals,
     )
 
 
