@@ -43,6 +43,7 @@ from repair_bench import default_plan, run_rows  # noqa: E402
 MODELS = ("qwen3moe-32x4", "deepseekv3-32x4g", "mixtral-8x2", "mixtral-8x2-upcycled", "olmoe-32x4")
 RESULTS = ROOT / "benchmarks" / "results"
 MARGIN_SE = 2.0  # SearchConfig.margin_se's default
+RIVALS = 2  # RunConfig.repair_rivals's default
 
 
 def log(msg: str) -> None:
@@ -95,14 +96,17 @@ def measure_plan(base, plan, fit_ids, confirm, test: dict) -> dict:
             "test": {d: v.tolist() for d, v in kept_test.items()}}
 
 
-def seed_rule(rows: dict, which: str, groups, uniform_default: bool) -> str:
+def seed_rule(rows: dict, which: str, groups, uniform_default: bool, rivals: int | None = None) -> str:
     """The search's final rule (grape.searching.algorithm._choose_seed) on the confirmation
     windows, plain or as kept: the best uniform plan is the incumbent; the default plan replaces
-    it only when lower by MARGIN_SE paired standard errors (by document)."""
+    it only when lower by MARGIN_SE paired standard errors (by document). `rivals`: only the
+    default and that many other uniform plans, the best on plain confirmation NLL first, take
+    part (grape run's --repair-rivals); None: every one."""
     from grape.evaluation.stats import mean_and_se
 
     values = {r: np.asarray(row["confirm_windows"][which]) for r, row in rows.items()}
-    uniform = [r for r in rows if r != "default" or uniform_default]
+    others = sorted((r for r in rows if r != "default"), key=lambda r: rows[r]["confirm_plain"])
+    uniform = others[:rivals] + (["default"] if uniform_default else [])
     best = min(uniform, key=lambda r: values[r].mean())
     if best == "default":
         return best
@@ -121,15 +125,36 @@ def measure_cell(name: str, budget: float, seed: int, loaded, fit_ids, confirm, 
         log(f"  {name} {budget} seed {seed} {label}: confirm {rows[label]['confirm_plain']:.4f} -> "
             f"{rows[label]['confirm_repaired']:.4f} ({'kept' if rows[label]['kept'] else 'undone'}), "
             f"test +{inc[0]:.4f} ± {inc[1]:.4f}, fit {rows[label]['fit_seconds']:.0f} s")
-    plain_pick = seed_rule(rows, "plain", confirm.groups, uniform_default)
-    repaired_pick = seed_rule(rows, "kept", confirm.groups, uniform_default)
     nll = {label: {d: torch.tensor(v).numpy() for d, v in row["test"].items()} for label, row in rows.items()}
-    diff = domain_mean_se({d: (nll[repaired_pick][d] - nll["default"][d], test[d].groups) for d in test})
-    for row in rows.values():
+    for label, row in rows.items():  # each plan's test NLL minus the default's, paired by document
+        row["test_minus_default"] = list(domain_mean_se({d: (nll[label][d] - nll["default"][d], test[d].groups)
+                                                         for d in test}))
         del row["test"]
-    return {"model": name, "budget": budget, "seed": seed, "rows": rows, "uniform_default": uniform_default,
-            "confirm_groups": np.asarray(confirm.groups).tolist(), "plain_pick": plain_pick,
-            "repaired_pick": repaired_pick, "repaired_pick_minus_default": list(diff)}
+    cell = {"model": name, "budget": budget, "seed": seed, "rows": rows, "uniform_default": uniform_default,
+            "confirm_groups": np.asarray(confirm.groups).tolist()}
+    return {**cell, **picks(cell)}
+
+
+def picks(cell: dict) -> dict:
+    """The plain pick (should be the default), and the repaired picks with every uniform plan
+    and with grape run's RIVALS, each with its test NLL minus the default's."""
+    rows, groups, uniform_default = cell["rows"], np.asarray(cell["confirm_groups"]), cell["uniform_default"]
+    out = {"plain_pick": seed_rule(rows, "plain", groups, uniform_default)}
+    for key, rivals in (("repaired_pick", None), ("rivals_pick", RIVALS)):
+        pick = seed_rule(rows, "kept", groups, uniform_default, rivals)
+        out[key] = pick
+        out[f"{key}_minus_default"] = _minus_default(cell, pick)
+    return out
+
+
+def _minus_default(cell: dict, pick: str) -> list[float] | None:
+    """`pick`'s test NLL minus the default's (paired, SE by document); files written before each
+    plan's difference was kept have only the repaired pick's (None for another plan)."""
+    if pick == "default":
+        return [0.0, 0.0]
+    if "test_minus_default" in cell["rows"][pick]:
+        return cell["rows"][pick]["test_minus_default"]
+    return cell.get("repaired_pick_minus_default") if pick == cell.get("repaired_pick") else None
 
 
 def run(args) -> list[dict]:
@@ -155,37 +180,48 @@ def save(cells: list[dict], path: Path) -> None:
     atomic_write_text(path, json.dumps({"cells": cells}, indent=1) + "\n")
 
 
+def _diff(value) -> str:
+    return f"{value[0]:+.4f} ± {value[1]:.4f}" if value is not None else "n/a"
+
+
 def render(cells: list[dict]) -> str:
     lines = ["# Judging the finalists repaired: would `grape run` choose another plan?", "",
-             "`python benchmarks/repair_ranking.py` (see its docstring). Per cell: the plan `grape run` applied "
-             "(*default*) and the uniform plan of every criterion, each repaired as `--repair auto` does and "
-             "checked on the run's confirmation documents (what `grape run` keeps: repaired, or plain where the "
-             "check undid it). *Pick*: the search's final rule (the best uniform plan unless the default is "
-             f"lower by {MARGIN_SE:g} paired SEs) on the confirmation NLL, plain (as `grape run` judges; it "
-             "should give the default) and as kept after repair (a repaired judgement). *Test*: NLL increase on "
-             "the whole test split of what `grape run` keeps, mean over domains, SE by document; last column: "
-             "the repaired pick's minus the default's, paired by document (negative: judging repaired would "
-             "have done better).", "",
-             "| model | budget | seed | default: confirm plain -> kept | best uniform kept: confirm | "
-             "pick plain | pick repaired | default test | repaired pick test | pick - default |",
-             "|---|---:|---:|---|---|---|---|---:|---:|---:|"]
+             "`python benchmarks/repair_ranking.py` (see its docstring). Per cell: the plan `grape run` chose on "
+             "plain NLL (*default*, benchmarks/results/default_quality.json) and the uniform plan of every "
+             "criterion, each repaired as `--repair auto` does and checked on the run's confirmation documents "
+             "(what `grape run` keeps: repaired, or plain where the check undid it). *Pick*: the search's final "
+             f"rule (the best uniform plan unless the default is lower by {MARGIN_SE:g} paired SEs) on the "
+             "confirmation NLL: plain (as the search judges; it gives the default), as kept after repair among "
+             f"every uniform plan, and among the default and the {RIVALS} best other uniform plans on plain "
+             f"confirmation NLL (`grape run --repair-rivals {RIVALS}`, its default). *Test*: NLL increase on the "
+             "whole test split of what `grape run` keeps, mean over domains, SE by document; *- default*: the "
+             "pick's test NLL minus the default's, paired by document (negative: judging repaired did better).",
+             "",
+             "| model | budget | seed | default: confirm plain -> kept | best uniform kept: confirm | pick plain | "
+             f"pick repaired, all | pick repaired, {RIVALS} rivals | default test | all - default | "
+             f"{RIVALS} rivals - default |",
+             "|---|---:|---:|---|---|---|---|---|---:|---:|---:|"]
     for c in sorted(cells, key=lambda c: (c["model"], c["budget"], c["seed"])):
-        rows, pick = c["rows"], c["repaired_pick"]
+        rows = c["rows"]
         d = rows["default"]
         uniform = [r for r in rows if r != "default"]
         best = min(uniform, key=lambda r: rows[r]["confirm_kept"]) if uniform else None
-        diff, se = c["repaired_pick_minus_default"]
         lines.append(
             f"| {c['model']} | {c['budget']:.1%} | {c['seed']} | {d['confirm_plain']:.4f} -> {d['confirm_kept']:.4f} | "
             + (f"{best}: {rows[best]['confirm_kept']:.4f}" if best else "-")
-            + f" | {c['plain_pick']} | {pick} | +{d['test_increase'][0]:.4f} ± {d['test_increase'][1]:.4f} | "
-            f"+{rows[pick]['test_increase'][0]:.4f} | {diff:+.4f} ± {se:.4f} |")
-    changed = [c for c in cells if c["repaired_pick"] != "default"]
-    better = [c for c in changed if c["repaired_pick_minus_default"][0] + c["repaired_pick_minus_default"][1] < 0]
-    worse = [c for c in changed if c["repaired_pick_minus_default"][0] - c["repaired_pick_minus_default"][1] > 0]
-    lines += ["", f"A repaired judgement picks another plan in {len(changed)} of {len(cells)} cells: lower on the "
-              f"test split beyond one SE in {len(better)}, higher beyond one SE in {len(worse)}.", ""]
-    return "\n".join(lines)
+            + f" | {c['plain_pick']} | {c['repaired_pick']} | {c['rivals_pick']} | "
+            f"+{d['test_increase'][0]:.4f} ± {d['test_increase'][1]:.4f} | "
+            f"{_diff(c['repaired_pick_minus_default'])} | {_diff(c['rivals_pick_minus_default'])} |")
+    lines.append("")
+    for key, what in (("repaired_pick", "among every uniform plan"), ("rivals_pick", f"with {RIVALS} rivals")):
+        changed = [c for c in cells if c[key] != "default"]
+        diffs = [c[f"{key}_minus_default"] for c in changed]
+        better = sum(1 for v in diffs if v is not None and v[0] + v[1] < 0)
+        worse = sum(1 for v in diffs if v is not None and v[0] - v[1] > 0)
+        lines.append(f"- repaired judgement {what}: another plan than the default in {len(changed)} of "
+                     f"{len(cells)} cells; lower on the test split beyond one SE in {better}, higher beyond one "
+                     f"SE in {worse}.")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
@@ -198,6 +234,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.merge:
         cells = [c for f in args.merge for c in json.loads(f.read_text())["cells"]]
+        cells = [{**c, **picks(c)} for c in cells]
     else:
         torch.manual_seed(0)
         cells = run(args)

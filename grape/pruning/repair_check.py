@@ -108,8 +108,6 @@ def checked_apply(model, plan, method: ApplyConfig, repair_ids, confirm, reload:
     confirmation of its finalists), else measured here."""
     from dataclasses import replace
 
-    from grape.pruning.stage import apply_in_place
-
     if method.repair == "none" or repair_ids is None or confirm is None:
         apply_in_place(model, plan, method, repair_ids, say=say)
         return model, None
@@ -124,4 +122,21 @@ def checked_apply(model, plan, method: ApplyConfig, repair_ids, confirm, reload:
     return model, check
 
 
-__all__ = ["BATCH_SIZE", "RepairCheck", "checked_apply", "held_out_nll", "judge", "release_weights"]
+def apply_in_place(model, plan, config: ApplyConfig, repair_ids=None, say=print) -> None:
+    """`plan` applied to a loaded model in place; with a repair (and its calibration rows,
+    grape.pruning.stage.repair_tokens), pruned and repaired layer by layer (grape.pruning.repair)."""
+    from grape.pruning.repair import resolve_repair
+
+    config, _ = resolve_repair(model.config.to_dict(), config)
+    if repair_ids is None or config.repair == "none":
+        from grape.pruning.apply import apply_plan
+
+        apply_plan(model, plan, config)
+        return
+    from grape.pruning.repair import prune_and_repair
+
+    say(prune_and_repair(model, plan, config, repair_ids).line())
+
+
+__all__ = ["BATCH_SIZE", "RepairCheck", "apply_in_place", "checked_apply", "held_out_nll", "judge",
+           "release_weights"]

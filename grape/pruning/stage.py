@@ -273,22 +273,6 @@ def _repair_in_memory(model, plan, config: ApplyConfig, input_ids, confirm, load
     return model, {"repair_check": {**check.to_json(), "method": config.repair}}, "; repair undone by its check"
 
 
-def apply_in_place(model, plan, config: ApplyConfig, repair_ids=None, say=print) -> None:
-    """`plan` applied to a loaded model in place; with a repair (and its calibration rows,
-    :func:`repair_tokens`), pruned and repaired layer by layer (grape.pruning.repair)."""
-    from grape.pruning.repair import resolve_repair
-
-    config, _ = resolve_repair(model.config.to_dict(), config)
-    if repair_ids is None or config.repair == "none":
-        from grape.pruning.apply import apply_plan
-
-        apply_plan(model, plan, config)
-        return
-    from grape.pruning.repair import prune_and_repair
-
-    say(prune_and_repair(model, plan, config, repair_ids).line())
-
-
 def repair_tokens(model_dir, config: ApplyConfig, tokenizer, say=print, at_least: int | None = None):
     """The repair's calibration rows: config.repair_data packed into repair_samples rows of
     repair_seq_len tokens (capped at the model's context) with the model's tokenizer; fewer
@@ -404,5 +388,5 @@ def model_tokenizer(path, say=print):
         return None
 
 
-__all__ = ["Applied", "REPAIR_CHECK_TOKENS", "apply_checkpoint", "auto_repair_split", "apply_in_place", "check_plan", "check_repair", "repair_tokens",
-           "model_tokenizer", "precheck_plan", "repair_placement", "repair_rows", "require_model_block", "streams"]
+__all__ = ["Applied", "REPAIR_CHECK_TOKENS", "apply_checkpoint", "auto_repair_split", "check_plan", "check_repair",
+           "repair_tokens", "model_tokenizer", "precheck_plan", "repair_placement", "repair_rows", "require_model_block", "streams"]
