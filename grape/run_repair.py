@@ -99,14 +99,14 @@ def measured_on_confirmation(out, confirm, plan):
 
 
 def judge_repaired(found, repair: RunRepair, rivals: int, margin_se: float, load, out, say=_indent):
-    """The search's final choice made again on the repaired plans (issue 27): the chosen plan and
+    """The search's final choice looked at again on repaired plans (issue 27): the chosen plan and
     the `rivals` best other uniform finalists on the confirmation documents (plain NLL) are each
     repaired (a fresh model from `load()` per plan, released after: one copy at a time) and
     measured there again, each as the run keeps it (repaired, or plain where the repair does not
-    lower its NLL). The search's rule decides: the best uniform plan is the incumbent, a
-    non-uniform choice stays only if it is lower by `margin_se` paired standard errors (by
-    document). Returns (the candidate to apply, the record for search.json), or None when
-    there is no rival to compare with."""
+    lower its NLL). The choice is the incumbent: it already beat the uniform plans on these
+    documents by the search's rule, so the best rival replaces it only when lower by `margin_se`
+    paired standard errors (by document). Returns (the candidate to apply, the record for
+    search.json), or None when there is no rival to compare with."""
     from grape.evaluation.stats import mean_and_se
     from grape.pruning.repair import prune_and_repair
     from grape.pruning.repair_check import held_out_nll, release_weights
@@ -133,18 +133,13 @@ def judge_repaired(found, repair: RunRepair, rivals: int, margin_se: float, load
                      "repaired": float(repaired.mean()), "kept": float(kept[candidate.name].mean())})
         say(f"repaired judgement: {candidate.name}: confirmation NLL {rows[-1]['plain']:.4f} plain, "
             f"{rows[-1]['repaired']:.4f} repaired")
-    uniform = pool + ([chosen] if chosen.role is Role.UNIFORM else [])
-    pick = min(uniform, key=lambda c: kept[c.name].mean())
-    difference = se = None
-    if chosen.role is not Role.UNIFORM:
-        difference, se = mean_and_se(kept[chosen.name] - kept[pick.name], repair.confirm.groups)
-        if difference < 0 and difference < -margin_se * se:
-            pick = chosen
+    rival = min(pool, key=lambda c: kept[c.name].mean())
+    difference, se = mean_and_se(kept[rival.name] - kept[chosen.name], repair.confirm.groups)
+    pick = rival if difference < 0 and difference < -margin_se * se else chosen
     record = {"plans": rows, "chosen": pick.name, "changed": pick is not chosen, "margin_se": margin_se,
-              "difference_vs_best_uniform": difference, "se": se}
+              "best_rival": rival.name, "rival_minus_choice": difference, "se": se}
     say(f"repaired judgement: {pick.name}" + (f" replaces {chosen.name}" if pick is not chosen else " stays")
-        + (f" (repaired, the choice minus the best uniform plan: {difference:+.4f} +- {se:.4f})"
-           if difference is not None else ""))
+        + f" (repaired, {rival.name} minus the choice: {difference:+.4f} +- {se:.4f})")
     return pick, record
 
 
