@@ -86,7 +86,8 @@ class RunConfig:
             if name not in known:
                 raise UserError(f"unknown solver {name!r}; choose from {', '.join(known)}")
         if self.repair_rivals < 0:
-            raise UserError(f"--repair-rivals {self.repair_rivals} must be >= 0 (0: judge the plans unrepaired)")
+            raise UserError(f"--repair-rivals {self.repair_rivals} must be >= 0 (0: judge the plans "
+                            "unrepaired)")
         if self.data is None and self.scores is None:
             raise UserError("RunConfig needs calibration data (data=...) or a scores file (scores=...)")
         self.calibration.validate()

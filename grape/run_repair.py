@@ -170,5 +170,5 @@ def judged_repaired(config, found, repair: RunRepair, model, plans: dict, scores
     return load_model() if released else model
 
 
-__all__ = ["RunRepair", "apply_checked", "judge_repaired", "judged_repaired", "measured_on_confirmation", "repair_for_run",
-           "repair_method"]
+__all__ = ["RunRepair", "apply_checked", "judge_repaired", "judged_repaired", "measured_on_confirmation",
+           "repair_for_run", "repair_method"]

@@ -128,3 +128,12 @@ def test_grape_run_records_the_repaired_judgement_and_applies_its_choice(ws, tmp
                        "--repair-rivals", "0"]) == 0
     assert json.loads((tmp_path / "plain" / "search.json").read_text())["repaired_judgement"] is None
     assert "repaired judgement" not in capsys.readouterr().out
+
+
+def test_a_negative_rival_count_is_one_line_and_exit_2(ws, tmp_path, capsys):
+    argv = ["run", "--model", str(ws.model), "--data", str(ws.calibration), "--out", str(tmp_path / "r"),
+            "--budget", "0.5", *RUN_FLAGS, "--repair-rivals", "-1"]
+    assert grape_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--repair-rivals -1 must be >= 0" in err[0]
+    assert not (tmp_path / "r").exists()  # refused before anything was written

@@ -270,7 +270,8 @@ def _repair_in_memory(model, plan, config: ApplyConfig, input_ids, confirm, load
     release_weights(model)  # before the fresh copy is read: never two copies at once
     model = load()
     apply_plan(model, plan, replace(config, repair="none"))
-    return model, {"repair_check": {**check.to_json(), "method": config.repair}}, "; repair undone by its check"
+    record = {"repair_check": {**check.to_json(), "method": config.repair}}
+    return model, record, "; repair undone by its check"
 
 
 def repair_tokens(model_dir, config: ApplyConfig, tokenizer, say=print, at_least: int | None = None):
@@ -355,14 +356,16 @@ def auto_repair_split(model_dir, config: ApplyConfig, tokenizer, say=print):
     if tokenizer is None or tokenizer is True:
         tokenizer = model_tokenizer(model_dir, say)
     if tokenizer is None:
-        return replace(config, repair="none"), None, None, "the model has no tokenizer to read the calibration text with"
+        why = "the model has no tokenizer to read the calibration text with"
+        return replace(config, repair="none"), None, None, why
     seq_len = cap_seq_len(config.repair_seq_len, read_config(model_dir), "--repair-seq-len", "grape apply")
     try:
-        ids, confirm, notes = split_check(list(config.repair_data), tokenizer, REPAIR_CHECK_TOKENS, seq_len=seq_len,
-                                          samples=config.repair_samples, at_least=AUTO_MIN_ROWS)
+        ids, confirm, notes = split_check(list(config.repair_data), tokenizer, REPAIR_CHECK_TOKENS,
+                                          seq_len=seq_len, samples=config.repair_samples,
+                                          at_least=AUTO_MIN_ROWS)
     except ShortTextError:
-        return replace(config, repair="none"), None, None, (f"the calibration text fills fewer than {AUTO_MIN_ROWS} "
-                                                            f"rows of {seq_len} tokens")
+        why = f"the calibration text fills fewer than {AUTO_MIN_ROWS} rows of {seq_len} tokens"
+        return replace(config, repair="none"), None, None, why
     for line in notes:
         say(f"grape apply: {line}")
     rows = int(ids.shape[0])
@@ -388,5 +391,6 @@ def model_tokenizer(path, say=print):
         return None
 
 
-__all__ = ["Applied", "REPAIR_CHECK_TOKENS", "apply_checkpoint", "auto_repair_split", "check_plan", "check_repair",
-           "repair_tokens", "model_tokenizer", "precheck_plan", "repair_placement", "repair_rows", "require_model_block", "streams"]
+__all__ = ["Applied", "REPAIR_CHECK_TOKENS", "apply_checkpoint", "auto_repair_split", "check_plan",
+           "check_repair", "repair_tokens", "model_tokenizer", "precheck_plan", "repair_placement",
+           "repair_rows", "require_model_block", "streams"]
