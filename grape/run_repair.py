@@ -5,7 +5,8 @@ order; the repair itself is grape.pruning.repair, its check grape.pruning.repair
 * :func:`repair_method` resolves --repair (auto: lstsq+experts where it can run, docs/repair.md);
 * :func:`repair_for_run` picks the rows: with held-out confirmation documents, the run's own
   calibration rows, so those documents stay unseen by the repair and can judge it; otherwise
-  the text (--repair-data, or --data read again), with no check;
+  the text (--repair-data, or --data read again), documents of it held out for the check
+  under --repair auto;
 * :func:`apply_checked` applies a plan with that repair and its check (undone only under auto).
 """
 
@@ -55,9 +56,10 @@ def repair_for_run(config, method: ApplyConfig, tokenizer, calibrated) -> RunRep
     that reads --data and a calibration run here (`calibrated`: grape.pipeline.Calibrated): on
     the calibration documents (the rows, and what else of those documents was read), so that
     the held-out documents are unseen by the repair and check it.
-    Otherwise on the text (--repair-data, or --data read again), unchecked: it may contain the
-    held-out documents."""
-    from grape.pruning.stage import auto_repair_rows, repair_rows, repair_tokens
+    Otherwise on the text (--repair-data, or --data read again): under --repair auto with the
+    model in memory, documents of that text are held out for the check first (as `grape apply`
+    does, grape.pruning.stage.auto_repair_split); else unchecked."""
+    from grape.pruning.stage import auto_repair_rows, auto_repair_split, repair_rows, repair_tokens
 
     confirm = calibrated.held_out.confirm if calibrated.held_out is not None else None
     rows = calibrated.rows
@@ -67,6 +69,11 @@ def repair_for_run(config, method: ApplyConfig, tokenizer, calibrated) -> RunRep
                           say=_indent)
         if ids is not None:
             return RunRepair(replace(method, repair_samples=int(ids.shape[0])), ids, confirm)
+    if config.apply.repair == "auto" and calibrated.model is not None:
+        # in memory: documents of the text held out to check the repair (as `grape apply` does)
+        method, ids, confirm, why = auto_repair_split(config.model, method, tokenizer, say=_indent,
+                                                      who="grape run")
+        return RunRepair(method, ids, confirm, why)
     if config.apply.repair == "auto":  # as many rows as the text fills, read once
         method, ids, why = auto_repair_rows(config.model, method, tokenizer, say=_indent)
         return RunRepair(method, ids, None, why)

@@ -81,8 +81,12 @@ def test_grape_run_repairs_by_default_on_what_the_text_fills(ws, tmp_path, capsy
     # the workspace's text fills a few hundred rows of 8 tokens: fewer than the 400 asked
     assert grape_main(_run(ws, tmp_path / "run", "--repair-seq-len", "8", "--repair-samples", "400")) == 0
     printed = capsys.readouterr().out
-    assert "all the calibration text fills (400 asked)" in printed
+    assert "all the calibration text fills once documents are held out for its check (400 asked)" in printed
     assert printed.count("repair lstsq+experts:") == 2  # the applied plan and the uniform baseline
+    # no search to hold documents out: the run holds some out of the text to check the repair
+    checks = json.loads((tmp_path / "run" / "summary.json").read_text())["repair_check"]
+    assert set(checks) == {"exact", "uniform"} and all(c["tokens"] > 0 for c in checks.values())
+    assert printed.count("nats/token against no repair") == 2
     recipe = (tmp_path / "run" / "run.recipe.yaml").read_text()
     assert "repair: auto" in recipe
 

@@ -343,7 +343,7 @@ def auto_repair_rows(model_dir, config: ApplyConfig, tokenizer, say=print):
     return replace(config, repair_samples=rows), ids, None
 
 
-def auto_repair_split(model_dir, config: ApplyConfig, tokenizer, say=print):
+def auto_repair_split(model_dir, config: ApplyConfig, tokenizer, say=print, who: str = "grape apply"):
     """auto_repair_rows for a repair in memory, which can be checked: the text split by document
     (grape.data.split.split_check) into the rows the fit uses and REPAIR_CHECK_TOKENS of held-out
     windows that judge it. Returns (config, rows or None, windows or None, why no repair)."""
@@ -358,7 +358,7 @@ def auto_repair_split(model_dir, config: ApplyConfig, tokenizer, say=print):
     if tokenizer is None:
         why = "the model has no tokenizer to read the calibration text with"
         return replace(config, repair="none"), None, None, why
-    seq_len = cap_seq_len(config.repair_seq_len, read_config(model_dir), "--repair-seq-len", "grape apply")
+    seq_len = cap_seq_len(config.repair_seq_len, read_config(model_dir), "--repair-seq-len", who)
     try:
         ids, confirm, notes = split_check(list(config.repair_data), tokenizer, REPAIR_CHECK_TOKENS,
                                           seq_len=seq_len, samples=config.repair_samples,
@@ -367,7 +367,7 @@ def auto_repair_split(model_dir, config: ApplyConfig, tokenizer, say=print):
         why = f"the calibration text fills fewer than {AUTO_MIN_ROWS} rows of {seq_len} tokens"
         return replace(config, repair="none"), None, None, why
     for line in notes:
-        say(f"grape apply: {line}")
+        say(f"repair: {line}")
     rows = int(ids.shape[0])
     if rows < config.repair_samples:
         say(f"repair: fitting on {rows} rows of {seq_len} tokens, all the calibration text fills once "
