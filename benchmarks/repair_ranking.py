@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
+import platform
 import sys
 import tempfile
 import time
@@ -256,7 +258,9 @@ def main(argv=None) -> int:
         torch.manual_seed(0)
         cells = run(args)
     save(cells, args.out / "repair_ranking.json")
-    atomic_write_text(args.out / "repair_ranking.md", render(cells))
+    env = (f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, one "
+           f"thread per run; {time.strftime('%Y-%m-%d')}.")
+    atomic_write_text(args.out / "repair_ranking.md", render(cells) + "\n" + env + "\n")
     log(f"wrote {args.out / 'repair_ranking.md'}")
     return 0
 
