@@ -194,8 +194,13 @@ def run(args) -> list[dict]:
 
 
 def save(cells: list[dict], path: Path) -> None:
+    """The cells, each plan's per-window confirmation NLL rounded to 1e-5 nats (the picks are
+    recomputed from them by --merge)."""
+    for cell in cells:
+        for row in cell["rows"].values():
+            row["confirm_windows"] = {k: [round(x, 5) for x in v] for k, v in row["confirm_windows"].items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps({"cells": cells}, indent=1) + "\n")
+    atomic_write_text(path, json.dumps({"cells": cells}, separators=(",", ":")) + "\n")
 
 
 def _diff(value) -> str:
