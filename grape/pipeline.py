@@ -24,7 +24,8 @@ from typing import Any, NamedTuple
 from grape.calibration.calibrate import CalibrationConfig
 from grape.evaluation.perplexity import EvalConfig
 from grape.pruning.apply import ApplyConfig
-from grape.run_repair import RunRepair, apply_checked, judged_repaired, repair_for_run, repair_method
+from grape.run_repair import (RunRepair, apply_checked, judged_repaired, repair_for_run, repair_method,
+                              repair_notes)
 from grape.searching.config import SearchConfig
 from solvers.errors import UserError
 from solvers.spec import SolveConfig, check_budget
@@ -210,6 +211,7 @@ def run(config: RunConfig) -> RunResult:
 
     stages.start("report", "writing the report")
     notes = [MASK_NOTE] * (config.method == "mask") + [UNLOADED_NOTE] * (not held.fits)
+    notes += repair_notes(repair, checks, found)
     path = write_report(config, scores, solver, plans, base_eval, evals, rows, files, stages.seconds, notes)
     stages.stop()
     record = summary(config, scores, plans, base_eval, evals, stages.seconds)

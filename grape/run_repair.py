@@ -177,5 +177,29 @@ def judged_repaired(config, found, repair: RunRepair, model, plans: dict, scores
     return load_model() if released else model
 
 
-__all__ = ["RunRepair", "apply_checked", "judge_repaired", "judged_repaired", "measured_on_confirmation",
+def repair_notes(repair: RunRepair, checks: dict, found) -> list[str]:
+    """The report's lines on the run's repair: what was fitted on what, each plan's check, and the
+    final choice judged repaired (grape.report.tables.RunReport notes)."""
+    notes = []
+    if repair.ids is not None and repair.method.repair != "none":
+        rows, seq_len = (int(n) for n in repair.ids.shape)
+        notes.append(f"repair `{repair.method.repair}` fitted on {rows} rows of {seq_len} tokens (docs/repair.md)")
+    elif repair.why:
+        notes.append(f"no repair: {repair.why}")
+    if checks:
+        first = next(iter(checks.values()))
+        verdicts = ", ".join(f"{name} {'kept' if c.kept else 'undone'} ({c.difference:+.4f} +- {c.se:.4f})"
+                             for name, c in checks.items())
+        notes.append(f"repair checked on {first.tokens:,} held-out tokens ({first.documents} documents), NLL "
+                     f"against no repair: {verdicts}")
+    judged = getattr(found, "repaired", None)
+    if judged:
+        verdict = "replaced the search's choice" if judged["changed"] else "kept the search's choice"
+        notes.append(f"final choice judged repaired against {len(judged['plans']) - 1} uniform finalist(s): "
+                     f"{judged['chosen']} ({verdict}; {judged['best_rival']} minus the choice "
+                     f"{judged['rival_minus_choice']:+.4f} +- {judged['se']:.4f} nats/token)")
+    return notes
+
+
+__all__ = ["RunRepair", "apply_checked", "repair_notes", "judge_repaired", "judged_repaired", "measured_on_confirmation",
            "repair_for_run", "repair_method"]

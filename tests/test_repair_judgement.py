@@ -123,6 +123,9 @@ def test_grape_run_records_the_repaired_judgement_and_applies_its_choice(ws, tmp
     assert printed.count("repaired judgement:") == len(judgement["plans"]) + 1
     applied = Plan.load(out / "plan.json")
     assert applied.provenance["search"]["chosen"] == judgement["chosen"]
+    report = (out / "report.md").read_text()  # what the user opens first says so
+    assert "repair `lstsq+experts` fitted on" in report and "repair checked on" in report
+    assert f"final choice judged repaired against {len(judgement['plans']) - 1} uniform finalist(s)" in report
     # --repair-rivals 0: the plain judgement only
     assert grape_main([*argv[:argv.index("--out") + 1], str(tmp_path / "plain"), *argv[argv.index("--out") + 2:],
                        "--repair-rivals", "0"]) == 0
