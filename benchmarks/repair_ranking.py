@@ -138,18 +138,14 @@ def measure_cell(name: str, budget: float, seed: int, loaded, fit_ids, confirm, 
 
 
 def challenge_rule(rows: dict, groups, rivals: int) -> str:
-    """grape run's repaired judgement (grape.run_repair.judge_repaired): the default plan is the
-    incumbent; the best of the `rivals` best other uniform plans on plain confirmation NLL,
-    repaired, replaces it only when lower by MARGIN_SE paired standard errors (by document)."""
-    from grape.evaluation.stats import mean_and_se
+    """grape run's repaired judgement (grape.run_repair.repaired_pick, its own rule): the default
+    plan is the incumbent; the best of the `rivals` best other uniform plans on plain
+    confirmation NLL, repaired, replaces it only when lower by MARGIN_SE paired standard errors."""
+    from grape.run_repair import repaired_pick
 
     kept = {r: np.asarray(row["confirm_windows"]["kept"]) for r, row in rows.items()}
     pool = sorted((r for r in rows if r != "default"), key=lambda r: rows[r]["confirm_plain"])[:rivals]
-    if not pool:
-        return "default"
-    rival = min(pool, key=lambda r: kept[r].mean())
-    diff, se = mean_and_se(kept[rival] - kept["default"], groups)
-    return rival if diff < 0 and diff < -MARGIN_SE * se else "default"
+    return repaired_pick(kept, "default", pool, groups, MARGIN_SE)[0] if pool else "default"
 
 
 def picks(cell: dict) -> dict:

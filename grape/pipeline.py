@@ -178,7 +178,6 @@ def run(config: RunConfig) -> RunResult:
         print(f"    repair: none ({why or repair.why})", flush=True)
     if found is not None and model is not None and config.repair_rivals and repair.confirm is not None:
         model = judged_repaired(config, found, repair, model, plans, scores, lambda: _load_model(config))
-        calibrated = calibrated._replace(model=model)
     base_eval, evals, checks = None, {}, {}
     if model is not None:
         calibrated = calibrated._replace(model=None)  # the apply may swap the model (repair check)

@@ -87,8 +87,9 @@ def apply_checked(config, model, plan, repair: RunRepair, reload):
     from grape.pruning.repair_check import checked_apply
 
     known = measured_on_confirmation(config.out, repair.confirm, plan) if repair.confirm is not None else None
-    return checked_apply(model, plan, repair.method, repair.ids, repair.confirm, reload,
-                         undo=config.apply.repair == "auto", say=_indent, unrepaired=known)
+    model, check, _ = checked_apply(model, plan, repair.method, repair.ids, repair.confirm, reload,
+                                    undo=config.apply.repair == "auto", say=_indent, unrepaired=known)
+    return model, check
 
 
 def measured_on_confirmation(out, confirm, plan):
@@ -114,9 +115,8 @@ def judge_repaired(found, repair: RunRepair, rivals: int, margin_se: float, load
     documents by the search's rule, so the best rival replaces it only when lower by `margin_se`
     paired standard errors (by document). Returns (the candidate to apply, the record for
     search.json), or None when there is no rival to compare with."""
-    from grape.evaluation.stats import mean_and_se
     from grape.pruning.repair import prune_and_repair
-    from grape.pruning.repair_check import held_out_nll, release_weights
+    from grape.pruning.repair_check import held_out_nll, judge, release_weights
     from grape.searching.config import Role
 
     plain_nll = {r["name"]: r["nll"] for r in found.confirmed}
@@ -135,19 +135,34 @@ def judge_repaired(found, repair: RunRepair, rivals: int, margin_se: float, load
         repaired = held_out_nll(model, repair.confirm.ids)
         release_weights(model)
         del model
-        kept[candidate.name] = repaired if repaired.mean() < plain.mean() else plain
+        # what the run keeps: the repaired plan where its check keeps the repair, else the plain one
+        check = judge(plain, repaired, repair.confirm.groups, undo=True)
+        kept[candidate.name] = repaired if check.kept else plain
         rows.append({"name": candidate.name, "role": candidate.role.value, "plain": float(plain.mean()),
                      "repaired": float(repaired.mean()), "kept": float(kept[candidate.name].mean())})
         say(f"repaired judgement: {candidate.name}: confirmation NLL {rows[-1]['plain']:.4f} plain, "
             f"{rows[-1]['repaired']:.4f} repaired")
-    rival = min(pool, key=lambda c: kept[c.name].mean())
-    difference, se = mean_and_se(kept[rival.name] - kept[chosen.name], repair.confirm.groups)
-    pick = rival if difference < 0 and difference < -margin_se * se else chosen
+    by_name = {c.name: c for c in (chosen, *pool)}
+    picked, rival, difference, se = repaired_pick(kept, chosen.name, [c.name for c in pool],
+                                                  repair.confirm.groups, margin_se)
+    pick = by_name[picked]
     record = {"plans": rows, "chosen": pick.name, "changed": pick is not chosen, "margin_se": margin_se,
-              "best_rival": rival.name, "rival_minus_choice": difference, "se": se}
+              "best_rival": rival, "rival_minus_choice": difference, "se": se}
     say(f"repaired judgement: {pick.name}" + (f" replaces {chosen.name}" if pick is not chosen else " stays")
-        + f" (repaired, {rival.name} minus the choice: {difference:+.4f} +- {se:.4f})")
+        + f" (repaired, {rival} minus the choice: {difference:+.4f} +- {se:.4f})")
     return pick, record
+
+
+def repaired_pick(kept: dict, chosen: str, rivals: list[str], groups, margin_se: float):
+    """The repaired judgement's rule on per-window NLLs `kept` (name -> array, each plan as the run
+    keeps it): the best of `rivals` replaces `chosen` only when lower by `margin_se` paired
+    standard errors (by document). Returns (the pick, the best rival, its NLL minus the
+    choice's, that difference's SE)."""
+    from grape.evaluation.stats import mean_and_se
+
+    rival = min(rivals, key=lambda name: kept[name].mean())
+    difference, se = mean_and_se(kept[rival] - kept[chosen], groups)
+    return (rival if difference < 0 and difference < -margin_se * se else chosen), rival, difference, se
 
 
 def judged_repaired(config, found, repair: RunRepair, model, plans: dict, scores, load_model):
@@ -192,7 +207,7 @@ def repair_notes(repair: RunRepair, checks: dict, found) -> list[str]:
                              for name, c in checks.items())
         notes.append(f"repair checked on {first.tokens:,} held-out tokens ({first.documents} documents), NLL "
                      f"against no repair: {verdicts}")
-    judged = getattr(found, "repaired", None)
+    judged = found.repaired if found is not None else None
     if judged:
         verdict = "replaced the search's choice" if judged["changed"] else "kept the search's choice"
         notes.append(f"final choice judged repaired against {len(judged['plans']) - 1} uniform finalist(s): "
@@ -201,5 +216,5 @@ def repair_notes(repair: RunRepair, checks: dict, found) -> list[str]:
     return notes
 
 
-__all__ = ["RunRepair", "apply_checked", "repair_notes", "judge_repaired", "judged_repaired", "measured_on_confirmation",
-           "repair_for_run", "repair_method"]
+__all__ = ["RunRepair", "apply_checked", "judge_repaired", "judged_repaired", "measured_on_confirmation",
+           "repair_for_run", "repair_method", "repair_notes", "repaired_pick"]

@@ -147,23 +147,30 @@ def test_grape_apply_auto_layer_by_layer_is_the_lighter_fit(ws, tmp_path, capsys
     assert record["method"] == AUTO_REPAIR_LAYERWISE != AUTO_REPAIR and record["layer_sequential"] is True
 
 
-def test_the_router_refit_flags_reach_the_fit(tmp_path):
+def fit_settings(repair: str, *flags: str):
+    """(the ApplyConfig `grape apply --repair REPAIR FLAGS...` parses to, the fits' settings it
+    gives, the settings without the flags): how a re-fit's flags reach grape.pruning.repair."""
     import argparse
 
     from grape.cli.commands.apply import add_arguments, apply_config_from_args
+    from grape.pruning.repair import settings_for
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    base = ["--model", "m", "--plan", "p.json", "--out", "o", "--repair", repair]
+    config = apply_config_from_args(parser.parse_args([*base, *flags]))
+    return config, settings_for(config, None), settings_for(apply_config_from_args(parser.parse_args(base)), None)
+
+
+def test_the_router_refit_flags_reach_the_fit(tmp_path):
     from grape.errors import PlanError
     from grape.pruning.repair import RepairSettings, settings_for
     from grape.pruning.repair_router import DEFAULT_LR, DEFAULT_STEPS
 
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    base = ["--model", "m", "--plan", "p.json", "--out", "o", "--repair", "router"]
-    config = apply_config_from_args(parser.parse_args([*base, "--repair-router-steps", "7",
-                                                       "--repair-router-lr", "0.05"]))
-    assert (settings_for(config, None).router_steps, settings_for(config, None).router_lr) == (7, 0.05)
-    unset = settings_for(apply_config_from_args(parser.parse_args(base)), None)
+    config, given, unset = fit_settings("router", "--repair-router-steps", "7", "--repair-router-lr", "0.05")
+    assert (given.router_steps, given.router_lr) == (7, 0.05)
     assert (unset.router_steps, unset.router_lr) == (DEFAULT_STEPS, DEFAULT_LR)
-    given = RepairSettings(router_steps=3)
-    assert settings_for(config, given) is given  # explicit settings win
+    explicit = RepairSettings(router_steps=3)
+    assert settings_for(config, explicit) is explicit  # explicit settings win
     with pytest.raises(PlanError, match="--repair-router-lr"):
         ApplyConfig(repair="router", repair_router_lr=0.0)

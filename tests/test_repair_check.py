@@ -60,9 +60,9 @@ def test_checked_apply_measures_both_sides_on_the_same_windows():
     plan = half_plan(model)
     plain = apply_plan(copy.deepcopy(model), plan, ApplyConfig("remove"))
     lines = []
-    out, check = checked_apply(model, plan, ApplyConfig(repair="lstsq"), FIT, CONFIRM,
-                               reload=lambda: pytest.fail("no reload when the repair stays"), undo=False,
-                               say=lines.append)
+    out, check, _ = checked_apply(model, plan, ApplyConfig(repair="lstsq"), FIT, CONFIRM,
+                                  reload=lambda: pytest.fail("no reload when the repair stays"), undo=False,
+                                  say=lines.append)
     assert out is model and check.kept and check.tokens == CONFIRM.ids.numel() and check.documents == 3
     # the unrepaired side is the plainly pruned model's NLL (masked routing = removal)
     assert check.unrepaired == pytest.approx(float(held_out_nll(plain, CONFIRM.ids).mean()), abs=1e-5)
@@ -77,8 +77,8 @@ def test_an_undone_repair_gives_the_plainly_pruned_model_and_releases_the_repair
     model = copy.deepcopy(original)
     real = repair_check.judge
     monkeypatch.setattr(repair_check, "judge", lambda *a, **k: _undone(real(*a, **k)))  # whatever it measured
-    out, check = checked_apply(model, plan, ApplyConfig(repair="lstsq"), FIT, CONFIRM,
-                               reload=lambda: copy.deepcopy(original), undo=True, say=lambda line: None)
+    out, check, _ = checked_apply(model, plan, ApplyConfig(repair="lstsq"), FIT, CONFIRM,
+                                  reload=lambda: copy.deepcopy(original), undo=True, say=lambda line: None)
     assert not check.kept and out is not model
     assert all(p.numel() == 0 for p in model.parameters())  # the repaired copy is released
     got = _weights(out)
@@ -96,8 +96,8 @@ def test_without_windows_or_repair_it_is_the_plain_apply():
     model = make_tiny("qwen3_moe")
     plan = half_plan(model)
     plain = _weights(apply_plan(copy.deepcopy(model), plan, ApplyConfig("remove")))
-    out, check = checked_apply(model, plan, ApplyConfig(), FIT, CONFIRM, reload=lambda: None, undo=True,
-                               say=lambda line: None)
+    out, check, _ = checked_apply(model, plan, ApplyConfig(), FIT, CONFIRM, reload=lambda: None, undo=True,
+                                  say=lambda line: None)
     assert check is None and all(torch.equal(v, plain[k]) for k, v in out.state_dict().items())
 
 
@@ -133,10 +133,17 @@ def ws(tmp_path_factory):
     return make_workspace(tmp_path_factory.mktemp("check"))
 
 
+def repair_run_argv(ws, out, *extra: str) -> list[str]:
+    """`grape run` on the workspace's model at 50%, with a search, a repair on 8-token rows and
+    nothing saved (the runs of the repair tests)."""
+    return ["run", "--model", str(ws.model), "--data", str(ws.calibration), "--eval-data", *map(str, ws.heldout),
+            "--out", str(out), "--budget", "0.5", "--no-compare", "--no-save", *RUN_FLAGS, "--repair-seq-len", "8",
+            *extra]
+
+
 def test_grape_run_checks_each_repair_on_the_confirmation_documents(ws, tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["run", "--model", str(ws.model), "--data", str(ws.calibration), "--eval-data", *map(str, ws.heldout),
-            "--out", str(out), "--budget", "0.5", "--no-compare", "--no-save", *RUN_FLAGS, "--repair-seq-len", "8"]
+    argv = repair_run_argv(ws, out)
     assert grape_main(argv) == 0
     printed = capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
@@ -163,9 +170,7 @@ def test_the_search_finalists_unrepaired_nll_is_read_not_measured_again(ws, tmp_
     monkeypatch.setattr(repair_check, "held_out_nll", lambda model, ids, plan=None, **k:
                         measured.append(plan) or real(model, ids, plan, **k))
     out = tmp_path / "run"
-    argv = ["run", "--model", str(ws.model), "--data", str(ws.calibration), "--eval-data", *map(str, ws.heldout),
-            "--out", str(out), "--budget", "0.5", "--no-compare", "--no-save", *RUN_FLAGS, "--repair-seq-len", "8",
-            "--baselines", "none"]
+    argv = repair_run_argv(ws, out, "--baselines", "none")
     assert grape_main(argv) == 0
     chosen = Plan.load(out / "plan.json")
     cached = json.loads((out / "search.cache.confirm.json").read_text())["measured"][plan_key(chosen)]

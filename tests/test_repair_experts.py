@@ -85,20 +85,12 @@ def test_the_layer_by_layer_repair_writes_the_same_experts(family, tmp_path):
 
 
 def test_the_experts_flags_reach_the_fit_and_the_resume_key():
-    import argparse
-
-    from grape.cli.commands.apply import add_arguments, apply_config_from_args
     from grape.pruning import repair_experts
     from grape.pruning.apply import ApplyConfig
-    from grape.pruning.repair import settings_for
+    from test_repair_auto import fit_settings
 
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    base = ["--model", "m", "--plan", "p.json", "--out", "o", "--repair", "lstsq+experts"]
-    config = apply_config_from_args(parser.parse_args([*base, "--repair-experts-steps", "7",
-                                                       "--repair-experts-lr", "0.05"]))
-    assert (settings_for(config, None).experts_steps, settings_for(config, None).experts_lr) == (7, 0.05)
-    unset = settings_for(apply_config_from_args(parser.parse_args(base)), None)
+    _, given, unset = fit_settings("lstsq+experts", "--repair-experts-steps", "7", "--repair-experts-lr", "0.05")
+    assert (given.experts_steps, given.experts_lr) == (7, 0.05)
     assert (unset.experts_steps, unset.experts_lr) == (repair_experts.DEFAULT_STEPS, repair_experts.DEFAULT_LR)
     for bad in ({"repair_experts_steps": -1}, {"repair_experts_lr": 0.0}):
         with pytest.raises(PlanError, match="--repair-experts"):

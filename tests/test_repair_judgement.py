@@ -12,12 +12,13 @@ import pytest
 
 import grape.pruning.repair as repair_module
 import grape.pruning.repair_check as repair_check
-from cli_workspace import RUN_FLAGS, make_workspace
+from cli_workspace import make_workspace
 from grape.cli.main import main as grape_main
 from grape.pruning.apply import ApplyConfig
 from grape.run_repair import RunRepair, judge_repaired
 from grape.searching.config import Candidate, Role
 from solvers.plan import Plan
+from test_repair_check import repair_run_argv
 
 GROUPS = np.repeat(np.arange(8), 2)  # 16 confirmation windows of 8 documents
 
@@ -111,10 +112,7 @@ def ws(tmp_path_factory):
 
 def test_grape_run_records_the_repaired_judgement_and_applies_its_choice(ws, tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["run", "--model", str(ws.model), "--data", str(ws.calibration), "--eval-data", *map(str, ws.heldout),
-            "--out", str(out), "--budget", "0.5", "--no-compare", "--no-save", *RUN_FLAGS, "--repair-seq-len", "8",
-            "--baselines", "none"]
-    assert grape_main(argv) == 0
+    assert grape_main(repair_run_argv(ws, out, "--baselines", "none")) == 0
     printed = capsys.readouterr().out
     search = json.loads((out / "search.json").read_text())
     judgement = search["repaired_judgement"]
@@ -127,16 +125,13 @@ def test_grape_run_records_the_repaired_judgement_and_applies_its_choice(ws, tmp
     assert "repair `lstsq+experts` fitted on" in report and "repair checked on" in report
     assert f"final choice judged repaired against {len(judgement['plans']) - 1} uniform finalist(s)" in report
     # --repair-rivals 0: the plain judgement only
-    assert grape_main([*argv[:argv.index("--out") + 1], str(tmp_path / "plain"), *argv[argv.index("--out") + 2:],
-                       "--repair-rivals", "0"]) == 0
+    assert grape_main(repair_run_argv(ws, tmp_path / "plain", "--baselines", "none", "--repair-rivals", "0")) == 0
     assert json.loads((tmp_path / "plain" / "search.json").read_text())["repaired_judgement"] is None
     assert "repaired judgement" not in capsys.readouterr().out
 
 
 def test_a_negative_rival_count_is_one_line_and_exit_2(ws, tmp_path, capsys):
-    argv = ["run", "--model", str(ws.model), "--data", str(ws.calibration), "--out", str(tmp_path / "r"),
-            "--budget", "0.5", *RUN_FLAGS, "--repair-rivals", "-1"]
-    assert grape_main(argv) == 2
+    assert grape_main(repair_run_argv(ws, tmp_path / "r", "--repair-rivals", "-1")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--repair-rivals -1 must be >= 0" in err[0]
     assert not (tmp_path / "r").exists()  # refused before anything was written

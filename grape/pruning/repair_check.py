@@ -8,7 +8,7 @@ documents out of its calibration text for the search's confirmation (grape.data.
 repair fits on the calibration documents only, so those confirmation documents are unseen by
 both, and they decide:
 
-    check = checked_apply(model, plan, method, repair_ids, confirm, reload, undo=True)
+    model, check, report = checked_apply(model, plan, method, repair_ids, confirm, reload, undo=True)
     check.line()   # "repair check on 44,032 held-out tokens (26 documents): NLL -0.0123 +- 0.0021 ..."
 
 The plan's NLL without repair is measured on the unpruned model by routing around the removed
@@ -101,30 +101,31 @@ def checked_apply(model, plan, method: ApplyConfig, repair_ids, confirm, reload:
                   undo: bool, say=print, unrepaired: np.ndarray | None = None):
     """`plan` applied to the loaded, unpruned `model` with `method`'s repair, then checked on the
     held-out windows `confirm` (grape.data.split.Windows). Returns (the model to go on with, the
-    RepairCheck): the same model, repaired; or, when the check undid the repair, a fresh one from
-    `reload()` pruned without it (the repaired model's weights are released first: go on with
-    the returned model, not `model`). Without a repair or windows: the plain apply, check None.
+    RepairCheck, the repair's RepairReport): the same model, repaired; or, when the check undid
+    the repair, a fresh one from `reload()` pruned without it (the repaired model's weights are
+    released first: go on with the returned model, not `model`). Without windows: the repair
+    unchecked, check None; without a repair: the plain apply, check and report None.
     `unrepaired`: the plan's per-window NLL on `confirm` when already measured (the search's
     confirmation of its finalists), else measured here."""
     from dataclasses import replace
 
     if method.repair == "none" or repair_ids is None or confirm is None:
-        apply_in_place(model, plan, method, repair_ids, say=say)
-        return model, None
+        return model, None, apply_in_place(model, plan, method, repair_ids, say=say)
     before = unrepaired if unrepaired is not None else held_out_nll(model, confirm.ids, plan)
-    apply_in_place(model, plan, method, repair_ids, say=say)
+    report = apply_in_place(model, plan, method, repair_ids, say=say)
     check = judge(before, held_out_nll(model, confirm.ids), confirm.groups, undo, tokens=int(confirm.ids.numel()))
     say(check.line())
     if not check.kept:
         release_weights(model)  # before the fresh copy is read: never two copies at once
         model = reload()
         apply_in_place(model, plan, replace(method, repair="none"), None, say=say)
-    return model, check
+    return model, check, report
 
 
-def apply_in_place(model, plan, config: ApplyConfig, repair_ids=None, say=print) -> None:
+def apply_in_place(model, plan, config: ApplyConfig, repair_ids=None, say=print):
     """`plan` applied to a loaded model in place; with a repair (and its calibration rows,
-    grape.pruning.stage.repair_tokens), pruned and repaired layer by layer (grape.pruning.repair)."""
+    grape.pruning.stage.repair_tokens), pruned and repaired layer by layer (grape.pruning.repair).
+    Returns the repair's RepairReport, or None without a repair."""
     from grape.pruning.repair import resolve_repair
 
     config, _ = resolve_repair(model.config.to_dict(), config)
@@ -132,10 +133,12 @@ def apply_in_place(model, plan, config: ApplyConfig, repair_ids=None, say=print)
         from grape.pruning.apply import apply_plan
 
         apply_plan(model, plan, config)
-        return
+        return None
     from grape.pruning.repair import prune_and_repair
 
-    say(prune_and_repair(model, plan, config, repair_ids).line())
+    report = prune_and_repair(model, plan, config, repair_ids)
+    say(report.line())
+    return report
 
 
 __all__ = ["BATCH_SIZE", "RepairCheck", "apply_in_place", "checked_apply", "held_out_nll", "judge",

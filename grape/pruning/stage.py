@@ -249,27 +249,18 @@ def _in_memory(model_dir, plan, out, config: ApplyConfig, dtype: str, tokenizer,
 def _repair_in_memory(model, plan, config: ApplyConfig, input_ids, confirm, load, say):
     """`plan` applied to the loaded `model` with config's repair; with held-out windows
     `confirm` (--repair auto), checked on them and undone - the model read again by `load` and
-    pruned plainly - when it does not lower their NLL (grape.pruning.repair_check). Returns
-    (the model to save, its provenance entries, the summary's note)."""
-    from grape.pruning.apply import apply_plan
-    from grape.pruning.repair import prune_and_repair
-    from grape.pruning.repair_check import held_out_nll, judge, release_weights
+    pruned plainly - when it does not lower their NLL (grape.pruning.repair_check.checked_apply).
+    Returns (the model to save, its provenance entries, the summary's note)."""
+    from grape.pruning.repair_check import checked_apply
 
-    before = held_out_nll(model, confirm.ids, plan) if confirm is not None else None
-    report = prune_and_repair(model, plan, config, input_ids)
-    say(f"grape apply: {report.line()}")
+    model, check, report = checked_apply(model, plan, config, input_ids, confirm, load, undo=True,
+                                         say=lambda line: say(f"grape apply: {line}"))
     record = {**report.to_json(), "data": list(config.repair_data), "rows": int(input_ids.shape[0]),
               "seq_len": int(input_ids.shape[1])}
-    if confirm is None:
+    if check is None:
         return model, {"repair": record}, f"; {report.line()}"
-    check = judge(before, held_out_nll(model, confirm.ids), confirm.groups, undo=True,
-                  tokens=int(confirm.ids.numel()))
-    say(f"grape apply: {check.line()}")
     if check.kept:
         return model, {"repair": {**record, "check": check.to_json()}}, f"; {report.line()}, checked"
-    release_weights(model)  # before the fresh copy is read: never two copies at once
-    model = load()
-    apply_plan(model, plan, replace(config, repair="none"))
     record = {"repair_check": {**check.to_json(), "method": config.repair}}
     return model, record, "; repair undone by its check"
 
